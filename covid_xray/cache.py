@@ -1,0 +1,149 @@
+"""Decode once: a store of preprocessed squares keyed by file content and parameters.
+
+Layout: `<cache_dir>/<params>/<digest[:2]>/<digest>.npy`, where `<params>` reads like
+`size128-voi1-v1` and `<digest>` is the BLAKE2 hash of the DICOM's bytes. Renaming or copying
+a dataset therefore reuses its entries; editing a file or changing a parameter does not.
+
+Every write goes to a unique temporary file in the destination folder and is then renamed
+over the final name (atomic on POSIX), so an interrupted build never leaves a partial entry,
+and two processes filling one cache at once at worst both write the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from covid_xray.errors import DicomError, UserError
+from covid_xray.preprocess import load_square
+
+# Bump when load_square's output changes for the same input, so old entries are not served.
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CacheParams:
+    """Everything that changes the cached pixels."""
+
+    img_size: int
+    apply_voi_lut: bool = True
+
+    @property
+    def folder_name(self) -> str:
+        return f"size{self.img_size}-voi{int(self.apply_voi_lut)}-v{FORMAT_VERSION}"
+
+
+@dataclass
+class BuildStats:
+    decoded: int = 0  # files decoded by this build
+    reused: int = 0  # files already in the cache
+
+
+class ImageCache:
+    """Preprocessed uint16 squares for one set of `CacheParams`."""
+
+    def __init__(self, cache_dir: str | os.PathLike, params: CacheParams):
+        self.root = Path(cache_dir)
+        self.params = params
+        self.folder = self.root / params.folder_name
+
+    def entry_path(self, dicom_path: str | os.PathLike) -> Path:
+        digest = self._content_digest(Path(dicom_path))
+        return self.folder / digest[:2] / f"{digest}.npy"
+
+    def build(
+        self, dicom_paths: Sequence[str | os.PathLike], num_workers: int = 0,
+        progress: bool = True,
+    ) -> tuple[list[Path], BuildStats]:
+        """Make sure every file has an entry; return the entry paths (same order) and counts.
+
+        Files that fail to decode do not stop the others; afterwards one error names how many
+        failed and the first failure, and everything decoded so far stays cached.
+        """
+        entries = [self.entry_path(path) for path in tqdm(
+            dicom_paths, desc="hashing DICOMs", disable=not progress, leave=False)]
+        todo = [(str(path), str(entry)) for path, entry in zip(dicom_paths, entries, strict=True)
+                if not entry.exists()]
+        stats = BuildStats(decoded=len(todo), reused=len(entries) - len(todo))
+        errors: list[str] = []
+        bar = tqdm(total=len(todo), desc=f"caching {self.params.folder_name}", unit="img",
+                   disable=not progress or not todo)
+        if num_workers > 0 and len(todo) > 1:
+            # spawn, not fork: the parent may hold torch/CUDA threads that do not survive fork.
+            context = multiprocessing.get_context("spawn")
+            with context.Pool(min(num_workers, len(todo))) as pool:
+                for error in pool.imap_unordered(_build_entry_star, self._jobs(todo),
+                                                 chunksize=4):
+                    errors += [error] if error else []
+                    bar.update()
+        else:
+            for job in self._jobs(todo):
+                error = _build_entry_star(job)
+                errors += [error] if error else []
+                bar.update()
+        bar.close()
+        if errors:
+            raise UserError(f"{len(errors)} of {len(dicom_paths)} DICOMs could not be read "
+                            f"(the rest are cached); first: {sorted(errors)[0]}")
+        return entries, stats
+
+    def _jobs(self, todo: list[tuple[str, str]]) -> list[tuple[str, str, int, bool]]:
+        return [(source, entry, self.params.img_size, self.params.apply_voi_lut)
+                for source, entry in todo]
+
+    def _content_digest(self, path: Path) -> str:
+        """BLAKE2 of the file's bytes, remembered per (path, size, mtime) so later runs skip
+        reading whole datasets again just to hash them."""
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            raise DicomError(f"{path}: file not found") from None
+        stamp = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()
+        memo = self.root / "digests" / hashlib.blake2b(stamp, digest_size=16).hexdigest()
+        if memo.exists():
+            return memo.read_text()
+        hasher = hashlib.blake2b(digest_size=20)
+        with open(path, "rb") as file:
+            while chunk := file.read(1 << 20):
+                hasher.update(chunk)
+        digest = hasher.hexdigest()
+        _atomic_write(memo, lambda file: file.write(digest.encode()))
+        return digest
+
+
+def load_entry(entry: str | os.PathLike) -> np.ndarray:
+    """A cached uint16 square."""
+    return np.load(entry)
+
+
+def _build_entry_star(job: tuple[str, str, int, bool]) -> str | None:
+    """Decode one file into its entry; return the error message instead of raising, so one bad
+    file in a worker does not take the pool down."""
+    source, entry, img_size, apply_voi_lut = job
+    try:
+        image = load_square(source, img_size, apply_voi_lut=apply_voi_lut)
+    except DicomError as error:
+        return str(error)
+    _atomic_write(Path(entry), lambda file: np.save(file, image))
+    return None
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write via a unique temporary file in the same folder, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            write(file)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

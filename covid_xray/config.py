@@ -1,0 +1,100 @@
+"""Every option of every command, with its default written once.
+
+Each command has one frozen dataclass. Click options are generated from its fields
+(`covid_xray.cli.options_from`), `MLproject` mirrors them (a test checks), and training logs the
+whole object as the run's params, so what ran is always what was recorded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from covid_xray.dataset import AugmentConfig
+
+
+def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A dataclass field carrying its CLI help (and allowed values)."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+XRV_WEIGHTS = ("all", "rsna", "nih", "pc", "chex", "mimic_nb", "mimic_ch")
+TORCHVISION_MODELS = ("densenet121", "densenet161", "densenet169", "densenet201")
+MODELS = (*XRV_WEIGHTS, *TORCHVISION_MODELS, "none")
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    source: str = option("kaggle", "Where the data comes from: the Kaggle competition, or "
+                         "generated demo data.", ("kaggle", "synthetic"))
+    data_dir: str = option("data", "Folder the dataset lands in.")
+    num_studies: int = option(400, "synthetic: number of studies to write.")
+    image_size: int = option(256, "synthetic: rows of each generated film (columns vary "
+                             "+-20%).")
+    seed: int = option(0, "synthetic: random seed.")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # --- data ---
+    data_dir: str = option("data", "SIIM-layout dataset (see data/README.md).")
+    num_classes: int = option(2, "2: negative vs non-negative (balanced); 4: SIIM's classes.")
+    dataset_size: int = option(640, "Cap on the number of studies, stratified (0 = all).")
+    split: str = option("60,20,20", "train,val,test proportions, stratified by label.")
+    seed: int = option(0, "Seeds the selection, split, weights init and batch order.")
+    # --- preprocessing (one path for training and prediction) ---
+    img_size: int = option(128, "Square side in pixels (torchxrayvision weights need 224).")
+    normalization: str = option("minmax", "Contrast normalisation.", ("minmax", "histeq",
+                                                                       "clahe"))
+    apply_voi_lut: bool = option(True, "Apply each file's VOI LUT / window when present.")
+    cache_dir: str = option("cache", "Decoded-image cache, shared by runs.")
+    # --- augmentation (train split only; all off by default) ---
+    rotation: float = option(0.0, "Random rotation, +- degrees.")
+    scale: float = option(0.0, "Random zoom, factor in 1 +- scale.")
+    shear: float = option(0.0, "Random shear, +- degrees.")
+    translation: float = option(0.0, "Random shift, +- fraction of the side.")
+    hflip: bool = option(False, "Random horizontal flips.")
+    vflip: bool = option(False, "Random vertical flips.")
+    # --- model ---
+    model: str = option("all", "torchxrayvision weights (all, rsna, nih, pc, chex, mimic_nb, "
+                        "mimic_ch), a torchvision DenseNet, or none (DenseNet121, random "
+                        "init).", MODELS)
+    drop_rate: float = option(0.0, "Dropout after each dense layer.")
+    weights_dir: str = option("", "torchxrayvision weights folder (default "
+                              "~/.torchxrayvision/models_data).")
+    # --- optimisation ---
+    optimizer: str = option("adam", "Optimiser.", ("adam", "sgd", "rmsprop"))
+    lr: float = option(3e-4, "Learning rate.")
+    amsgrad: bool = option(False, "adam: use the AMSGrad variant.")
+    weight_decay: float = option(0.0, "L2 weight decay.")
+    momentum: float = option(0.9, "sgd / rmsprop momentum.")
+    batch_size: int = option(32, "Images per step.")
+    epochs: int = option(20, "Maximum epochs.")
+    patience: int = option(10, "Stop after this many epochs without a better val AUC.")
+    grad_clip: float = option(1.0, "Clip the gradient norm to this (0 = off).")
+    num_workers: int = option(2, "Processes decoding DICOMs and loading batches.")
+    device: str = option("auto", "auto picks CUDA when available.", ("auto", "cpu", "cuda"))
+    # --- tracking ---
+    experiment_name: str = option("covid-xray", "MLflow experiment (a run started by "
+                                  "`mlflow run` keeps its own).")
+    registered_model_name: str = option("covid-xray-densenet", "Registry name for the model "
+                                        "('' = do not register).")
+    stage: str = option("None", "Move the new version to this stage.", ("None", "Staging",
+                                                                         "Production"))
+    alias: str = option("", "Give the new version this alias (e.g. champion).")
+
+    def augment(self) -> AugmentConfig:
+        return AugmentConfig(rotation=self.rotation, scale=self.scale, shear=self.shear,
+                             translation=self.translation, hflip=self.hflip, vflip=self.vflip)
+
+    @property
+    def input_kind(self) -> str:
+        """xrv models take 1 channel in [-1024, 1024]; torchvision ones ImageNet RGB."""
+        return "imagenet" if self.model in TORCHVISION_MODELS else "xrv"
+
+    def as_params(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def field_names(config_class: type) -> list[str]:
+    return [item.name for item in fields(config_class)]

@@ -1,0 +1,89 @@
+"""torch Dataset over cached squares: normalise, augment (train only), shape for the model."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from covid_xray.cache import load_entry
+from covid_xray.preprocess import normalize, to_model_input
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Random geometric changes for training; all off by default (the original's search space:
+    rotation 0-20 deg, scale 0-0.3, shear 0-20 deg, translation 0-0.4, flips)."""
+
+    rotation: float = 0.0  # up to +- this many degrees
+    scale: float = 0.0  # zoom by a factor in 1 +- scale
+    shear: float = 0.0  # up to +- this many degrees
+    translation: float = 0.0  # shift by up to +- this fraction of the side
+    hflip: bool = False
+    vflip: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return any((self.rotation, self.scale, self.shear, self.translation, self.hflip,
+                    self.vflip))
+
+
+def build_augmentation(config: AugmentConfig) -> A.Compose | None:
+    """albumentations pipeline for `config`, or None when everything is off.
+
+    Applied to float images in [0, 1], before scaling to the model's range: albumentations
+    clips float pixels to [0, 1], which would destroy [-1024, 1024] inputs.
+    """
+    if not config.enabled:
+        return None
+    transforms: list[A.BasicTransform] = []
+    if config.rotation or config.scale or config.shear or config.translation:
+        transforms.append(A.Affine(
+            scale=(1 - config.scale, 1 + config.scale),
+            translate_percent=(-config.translation, config.translation),
+            rotate=(-config.rotation, config.rotation),
+            shear=(-config.shear, config.shear),
+            border_mode=cv2.BORDER_CONSTANT, fill=0, p=1.0,
+        ))
+    if config.hflip:
+        transforms.append(A.HorizontalFlip(p=0.5))
+    if config.vflip:
+        transforms.append(A.VerticalFlip(p=0.5))
+    return A.Compose(transforms)
+
+
+class XrayDataset(Dataset):
+    """(input tensor, label) pairs read from cache entries."""
+
+    def __init__(
+        self,
+        entries: Sequence[str | os.PathLike],
+        labels: Sequence[int],
+        *,
+        normalization: str = "minmax",
+        input_kind: str = "xrv",
+        augmentation: A.Compose | None = None,
+    ):
+        if len(entries) != len(labels):
+            raise ValueError(f"{len(entries)} entries but {len(labels)} labels")
+        self.entries = list(entries)
+        self.labels = [int(label) for label in labels]
+        self.normalization = normalization
+        self.input_kind = input_kind
+        self.augmentation = augmentation
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = normalize(load_entry(self.entries[index]), self.normalization)
+        if self.augmentation is not None:
+            image = self.augmentation(image=image)["image"]
+        array = to_model_input(np.ascontiguousarray(image), self.input_kind)
+        return torch.from_numpy(array), self.labels[index]

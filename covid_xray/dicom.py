@@ -1,0 +1,141 @@
+"""One DICOM file -> one float32 image in [0, 1], bone bright (MONOCHROME2).
+
+The order follows the DICOM grayscale pipeline (PS3.4 N.2): stored values -> modality LUT
+(rescale slope/intercept) -> VOI LUT or window -> presentation (MONOCHROME1 is inverted).
+Decoding is pydicom's: it tries every installed plugin (pylibjpeg, GDCM, Pillow) per transfer
+syntax, so RLE, JPEG Baseline/Extended/Lossless, JPEG-LS and JPEG 2000 all work.
+"""
+
+from __future__ import annotations
+
+import warnings
+from os import PathLike
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_modality_lut, apply_voi, get_decoder
+
+from covid_xray.errors import DicomError
+
+GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
+
+
+def read_xray(path: str | PathLike, *, apply_voi_lut: bool = True) -> np.ndarray:
+    """Decode `path` into a 2-D float32 array in [0, 1] where bone is bright.
+
+    With `apply_voi_lut` the file's VOI LUT or first window is applied (what the modality meant
+    a reader to see); without it, or when the file has none, the full range the stored bits
+    can hold is mapped to [0, 1], so the values keep their absolute meaning across images.
+    """
+    ds = _read_dataset(path)
+    pixels = _decode_first_frame(ds, path)
+
+    modality = apply_modality_lut(pixels, ds)
+    values = modality.astype(np.float64)
+    if apply_voi_lut and "VOILUTSequence" in ds:
+        image = _apply_voi_lut_sequence(modality, ds)
+    elif apply_voi_lut and "WindowCenter" in ds and "WindowWidth" in ds:
+        image = _apply_window(values, ds)
+    else:
+        low, high = _modality_range(ds)
+        image = (values - low) / (high - low)
+
+    if ds.PhotometricInterpretation == "MONOCHROME1":
+        image = 1.0 - image  # MONOCHROME1 shows low values bright: flip so bone is bright
+    return np.clip(image, 0.0, 1.0).astype(np.float32)
+
+
+def _read_dataset(path: str | PathLike) -> pydicom.Dataset:
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(path)
+    except FileNotFoundError:
+        raise DicomError(f"{path}: file not found") from None
+    except InvalidDicomError:
+        raise DicomError(f"{path}: not a DICOM file (no 'DICM' marker)") from None
+    except Exception as error:  # pydicom raises many types for a cut-off or garbled file
+        raise DicomError(f"{path}: unreadable DICOM, truncated or corrupt ({error})") from None
+    # pydicom only warns when a file ends inside an element and then drops that element: for
+    # encapsulated (compressed) pixel data that would read as "no pixel data", which misleads.
+    for warning in caught:
+        if "End of file" in str(warning.message):
+            raise DicomError(f"{path}: truncated DICOM ({warning.message})")
+        warnings.warn_explicit(warning.message, warning.category, warning.filename,
+                               warning.lineno)
+
+    if "PixelData" not in ds:
+        raise DicomError(f"{path}: DICOM has no pixel data (not an image)")
+    photometric = ds.get("PhotometricInterpretation", "")
+    if ds.get("SamplesPerPixel", 1) != 1 or photometric not in GRAYSCALE:
+        raise DicomError(
+            f"{path}: colour image ({photometric or 'no PhotometricInterpretation'}, "
+            f"{ds.get('SamplesPerPixel', '?')} samples per pixel); chest X-rays must be grayscale"
+        )
+    return ds
+
+
+def _decode_first_frame(ds: pydicom.Dataset, path: str | PathLike) -> np.ndarray:
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    try:
+        decoder = get_decoder(syntax)
+    except (NotImplementedError, ValueError, TypeError):
+        decoder = None
+    if decoder is None or not decoder.is_available:
+        name = getattr(syntax, "name", syntax)
+        raise DicomError(f"{path}: unsupported transfer syntax {name} ({syntax})")
+
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        warnings.warn(f"{path}: {frames} frames, using the first", stacklevel=3)
+    try:
+        # index=0 decodes only the first frame instead of the whole cine loop.
+        ds.pixel_array_options(index=0 if frames > 1 else None)
+        pixels = ds.pixel_array
+    except Exception as error:
+        raise DicomError(
+            f"{path}: cannot decode {syntax.name} pixel data, truncated or corrupt ({error})"
+        ) from None
+    if pixels.ndim != 2:
+        raise DicomError(f"{path}: expected a 2-D image, got pixel array of shape {pixels.shape}")
+    return pixels
+
+
+def _modality_range(ds: pydicom.Dataset) -> tuple[float, float]:
+    """The values the stored bits can take, after the modality LUT."""
+    bits = int(ds.BitsStored)
+    if ds.PixelRepresentation == 1:
+        low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    else:
+        low, high = 0, 2**bits - 1
+    if "ModalityLUTSequence" in ds:
+        lut = ds.ModalityLUTSequence[0]
+        return 0.0, float(2 ** int(lut.LUTDescriptor[2]) - 1)
+    slope, intercept = float(ds.get("RescaleSlope", 1)), float(ds.get("RescaleIntercept", 0))
+    low, high = low * slope + intercept, high * slope + intercept
+    return (min(low, high), max(low, high))
+
+
+def _apply_window(values: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+    """The first window (PS3.3 C.11.2.1.2), straight to [0, 1]."""
+    center = float(_first(ds.WindowCenter))
+    width = float(_first(ds.WindowWidth))
+    function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
+    if function == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
+    if function == "LINEAR_EXACT":
+        return (values - center) / width + 0.5
+    width = max(width, 1.0)  # LINEAR requires width >= 1
+    return (values - (center - 0.5)) / max(width - 1.0, 1.0) + 0.5
+
+
+def _apply_voi_lut_sequence(values: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+    """A VOI LUT table lookup; its output bits give the range."""
+    bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+    return apply_voi(values, ds).astype(np.float64) / (2**bits - 1)
+
+
+def _first(value: object) -> object:
+    """Window tags may hold several values; the first is the default view."""
+    return value[0] if isinstance(value, pydicom.multival.MultiValue) else value

@@ -1,0 +1,16 @@
+"""The one error type users see.
+
+Library code raises `UserError` for anything the user can fix (a bad file, a missing folder, a
+malformed CSV). Entry points catch it and print its message as a single line, then exit non-zero:
+no traceback for mistakes that are not bugs.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Something the user can fix; the message says what is wrong and what to do."""
+
+
+class DicomError(UserError):
+    """A DICOM file that cannot be turned into an image; the message names the file."""

@@ -1,0 +1,276 @@
+"""Synthetic datasets in the exact SIIM layout, for the demo and the tests.
+
+Kaggle is out of reach on many machines (CI included), so this writes what the download entry
+point would leave: `train/<study>/<series>/<image>.dcm` with 12-hex-digit ids, plus
+`train_study_level.csv` and `train_image_level.csv`. The DICOMs mix the encodings real archives
+hold (12/16-bit, MONOCHROME1/2, rescale + window, RLE, JPEG Baseline/Extended/Lossless, JPEG-LS,
+JPEG 2000) and non-negative studies carry bright, class-specific opacities a model can learn.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import imagecodecs
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import (
+    UID,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+    generate_uid,
+)
+from tqdm import tqdm
+
+from covid_xray.data import CLASS_COLUMNS, IMAGE_CSV, STUDY_CSV
+
+CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+
+# SIIM's class mix (1676 / 2855 / 1049 / 474 studies): negative, typical, indeterminate, atypical.
+SIIM_CLASS_FREQUENCIES = np.array([1676, 2855, 1049, 474]) / 6054
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How one synthetic file is stored."""
+
+    syntax: UID
+    bits_stored: int = 12
+    monochrome1: bool = False
+    rescale: bool = False  # RescaleIntercept -1024 plus a window in modality units
+
+
+# The mix the synthetic datasets cycle through: every transfer syntax the reader must handle.
+ENCODINGS = (
+    Encoding(ExplicitVRLittleEndian),
+    Encoding(ExplicitVRLittleEndian, bits_stored=16, monochrome1=True),
+    Encoding(ExplicitVRLittleEndian, rescale=True),
+    Encoding(RLELossless),
+    Encoding(JPEG2000Lossless),
+    Encoding(JPEGLSLossless),
+    Encoding(JPEGLosslessSV1, monochrome1=True),
+    Encoding(JPEGBaseline8Bit, bits_stored=8),
+    Encoding(JPEGExtended12Bit),
+)
+
+
+def write_dicom(
+    path: str | os.PathLike,
+    stored: np.ndarray,
+    *,
+    syntax: UID = ExplicitVRLittleEndian,
+    bits_stored: int = 12,
+    photometric: str = "MONOCHROME2",
+    rescale: tuple[float, float] | None = None,
+    window: tuple[float, float] | None = None,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    signed: bool = False,
+) -> None:
+    """Write `stored` (the stored pixel values, 2-D or frames x rows x cols) as a CR DICOM.
+
+    `rescale` is (slope, intercept); `window` is (center, width) in rescaled units.
+    Lossless syntaxes give back exactly `stored`; Baseline and Extended are lossy JPEG.
+    """
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = CR_IMAGE_STORAGE
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = CR_IMAGE_STORAGE
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.Modality = "CR"
+    ds.BodyPartExamined = "CHEST"
+    ds.PatientID = "synthetic"
+
+    if stored.ndim == 3:
+        ds.NumberOfFrames = stored.shape[0]
+    ds.Rows, ds.Columns = stored.shape[-2:]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = 8 if bits_stored <= 8 else 16
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = 1 if signed else 0
+    if rescale is not None:
+        ds.RescaleSlope, ds.RescaleIntercept = (f"{v:g}" for v in rescale)
+        ds.RescaleType = "US"
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = (f"{v:g}" for v in window)
+
+    dtype = {(8, False): np.uint8, (16, False): np.uint16, (16, True): np.int16}
+    stored = np.ascontiguousarray(stored, dtype=dtype[(ds.BitsAllocated, signed)])
+    if syntax == ExplicitVRLittleEndian:
+        ds.PixelData = stored.tobytes()
+    elif syntax == RLELossless:
+        ds.compress(syntax, stored)  # pydicom's own numpy RLE encoder
+    else:
+        # pydicom cannot write the JPEG family and its JPEG 2000 encoder refuses images under
+        # 32 px; imagecodecs (libjpeg-turbo, CharLS, OpenJPEG) writes all of them.
+        ds.PixelData = encapsulate([_encode_jpeg(frame, syntax, bits_stored) for frame in
+                                    stored.reshape(-1, *stored.shape[-2:])])
+        ds["PixelData"].VR = "OB"
+        ds.file_meta.TransferSyntaxUID = syntax
+        if syntax in (JPEGBaseline8Bit, JPEGExtended12Bit):
+            # Lossy: readers must be able to tell (PS3.3 C.7.6.1.1.5).
+            ds.LossyImageCompression = "01"
+    ds.save_as(path, enforce_file_format=True)
+
+
+def _encode_jpeg(frame: np.ndarray, syntax: UID, bits_stored: int) -> bytes:
+    if syntax == JPEG2000Lossless:
+        levels = max(1, min(6, int(np.log2(min(frame.shape))) - 1))  # small images, fewer levels
+        return imagecodecs.jpeg2k_encode(frame, codecformat="J2K", reversible=True,
+                                         bitspersample=bits_stored, resolutions=levels)
+    if syntax == JPEGLSLossless:
+        return imagecodecs.jpegls_encode(frame)
+    if syntax == JPEGLosslessSV1:
+        return imagecodecs.jpeg8_encode(frame, lossless=True, predictor=1,
+                                        bitspersample=bits_stored)
+    if syntax == JPEGBaseline8Bit:
+        return imagecodecs.jpeg8_encode(frame, level=95)
+    if syntax == JPEGExtended12Bit:
+        return imagecodecs.jpeg8_encode(frame, level=95, bitspersample=12)
+    raise ValueError(f"no encoder for {syntax.name}")
+
+
+def chest_image(
+    rng: np.random.Generator, label: int, rows: int, cols: int
+) -> tuple[np.ndarray, list[dict[str, float]]]:
+    """A float image in [0, 1] that looks roughly like a frontal chest film, and its opacity boxes.
+
+    Label 0 (negative) has clear lungs. Non-negative classes get bright opacities in distinct
+    places, so both the binary and the 4-class task are learnable:
+    1 typical = bilateral lower-zone, 2 indeterminate = one large unilateral, 3 atypical = many
+    small upper-zone nodules.
+    """
+    y, x = np.mgrid[-1 : 1 : rows * 1j, -1 : 1 : cols * 1j]
+    body = np.exp(-(((x / 0.85) ** 2 + (y / 0.98) ** 2) ** 4))
+    image = 0.15 + 0.55 * body
+    lung_centres = [(-0.4, -0.05), (0.4, -0.05)]
+    for cx, cy in lung_centres:
+        lung = np.exp(-((((x - cx) / 0.26) ** 2 + ((y - cy) / 0.6) ** 2) ** 3))
+        image -= 0.35 * lung * (1 + 0.08 * np.sin(18 * y + rng.uniform(0, 6)))  # faint ribs
+    image += 0.25 * np.exp(-((x / 0.12) ** 2 + ((y - 0.1) / 0.7) ** 2))  # spine / mediastinum
+
+    blobs: list[tuple[float, float, float]] = []  # (cx, cy, radius) in [-1, 1] units
+    if label == 1:
+        blobs = [(side * rng.uniform(0.3, 0.5), rng.uniform(0.15, 0.4), rng.uniform(0.12, 0.17))
+                 for side in (-1, 1)]
+    elif label == 2:
+        side = rng.choice([-1, 1])
+        blobs = [(side * rng.uniform(0.3, 0.45), rng.uniform(-0.2, 0.2), rng.uniform(0.2, 0.26))]
+    elif label == 3:
+        blobs = [(rng.choice([-1, 1]) * rng.uniform(0.25, 0.55), rng.uniform(-0.55, -0.25),
+                  rng.uniform(0.05, 0.08)) for _ in range(5)]
+    boxes = []
+    for cx, cy, radius in blobs:
+        image += 0.4 * np.exp(-(((x - cx) ** 2 + (y - cy) ** 2) / radius**2))
+        boxes.append({
+            "x": (cx - radius + 1) / 2 * cols, "y": (cy - radius + 1) / 2 * rows,
+            "width": radius * cols, "height": radius * rows,
+        })
+    image += rng.normal(0, 0.02, image.shape)
+    return np.clip(image, 0, 1), boxes
+
+
+def make_dataset(
+    data_dir: str | os.PathLike,
+    *,
+    num_studies: int = 400,
+    image_size: int = 256,
+    multi_image_studies: int = 6,
+    seed: int = 0,
+    progress: bool = True,
+) -> Path:
+    """Write a SIIM-layout dataset of `num_studies` studies into `data_dir` and return it.
+
+    Built in a temporary sibling folder and renamed into place, so an interrupted run leaves
+    nothing half-written. `multi_image_studies` of the studies get a second (lateral) image.
+    """
+    data_dir = Path(data_dir)
+    if (data_dir / STUDY_CSV).exists() or (data_dir / "train").exists():
+        raise FileExistsError(f"{data_dir} already holds a dataset")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    work = Path(tempfile.mkdtemp(prefix=".synthetic-", dir=data_dir))
+    try:
+        labels = rng.choice(4, size=num_studies, p=SIIM_CLASS_FREQUENCIES)
+        study_rows, image_rows = [], []
+        used_ids: set[str] = set()
+        multi = set(rng.choice(num_studies, size=min(multi_image_studies, num_studies),
+                               replace=False).tolist())
+        for index in tqdm(range(num_studies), desc="synthetic studies", disable=not progress):
+            label = int(labels[index])
+            study_id = _new_id(rng, used_ids)
+            study_uid = generate_uid()
+            study_rows.append([f"{study_id}_study", *(int(label == c) for c in range(4))])
+            for view in range(2 if index in multi else 1):
+                image_id, series_id = _new_id(rng, used_ids), _new_id(rng, used_ids)
+                # Real films are rarely square; vary the aspect so the centre crop matters.
+                rows = image_size
+                cols = int(image_size * rng.uniform(0.8, 1.2))
+                image, boxes = chest_image(rng, label, rows, cols)
+                if view == 1:
+                    image = image[:, ::-1]  # stands in for the lateral view data.py must drop
+                encoding = ENCODINGS[(index + view) % len(ENCODINGS)]
+                path = work / "train" / study_id / series_id / f"{image_id}.dcm"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                _write_encoded(path, image, encoding, study_uid)
+                label_text = " ".join(
+                    f"opacity 1 {b['x']:.1f} {b['y']:.1f} {b['x'] + b['width']:.1f} "
+                    f"{b['y'] + b['height']:.1f}" for b in boxes) or "none 1 0 0 1 1"
+                image_rows.append([f"{image_id}_image", repr(boxes) if boxes else "",
+                                   label_text, study_id])
+        _write_csv(work / STUDY_CSV, ["id", *CLASS_COLUMNS], study_rows)
+        _write_csv(work / IMAGE_CSV, ["id", "boxes", "label", "StudyInstanceUID"], image_rows)
+        for name in ("train", STUDY_CSV, IMAGE_CSV):
+            os.replace(work / name, data_dir / name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return data_dir
+
+
+def _write_encoded(path: Path, image: np.ndarray, encoding: Encoding, study_uid: str) -> None:
+    """Quantise `image` to the encoding's bits and write it the way that encoding says."""
+    max_value = 2**encoding.bits_stored - 1
+    stored = np.round(image * max_value)
+    if encoding.monochrome1:
+        stored = max_value - stored
+    kwargs: dict = {}
+    if encoding.rescale:
+        # Modality units = stored - 1024; the window spans the whole image in those units.
+        kwargs = {"rescale": (1.0, -1024.0), "window": (max_value / 2 - 1024, max_value + 1)}
+    write_dicom(path, stored, syntax=encoding.syntax, bits_stored=encoding.bits_stored,
+                photometric="MONOCHROME1" if encoding.monochrome1 else "MONOCHROME2",
+                study_uid=study_uid, **kwargs)
+
+
+def _new_id(rng: np.random.Generator, used: set[str]) -> str:
+    """A fresh 12-hex-digit id, like SIIM's."""
+    while True:
+        candidate = rng.bytes(6).hex()
+        if candidate not in used:
+            used.add(candidate)
+            return candidate
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    with open(path, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(header)
+        writer.writerows(rows)
+

@@ -1,0 +1,174 @@
+"""read_xray against files with known pixel values, in every transfer syntax we support."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+)
+
+from covid_xray.dicom import read_xray
+from covid_xray.errors import DicomError
+from covid_xray.synthetic import write_dicom
+from tests.conftest import REAL_DICOM
+
+RNG = np.random.default_rng(0)
+
+
+def random_stored(bits: int, shape=(40, 36)) -> np.ndarray:
+    return RNG.integers(0, 2**bits, shape).astype(np.uint8 if bits <= 8 else np.uint16)
+
+
+def smooth_stored(bits: int, shape=(64, 64)) -> np.ndarray:
+    """A gentle gradient: what lossy JPEG keeps nearly intact."""
+    y, x = np.mgrid[0 : 1 : shape[0] * 1j, 0 : 1 : shape[1] * 1j]
+    image = 0.1 + 0.8 * (0.6 * x + 0.4 * y)
+    return np.round(image * (2**bits - 1)).astype(np.uint8 if bits <= 8 else np.uint16)
+
+
+@pytest.mark.parametrize(
+    ("syntax", "bits"),
+    [
+        (ExplicitVRLittleEndian, 12),
+        (ExplicitVRLittleEndian, 16),
+        (ExplicitVRLittleEndian, 8),
+        (RLELossless, 12),
+        (RLELossless, 16),
+        (JPEG2000Lossless, 12),
+        (JPEG2000Lossless, 16),
+        (JPEGLSLossless, 12),
+        (JPEGLSLossless, 16),
+        (JPEGLosslessSV1, 12),
+        (JPEGLosslessSV1, 16),
+    ],
+    ids=lambda value: getattr(value, "keyword", value),
+)
+def test_lossless_syntaxes_decode_pixel_exact(tmp_path, syntax, bits):
+    stored = random_stored(bits)
+    write_dicom(tmp_path / "x.dcm", stored, syntax=syntax, bits_stored=bits)
+    assert pydicom.dcmread(tmp_path / "x.dcm").file_meta.TransferSyntaxUID == syntax
+    expected = (stored.astype(np.float64) / (2**bits - 1)).astype(np.float32)
+    np.testing.assert_array_equal(read_xray(tmp_path / "x.dcm"), expected)
+
+
+@pytest.mark.parametrize(("syntax", "bits"), [(JPEGBaseline8Bit, 8), (JPEGExtended12Bit, 12)],
+                         ids=["baseline-8bit", "extended-12bit"])
+def test_lossy_jpeg_decodes_close_to_written(tmp_path, syntax, bits):
+    stored = smooth_stored(bits)
+    write_dicom(tmp_path / "x.dcm", stored, syntax=syntax, bits_stored=bits)
+    image = read_xray(tmp_path / "x.dcm")
+    expected = stored / (2**bits - 1)
+    assert image.shape == stored.shape
+    assert np.abs(image - expected).max() < 0.02  # quality 95 on a smooth gradient
+
+
+def test_monochrome1_equals_inverted_monochrome2_twin(tmp_path):
+    stored = random_stored(12)
+    write_dicom(tmp_path / "m2.dcm", stored, photometric="MONOCHROME2")
+    write_dicom(tmp_path / "m1.dcm", 4095 - stored, photometric="MONOCHROME1")
+    np.testing.assert_array_equal(read_xray(tmp_path / "m1.dcm"), read_xray(tmp_path / "m2.dcm"))
+
+
+def test_rescale_slope_intercept_then_window(tmp_path):
+    stored = random_stored(12)
+    slope, intercept, center, width = 2.0, -1000.0, 3000.0, 4001.0
+    write_dicom(tmp_path / "x.dcm", stored, rescale=(slope, intercept), window=(center, width))
+    values = stored * slope + intercept
+    expected = np.clip((values - (center - 0.5)) / (width - 1) + 0.5, 0, 1).astype(np.float32)
+    np.testing.assert_allclose(read_xray(tmp_path / "x.dcm"), expected, atol=1e-6)
+
+    # Without the window the full rescaled range maps to [0, 1]: the stored fraction again.
+    unwindowed = read_xray(tmp_path / "x.dcm", apply_voi_lut=False)
+    np.testing.assert_allclose(unwindowed, stored / 4095, atol=1e-6)
+
+    # The window lives in rescaled units: another slope must give another image.
+    write_dicom(tmp_path / "y.dcm", stored, rescale=(1.0, intercept), window=(center, width))
+    assert not np.allclose(read_xray(tmp_path / "y.dcm"), expected, atol=1e-3)
+
+
+def test_signed_pixels_use_their_range(tmp_path):
+    stored = np.array([[-2048, 0], [1024, 2047]], dtype=np.int16)
+    write_dicom(tmp_path / "x.dcm", stored, bits_stored=16, signed=True)
+    expected = (stored.astype(np.float64) + 32768) / 65535
+    np.testing.assert_allclose(read_xray(tmp_path / "x.dcm"), expected, atol=1e-6)
+
+
+def test_multiframe_uses_first_frame_and_warns(tmp_path):
+    frames = np.stack([random_stored(12), random_stored(12)])
+    write_dicom(tmp_path / "x.dcm", frames, syntax=RLELossless)
+    with pytest.warns(UserWarning, match="2 frames, using the first"):
+        image = read_xray(tmp_path / "x.dcm")
+    np.testing.assert_array_equal(image, (frames[0] / 4095).astype(np.float32))
+
+
+def test_real_radiograph_decodes_with_sane_statistics():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a clean real file must not warn
+        image = read_xray(REAL_DICOM)
+    assert image.shape == (1024, 1024)
+    assert image.dtype == np.float32
+    assert image.min() >= 0 and image.max() <= 1
+    assert 0.3 < image.mean() < 0.8  # a chest film: neither blank nor saturated
+    assert image.std() > 0.1
+    # Bone bright: the lung fields (upper centre-left/right) are darker than the spine column.
+    assert image[300:600, 200:400].mean() < image[300:900, 480:544].mean()
+
+
+def test_not_a_dicom_names_the_file(tmp_path):
+    path = tmp_path / "notes.dcm"
+    path.write_text("this is not a DICOM file\n" * 20)
+    with pytest.raises(DicomError, match=r"notes\.dcm: not a DICOM file"):
+        read_xray(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(DicomError, match="file not found"):
+        read_xray(tmp_path / "absent.dcm")
+
+
+def test_no_pixel_data(tmp_path):
+    write_dicom(tmp_path / "x.dcm", random_stored(12))
+    ds = pydicom.dcmread(tmp_path / "x.dcm")
+    del ds.PixelData
+    ds.save_as(tmp_path / "x.dcm")
+    with pytest.raises(DicomError, match=r"x\.dcm: DICOM has no pixel data"):
+        read_xray(tmp_path / "x.dcm")
+
+
+def test_unsupported_transfer_syntax(tmp_path):
+    write_dicom(tmp_path / "x.dcm", random_stored(8), syntax=JPEGBaseline8Bit, bits_stored=8)
+    ds = pydicom.dcmread(tmp_path / "x.dcm")
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG-2 video
+    ds.save_as(tmp_path / "x.dcm")
+    with pytest.raises(DicomError, match=r"x\.dcm: unsupported transfer syntax MPEG2"):
+        read_xray(tmp_path / "x.dcm")
+
+
+def test_colour_image(tmp_path):
+    write_dicom(tmp_path / "x.dcm", random_stored(8), bits_stored=8)
+    ds = pydicom.dcmread(tmp_path / "x.dcm")
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.Columns = 12  # 40 x 36 bytes = 40 x 12 x 3
+    ds.save_as(tmp_path / "x.dcm")
+    with pytest.raises(DicomError, match=r"x\.dcm: colour image \(RGB, 3 samples"):
+        read_xray(tmp_path / "x.dcm")
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, JPEG2000Lossless],
+                         ids=["native", "j2k"])
+def test_truncated_file(tmp_path, syntax):
+    write_dicom(tmp_path / "x.dcm", random_stored(12, (64, 64)), syntax=syntax)
+    data = (tmp_path / "x.dcm").read_bytes()
+    (tmp_path / "x.dcm").write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(DicomError, match=r"x\.dcm: .*(truncated|corrupt)"):
+        read_xray(tmp_path / "x.dcm")
