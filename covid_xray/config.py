@@ -10,12 +10,28 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from covid_xray.dataset import AugmentConfig
-
 
 def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
     """A dataclass field carrying its CLI help (and allowed values)."""
     return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Random geometric changes for training; all off by default (the original's search space:
+    rotation 0-20 deg, scale 0-0.3, shear 0-20 deg, translation 0-0.4, flips)."""
+
+    rotation: float = 0.0  # up to +- this many degrees
+    scale: float = 0.0  # zoom by a factor in 1 +- scale
+    shear: float = 0.0  # up to +- this many degrees
+    translation: float = 0.0  # shift by up to +- this fraction of the side
+    hflip: bool = False
+    vflip: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return any((self.rotation, self.scale, self.shear, self.translation, self.hflip,
+                    self.vflip))
 
 
 XRV_WEIGHTS = ("all", "rsna", "nih", "pc", "chex", "mimic_nb", "mimic_ch")

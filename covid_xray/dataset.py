@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import albumentations as A
 import cv2
@@ -13,25 +12,8 @@ import torch
 from torch.utils.data import Dataset
 
 from covid_xray.cache import load_entry
+from covid_xray.config import AugmentConfig
 from covid_xray.preprocess import normalize, to_model_input
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Random geometric changes for training; all off by default (the original's search space:
-    rotation 0-20 deg, scale 0-0.3, shear 0-20 deg, translation 0-0.4, flips)."""
-
-    rotation: float = 0.0  # up to +- this many degrees
-    scale: float = 0.0  # zoom by a factor in 1 +- scale
-    shear: float = 0.0  # up to +- this many degrees
-    translation: float = 0.0  # shift by up to +- this fraction of the side
-    hflip: bool = False
-    vflip: bool = False
-
-    @property
-    def enabled(self) -> bool:
-        return any((self.rotation, self.scale, self.shear, self.translation, self.hflip,
-                    self.vflip))
 
 
 def build_augmentation(config: AugmentConfig) -> A.Compose | None:

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 
 from covid_xray import synthetic
 
@@ -20,3 +27,54 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data_dir = tmp_path_factory.mktemp("siim") / "data"
     return synthetic.make_dataset(data_dir, num_studies=48, image_size=48,
                                   multi_image_studies=4, seed=7, progress=False)
+
+
+def clean_env(**overrides: str) -> dict[str, str]:
+    """A user's shell with this venv activated: this environment without MLflow run state (an
+    in-process run leaves MLFLOW_EXPERIMENT_ID behind), plus `overrides`."""
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env | overrides
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `mlflow server` (sqlite backend, proxied artifacts) on 127.0.0.1; yields its URL."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    command = [str(Path(sys.executable).with_name("mlflow")), "server",
+               "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+               "--artifacts-destination", str(root / "artifacts"),
+               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    url = f"http://127.0.0.1:{port}"
+    with open(root / "server.log", "wb") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=root)
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()}")
+            time.sleep(0.5)
+        yield url
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def demo_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Enough synthetic studies for a model to learn something in a few CPU epochs."""
+    data_dir = tmp_path_factory.mktemp("demo") / "data"
+    return synthetic.make_dataset(data_dir, num_studies=200, image_size=64,
+                                  multi_image_studies=2, seed=11, progress=False)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from covid_xray.dataset import AugmentConfig, XrayDataset, build_augmentation
+from covid_xray.config import AugmentConfig
+from covid_xray.dataset import XrayDataset, build_augmentation
 from covid_xray.errors import UserError
 from covid_xray.preprocess import (
     crop_square,

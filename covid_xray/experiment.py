@@ -1,0 +1,178 @@
+"""One training run end to end: config -> data -> fit -> test -> MLflow run + registered model.
+
+The order is chosen so that mistakes cost nothing: the tracking server and the pretrained
+weights are checked first, then the data; the MLflow run starts only once training can begin,
+and the model is registered only after everything else succeeded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from covid_xray import metrics, tracking
+from covid_xray.cache import CacheParams, ImageCache
+from covid_xray.config import XRV_WEIGHTS, TrainConfig
+from covid_xray.data import CLASS_NAMES, Manifest, build_manifest
+from covid_xray.dataset import XrayDataset, build_augmentation
+from covid_xray.errors import UserError
+from covid_xray.model import XRV_INPUT_SIZE, Classifier, build
+from covid_xray.train import fit, make_optimizer, resolve_device, seed_everything
+
+
+@dataclass
+class TrainOutcome:
+    run_id: str
+    model: Classifier  # on CPU, eval mode, returns probabilities
+    test_set: XrayDataset  # the test split, preprocessed as the model sees it
+    test_probabilities: np.ndarray
+    test_metrics: dict[str, float]
+    best_epoch: int
+    registered_version: str | None
+
+
+def effective_config(config: TrainConfig) -> TrainConfig:
+    """torchxrayvision's pretrained DenseNets only work at 224 px: use that, and say so."""
+    if config.model in XRV_WEIGHTS and config.img_size != XRV_INPUT_SIZE:
+        print(f"note: torchxrayvision weights '{config.model}' need {XRV_INPUT_SIZE} px "
+              f"inputs; using img_size={XRV_INPUT_SIZE} instead of {config.img_size}")
+        return dataclasses.replace(config, img_size=XRV_INPUT_SIZE)
+    return config
+
+
+def prepare_data(config: TrainConfig, progress: bool = True) -> tuple[Manifest, list[Path]]:
+    """The manifest and, for each of its rows, the cached preprocessed image."""
+    manifest = build_manifest(config.data_dir, num_classes=config.num_classes,
+                              dataset_size=config.dataset_size, split=config.split,
+                              seed=config.seed)
+    cache = ImageCache(config.cache_dir, CacheParams(config.img_size, config.apply_voi_lut))
+    paths = [manifest.data_dir / path for path in manifest.table.path]
+    entries, stats = cache.build(paths, num_workers=config.num_workers, progress=progress)
+    if progress:
+        print(f"{len(entries)} images: {stats.decoded} decoded, {stats.reused} from "
+              f"{cache.folder}")
+    return manifest, entries
+
+
+def data_fingerprint(manifest: Manifest, entries: list[Path]) -> str:
+    """Hash of which studies, labels and splits a run used, and of the files' contents (the
+    cache entry names are content digests): equal fingerprints mean equal training data."""
+    hasher = hashlib.blake2b(digest_size=16)
+    table = manifest.table
+    for row, entry in zip(table.itertuples(index=False), entries, strict=True):
+        hasher.update(f"{row.study_id},{row.label},{row.split},{entry.stem}\n".encode())
+    return hasher.hexdigest()
+
+
+def run_training(
+    config: TrainConfig,
+    *,
+    progress: bool = True,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+    nested: bool = False,
+    register: bool = True,
+) -> TrainOutcome:
+    """Train, evaluate and log one model; register it unless told not to."""
+    tracking.check_tracking_server()
+    config = effective_config(config)
+    device = resolve_device(config.device)
+    seed_everything(config.seed)
+    network = build(config.model, config.num_classes, config.drop_rate, config.weights_dir)
+
+    manifest, entries = prepare_data(config, progress)
+    class_names = CLASS_NAMES[config.num_classes]
+    loaders = _loaders(config, manifest, entries, device)
+    fingerprint = data_fingerprint(manifest, entries)
+
+    with tracking.tracked_run(config.experiment_name, nested=nested) as run:
+        tracking.log_params(config.as_params() | {"data_fingerprint": fingerprint,
+                                                  "device_used": str(device)}
+                            | {f"count/{k}": v for k, v in manifest.counts().items()})
+        tracking.log_manifest(manifest.table, manifest.data_dir, fingerprint)
+        mlflow.set_tags({"data_fingerprint": fingerprint, "git_commit": tracking.git_commit()})
+
+        def after_epoch(row: dict[str, float]) -> None:
+            tracking.log_epoch(row)
+            if on_epoch is not None:
+                on_epoch(row)
+
+        optimizer = make_optimizer(network, config.optimizer, config.lr, config.weight_decay,
+                                   config.momentum, config.amsgrad)
+        result = fit(network, loaders["train"], loaders["val"], optimizer=optimizer,
+                     epochs=config.epochs, patience=config.patience, device=device,
+                     grad_clip=config.grad_clip, on_epoch=after_epoch, progress=progress)
+        mlflow.log_metrics({"best_epoch": result.best_epoch,
+                            "stopped_early": float(result.stopped_early)})
+
+        # The logged model runs on CPU in float32; evaluate exactly that, so what the
+        # registry serves reproduces these numbers.
+        model = Classifier(network.cpu().float().to(memory_format=torch.contiguous_format),
+                           class_names).eval()
+        test_set: XrayDataset = loaders["test"].dataset
+        with torch.no_grad():
+            probabilities = np.concatenate([model(images).numpy()
+                                            for images, _ in loaders["test"]])
+        test_labels = np.array(test_set.labels)
+        report = metrics.final_metrics(test_labels, probabilities, class_names)
+        mlflow.log_metrics({f"test_{key}": value for key, value in report.items()})
+        tracking.log_figure(metrics.confusion_figure(test_labels, probabilities, class_names),
+                            "confusion_matrix")
+        tracking.log_figure(metrics.per_class_figure(report, class_names), "per_class_prf1")
+        tracking.log_figure(metrics.roc_figure(test_labels, probabilities, class_names),
+                            "roc_curves")
+        tracking.log_figure(metrics.learning_curves_figure(result.history), "learning_curves")
+
+        example = torch.stack([test_set[index][0] for index in range(min(2, len(test_set)))])
+        model_info = tracking.log_model(model, example.numpy(), metadata={
+            "class_names": list(class_names), "img_size": config.img_size,
+            "normalization": config.normalization, "apply_voi_lut": config.apply_voi_lut,
+            "input_kind": config.input_kind,
+        })
+        version = None
+        if register and config.registered_model_name:
+            version = tracking.register_model(
+                model_info.model_uri, config.registered_model_name,
+                tags={"git_commit": tracking.git_commit(), "data_fingerprint": fingerprint,
+                      "run_id": run.info.run_id},
+                stage=config.stage, alias=config.alias)
+            print(f"registered {config.registered_model_name} version {version}")
+        print(f"run {run.info.run_id}: test " + ", ".join(
+            f"{key} {report[key]:.3f}" for key in ("accuracy", "balanced_accuracy", "roc_auc")))
+
+    return TrainOutcome(run.info.run_id, model, test_set, probabilities, report,
+                        result.best_epoch, version)
+
+
+def _loaders(config: TrainConfig, manifest: Manifest, entries: list[Path],
+             device: torch.device) -> dict[str, DataLoader]:
+    by_split = {}
+    for split in ("train", "val", "test"):
+        rows = (manifest.table.split == split).to_numpy()
+        dataset = XrayDataset(
+            [entry for entry, keep in zip(entries, rows, strict=True) if keep],
+            manifest.table.label[rows].tolist(),
+            normalization=config.normalization,
+            input_kind=config.input_kind,
+            augmentation=build_augmentation(config.augment()) if split == "train" else None,
+        )
+        if len(dataset) == 0:
+            raise UserError(f"the {split} split is empty; use more studies or another split")
+        by_split[split] = DataLoader(
+            dataset,
+            batch_size=config.batch_size,
+            shuffle=split == "train",
+            num_workers=config.num_workers,
+            persistent_workers=config.num_workers > 0,
+            pin_memory=device.type == "cuda",
+            generator=torch.Generator().manual_seed(config.seed),
+        )
+    return by_split
+

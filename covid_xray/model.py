@@ -1,0 +1,95 @@
+"""DenseNets: torchxrayvision chest-X-ray weights, torchvision ImageNet weights, or random init."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torchvision
+import torchxrayvision as xrv
+from torch import nn
+
+from covid_xray.config import TORCHVISION_MODELS, XRV_WEIGHTS
+from covid_xray.errors import UserError
+
+XRV_INPUT_SIZE = 224  # every xrv DenseNet was trained at 224 px
+
+
+class Classifier(nn.Module):
+    """The network plus the softmax: what we log, register and serve returns probabilities."""
+
+    def __init__(self, network: nn.Module, class_names: tuple[str, ...]):
+        super().__init__()
+        self.network = network
+        self.class_names = tuple(class_names)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.network(x).float(), dim=1)
+
+
+def build(name: str, num_classes: int, drop_rate: float = 0.0, weights_dir: str = "") -> nn.Module:
+    """A DenseNet with a fresh `num_classes` head, in train mode, returning logits.
+
+    Pretrained weights are read from `weights_dir` (or the library's default cache) and
+    downloaded there when missing; when that fails the error says which URL to fetch and
+    the exact path to put it at. We never fall back to random weights silently.
+    """
+    if name == "none":
+        return xrv.models.DenseNet(num_classes=num_classes, in_channels=1, drop_rate=drop_rate)
+    if name in XRV_WEIGHTS:
+        return _xrv_densenet(name, num_classes, drop_rate, weights_dir)
+    if name in TORCHVISION_MODELS:
+        return _torchvision_densenet(name, num_classes, drop_rate, weights_dir)
+    raise UserError(f"model must be one of {', '.join((*XRV_WEIGHTS, *TORCHVISION_MODELS))} "
+                    f"or none, got {name!r}")
+
+
+def xrv_weights_path(name: str, weights_dir: str = "") -> tuple[str, Path]:
+    """(download URL, local path) of torchxrayvision's `densenet121-res224-<name>` weights."""
+    url = xrv.models.model_urls[f"densenet121-res224-{name}"]["weights_url"]
+    folder = Path(os.path.expanduser(weights_dir or xrv.utils.get_cache_dir()))
+    return url, folder / os.path.basename(url)
+
+
+def _xrv_densenet(name: str, num_classes: int, drop_rate: float, weights_dir: str) -> nn.Module:
+    url, path = xrv_weights_path(name, weights_dir)
+    if not path.is_file():
+        try:
+            xrv.models.get_weights(f"densenet121-res224-{name}", str(path.parent))
+        except Exception as error:
+            raise UserError(f"torchxrayvision weights '{name}' are not at {path} and could not "
+                            f"be downloaded ({type(error).__name__}); download {url} and save "
+                            f"it as {path}") from None
+    try:
+        model = xrv.models.DenseNet(weights=f"densenet121-res224-{name}",
+                                    cache_dir=str(path.parent), drop_rate=drop_rate)
+    except Exception as error:
+        raise UserError(f"{path}: not a usable torchxrayvision DenseNet weights file ({error}); "
+                        f"delete it and download {url} again") from None
+    # The pretrained head predicts 18 pathologies through sigmoid + operating-point
+    # calibration (op_threshs). Fine-tuning needs raw logits for our classes: new head, no
+    # calibration, and train mode (the constructor left it in eval mode).
+    model.classifier = nn.Linear(model.classifier.in_features, num_classes)
+    model.op_threshs = None
+    model.apply_sigmoid = False
+    # Inputs are already 224 px and in [-1024, 1024]; skip xrv's per-forward resize/range check.
+    if hasattr(model, "input_resolution"):
+        del model.input_resolution
+    return model.train()
+
+
+def _torchvision_densenet(name: str, num_classes: int, drop_rate: float,
+                          weights_dir: str) -> nn.Module:
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    if weights_dir:
+        torch.hub.set_dir(os.path.expanduser(weights_dir))
+    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    try:
+        model = torchvision.models.get_model(name, weights=weights, drop_rate=drop_rate)
+    except Exception as error:
+        raise UserError(f"torchvision weights for {name} are not at {path} and could not be "
+                        f"downloaded ({type(error).__name__}); download {weights.url} and save "
+                        f"it as {path}") from None
+    model.classifier = nn.Linear(model.classifier.in_features, num_classes)
+    return model.train()

@@ -1,0 +1,200 @@
+"""Training end to end against real MLflow stores: the embedded sqlite file and a live server."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from covid_xray.config import TrainConfig
+from covid_xray.experiment import run_training
+from tests.conftest import ROOT, clean_env, free_port
+
+TINY = dict(model="none", img_size=32, epochs=2, patience=5, batch_size=16, num_workers=0,
+            dataset_size=0, device="cpu")
+
+
+@pytest.fixture
+def tracking_uri(request, tmp_path, monkeypatch):
+    """The tracking store for one test: 'sqlite' (the embedded default) or 'server'."""
+    monkeypatch.chdir(tmp_path)  # the sqlite store and its artifacts land in the working dir
+    if request.param == "server":
+        uri = request.getfixturevalue("mlflow_server")
+    else:
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(None)
+
+
+def stacked_inputs(outcome) -> np.ndarray:
+    return torch.stack([outcome.test_set[i][0] for i in range(len(outcome.test_set))]).numpy()
+
+
+@pytest.mark.parametrize("tracking_uri", ["sqlite", "server"], indirect=True)
+def test_train_logs_registers_and_reloads(demo_dataset, tmp_path, tracking_uri):
+    name = f"covid-xray-test-{os.getpid()}-{time.monotonic_ns()}"
+    config = TrainConfig(data_dir=str(demo_dataset), cache_dir=str(tmp_path / "cache"),
+                         experiment_name="e2e", registered_model_name=name, stage="Staging",
+                         alias="champion", **TINY)
+    outcome = run_training(config, progress=False)
+    client = MlflowClient()
+    run = client.get_run(outcome.run_id)
+    assert run.info.status == "FINISHED"
+
+    # Every option is a param, plus the data description.
+    for field in dataclasses.fields(TrainConfig):
+        assert run.data.params[field.name] == str(getattr(config, field.name))
+    assert len(run.data.params["data_fingerprint"]) == 32
+    assert int(run.data.params["count/dropped_multi_image"]) == 2
+    assert int(run.data.params["count/train/negative"]) == int(run.data.params["count/train/positive"])
+
+    # Per-epoch histories for every train/val metric; final test metrics.
+    for metric in ("loss", "accuracy", "auc", "f1"):
+        for split in ("train", "val"):
+            history = client.get_metric_history(outcome.run_id, f"{split}_{metric}")
+            assert [point.step for point in history] == [1, 2]
+    for metric in ("accuracy", "balanced_accuracy", "roc_auc", "precision_negative",
+                   "recall_positive", "f1_positive"):
+        assert f"test_{metric}" in run.data.metrics
+    assert run.data.metrics["test_roc_auc"] == pytest.approx(outcome.test_metrics["roc_auc"])
+
+    figures = {item.path for item in client.list_artifacts(outcome.run_id, "figures")}
+    assert figures == {f"figures/{name}.png" for name in
+                       ("confusion_matrix", "per_class_prf1", "roc_curves", "learning_curves")}
+    assert run.inputs.dataset_inputs[0].dataset.name == "siim-manifest"
+    assert {tag.value for tag in run.inputs.dataset_inputs[0].tags} == {"training"}
+
+    # Registered, tagged, staged and aliased.
+    version = client.get_model_version(name, outcome.registered_version)
+    assert version.current_stage == "Staging"
+    assert version.tags["data_fingerprint"] == run.data.params["data_fingerprint"]
+    assert len(version.tags["git_commit"]) in (40, 7) or version.tags["git_commit"] == "unknown"
+    assert client.get_model_version_by_alias(name, "champion").version == version.version
+
+    # Loading by stage and by alias gives the in-run probabilities on the test split.
+    inputs = stacked_inputs(outcome)
+    for uri in (f"models:/{name}/Staging", f"models:/{name}@champion"):
+        loaded = mlflow.pyfunc.load_model(uri)
+        np.testing.assert_allclose(loaded.predict(inputs), outcome.test_probabilities,
+                                   rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tracking_uri", ["sqlite"], indirect=True)
+def test_four_class_run(demo_dataset, tmp_path, tracking_uri):
+    config = TrainConfig(data_dir=str(demo_dataset), cache_dir=str(tmp_path / "cache"),
+                         num_classes=4, registered_model_name="", split="50,25,25",
+                         **TINY | {"epochs": 1})
+    outcome = run_training(config, progress=False)
+    assert outcome.test_probabilities.shape[1] == 4
+    np.testing.assert_allclose(outcome.test_probabilities.sum(axis=1), 1, rtol=1e-5)
+    assert outcome.registered_version is None
+    metrics = MlflowClient().get_run(outcome.run_id).data.metrics
+    for name in ("negative", "typical", "indeterminate", "atypical"):
+        assert f"test_f1_{name}" in metrics
+    assert set(outcome.model.class_names) == {"negative", "typical", "indeterminate", "atypical"}
+
+
+@pytest.mark.parametrize("tracking_uri", ["sqlite"], indirect=True)
+def test_demo_data_is_learned(demo_dataset, tmp_path, tracking_uri):
+    """The synthetic opacities are learnable: a short CPU training must reach test AUC >= 0.9."""
+    config = TrainConfig(data_dir=str(demo_dataset), cache_dir=str(tmp_path / "cache"),
+                         registered_model_name="", **TINY | {"img_size": 64, "epochs": 8})
+    outcome = run_training(config, progress=False)
+    assert outcome.test_metrics["roc_auc"] >= 0.9, outcome.test_metrics
+
+
+def train_cli(*args: str, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "entrypoints" / "train.py"), *args],
+                          capture_output=True, text=True, timeout=600, cwd=cwd,
+                          env=clean_env(**(env or {})))
+
+
+def test_unreachable_server_fails_before_training(demo_dataset, tmp_path):
+    result = train_cli("--data-dir", str(demo_dataset), "--model", "none",
+                       "--cache-dir", str(tmp_path / "cache"),
+                       env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "MLflow tracking server http://127.0.0.1:" in lines[0]
+    assert "unreachable" in lines[0]
+    assert not (tmp_path / "cache").exists()  # nothing was decoded
+
+
+def test_missing_data_dir_says_to_download(tmp_path):
+    result = train_cli("--data-dir", str(tmp_path / "nothing"), "--model", "none",
+                       cwd=tmp_path, env={"MLFLOW_TRACKING_URI": ""})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'nothing'}: no train/ folder of DICOMs; run `mlflow run . -e "
+        "download` (or `-P source=synthetic` for demo data) first"]
+
+
+def runs_and_versions(db: str) -> tuple[list, list]:
+    client = MlflowClient(tracking_uri=db, registry_uri=db)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    return runs, client.search_model_versions()
+
+
+def test_diverging_run_is_failed_and_not_registered(demo_dataset, tmp_path):
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = train_cli("--data-dir", str(demo_dataset), "--cache-dir", str(tmp_path / "c"),
+                       "--model", "none", "--img-size", "32", "--num-workers", "0",
+                       "--optimizer", "sgd", "--lr", "1e12", "--grad-clip", "0",
+                       "--epochs", "3", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": db})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: training loss became ")
+    runs, versions = runs_and_versions(db)
+    assert [run.info.status for run in runs] == ["FAILED"]
+    assert versions == []
+
+
+def test_interrupted_run_is_killed_and_not_registered(demo_dataset, tmp_path):
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "entrypoints" / "train.py"), "--data-dir",
+         str(demo_dataset), "--cache-dir", str(tmp_path / "c"), "--model", "none",
+         "--img-size", "32", "--num-workers", "0", "--epochs", "50", "--patience", "50"],
+        cwd=tmp_path, env=clean_env(MLFLOW_TRACKING_URI=db),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:  # wait until training is under way
+        if line.startswith("epoch 1:"):
+            break
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=120)
+    assert process.returncode != 0
+    runs, versions = runs_and_versions(db)
+    assert [run.info.status for run in runs] == ["KILLED"]
+    assert versions == []
+
+
+def test_mlflow_run_logs_into_its_own_run(demo_dataset, tmp_path):
+    """`mlflow run . -e train` creates the run; the script must log there, not open another."""
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow_cli = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    result = subprocess.run(
+        [mlflow_cli, "run", str(ROOT), "-e", "train", "--env-manager", "local",
+         "--experiment-name", "via-mlflow-run",
+         "-P", f"data_dir={demo_dataset}", "-P", f"cache_dir={tmp_path / 'cache'}",
+         "-P", "model=none", "-P", "img_size=32", "-P", "epochs=1", "-P", "num_workers=0",
+         "-P", "registered_model_name=via-run"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env=clean_env(MLFLOW_TRACKING_URI=db))
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(tracking_uri=db, registry_uri=db)
+    experiment = client.get_experiment_by_name("via-mlflow-run")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.params["model"] == "none"
+    assert "train_loss" in runs[0].data.metrics
+    assert [str(v.version) for v in client.search_model_versions("name='via-run'")] == ["1"]
