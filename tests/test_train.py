@@ -198,3 +198,17 @@ def test_mlflow_run_logs_into_its_own_run(demo_dataset, tmp_path):
     assert runs[0].data.params["model"] == "none"
     assert "train_loss" in runs[0].data.metrics
     assert [str(v.version) for v in client.search_model_versions("name='via-run'")] == ["1"]
+
+
+def test_missing_pretrained_weights_stop_before_data_work(demo_dataset, tmp_path):
+    result = train_cli("--data-dir", str(demo_dataset), "--model", "chex",
+                       "--weights-dir", str(tmp_path / "weights"),
+                       "--cache-dir", str(tmp_path / "cache"), cwd=tmp_path,
+                       env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    assert result.returncode == 2
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: torchxrayvision weights 'chex' are not at ")
+    assert "chex-densenet121-d121-tw-lr001-rot45-tr15-sc15-seed0-best.pt" in error
+    assert "note: torchxrayvision weights 'chex' need 224 px" in result.stdout
+    assert not (tmp_path / "cache").exists()
+    assert not (tmp_path / "weights" / "chex-densenet121-d121-tw-lr001-rot45-tr15-sc15-seed0-best.pt").exists()
