@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from covid_xray.errors import DicomError, UserError
+from covid_xray.files import atomic_write
 from covid_xray.preprocess import load_square
 
 # Bump when load_square's output changes for the same input, so old entries are not served.
@@ -115,7 +115,7 @@ class ImageCache:
             while chunk := file.read(1 << 20):
                 hasher.update(chunk)
         digest = hasher.hexdigest()
-        _atomic_write(memo, lambda file: file.write(digest.encode()))
+        atomic_write(memo, lambda file: file.write(digest.encode()))
         return digest
 
 
@@ -132,18 +132,5 @@ def _build_entry_star(job: tuple[str, str, int, bool]) -> str | None:
         image = load_square(source, img_size, apply_voi_lut=apply_voi_lut)
     except DicomError as error:
         return str(error)
-    _atomic_write(Path(entry), lambda file: np.save(file, image))
+    atomic_write(Path(entry), lambda file: np.save(file, image))
     return None
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write via a unique temporary file in the same folder, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            write(file)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

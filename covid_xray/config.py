@@ -114,3 +114,25 @@ class TrainConfig:
 
 def field_names(config_class: type) -> list[str]:
     return [item.name for item in fields(config_class)]
+
+
+@dataclass(frozen=True)
+class PromoteConfig:
+    name: str = option("covid-xray-densenet", "Registered model name.")
+    version: str = option("", "Version to promote.")
+    stage: str = option("None", "Move it to this stage (the previous holders are archived).",
+                        ("None", "Staging", "Production", "Archived"))
+    alias: str = option("", "Give it this alias (e.g. champion).")
+    if_better: str = option("", "Only if its test metric (e.g. roc_auc) beats the current "
+                            "holder's.")
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    model_uri: str = option("models:/covid-xray-densenet/Production", "models:/<name>/<stage>,"
+                            " models:/<name>@<alias>, models:/<name>/<version>, runs:/...")
+    input: str = option("data/train", "A DICOM file, or a folder searched for *.dcm.")
+    output: str = option("predictions.csv", "CSV to write, one row per DICOM.")
+    batch_size: int = option(16, "DICOMs per forward pass.")
+    heatmaps: str = option("", "Folder for Grad-CAM overlay PNGs of the predicted class "
+                           "('' = none).")

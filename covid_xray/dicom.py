@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 from os import PathLike
+from typing import BinaryIO
 
 import numpy as np
 import pydicom
@@ -21,15 +22,17 @@ from covid_xray.errors import DicomError
 GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
 
 
-def read_xray(path: str | PathLike, *, apply_voi_lut: bool = True) -> np.ndarray:
-    """Decode `path` into a 2-D float32 array in [0, 1] where bone is bright.
+def read_xray(path: str | PathLike | BinaryIO, *, apply_voi_lut: bool = True) -> np.ndarray:
+    """Decode `path` (or an open binary file; its `name` is used in errors) into a 2-D float32
+    array in [0, 1] where bone is bright.
 
     With `apply_voi_lut` the file's VOI LUT or first window is applied (what the modality meant
     a reader to see); without it, or when the file has none, the full range the stored bits
     can hold is mapped to [0, 1], so the values keep their absolute meaning across images.
     """
-    ds = _read_dataset(path)
-    pixels = _decode_first_frame(ds, path)
+    name = getattr(path, "name", path)  # what error messages call the input
+    ds = _read_dataset(path, name)
+    pixels = _decode_first_frame(ds, name)
 
     modality = apply_modality_lut(pixels, ds)
     values = modality.astype(np.float64)
@@ -46,59 +49,59 @@ def read_xray(path: str | PathLike, *, apply_voi_lut: bool = True) -> np.ndarray
     return np.clip(image, 0.0, 1.0).astype(np.float32)
 
 
-def _read_dataset(path: str | PathLike) -> pydicom.Dataset:
+def _read_dataset(path: str | PathLike | BinaryIO, name: object) -> pydicom.Dataset:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             ds = pydicom.dcmread(path)
     except FileNotFoundError:
-        raise DicomError(f"{path}: file not found") from None
+        raise DicomError(f"{name}: file not found") from None
     except InvalidDicomError:
-        raise DicomError(f"{path}: not a DICOM file (no 'DICM' marker)") from None
+        raise DicomError(f"{name}: not a DICOM file (no 'DICM' marker)") from None
     except Exception as error:  # pydicom raises many types for a cut-off or garbled file
-        raise DicomError(f"{path}: unreadable DICOM, truncated or corrupt ({error})") from None
+        raise DicomError(f"{name}: unreadable DICOM, truncated or corrupt ({error})") from None
     # pydicom only warns when a file ends inside an element and then drops that element: for
     # encapsulated (compressed) pixel data that would read as "no pixel data", which misleads.
     for warning in caught:
         if "End of file" in str(warning.message):
-            raise DicomError(f"{path}: truncated DICOM ({warning.message})")
+            raise DicomError(f"{name}: truncated DICOM ({warning.message})")
         warnings.warn_explicit(warning.message, warning.category, warning.filename,
                                warning.lineno)
 
     if "PixelData" not in ds:
-        raise DicomError(f"{path}: DICOM has no pixel data (not an image)")
+        raise DicomError(f"{name}: DICOM has no pixel data (not an image)")
     photometric = ds.get("PhotometricInterpretation", "")
     if ds.get("SamplesPerPixel", 1) != 1 or photometric not in GRAYSCALE:
         raise DicomError(
-            f"{path}: colour image ({photometric or 'no PhotometricInterpretation'}, "
+            f"{name}: colour image ({photometric or 'no PhotometricInterpretation'}, "
             f"{ds.get('SamplesPerPixel', '?')} samples per pixel); chest X-rays must be grayscale"
         )
     return ds
 
 
-def _decode_first_frame(ds: pydicom.Dataset, path: str | PathLike) -> np.ndarray:
+def _decode_first_frame(ds: pydicom.Dataset, name: object) -> np.ndarray:
     syntax = ds.file_meta.get("TransferSyntaxUID")
     try:
         decoder = get_decoder(syntax)
     except (NotImplementedError, ValueError, TypeError):
         decoder = None
     if decoder is None or not decoder.is_available:
-        name = getattr(syntax, "name", syntax)
-        raise DicomError(f"{path}: unsupported transfer syntax {name} ({syntax})")
+        raise DicomError(f"{name}: unsupported transfer syntax "
+                         f"{getattr(syntax, 'name', syntax)} ({syntax})")
 
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
-        warnings.warn(f"{path}: {frames} frames, using the first", stacklevel=3)
+        warnings.warn(f"{name}: {frames} frames, using the first", stacklevel=3)
     try:
         # index=0 decodes only the first frame instead of the whole cine loop.
         ds.pixel_array_options(index=0 if frames > 1 else None)
         pixels = ds.pixel_array
     except Exception as error:
         raise DicomError(
-            f"{path}: cannot decode {syntax.name} pixel data, truncated or corrupt ({error})"
+            f"{name}: cannot decode {syntax.name} pixel data, truncated or corrupt ({error})"
         ) from None
     if pixels.ndim != 2:
-        raise DicomError(f"{path}: expected a 2-D image, got pixel array of shape {pixels.shape}")
+        raise DicomError(f"{name}: expected a 2-D image, got pixel array of shape {pixels.shape}")
     return pixels
 
 

@@ -25,6 +25,8 @@ from covid_xray.data import CLASS_NAMES, Manifest, build_manifest
 from covid_xray.dataset import XrayDataset, build_augmentation
 from covid_xray.errors import UserError
 from covid_xray.model import XRV_INPUT_SIZE, Classifier, build
+from covid_xray.preprocess import Preprocessing
+from covid_xray.pyfunc import DicomClassifier
 from covid_xray.train import fit, make_optimizer, resolve_device, seed_everything
 
 
@@ -33,6 +35,7 @@ class TrainOutcome:
     run_id: str
     model: Classifier  # on CPU, eval mode, returns probabilities
     test_set: XrayDataset  # the test split, preprocessed as the model sees it
+    test_paths: list[Path]  # its DICOMs, in the same order
     test_probabilities: np.ndarray
     test_metrics: dict[str, float]
     best_epoch: int
@@ -130,12 +133,10 @@ def run_training(
                             "roc_curves")
         tracking.log_figure(metrics.learning_curves_figure(result.history), "learning_curves")
 
-        example = torch.stack([test_set[index][0] for index in range(min(2, len(test_set)))])
-        model_info = tracking.log_model(model, example.numpy(), metadata={
-            "class_names": list(class_names), "img_size": config.img_size,
-            "normalization": config.normalization, "apply_voi_lut": config.apply_voi_lut,
-            "input_kind": config.input_kind,
-        })
+        preprocessing = Preprocessing(config.img_size, config.normalization,
+                                      config.apply_voi_lut, config.input_kind)
+        model_info = tracking.log_model(DicomClassifier(model, preprocessing,
+                                                        config.batch_size))
         version = None
         if register and config.registered_model_name:
             version = tracking.register_model(
@@ -147,7 +148,8 @@ def run_training(
         print(f"run {run.info.run_id}: test " + ", ".join(
             f"{key} {report[key]:.3f}" for key in ("accuracy", "balanced_accuracy", "roc_auc")))
 
-    return TrainOutcome(run.info.run_id, model, test_set, probabilities, report,
+    test_paths = [manifest.data_dir / path for path in manifest.split("test").path]
+    return TrainOutcome(run.info.run_id, model, test_set, test_paths, probabilities, report,
                         result.best_epoch, version)
 
 

@@ -9,7 +9,9 @@ Two stages, split where the cache sits:
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from os import PathLike
+from typing import BinaryIO
 
 import cv2
 import numpy as np
@@ -41,7 +43,8 @@ def resize(image: np.ndarray, size: int) -> np.ndarray:
                       interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
 
 
-def load_square(path: str | PathLike, size: int, *, apply_voi_lut: bool = True) -> np.ndarray:
+def load_square(path: str | PathLike | BinaryIO, size: int, *,
+                apply_voi_lut: bool = True) -> np.ndarray:
     """DICOM -> `size` x `size` uint16 (0..65535): the cached form of every image.
 
     uint16 keeps 12-bit films' full depth at a quarter of float32's bytes (float64 ->
@@ -79,6 +82,25 @@ def to_model_input(image: np.ndarray, kind: str) -> np.ndarray:
     if kind == "imagenet":
         return (image[None] - IMAGENET_MEAN[:, None, None]) / IMAGENET_STD[:, None, None]
     raise ValueError(f"input kind must be one of {INPUT_KINDS}, got {kind!r}")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What a trained model needs to see its inputs as in training; logged with the model."""
+
+    img_size: int
+    normalization: str = "minmax"
+    apply_voi_lut: bool = True
+    input_kind: str = "xrv"
+
+    def model_input(self, source: str | PathLike | BinaryIO) -> np.ndarray:
+        """A DICOM (path or binary file) -> the float32 C x H x W array the model takes: the
+        same steps training runs, cache and dataset included, minus augmentation."""
+        square = load_square(source, self.img_size, apply_voi_lut=self.apply_voi_lut)
+        return to_model_input(normalize(square, self.normalization), self.input_kind)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
 
 def _stretch(image: np.ndarray) -> np.ndarray:

@@ -78,3 +78,38 @@ def demo_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data_dir = tmp_path_factory.mktemp("demo") / "data"
     return synthetic.make_dataset(data_dir, num_studies=200, image_size=64,
                                   multi_image_studies=2, seed=11, progress=False)
+
+
+@pytest.fixture(scope="session")
+def trained_store(demo_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A sqlite tracking store holding one small trained model, registered as
+    `covid-xray-densenet` version 1 in Production with alias champion."""
+    import mlflow
+
+    from covid_xray.config import TrainConfig
+    from covid_xray.experiment import run_training
+
+    root = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        outcome = run_training(TrainConfig(
+            data_dir=str(demo_dataset), cache_dir=str(root / "cache"), model="none",
+            img_size=32, epochs=3, batch_size=16, num_workers=0, device="cpu",
+            stage="Production", alias="champion"), progress=False)
+        mlflow.set_tracking_uri(None)
+    return {"uri": uri, "root": root, "outcome": outcome, "name": "covid-xray-densenet"}
+
+
+@pytest.fixture
+def store(trained_store: dict, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict]:
+    """`trained_store` as this test's tracking store (env, working dir, mlflow client)."""
+    import mlflow
+
+    monkeypatch.chdir(trained_store["root"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", trained_store["uri"])
+    mlflow.set_tracking_uri(trained_store["uri"])
+    yield trained_store
+    mlflow.set_tracking_uri(None)

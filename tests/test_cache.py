@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from covid_xray.cache import CacheParams, ImageCache, _atomic_write, load_entry
+from covid_xray.cache import CacheParams, ImageCache, load_entry
 from covid_xray.errors import UserError
+from covid_xray.files import atomic_write
 from covid_xray.preprocess import load_square
 from tests.conftest import ROOT
 
@@ -73,7 +74,7 @@ def test_interrupted_write_leaves_nothing(tmp_path):
 
     target = tmp_path / "ab" / "entry.npy"
     with pytest.raises(KeyboardInterrupt):
-        _atomic_write(target, write_half_then_die)
+        atomic_write(target, write_half_then_die)
     assert not target.exists()
     assert list(target.parent.iterdir()) == []
 

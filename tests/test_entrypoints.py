@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from covid_xray.config import DownloadConfig, TrainConfig
+from covid_xray.config import DownloadConfig, PredictConfig, PromoteConfig, TrainConfig
 from tests.conftest import ROOT
 
 
@@ -18,8 +18,9 @@ def run_script(name: str, *args: str, cwd=ROOT) -> subprocess.CompletedProcess:
                           cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize(("entry_point", "config"), [("train", TrainConfig), ("main", TrainConfig),
-                                                     ("download", DownloadConfig)])
+@pytest.mark.parametrize(("entry_point", "config"), [
+    ("train", TrainConfig), ("main", TrainConfig), ("download", DownloadConfig),
+    ("promote", PromoteConfig), ("predict", PredictConfig)])
 def test_mlproject_mirrors_the_config(entry_point, config):
     project = yaml.safe_load((ROOT / "MLproject").read_text())
     assert project["name"] == "covid-xray" and project["conda_env"] == "conda.yaml"
@@ -33,7 +34,7 @@ def test_mlproject_mirrors_the_config(entry_point, config):
     assert declared["command"].startswith(f"python entrypoints/{'train' if entry_point == 'main' else entry_point}.py ")
 
 
-@pytest.mark.parametrize("name", ["download", "train", "tune"])
+@pytest.mark.parametrize("name", ["download", "train", "tune", "promote", "predict"])
 def test_help(name):
     result = run_script(name, "--help")
     assert result.returncode == 0 and "Usage:" in result.stdout and "--" in result.stdout

@@ -11,6 +11,7 @@ import time
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -35,10 +36,6 @@ def tracking_uri(request, tmp_path, monkeypatch):
     mlflow.set_tracking_uri(uri)
     yield uri
     mlflow.set_tracking_uri(None)
-
-
-def stacked_inputs(outcome) -> np.ndarray:
-    return torch.stack([outcome.test_set[i][0] for i in range(len(outcome.test_set))]).numpy()
 
 
 @pytest.mark.parametrize("tracking_uri", ["sqlite", "server"], indirect=True)
@@ -82,12 +79,18 @@ def test_train_logs_registers_and_reloads(demo_dataset, tmp_path, tracking_uri):
     assert len(version.tags["git_commit"]) in (40, 7) or version.tags["git_commit"] == "unknown"
     assert client.get_model_version_by_alias(name, "champion").version == version.version
 
-    # Loading by stage and by alias gives the in-run probabilities on the test split.
-    inputs = stacked_inputs(outcome)
+    # Loading by stage and by alias gives the in-run probabilities on the test split's DICOMs.
+    frame = pd.DataFrame({"path": [str(path) for path in outcome.test_paths]})
     for uri in (f"models:/{name}/Staging", f"models:/{name}@champion"):
-        loaded = mlflow.pyfunc.load_model(uri)
-        np.testing.assert_allclose(loaded.predict(inputs), outcome.test_probabilities,
-                                   rtol=1e-5, atol=1e-6)
+        predictions = mlflow.pyfunc.load_model(uri).predict(frame)
+        np.testing.assert_allclose(predictions[["prob_negative", "prob_positive"]].to_numpy(),
+                                   outcome.test_probabilities, rtol=1e-5, atol=1e-6)
+        assert (predictions.error == "").all()
+        expected = np.array(["negative", "positive"])[outcome.test_probabilities.argmax(axis=1)]
+        assert predictions.label.tolist() == expected.tolist()
+    # The torch module is still there.
+    torch_model = mlflow.pyfunc.load_model(f"models:/{name}@champion").unwrap_python_model().model
+    assert isinstance(torch_model, torch.nn.Module)
 
 
 @pytest.mark.parametrize("tracking_uri", ["sqlite"], indirect=True)

@@ -1,0 +1,87 @@
+"""Predict on a folder of DICOMs (SIIM layout or any) with a registered model; write a CSV."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import cv2
+import pandas as pd
+from tqdm import tqdm
+
+from covid_xray import registry
+from covid_xray.config import PredictConfig
+from covid_xray.errors import UserError
+from covid_xray.explain import grad_cam, overlay
+from covid_xray.files import atomic_write
+
+HEX12 = re.compile(r"[0-9a-f]{12}")
+
+
+def find_dicoms(source: str | Path) -> list[Path]:
+    """One file, or every *.dcm under a folder (sorted, so output order is stable)."""
+    source = Path(source)
+    if source.is_file():
+        return [source]
+    if source.is_dir():
+        paths = sorted(p for p in source.rglob("*") if p.suffix.lower() == ".dcm" and p.is_file())
+        if paths:
+            return paths
+        raise UserError(f"{source}: no *.dcm files in this folder")
+    raise UserError(f"{source}: no such file or folder")
+
+
+def siim_ids(path: Path) -> tuple[str, str]:
+    """(study_id, image_id): the study is known only in SIIM's <study>/<series>/<image>.dcm."""
+    parts = path.parts
+    in_siim_layout = len(parts) >= 3 and all(HEX12.fullmatch(p) for p in
+                                              (parts[-3], parts[-2], path.stem))
+    return (parts[-3] if in_siim_layout else "", path.stem)
+
+
+def predict_files(config: PredictConfig, progress: bool = True) -> pd.DataFrame:
+    """Predict every DICOM under `config.input`, write `config.output`, return the table.
+
+    Unreadable files become rows with their `error`; the CSV appears whole or not at all.
+    """
+    model = registry.load(config.model_uri)
+    paths = find_dicoms(config.input)
+    root = Path(config.input) if Path(config.input).is_dir() else Path(config.input).parent
+    frames = []
+    for start in tqdm(range(0, len(paths), config.batch_size), desc="predicting",
+                      unit="batch", disable=not progress):
+        batch = paths[start : start + config.batch_size]
+        inputs, errors = model.prepare(str(path) for path in batch)
+        frame = model.result_frame(model.probabilities(inputs), errors)
+        ids = [siim_ids(path) for path in batch]
+        frame.insert(0, "path", [str(path) for path in batch])
+        frame.insert(1, "study_id", [study for study, _ in ids])
+        frame.insert(2, "image_id", [image for _, image in ids])
+        frames.append(frame)
+        if config.heatmaps:
+            _write_heatmaps(model, batch, inputs, frame.label, root, Path(config.heatmaps))
+
+    table = pd.concat(frames, ignore_index=True)
+    columns = ["path", "study_id", "image_id", "label",
+               *(f"prob_{name}" for name in model.class_names), "error"]
+    table = table[columns]
+    output = Path(config.output)
+    atomic_write(output, lambda file: file.write(table.to_csv(index=False).encode()))
+    failed = int((table.error != "").sum())
+    print(f"wrote {len(table)} predictions to {output}" + (f" ({failed} unreadable)" if failed
+                                                             else ""))
+    return table
+
+
+def _write_heatmaps(model, paths: list[Path], inputs: list, labels: pd.Series, root: Path,
+                    folder: Path) -> None:
+    """A Grad-CAM overlay PNG for each readable file, mirroring the input's folder layout."""
+    for path, model_input, label in zip(paths, inputs, labels, strict=True):
+        if model_input is None:
+            continue
+        heatmap = grad_cam(model.model.network, model_input, model.class_names.index(label))
+        target = folder / path.relative_to(root).with_suffix(".png")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        picture = overlay(path, heatmap, model.preprocessing)
+        _, encoded = cv2.imencode(".png", picture)
+        atomic_write(target, lambda file, data=encoded: file.write(data.tobytes()))

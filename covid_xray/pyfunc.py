@@ -1,0 +1,133 @@
+"""The registered model as MLflow sees it: DICOMs in, per-class probabilities out.
+
+`mlflow.pyfunc.load_model("models:/covid-xray-densenet/Production").predict(frame)` takes a
+DataFrame with a `path` column (DICOM files on disk) or a `dicom_base64` column (the file's
+bytes, base64: what REST clients send to `mlflow models serve`). It returns one row per input
+with `prob_<class>` columns, `label` (the most probable class) and `error` (empty when fine): a
+file that cannot be read becomes a row with its error, not a failed request.
+
+Preprocessing is `preprocess.Preprocessing`, stored inside the model, so predictions see images
+exactly as training did. The torch module stays reachable:
+`mlflow.pyfunc.load_model(uri).unwrap_python_model().model`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import tempfile
+from collections.abc import Iterable
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema
+
+from covid_xray.errors import DicomError, UserError
+from covid_xray.model import Classifier
+from covid_xray.preprocess import Preprocessing
+from covid_xray.synthetic import chest_image, write_dicom
+
+INPUT_COLUMNS = ("path", "dicom_base64")
+
+
+class DicomClassifier(mlflow.pyfunc.PythonModel):
+    """A trained `Classifier` plus the preprocessing it was trained with."""
+
+    def __init__(self, model: Classifier, preprocessing: Preprocessing, batch_size: int = 16):
+        self.model = model.eval()
+        self.preprocessing = preprocessing
+        self.batch_size = batch_size
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.model.class_names
+
+    def predict(self, context: Any, model_input: pd.DataFrame,
+                params: dict[str, Any] | None = None) -> pd.DataFrame:
+        frame = pd.DataFrame(model_input)
+        column = next((name for name in INPUT_COLUMNS if name in frame.columns), None)
+        if column is None:
+            raise UserError(f"input needs a column named {' or '.join(INPUT_COLUMNS)}, got "
+                            f"{list(frame.columns)}")
+        inputs, errors = self.prepare(_open(column, value, row)
+                                      for row, value in enumerate(frame[column]))
+        return self.result_frame(self.probabilities(inputs), errors)
+
+    def prepare(self, sources: Iterable) -> tuple[list[np.ndarray | None], list[str]]:
+        """Model inputs for DICOM sources (paths, binary files, or a DicomError already
+        found); None and the error message for those that fail."""
+        inputs, errors = [], []
+        for source in sources:
+            try:
+                if isinstance(source, DicomError):
+                    raise source
+                inputs.append(self.preprocessing.model_input(source))
+                errors.append("")
+            except DicomError as error:
+                inputs.append(None)
+                errors.append(str(error))
+        return inputs, errors
+
+    def probabilities(self, inputs: list[np.ndarray | None]) -> np.ndarray:
+        """Batched forward over the inputs that decoded; NaN rows for those that did not."""
+        output = np.full((len(inputs), len(self.class_names)), np.nan, dtype=np.float32)
+        rows = [index for index, array in enumerate(inputs) if array is not None]
+        for start in range(0, len(rows), self.batch_size):
+            chunk = rows[start : start + self.batch_size]
+            with torch.no_grad():
+                batch = torch.from_numpy(np.stack([inputs[index] for index in chunk]))
+                output[chunk] = self.model(batch).numpy()
+        return output
+
+    def result_frame(self, probabilities: np.ndarray, errors: list[str]) -> pd.DataFrame:
+        frame = pd.DataFrame(probabilities.astype(np.float64),
+                             columns=[f"prob_{name}" for name in self.class_names])
+        labels = [self.class_names[index] for index in np.nan_to_num(probabilities, nan=-1)
+                  .argmax(axis=1)]
+        frame["label"] = [label if not error else "" for label, error in
+                          zip(labels, errors, strict=True)]
+        frame["error"] = errors
+        return frame
+
+
+def signature(class_names: tuple[str, ...]) -> ModelSignature:
+    """Either input column may be given; outputs are per-class probabilities, label, error."""
+    inputs = Schema([ColSpec("string", name, required=False) for name in INPUT_COLUMNS])
+    outputs = Schema([*(ColSpec("double", f"prob_{name}") for name in class_names),
+                      ColSpec("string", "label"), ColSpec("string", "error")])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def encode_dicom(path: str) -> str:
+    """A DICOM file as the base64 text the `dicom_base64` column expects."""
+    with open(path, "rb") as file:
+        return base64.b64encode(file.read()).decode("ascii")
+
+
+def example_input() -> pd.DataFrame:
+    """A one-row input holding a small synthetic chest film: the documented request shape,
+    light enough to store with every model."""
+    rng = np.random.default_rng(0)
+    image, _ = chest_image(rng, label=1, rows=64, cols=64)
+    with tempfile.TemporaryDirectory() as folder:
+        path = f"{folder}/example.dcm"
+        write_dicom(path, np.round(image * 4095))
+        return pd.DataFrame({"dicom_base64": [encode_dicom(path)]})
+
+
+def _open(column: str, value: Any, row: int):
+    """A path, or an in-memory file named after its row so errors say which input failed."""
+    if column == "path":
+        return str(value)
+    try:
+        file = io.BytesIO(base64.b64decode(str(value), validate=True))
+    except (binascii.Error, ValueError):
+        # Returned, not raised: one bad row becomes that row's error, not a failed request.
+        return DicomError(f"row {row}: dicom_base64 is not valid base64")
+    file.name = f"row {row}"
+    return file

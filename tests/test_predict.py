@@ -1,0 +1,120 @@
+"""Predicting DICOMs with the registered model: CSV, base64 input, Grad-CAM heatmaps."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+
+from covid_xray.config import PredictConfig
+from covid_xray.errors import UserError
+from covid_xray.predict import find_dicoms, predict_files, siim_ids
+from covid_xray.pyfunc import encode_dicom
+from covid_xray.registry import load
+from tests.conftest import REAL_DICOM, ROOT, clean_env
+
+PRODUCTION = "models:/covid-xray-densenet/Production"
+
+
+@pytest.fixture
+def dicom_folder(tiny_dataset, tmp_path):
+    """A SIIM tree (some studies) plus one loose real film and one broken file."""
+    folder = tmp_path / "in"
+    for study in sorted((tiny_dataset / "train").iterdir())[:5]:
+        shutil.copytree(study, folder / "train" / study.name)
+    shutil.copy(REAL_DICOM, folder / "loose.dcm")
+    (folder / "broken.dcm").write_bytes(b"garbage" * 50)
+    return folder
+
+
+def test_csv_equals_in_process_pyfunc(store, dicom_folder, tmp_path):
+    output = tmp_path / "out" / "predictions.csv"
+    table = predict_files(PredictConfig(model_uri=PRODUCTION, input=str(dicom_folder),
+                                        output=str(output), batch_size=3), progress=False)
+    written = pd.read_csv(output, keep_default_na=False, dtype={"study_id": str})
+    assert list(written.columns) == ["path", "study_id", "image_id", "label", "prob_negative",
+                                     "prob_positive", "error"]
+    paths = find_dicoms(dicom_folder)
+    assert written.path.tolist() == [str(path) for path in paths]
+
+    expected = load(PRODUCTION).predict(None, pd.DataFrame({"path": written.path}))
+    ok = written.error == ""
+    np.testing.assert_allclose(written.loc[ok, ["prob_negative", "prob_positive"]].astype(float),
+                               expected.loc[ok, ["prob_negative", "prob_positive"]], rtol=1e-6)
+    assert written.label.tolist() == expected.label.tolist()
+
+    broken = written[written.path.str.endswith("broken.dcm")].iloc[0]
+    assert "not a DICOM file" in broken.error and broken.label == "" and broken.prob_negative == ""
+    assert ok.sum() == len(written) - 1
+    siim = written[written.path.str.contains("/train/")]
+    assert siim.study_id.str.fullmatch(r"[0-9a-f]{12}").all()
+    assert written[written.path.str.endswith("loose.dcm")].study_id.iloc[0] == ""
+    assert len(table) == len(written)
+
+
+def test_base64_input_matches_paths(store, tiny_dataset):
+    model = load(PRODUCTION)
+    paths = [str(path) for path in sorted(tiny_dataset.glob("train/*/*/*.dcm"))[:4]]
+    by_path = model.predict(None, pd.DataFrame({"path": paths}))
+    by_bytes = model.predict(None, pd.DataFrame({"dicom_base64": [encode_dicom(p) for p in paths]
+                                                 + ["%%%not base64%%%"]}))
+    pd.testing.assert_frame_equal(by_path, by_bytes.iloc[:4])
+    assert by_bytes.error.iloc[4] == "row 4: dicom_base64 is not valid base64"
+    with pytest.raises(UserError, match="input needs a column named path or dicom_base64"):
+        model.predict(None, pd.DataFrame({"file": paths}))
+
+
+def test_grad_cam_heatmaps(store, dicom_folder, tmp_path):
+    heatmaps = tmp_path / "heatmaps"
+    predict_files(PredictConfig(model_uri=PRODUCTION, input=str(dicom_folder),
+                                output=str(tmp_path / "p.csv"), heatmaps=str(heatmaps)),
+                  progress=False)
+    written = sorted(heatmaps.rglob("*.png"))
+    assert len(written) == len(find_dicoms(dicom_folder)) - 1  # not for the broken file
+    for png in written:
+        source = dicom_folder / png.relative_to(heatmaps).with_suffix(".dcm")
+        ds = pydicom.dcmread(source, stop_before_pixels=True)
+        picture = cv2.imread(str(png))
+        assert picture.shape == (ds.Rows, ds.Columns, 3)
+        assert picture.std() > 1  # not constant
+        # Colour only where the heatmap is: a grey film gains hue from the overlay.
+        assert np.abs(picture[..., 0].astype(int) - picture[..., 2]).max() > 30
+
+
+def test_predict_cli_and_bad_inputs(store, dicom_folder, tmp_path):
+    script = [sys.executable, str(ROOT / "entrypoints" / "predict.py")]
+    env = clean_env(MLFLOW_TRACKING_URI=store["uri"])
+    output = tmp_path / "cli.csv"
+    done = subprocess.run([*script, "--model-uri", "models:/covid-xray-densenet@champion",
+                           "--input", str(dicom_folder / "loose.dcm"), "--output", str(output)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert len(pd.read_csv(output)) == 1
+    for args, message in [
+        (["--model-uri", "models:/covid-xray-densenet/Staging"],
+         "error: cannot load model 'models:/covid-xray-densenet/Staging': "),
+        (["--model-uri", "models:/covid-xray-densenet@nobody"],
+         "error: cannot load model 'models:/covid-xray-densenet@nobody': "),
+        (["--input", str(tmp_path / "absent")], f"error: {tmp_path / 'absent'}: no such file or folder"),
+    ]:
+        failed = subprocess.run([*script, "--input", str(dicom_folder), "--output",
+                                 str(tmp_path / "never.csv"), *args], env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert failed.returncode == 2
+        lines = failed.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(message), failed.stderr
+    assert not (tmp_path / "never.csv").exists()
+
+
+def test_siim_ids():
+    from pathlib import Path
+
+    assert siim_ids(Path("/d/train/0123456789ab/aaaaaaaaaaaa/bbbbbbbbbbbb.dcm")) == (
+        "0123456789ab", "bbbbbbbbbbbb")
+    assert siim_ids(Path("/d/scans/x.dcm")) == ("", "x")

@@ -1,0 +1,54 @@
+"""`mlflow models serve` on the registered model answers a base64 DICOM over REST."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from covid_xray.pyfunc import encode_dicom
+from tests.conftest import REAL_DICOM, clean_env, free_port
+
+
+@pytest.fixture
+def served_model(store, tmp_path):
+    port = free_port()
+    command = [str(Path(sys.executable).with_name("mlflow")), "models", "serve",
+               "-m", "models:/covid-xray-densenet/Production", "--env-manager", "local",
+               "-h", "127.0.0.1", "-p", str(port)]
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                  env=clean_env(MLFLOW_TRACKING_URI=store["uri"]))
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                pytest.fail(f"mlflow models serve did not start:\n{log_path.read_text()}")
+            time.sleep(0.5)
+        yield url
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_serve_answers_a_real_dicom(served_model):
+    body = {"dataframe_split": {"columns": ["dicom_base64"],
+                                "data": [[encode_dicom(str(REAL_DICOM))], ["bm90IGEgZGljb20="]]}}
+    response = requests.post(f"{served_model}/invocations", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    rows = response.json()["predictions"]
+    assert len(rows) == 2
+    good, bad = rows
+    assert good["error"] == "" and good["label"] in ("negative", "positive")
+    assert abs(good["prob_negative"] + good["prob_positive"] - 1) < 1e-5
+    assert bad["error"] == "row 1: not a DICOM file (no 'DICM' marker)" and bad["label"] == ""
