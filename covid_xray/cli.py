@@ -32,22 +32,47 @@ def user_errors_as_one_line(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def options_from(config_class: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def click_type(field: dataclasses.Field) -> click.ParamType:
+    """The Click type of a config field: its choices, else its annotation."""
+    if field.metadata.get("choices"):
+        return click.Choice(field.metadata["choices"])
+    return {"int": click.INT, "float": click.FLOAT, "bool": click.BOOL,
+            "str": click.STRING}[str(field.type)]
+
+
+def options_from(config_class: type, *, unset_default: bool = False
+                 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Click options for every field of a config dataclass: `--lr`, `--data-dir`, ...
 
     Types, defaults, help and choices come from the dataclass, so they are written once.
     Booleans take a value (`--hflip true`), which is how `mlflow run -P hflip=true` passes them.
+    With `unset_default` every option is a string defaulting to "" (= not given), for commands
+    that must tell a value the user fixed from a default (tune's train options).
     """
 
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
         for item in reversed(dataclasses.fields(config_class)):
-            kind = {"int": int, "float": float, "bool": click.BOOL, "str": str}[str(item.type)]
-            if item.metadata.get("choices"):
-                kind = click.Choice(item.metadata["choices"])
-            command = click.option(
-                f"--{item.name.replace('_', '-')}", item.name, type=kind, default=item.default,
-                show_default=True, help=item.metadata.get("help"),
-            )(command)
+            name = f"--{item.name.replace('_', '-')}"
+            if unset_default:
+                option = click.option(name, item.name, default="", help=(
+                    f"{item.metadata.get('help')} [train default: {item.default!r}]"))
+            else:
+                option = click.option(name, item.name, type=click_type(item),
+                                      default=item.default, show_default=True,
+                                      help=item.metadata.get("help"))
+            command = option(command)
         return command
 
     return decorate
+
+
+def given_values(config_class: type, raw: dict[str, str]) -> dict[str, Any]:
+    """The options of `options_from(..., unset_default=True)` that were given, typed."""
+    values = {}
+    for item in dataclasses.fields(config_class):
+        if raw.get(item.name, "") != "":
+            try:
+                values[item.name] = click_type(item).convert(raw[item.name], None, None)
+            except click.BadParameter as error:
+                raise UserError(f"{item.name}: {error.message}") from None
+    return values

@@ -136,3 +136,25 @@ class PredictConfig:
     batch_size: int = option(16, "DICOMs per forward pass.")
     heatmaps: str = option("", "Folder for Grad-CAM overlay PNGs of the predicted class "
                            "('' = none).")
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    n_trials: int = option(30, "Trials this worker runs.")
+    timeout: float = option(0.0, "Start no new trial after this many seconds (0 = no limit).")
+    metric: str = option("val_auc", "Objective: this validation metric at the restored best "
+                         "epoch; maximised (val_loss is minimised).",
+                         ("val_auc", "val_accuracy", "val_f1", "val_loss"))
+    space: str = option("", "YAML/JSON file replacing the search space ('' = the built-in "
+                        "one, see tune.DEFAULT_SPACE).")
+    storage: str = option("", "Optuna RDB URL, e.g. postgresql://user@host/db, shared by "
+                          "workers on several machines; no password here (use PGPASSWORD, "
+                          "~/.pgpass or $OPTUNA_STORAGE). '' = $OPTUNA_STORAGE, else "
+                          "optuna.db beside the tracking store.")
+    study_name: str = option("covid-xray", "Study to create, or join when it exists.")
+    sampler_seed: int = option(0, "TPE sampler seed (workers joining later are offset by the "
+                               "number of trials already in the study).")
+    register_best: bool = option(False, "Retrain the best configuration and register it as "
+                                 "train does.")
+    heartbeat: int = option(30, "Seconds between a worker's liveness signals; a trial silent "
+                            "for 3x this is failed and its MLflow runs marked KILLED.")

@@ -14,3 +14,8 @@ class UserError(Exception):
 
 class DicomError(UserError):
     """A DICOM file that cannot be turned into an image; the message names the file."""
+
+
+class RunStopped(Exception):
+    """Ends a run on purpose (an Optuna pruning decision): its MLflow run is KILLED, not
+    FAILED."""

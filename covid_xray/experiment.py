@@ -34,6 +34,7 @@ from covid_xray.train import fit, make_optimizer, resolve_device, seed_everythin
 class TrainOutcome:
     run_id: str
     model: Classifier  # on CPU, eval mode, returns probabilities
+    history: list[dict[str, float]]  # one row of train/val metrics per epoch
     test_set: XrayDataset  # the test split, preprocessed as the model sees it
     test_paths: list[Path]  # its DICOMs, in the same order
     test_probabilities: np.ndarray
@@ -82,8 +83,15 @@ def run_training(
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     nested: bool = False,
     register: bool = True,
+    run_name: str | None = None,
+    tags: dict[str, str] | None = None,
+    on_start: Callable[[str], None] | None = None,
 ) -> TrainOutcome:
-    """Train, evaluate and log one model; register it unless told not to."""
+    """Train, evaluate and log one model; register it unless told not to.
+
+    `on_epoch` sees each epoch's metrics (and may raise to stop); `on_start` gets the MLflow
+    run id as soon as the run exists (tune records it so a dead worker's run can be closed).
+    """
     tracking.check_tracking_server()
     config = effective_config(config)
     device = resolve_device(config.device)
@@ -95,7 +103,10 @@ def run_training(
     loaders = _loaders(config, manifest, entries, device)
     fingerprint = data_fingerprint(manifest, entries)
 
-    with tracking.tracked_run(config.experiment_name, nested=nested) as run:
+    with tracking.tracked_run(config.experiment_name, run_name=run_name, nested=nested) as run:
+        if on_start is not None:
+            on_start(run.info.run_id)
+        mlflow.set_tags(tags or {})
         tracking.log_params(config.as_params() | {"data_fingerprint": fingerprint,
                                                   "device_used": str(device)}
                             | {f"count/{k}": v for k, v in manifest.counts().items()})
@@ -149,8 +160,8 @@ def run_training(
             f"{key} {report[key]:.3f}" for key in ("accuracy", "balanced_accuracy", "roc_auc")))
 
     test_paths = [manifest.data_dir / path for path in manifest.split("test").path]
-    return TrainOutcome(run.info.run_id, model, test_set, test_paths, probabilities, report,
-                        result.best_epoch, version)
+    return TrainOutcome(run.info.run_id, model, result.history, test_set, test_paths,
+                        probabilities, report, result.best_epoch, version)
 
 
 def _loaders(config: TrainConfig, manifest: Manifest, entries: list[Path],

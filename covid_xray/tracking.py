@@ -9,6 +9,7 @@ into it rather than starting a second one.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib.metadata
 import logging
 import os
@@ -25,9 +26,10 @@ import mlflow
 import pandas as pd
 import requests
 from matplotlib.figure import Figure
+from mlflow.tracking import MlflowClient
 
 from covid_xray import pyfunc, registry
-from covid_xray.errors import UserError
+from covid_xray.errors import RunStopped, UserError
 from covid_xray.pyfunc import DicomClassifier
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -56,8 +58,10 @@ def check_tracking_server() -> str:
 @contextlib.contextmanager
 def tracked_run(experiment_name: str, run_name: str | None = None,
                 nested: bool = False) -> Iterator[mlflow.ActiveRun]:
-    """An MLflow run that always ends with a status: FINISHED, FAILED, or KILLED on Ctrl-C or
-    SIGTERM (what `mlflow run` and job schedulers send). Never left RUNNING."""
+    """An MLflow run that always ends with a status: FINISHED, FAILED, or KILLED on Ctrl-C,
+    SIGTERM (what `mlflow run` and job schedulers send) or a deliberate `RunStopped`. Never
+    left RUNNING."""
+    _create_sqlite_store_once()
     if "MLFLOW_RUN_ID" not in os.environ and not nested:
         mlflow.set_experiment(experiment_name)
     previous_handler = None
@@ -66,7 +70,7 @@ def tracked_run(experiment_name: str, run_name: str | None = None,
     run = mlflow.start_run(run_name=run_name, nested=nested)
     try:
         yield run
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, RunStopped):
         mlflow.end_run("KILLED")
         raise
     except BaseException:
@@ -77,6 +81,17 @@ def tracked_run(experiment_name: str, run_name: str | None = None,
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _create_sqlite_store_once() -> None:
+    """MLflow creates and migrates a new sqlite store on first use; two workers doing that at
+    once collide ("duplicate column name"). Let one at a time do it, under a file lock."""
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return
+    with open(Path(uri.removeprefix("sqlite:///")).with_suffix(".init-lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        MlflowClient().search_experiments(max_results=1)
 
 
 def log_params(params: dict[str, Any]) -> None:

@@ -1,17 +1,27 @@
 """Entry point `tune`: Optuna hyperparameter search, each trial a tracked training run."""
 
-import sys
-
 import click
+
+from covid_xray.cli import given_values, options_from, user_errors_as_one_line
+from covid_xray.config import TrainConfig, TuneConfig
 
 
 @click.command()
-@click.option("--n-trials", type=int, default=30, show_default=True, help="Trials to run.")
-def main(n_trials: int) -> None:
-    """Search hyperparameters with Optuna (not built yet: tracked as its own issue)."""
-    click.echo("error: the tune entry point is not built yet (tracked as its own issue); "
-               "use the train entry point", err=True)
-    sys.exit(2)
+@options_from(TuneConfig)
+@options_from(TrainConfig, unset_default=True)
+@user_errors_as_one_line
+def main(**options: str) -> None:
+    """Search hyperparameters with Optuna; every trial is a nested MLflow training run.
+
+    Train options given here are fixed for every trial and leave the search space; the rest
+    of the space (tune.DEFAULT_SPACE, or --space FILE) is searched.
+    """
+    from covid_xray.tune import run_study  # torch + mlflow + optuna: not for --help
+
+    tune_names = TuneConfig.__dataclass_fields__
+    tune_config = TuneConfig(**{k: v for k, v in options.items() if k in tune_names})
+    fixed = given_values(TrainConfig, {k: v for k, v in options.items() if k not in tune_names})
+    run_study(tune_config, fixed)
 
 
 if __name__ == "__main__":

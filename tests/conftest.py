@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -113,3 +114,40 @@ def store(trained_store: dict, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict
     mlflow.set_tracking_uri(trained_store["uri"])
     yield trained_store
     mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[str]:
+    """A throwaway PostgreSQL server on 127.0.0.1 (Debian's postgresql, installed by .ci/run);
+    yields a URL without password (trust authentication) to an empty database `optuna`."""
+    import glob
+    import shutil
+
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not found:
+        message = "PostgreSQL server binaries not installed (apt-get install postgresql)"
+        if os.environ.get("CI"):
+            pytest.fail(message)  # CI installs it: a missing server there is a real failure
+        pytest.skip(message)
+    bin_dir = Path(found[-1]).parent
+    # Not under pytest's tmp dir: that is private to root, and the server runs as postgres.
+    data = Path(tempfile.mkdtemp(prefix="covid-xray-postgres-"))
+    # initdb refuses to run as root: run the server as Debian's postgres user then.
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_user:
+        shutil.chown(data, "postgres")
+    port = free_port()
+    subprocess.run([*as_user, str(bin_dir / "initdb"), "-D", str(data / "db"), "-A", "trust",
+                    "-U", "postgres"], check=True, capture_output=True)
+    subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data / "db"), "-w", "-l",
+                    str(data / "server.log"), "-o",
+                    f"-p {port} -k {data} -c listen_addresses=127.0.0.1", "start"],
+                   check=True, capture_output=True)
+    try:
+        subprocess.run([*as_user, str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port),
+                        "-U", "postgres", "optuna"], check=True, capture_output=True)
+        yield f"postgresql://postgres@127.0.0.1:{port}/optuna"
+    finally:
+        subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data / "db"), "-m", "fast",
+                        "stop"], capture_output=True)
+        shutil.rmtree(data, ignore_errors=True)

@@ -9,7 +9,13 @@ import sys
 import pytest
 import yaml
 
-from covid_xray.config import DownloadConfig, PredictConfig, PromoteConfig, TrainConfig
+from covid_xray.config import (
+    DownloadConfig,
+    PredictConfig,
+    PromoteConfig,
+    TrainConfig,
+    TuneConfig,
+)
 from tests.conftest import ROOT
 
 
@@ -32,6 +38,17 @@ def test_mlproject_mirrors_the_config(entry_point, config):
         assert str(written).lower() == str(default).lower(), name
         assert f"--{name.replace('_', '-')} {{{name}}}" in declared["command"]
     assert declared["command"].startswith(f"python entrypoints/{'train' if entry_point == 'main' else entry_point}.py ")
+
+
+def test_mlproject_tune_takes_tune_and_train_options():
+    declared = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["tune"]
+    tune_fields = [item.name for item in dataclasses.fields(TuneConfig)]
+    train_fields = [item.name for item in dataclasses.fields(TrainConfig)]
+    assert list(declared["parameters"]) == tune_fields + train_fields
+    for name in train_fields:  # unset unless the user fixes it
+        assert declared["parameters"][name]["default"] == ""
+    for name in tune_fields + train_fields:
+        assert f"--{name.replace('_', '-')} {{{name}}}" in declared["command"]
 
 
 @pytest.mark.parametrize("name", ["download", "train", "tune", "promote", "predict"])

@@ -1,0 +1,284 @@
+"""Hyperparameter search: an Optuna study whose trials are ordinary training runs.
+
+One worker invocation = one parent MLflow run; each trial = one nested run made by the same
+`experiment.run_training` the train entry point uses. The study lives in an Optuna RDB storage
+(sqlite by default, PostgreSQL to share it), so workers on several machines can join one study
+by name. A worker that dies mid-trial stops sending heartbeats; the next worker to start a
+trial marks that trial FAIL and its MLflow runs KILLED, so nothing is left RUNNING.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import optuna
+import sqlalchemy
+import yaml
+from mlflow.tracking import MlflowClient
+
+from covid_xray import tracking
+from covid_xray.config import TrainConfig, TuneConfig
+from covid_xray.errors import RunStopped, UserError
+from covid_xray.experiment import effective_config, prepare_data, run_training
+
+# The original project's search space plus the optimiser's knobs. Each entry is an Optuna
+# distribution: float/int with low, high (and log), or categorical with choices.
+DEFAULT_SPACE: dict[str, dict[str, Any]] = {
+    "scale": {"type": "float", "low": 0.0, "high": 0.3},
+    "shear": {"type": "float", "low": 0.0, "high": 20.0},
+    "translation": {"type": "float", "low": 0.0, "high": 0.4},
+    "rotation": {"type": "float", "low": 0.0, "high": 20.0},
+    "hflip": {"type": "categorical", "choices": [True, False]},
+    "vflip": {"type": "categorical", "choices": [True, False]},
+    "lr": {"type": "float", "low": 1e-5, "high": 1e-2, "log": True},
+    "drop_rate": {"type": "float", "low": 0.0, "high": 0.5},
+    "optimizer": {"type": "categorical", "choices": ["adam", "sgd", "rmsprop"]},
+    "amsgrad": {"type": "categorical", "choices": [True, False]},
+    "normalization": {"type": "categorical", "choices": ["minmax", "histeq", "clahe"]},
+    "batch_size": {"type": "categorical", "choices": [16, 32, 64]},
+}
+TRAIN_FIELDS = {field.name for field in dataclasses.fields(TrainConfig)}
+
+
+class TrialPruned(optuna.TrialPruned, RunStopped):
+    """Optuna's pruning signal that also ends the trial's MLflow run as KILLED, not FAILED."""
+
+
+def load_space(path: str) -> dict[str, dict[str, Any]]:
+    """The search space from a YAML or JSON file (JSON is YAML), checked entry by entry."""
+    try:
+        space = yaml.safe_load(Path(path).read_text())
+    except OSError as error:
+        raise UserError(f"{path}: cannot read search space ({error.strerror})") from None
+    except yaml.YAMLError as error:
+        raise UserError(f"{path}: not valid YAML/JSON ({error})".replace("\n", " ")) from None
+    check_space(space, path)
+    return space
+
+
+def check_space(space: object, source: str = "search space") -> None:
+    if not isinstance(space, dict) or not space:
+        raise UserError(f"{source}: must map train parameter names to distributions")
+    for name, spec in space.items():
+        if name not in TRAIN_FIELDS:
+            raise UserError(f"{source}: unknown search-space parameter {name!r}; train "
+                            f"parameters are {', '.join(sorted(TRAIN_FIELDS))}")
+        kind = spec.get("type") if isinstance(spec, dict) else None
+        needed = {"float": {"low", "high"}, "int": {"low", "high"},
+                  "categorical": {"choices"}}.get(kind)
+        if needed is None or not needed <= set(spec):
+            raise UserError(f"{source}: {name} needs type float/int (with low, high) or "
+                            f"categorical (with choices), got {spec!r}")
+
+
+def suggest(trial: optuna.Trial, space: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    values = {}
+    for name, spec in space.items():
+        if spec["type"] == "categorical":
+            values[name] = trial.suggest_categorical(name, spec["choices"])
+        elif spec["type"] == "int":
+            values[name] = trial.suggest_int(name, spec["low"], spec["high"],
+                                             log=spec.get("log", False))
+        else:
+            values[name] = trial.suggest_float(name, spec["low"], spec["high"],
+                                               log=spec.get("log", False))
+    return values
+
+
+def default_storage() -> str:
+    """optuna.db beside the sqlite tracking store, else in the working folder."""
+    tracking_uri = mlflow.get_tracking_uri()
+    folder = Path(".")
+    if tracking_uri.startswith("sqlite:///"):
+        folder = Path(tracking_uri.removeprefix("sqlite:///")).parent
+    return f"sqlite:///{(folder / 'optuna.db').resolve()}"
+
+
+def parse_url(url: str) -> sqlalchemy.engine.URL:
+    try:
+        return sqlalchemy.engine.make_url(url)
+    except sqlalchemy.exc.ArgumentError:
+        raise UserError(f"storage {url.split('@')[-1]!r} is not a database URL (e.g. "
+                        "sqlite:///optuna.db or postgresql://user@host/db)") from None
+
+
+def safe_url(url: str) -> str:
+    """The storage URL with any password masked: fit for logs, params and tags."""
+    return parse_url(url).render_as_string(hide_password=True)
+
+
+def storage_url(config: TuneConfig) -> str:
+    """-P storage, else $OPTUNA_STORAGE, else the default sqlite file.
+
+    A password inside -P storage is refused: `mlflow run` logs every -P value as a param.
+    Credentials belong in PGPASSWORD / ~/.pgpass (libpq reads them) or in $OPTUNA_STORAGE.
+    """
+    if config.storage:
+        if parse_url(config.storage).password is not None:
+            raise UserError("storage must not contain a password (mlflow run logs parameters); "
+                            "put it in PGPASSWORD or ~/.pgpass, or pass the whole URL in the "
+                            "OPTUNA_STORAGE environment variable")
+        return config.storage
+    return os.environ.get("OPTUNA_STORAGE") or default_storage()
+
+
+def open_study(config: TuneConfig, direction: str, attempts: int = 5) -> optuna.Study:
+    """Create the study, or join it. Workers starting together on an empty database race to
+    create Optuna's tables (PostgreSQL then reports a unique violation): the loser waits and
+    tries again, finding the tables made."""
+    url = storage_url(config)
+    for attempt in range(1, attempts + 1):
+        try:
+            return _create_or_load_study(config, url, direction)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as error:
+            if attempt < attempts:
+                time.sleep(attempt)
+                continue
+            failure: Exception = error
+        except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as error:
+            failure = error
+        reason = str(failure).strip().splitlines()[0] if str(failure).strip() else \
+            type(failure).__name__
+        raise UserError(f"cannot open Optuna storage {safe_url(url)}: {reason}") from None
+
+
+def _create_or_load_study(config: TuneConfig, url: str, direction: str) -> optuna.Study:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = optuna.storages.RDBStorage(
+            url,
+            engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite")
+            else {"pool_pre_ping": True},
+            heartbeat_interval=config.heartbeat,
+            grace_period=3 * config.heartbeat,
+            heartbeat_stale_trial_callback=_end_orphaned_runs,
+        )
+    existing = {s.study_name: s.n_trials for s in optuna.get_all_study_summaries(storage)}
+    return optuna.create_study(
+        study_name=config.study_name, storage=storage, direction=direction,
+        load_if_exists=True,
+        sampler=optuna.samplers.TPESampler(
+            seed=config.sampler_seed + existing.get(config.study_name, 0)),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
+    )
+
+
+def run_study(config: TuneConfig, fixed: dict[str, Any]) -> optuna.Study:
+    """Run `config.n_trials` trials of `fixed` + searched train parameters; log and return."""
+    space = load_space(config.space) if config.space else dict(DEFAULT_SPACE)
+    check_space(space)
+    unknown = set(fixed) - TRAIN_FIELDS
+    if unknown:
+        raise UserError(f"unknown train parameter(s): {', '.join(sorted(unknown))}")
+    space = {name: spec for name, spec in space.items() if name not in fixed}
+    base = dataclasses.replace(TrainConfig(), **fixed)
+    direction = "minimize" if config.metric.endswith("loss") else "maximize"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # we print one line per trial
+    study = open_study(config, direction)
+    tracking.check_tracking_server()
+    # Data problems are the user's to fix once, not a failure per trial; this also fills the
+    # cache, so trials only read it (unless img_size or apply_voi_lut are searched).
+    prepare_data(effective_config(base))
+
+    with tracking.tracked_run(base.experiment_name, run_name=f"study-{config.study_name}") \
+            as parent:
+        tracking.log_params({f"tune/{key}": value for key, value in
+                             dataclasses.asdict(config).items() if key != "storage"}
+                            | {"tune/storage": safe_url(storage_url(config)),
+                               "tune/space": yaml.safe_dump(space, sort_keys=True)}
+                            | {f"fixed/{key}": value for key, value in fixed.items()})
+
+        def objective(trial: optuna.Trial) -> float:
+            trial.set_user_attr("mlflow_parent_run_id", parent.info.run_id)
+            trial_config = dataclasses.replace(base, **suggest(trial, space),
+                                               registered_model_name="")
+
+            def report(row: dict[str, float]) -> None:
+                trial.report(row[config.metric], int(row["epoch"]))
+                if trial.should_prune():
+                    mlflow.set_tag("trial_state", "PRUNED")
+                    raise TrialPruned(f"pruned at epoch {int(row['epoch'])}")
+
+            outcome = run_training(
+                trial_config, nested=True, register=False, on_epoch=report,
+                run_name=f"trial-{trial.number}",
+                tags={"optuna_study": config.study_name, "optuna_trial": str(trial.number)},
+                on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id),
+                progress=False)
+            value = outcome.history[outcome.best_epoch - 1][config.metric]
+            MlflowClient().set_tag(outcome.run_id, "trial_state", "COMPLETE")
+            if math.isnan(value):
+                raise UserError(f"trial {trial.number}: {config.metric} is NaN (a validation "
+                                "split without both classes?); use more studies")
+            print(f"trial {trial.number}: {config.metric} {value:.4f} with "
+                  f"{ {k: trial.params[k] for k in sorted(trial.params)} }")
+            return value
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.optimize(objective, n_trials=config.n_trials,
+                           timeout=config.timeout or None, catch=(UserError,))
+        _log_study(study, config)
+        if config.register_best:
+            _retrain_best(study, base)
+    return study
+
+
+def _log_study(study: optuna.Study, config: TuneConfig) -> None:
+    """Best params and value, trial counts and Optuna's plots on the parent run."""
+    states = [trial.state.name for trial in study.trials]
+    mlflow.log_metrics({f"trials_{state.lower()}": states.count(state)
+                        for state in ("COMPLETE", "PRUNED", "FAIL")})
+    completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not completed:
+        print("no trial completed; nothing to report")
+        return
+    mlflow.log_metric(f"best_{config.metric}", study.best_value)
+    tracking.log_params({f"best/{key}": value for key, value in study.best_params.items()}
+                        | {"best/trial": study.best_trial.number})
+    print(f"best trial {study.best_trial.number}: {config.metric} {study.best_value:.4f} "
+          f"with {study.best_params}")
+    plots = optuna.visualization.matplotlib
+    for name, plot in (("optimization_history", plots.plot_optimization_history),
+                       ("param_importances", plots.plot_param_importances),
+                       ("parallel_coordinate", plots.plot_parallel_coordinate)):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                axes = plot(study)
+        except (ValueError, RuntimeError, ZeroDivisionError) as error:
+            print(f"skipped the {name} plot: {error}")  # e.g. importances need 2+ trials
+            continue
+        figure = axes.flat[0].figure if hasattr(axes, "flat") else axes.figure
+        figure.set_size_inches(9, 5)
+        figure.tight_layout()  # Optuna's layout cuts long parameter names off
+        tracking.log_figure(figure, f"optuna_{name}")
+
+
+def _retrain_best(study: optuna.Study, base: TrainConfig) -> None:
+    if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
+        raise UserError("register_best: no completed trial to retrain")
+    best = dataclasses.replace(base, **study.best_params)
+    outcome = run_training(best, nested=True, run_name="best-retrain", progress=False,
+                           tags={"optuna_study": study.study_name,
+                                 "optuna_trial": str(study.best_trial.number)})
+    print(f"retrained trial {study.best_trial.number}'s configuration: run {outcome.run_id}, "
+          f"registered version {outcome.registered_version}")
+
+
+def _end_orphaned_runs(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """A worker died mid-trial: end its runs as KILLED so none stays RUNNING forever."""
+    client = MlflowClient()
+    for key in ("mlflow_run_id", "mlflow_parent_run_id"):
+        run_id = trial.user_attrs.get(key)
+        if run_id and client.get_run(run_id).info.status == "RUNNING":
+            client.set_tag(run_id, "trial_state", "FAIL (worker lost)")
+            client.set_terminated(run_id, "KILLED")
+    print(f"trial {trial.number} lost its worker: marked FAIL, its MLflow runs KILLED")

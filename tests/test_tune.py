@@ -1,0 +1,190 @@
+"""Optuna studies: nested runs, parallel workers on one study (sqlite and PostgreSQL), resume
+after a killed worker, and clear errors."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import ROOT, clean_env
+
+TINY = ["--model", "none", "--img-size", "32", "--epochs", "2", "--num-workers", "0",
+        "--batch-size", "16", "--device", "cpu"]
+
+
+def tune_worker(tmp_path, data_dir, *args: str, env: dict | None = None, **popen) -> subprocess.Popen:
+    command = [sys.executable, str(ROOT / "entrypoints" / "tune.py"), "--data-dir", str(data_dir),
+               "--cache-dir", str(tmp_path / "cache"), *TINY, *args]
+    env = clean_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", **(env or {}))
+    return subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **popen)
+
+
+def finish(worker: subprocess.Popen) -> tuple[str, str]:
+    out, err = worker.communicate(timeout=600)
+    assert worker.returncode == 0, err[-3000:]
+    return out, err
+
+
+def runs_of(tmp_path, experiment: str = "covid-xray") -> list:
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=db)
+    found = client.get_experiment_by_name(experiment)
+    return client.search_runs([found.experiment_id]) if found else []
+
+
+def check_one_run_per_trial(runs: list, study: optuna.Study) -> None:
+    children = [run for run in runs if "mlflow.parentRunId" in run.data.tags]
+    numbers = sorted(int(run.data.tags["optuna_trial"]) for run in children)
+    assert numbers == sorted(trial.number for trial in study.trials)
+    assert len(set(numbers)) == len(numbers)
+    assert not [run for run in runs if run.info.status == "RUNNING"]
+
+
+def test_three_trial_study_nested_runs(demo_dataset, tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("lr: {type: float, low: 0.0001, high: 0.003, log: true}\n"
+                     "optimizer: {type: categorical, choices: [adam, sgd]}\n"
+                     "normalization: {type: categorical, choices: [minmax, clahe]}\n")
+    out, _ = finish(tune_worker(tmp_path, demo_dataset, "--n-trials", "3", "--space",
+                                str(space), "--study-name", "three", "--register-best", "true"))
+    study = optuna.load_study(study_name="three", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert len(study.trials) == 3
+    runs = runs_of(tmp_path)
+    parents = [run for run in runs if run.data.tags.get("mlflow.runName") == "study-three"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    trials = [run for run in children if run.data.tags["mlflow.runName"].startswith("trial-")]
+    assert sorted(run.data.tags["mlflow.runName"] for run in trials) == ["trial-0", "trial-1", "trial-2"]
+    for run in trials:
+        assert run.info.status in ("FINISHED", "KILLED")  # KILLED = pruned
+        assert run.data.tags["trial_state"] in ("COMPLETE", "PRUNED")
+        assert run.data.params["optimizer"] in ("adam", "sgd")
+        assert run.data.params["model"] == "none" and run.data.params["img_size"] == "32"
+        assert "val_auc" in run.data.metrics
+    # The parent carries the study's best and Optuna's pictures.
+    assert parent.data.metrics["best_val_auc"] == pytest.approx(study.best_value)
+    assert parent.data.params["best/lr"] == str(study.best_params["lr"])
+    assert parent.data.params["fixed/model"] == "none"
+    figures = {item.path for item in MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+               .list_artifacts(parent.info.run_id, "figures")}
+    assert {"figures/optuna_optimization_history.png",
+            "figures/optuna_parallel_coordinate.png"} <= figures
+    # register_best retrained the best configuration and registered it.
+    retrain = [run for run in children if run.data.tags["mlflow.runName"] == "best-retrain"]
+    assert len(retrain) == 1 and retrain[0].data.params["lr"] == str(study.best_params["lr"])
+    assert "registered covid-xray-densenet version 1" in out
+
+
+def test_two_workers_share_a_sqlite_study(demo_dataset, tmp_path):
+    workers = [tune_worker(tmp_path, demo_dataset, "--n-trials", str(n), "--study-name",
+                           "shared", "--sampler-seed", str(seed))
+               for n, seed in ((2, 1), (3, 2))]
+    for worker in workers:
+        finish(worker)
+    study = optuna.load_study(study_name="shared", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert len(study.trials) == 5
+    assert sorted(trial.number for trial in study.trials) == [0, 1, 2, 3, 4]
+    check_one_run_per_trial(runs_of(tmp_path), study)
+
+
+def test_two_workers_share_a_postgresql_study(demo_dataset, tmp_path, postgres):
+    # The password comes through the environment, never a -P value (mlflow run logs those);
+    # trust authentication accepts any, so this checks it is kept out of every record.
+    secret_url = postgres.replace("postgres@", "postgres:s3cret-pw@")
+    workers = [tune_worker(tmp_path, demo_dataset, "--n-trials", "2", "--study-name", "pg",
+                           "--sampler-seed", str(seed), env={"OPTUNA_STORAGE": secret_url})
+               for seed in (1, 2)]
+    outputs = [finish(worker) for worker in workers]
+    study = optuna.load_study(study_name="pg", storage=postgres)
+    assert sorted(trial.number for trial in study.trials) == [0, 1, 2, 3]
+    runs = runs_of(tmp_path)
+    check_one_run_per_trial(runs, study)
+    for run in runs:
+        assert "s3cret" not in str(run.data.params) + str(run.data.tags)
+    assert all("s3cret" not in out + err for out, err in outputs)
+    parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    assert {run.data.params["tune/storage"] for run in parents} == {
+        postgres.replace("postgres@", "postgres:***@")}
+
+
+def test_killed_worker_is_cleaned_up_and_study_resumes(demo_dataset, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    doomed = tune_worker(tmp_path, demo_dataset, "--n-trials", "5", "--study-name", "resume",
+                         "--heartbeat", "1", "--epochs", "200", "--patience", "200")
+    deadline = time.monotonic() + 300
+    while True:  # wait until a trial is running and has its MLflow run
+        time.sleep(1)
+        try:
+            trials = optuna.load_study(study_name="resume", storage=storage).trials
+        except KeyError:
+            trials = []
+        if any("mlflow_run_id" in t.user_attrs for t in trials):
+            break
+        assert doomed.poll() is None and time.monotonic() < deadline, doomed.communicate()
+    doomed.send_signal(signal.SIGKILL)  # no chance to clean up: the hard case
+    doomed.communicate()
+    time.sleep(4)  # past the 3 x heartbeat grace period
+
+    out, _ = finish(tune_worker(tmp_path, demo_dataset, "--n-trials", "1", "--study-name",
+                                "resume", "--heartbeat", "1"))
+    assert "trial 0 lost its worker: marked FAIL, its MLflow runs KILLED" in out
+    study = optuna.load_study(study_name="resume", storage=storage)
+    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"]
+    runs = runs_of(tmp_path)
+    assert not [run for run in runs if run.info.status == "RUNNING"]
+    killed = {run.data.tags.get("mlflow.runName"): run.info.status for run in runs
+              if run.info.status == "KILLED"}
+    assert killed == {"trial-0": "KILLED", "study-resume": "KILLED"}
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--storage", "not a url"], "error: storage 'not a url' is not a database URL"),
+    (["--storage", "postgresql://u:hunter2@127.0.0.1:1/db"],
+     "error: storage must not contain a password"),
+    (["--storage", "postgresql://u@127.0.0.1:1/db"],
+     "error: cannot open Optuna storage postgresql://u@127.0.0.1:1/db: "),
+    (["--lr", "fast"], "error: lr: 'fast' is not a valid float."),
+])
+def test_bad_tune_input_is_one_line(demo_dataset, tmp_path, args, message):
+    worker = tune_worker(tmp_path, demo_dataset, "--n-trials", "1", *args)
+    out, err = worker.communicate(timeout=300)
+    assert worker.returncode == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), err
+    assert "hunter2" not in out + err
+
+
+def test_unknown_search_space_parameter(demo_dataset, tmp_path):
+    space = tmp_path / "space.json"
+    space.write_text('{"lr": {"type": "float", "low": 0.001, "high": 0.01}, '
+                     '"learning_rate": {"type": "float", "low": 0.1, "high": 1}}')
+    worker = tune_worker(tmp_path, demo_dataset, "--space", str(space))
+    _, err = worker.communicate(timeout=300)
+    assert worker.returncode == 2
+    assert err.strip().splitlines() == [
+        f"error: {space}: unknown search-space parameter 'learning_rate'; train parameters are "
+        + err.split("train parameters are ")[1].strip()]
+    assert not (tmp_path / "mlflow.db").exists() or not runs_of(tmp_path)
+
+
+def test_pruned_runs_end_killed(tmp_path, monkeypatch):
+    """A pruning decision ends the trial's run KILLED (tagged PRUNED by tune), not FAILED."""
+    import mlflow
+
+    from covid_xray.tracking import tracked_run
+    from covid_xray.tune import TrialPruned
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'm.db'}")
+    with pytest.raises(optuna.TrialPruned), tracked_run("prune") as run:
+        raise TrialPruned("pruned at epoch 1")
+    assert MlflowClient().get_run(run.info.run_id).info.status == "KILLED"
+    mlflow.set_tracking_uri(None)
