@@ -41,9 +41,13 @@ MODELS = (*XRV_WEIGHTS, *TORCHVISION_MODELS, "none")
 
 @dataclass(frozen=True)
 class DownloadConfig:
-    source: str = option("kaggle", "Where the data comes from: the Kaggle competition, or "
-                         "generated demo data.", ("kaggle", "synthetic"))
+    source: str = option("kaggle", "kaggle (the competition API), synthetic (demo data), or "
+                         "the path of a competition zip or extracted folder you already have.")
     data_dir: str = option("data", "Folder the dataset lands in.")
+    competition: str = option("siim-covid19-detection", "kaggle: competition to fetch.")
+    limit: int = option(0, "kaggle: fetch a balanced sample of this many studies file by "
+                        "file instead of the whole archive (0 = everything).")
+    force: bool = option(False, "Fetch and extract again even what is present and verified.")
     num_studies: int = option(400, "synthetic: number of studies to write.")
     image_size: int = option(256, "synthetic: rows of each generated film (columns vary "
                              "+-20%).")

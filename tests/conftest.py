@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -54,23 +55,33 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
                "--artifacts-destination", str(root / "artifacts"),
                "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    url = f"http://127.0.0.1:{port}"
-    with open(root / "server.log", "wb") as log:
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=root)
-        deadline = time.monotonic() + 90
+    with serving(command, f"http://127.0.0.1:{port}", "/health", root / "server.log",
+                 cwd=root) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def serving(command: list[str], url: str, probe: str, log_path: Path,
+            **popen: object) -> Iterator[str]:
+    """Run a server process until `url + probe` answers 200; yield `url`; stop it after."""
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, **popen)
+        deadline = time.monotonic() + 120
         while True:
             try:
-                if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                if requests.get(f"{url}{probe}", timeout=2).status_code == 200:
                     break
             except requests.RequestException:
                 pass
             if server.poll() is not None or time.monotonic() > deadline:
                 server.kill()
-                raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()}")
+                raise RuntimeError(f"{command[0]} did not start: {log_path.read_text()}")
             time.sleep(0.5)
-        yield url
-        server.terminate()
-        server.wait(timeout=30)
+        try:
+            yield url
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
 
 
 @pytest.fixture(scope="session")

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import requests
 
 from covid_xray.pyfunc import encode_dicom
-from tests.conftest import REAL_DICOM, clean_env, free_port
+from tests.conftest import REAL_DICOM, clean_env, free_port, serving
 
 
 @pytest.fixture
@@ -20,25 +18,9 @@ def served_model(store, tmp_path):
     command = [str(Path(sys.executable).with_name("mlflow")), "models", "serve",
                "-m", "models:/covid-xray-densenet/Production", "--env-manager", "local",
                "-h", "127.0.0.1", "-p", str(port)]
-    log_path = tmp_path / "serve.log"
-    with open(log_path, "wb") as log:
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                  env=clean_env(MLFLOW_TRACKING_URI=store["uri"]))
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                pytest.fail(f"mlflow models serve did not start:\n{log_path.read_text()}")
-            time.sleep(0.5)
+    with serving(command, f"http://127.0.0.1:{port}", "/ping", tmp_path / "serve.log",
+                 env=clean_env(MLFLOW_TRACKING_URI=store["uri"])) as url:
         yield url
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def test_serve_answers_a_real_dicom(served_model):
