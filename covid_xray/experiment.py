@@ -106,12 +106,12 @@ def run_training(
     with tracking.tracked_run(config.experiment_name, run_name=run_name, nested=nested) as run:
         if on_start is not None:
             on_start(run.info.run_id)
-        mlflow.set_tags(tags or {})
+        commit = tracking.git_commit()
+        mlflow.set_tags((tags or {}) | {"data_fingerprint": fingerprint, "git_commit": commit})
         tracking.log_params(config.as_params() | {"data_fingerprint": fingerprint,
                                                   "device_used": str(device)}
                             | {f"count/{k}": v for k, v in manifest.counts().items()})
         tracking.log_manifest(manifest.table, manifest.data_dir, fingerprint)
-        mlflow.set_tags({"data_fingerprint": fingerprint, "git_commit": tracking.git_commit()})
 
         def after_epoch(row: dict[str, float]) -> None:
             tracking.log_epoch(row)
@@ -152,7 +152,7 @@ def run_training(
         if register and config.registered_model_name:
             version = tracking.register_model(
                 model_info.model_uri, config.registered_model_name,
-                tags={"git_commit": tracking.git_commit(), "data_fingerprint": fingerprint,
+                tags={"git_commit": commit, "data_fingerprint": fingerprint,
                       "run_id": run.info.run_id},
                 stage=config.stage, alias=config.alias)
             print(f"registered {config.registered_model_name} version {version}")
