@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from covid_xray import synthetic
 from covid_xray.config import DownloadConfig
-from covid_xray.data import IMAGE_CSV, STUDY_CSV, read_study_labels
+from covid_xray.data import IMAGE_CSV, STUDY_CSV, find_studies, read_study_labels
 from covid_xray.errors import UserError
 
 CSV_FILES = (STUDY_CSV, IMAGE_CSV)
@@ -62,15 +62,15 @@ def download(config: DownloadConfig) -> Path:
 
 def verify(data_dir: Path) -> str:
     """Check every labelled study has its DICOM(s); a one-line summary, or UserError."""
-    labels = read_study_labels(data_dir / STUDY_CSV)
-    studies_with_files = {path.parts[-3] for path in (data_dir / "train").glob("*/*/*.dcm")}
-    images = sum(1 for _ in (data_dir / "train").glob("*/*/*.dcm"))
-    missing = sorted(set(labels.study_id) - studies_with_files)
-    if missing:
-        raise UserError(f"{data_dir}: {len(missing)} of {len(labels)} studies in {STUDY_CSV} "
-                        f"have no DICOM under train/ (first: {missing[0]}); run download "
-                        "again (force=true to start over)")
-    return f"{len(labels)} studies, {images} images, every study's files present"
+    table = find_studies(data_dir)
+    total = len(table.studies) + len(table.multi_image) + len(table.missing_files)
+    if table.missing_files:
+        raise UserError(f"{data_dir}: {len(table.missing_files)} of {total} studies in "
+                        f"{STUDY_CSV} have no DICOM under train/ (first: "
+                        f"{table.missing_files[0]}); run download again (force=true to start "
+                        "over)")
+    return (f"{total} studies ({len(table.multi_image)} with several images), every study's "
+            "files present")
 
 
 def _is_complete(data_dir: Path) -> bool:

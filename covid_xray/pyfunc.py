@@ -65,7 +65,7 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
         for source in sources:
             try:
                 if isinstance(source, DicomError):
-                    raise source
+                    raise source  # found while opening the input: reported like the rest
                 inputs.append(self.preprocessing.model_input(source))
                 errors.append("")
             except DicomError as error:
