@@ -1,4 +1,8 @@
-"""Shared fixtures: tiny SIIM-layout datasets and paths to the real reference files."""
+"""Shared fixtures: tiny SIIM-layout datasets and the real reference files the tests carry.
+
+Nothing here reads outside the repository (tests/data/README.md says where each file comes
+from); `.ci/run` proves it by running the suite from a copy with no sibling folders.
+"""
 
 from __future__ import annotations
 
@@ -18,9 +22,29 @@ import requests
 from covid_xray import synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
-REAL_DICOM = SHARED_DATA / "dicom" / "siim-acr-sample-cr-jpeg-baseline.dcm"
-REAL_STUDY_CSV = SHARED_DATA / "siim" / "train_study_level.csv"
+TEST_DATA = ROOT / "tests" / "data"
+REAL_DICOM = TEST_DATA / "siim-acr-sample-cr-jpeg-baseline.dcm"
+# The real SIIM label file may not be redistributed (tests/data/README.md): the one test that
+# needs it reads the user's own copy, named by this variable, and checks it is the real one.
+REAL_LABELS_VARIABLE = "COVID_XRAY_SIIM_LABELS"
+REAL_LABELS_SHA256 = "8ea7cad42f16ee7c666ca35b0b1e4af7a12cfbc43d56365fa3fb83437ec26f64"
+
+
+@pytest.fixture(scope="session")
+def real_study_csv() -> Path:
+    """The user's copy of SIIM's train_study_level.csv; skips (saying how to run it) when none
+    is given, fails when the file given is not the published one."""
+    import hashlib
+
+    value = os.environ.get(REAL_LABELS_VARIABLE, "")
+    if not value:
+        pytest.skip(f"the real SIIM label file cannot be shipped (Kaggle competition data); set "
+                    f"{REAL_LABELS_VARIABLE}=path/to/train_study_level.csv to run this test")
+    path = Path(value)
+    assert path.is_file(), f"{REAL_LABELS_VARIABLE}={value}: no such file"
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert digest == REAL_LABELS_SHA256, f"{path} is not SIIM's published label file ({digest})"
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -19,31 +20,40 @@ from covid_xray.data import (
     split_studies,
 )
 from covid_xray.errors import UserError
-from tests.conftest import REAL_STUDY_CSV
 
 HEADER = "id," + ",".join(CLASS_COLUMNS) + "\n"
+SIIM_CLASS_COUNTS = [1676, 2855, 1049, 474]  # the real file's, per SIIM class
 
 
-def test_real_label_file_parses_to_siim_counts():
-    labels = read_study_labels(REAL_STUDY_CSV)
+def siim_sized_labels(seed: int = 0) -> pd.DataFrame:
+    """A study table the size and class mix of the real SIIM training set, for full-scale
+    selection and split tests that cannot carry the real (licensed) file."""
+    rng = np.random.default_rng(seed)
+    classes = rng.permutation(np.repeat(np.arange(4), SIIM_CLASS_COUNTS))
+    ids = [f"{value:012x}" for value in rng.choice(16**12, len(classes), replace=False)]
+    return pd.DataFrame({"study_id": ids, "siim_class": classes, "image_id": "x", "path": "x"})
+
+
+def test_real_label_file_parses_to_siim_counts(real_study_csv):
+    labels = read_study_labels(real_study_csv)
     assert len(labels) == 6054
-    assert labels.siim_class.value_counts().sort_index().tolist() == [1676, 2855, 1049, 474]
+    assert labels.siim_class.value_counts().sort_index().tolist() == SIIM_CLASS_COUNTS
     assert labels.study_id.str.fullmatch(r"[0-9a-f]{12}").all()
 
 
-def test_real_labels_balance_to_twice_the_negatives():
-    labels = read_study_labels(REAL_STUDY_CSV).assign(image_id="x", path="x")
+def test_siim_sized_labels_balance_to_twice_the_negatives():
+    labels = siim_sized_labels()
     binary = select_studies(labels, num_classes=2, dataset_size=0, seed=0)
     assert binary.label.value_counts().to_dict() == {0: 1676, 1: 1676}
     # The positives are drawn from all three non-negative classes.
     assert set(binary[binary.label == 1].siim_class) == {1, 2, 3}
     four = select_studies(labels, num_classes=4, dataset_size=0, seed=0)
-    assert four.label.value_counts().sort_index().tolist() == [1676, 2855, 1049, 474]
+    assert four.label.value_counts().sort_index().tolist() == SIIM_CLASS_COUNTS
     assert four.class_name.iloc[0] in ("negative", "typical", "indeterminate", "atypical")
 
 
 def test_split_sizes_are_exact_stratified_and_seeded():
-    labels = read_study_labels(REAL_STUDY_CSV).assign(image_id="x", path="x")
+    labels = siim_sized_labels()
     studies = select_studies(labels, num_classes=2, dataset_size=1000, seed=3)
     assert studies.label.value_counts().to_dict() == {0: 500, 1: 500}
     split = split_studies(studies, "60,20,20", seed=3)
