@@ -1,13 +1,15 @@
 """SIIM layout -> labelled study table -> selection -> seeded train/val/test manifest.
 
-The manifest (one row per study: study_id, image_id, path, label, class_name, split) is what
-training reads and what each run logs as its dataset input, so a run can always be traced back
-to exactly the files it saw.
+The manifest (one row per study: ids, path, patient, group, label, split) is what training
+reads and what each run logs as its dataset input, so a run can always be traced back to
+exactly the files it saw. Splits cut between patients, never through one: a patient's
+follow-up studies, and any film that appears twice, stay on one side of the line.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from covid_xray.cache import ImageCache, pixel_digest
 from covid_xray.errors import UserError
 
 STUDY_CSV = "train_study_level.csv"
@@ -121,38 +124,91 @@ def find_studies(data_dir: str | os.PathLike) -> StudyTable:
     return StudyTable(studies, sorted(multi_image), sorted(missing))
 
 
+def pseudonym(patient_id: str) -> str:
+    """A one-way name for a DICOM PatientID ("" stays ""): manifests are logged to the tracking
+    server, and a reviewer must be able to check the grouping without the identifiers."""
+    if not patient_id:
+        return ""
+    return hashlib.blake2b(patient_id.encode(), digest_size=6).hexdigest()
+
+
+def assign_groups(studies: pd.DataFrame) -> pd.Series:
+    """The unit a split may not cut, per study: its patient, joined with every patient holding
+    the same film (equal `pixel_digest`, when that column is there). A study with no usable
+    PatientID is a patient of its own. Each group is named after its first study id."""
+    parent: dict[str, str] = {}
+
+    def find(key: str) -> str:
+        while parent.setdefault(key, key) != key:
+            parent[key] = parent[parent[key]]  # path halving keeps the chains short
+            key = parent[key]
+        return key
+
+    def join(first: str, second: str) -> None:
+        parent[find(first)] = find(second)
+
+    patients = [f"patient:{pid}" if pid else f"study:{sid}"
+                for pid, sid in zip(studies.patient_id, studies.study_id, strict=True)]
+    if "pixel_digest" in studies:
+        for patient, digest in zip(patients, studies.pixel_digest, strict=True):
+            join(patient, f"film:{digest}")
+    roots = [find(patient) for patient in patients]
+    first_study = pd.Series(studies.study_id.to_numpy()).groupby(roots).transform("min")
+    return pd.Series(first_study.to_numpy(), index=studies.index, name="group_id")
+
+
+def drop_repeated_films(studies: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Keep one study per film (the lowest study id) and return the ids of the copies dropped.
+
+    Why drop rather than keep both in one split: a repeated film is one observation. Kept
+    twice in test, it counts one film's outcome twice and narrows every confidence interval;
+    kept twice in train, it silently doubles that film's weight. Its patients stay joined in
+    one group (`assign_groups`), so the copy's other studies cannot land on the other side.
+    """
+    repeated = studies.sort_values("study_id").duplicated("pixel_digest", keep="first")
+    dropped = sorted(studies.study_id[repeated.reindex(studies.index)])
+    return studies[~repeated.reindex(studies.index)], dropped
+
+
 def select_studies(
     studies: pd.DataFrame, num_classes: int, dataset_size: int, seed: int
 ) -> pd.DataFrame:
-    """Add `label`/`class_name` for the task and draw the studies it uses.
+    """Add `label`/`class_name` for the task and draw the studies it uses, whole groups at a
+    time (a patient's studies are all in or all out).
 
-    Binary: negative = 0, the other three = 1, balanced by drawing as many non-negatives as
-    there are negatives (at random across the three classes). 4-class: SIIM's classes, all
-    studies. `dataset_size` > 0 then caps the count, stratified by label.
+    Binary: negative = 0, the other three = 1, balanced: as many non-negatives as negatives
+    (drawn at random across the three classes). 4-class: SIIM's classes, all studies.
+    `dataset_size` > 0 then caps the count, keeping the label mix. Groups are visited in a
+    seeded random order and taken while they fit every label's quota; with mostly one-study
+    patients the quotas fill exactly, else to within a patient's studies.
     """
     if num_classes not in CLASS_NAMES:
         raise UserError(f"num_classes must be 2 or 4, got {num_classes}")
-    rng = np.random.default_rng(seed)
     # Sort first: the draw must not depend on the order the filesystem listed files in.
     studies = studies.sort_values("study_id", ignore_index=True)
-    if num_classes == 2:
-        studies = studies.assign(label=(studies.siim_class > 0).astype(int))
-        negatives = studies[studies.label == 0]
-        positives = studies[studies.label == 1]
-        count = min(len(negatives), len(positives))
-        studies = pd.concat([
-            negatives.iloc[np.sort(rng.choice(len(negatives), count, replace=False))],
-            positives.iloc[np.sort(rng.choice(len(positives), count, replace=False))],
-        ])
-    else:
-        studies = studies.assign(label=studies.siim_class)
+    label = (studies.siim_class > 0).astype(int) if num_classes == 2 else studies.siim_class
+    studies = studies.assign(label=label)
+    if "group_id" not in studies:
+        studies = studies.assign(group_id=studies.study_id)
+    available = np.bincount(studies.label, minlength=num_classes)
+    quota = np.full(2, available.min()) if num_classes == 2 else available
+    if 0 < dataset_size < quota.sum():
+        quota = np.round(quota * dataset_size / quota.sum()).astype(int)
 
-    if 0 < dataset_size < len(studies):
-        keep = dataset_size / len(studies)
-        studies = studies.loc[_stratified_parts(studies, (keep, 1 - keep), rng)[0]]
-    studies = studies.sort_values("study_id", ignore_index=True)
+    groups = _label_counts_by_group(studies, num_classes)
+    # A label whose quota is all there is (the negatives, when balancing) needs every group
+    # holding it: visit those first, or a group holding it and a filled label gets refused.
+    whole = groups.to_numpy()[:, quota >= available].any(axis=1)
+    order = np.random.default_rng(seed).permutation(len(groups))
+    order = order[np.argsort(~whole[order], kind="stable")]
+    taken, kept = np.zeros(num_classes, dtype=int), []
+    for index in order:
+        if np.all(taken + groups.iloc[index].to_numpy() <= quota):
+            taken += groups.iloc[index].to_numpy()
+            kept.append(groups.index[index])
+    studies = studies[studies.group_id.isin(kept)].reset_index(drop=True)
     names = CLASS_NAMES[num_classes]
-    return studies.assign(class_name=[names[label] for label in studies.label])
+    return studies.assign(class_name=[names[value] for value in studies.label])
 
 
 def parse_split(split: str) -> tuple[float, float, float]:
@@ -168,44 +224,67 @@ def parse_split(split: str) -> tuple[float, float, float]:
 
 
 def split_studies(studies: pd.DataFrame, split: str, seed: int) -> pd.DataFrame:
-    """Add a `split` column (train/val/test), stratified by label and deterministic in seed."""
-    parts = _stratified_parts(studies, parse_split(split), np.random.default_rng(seed))
-    if not parts[0]:
+    """Add a `split` column (train/val/test): whole groups, stratified by label, deterministic
+    in seed. No group (patient, repeated film) is ever on two sides of the line.
+
+    Greedy and exact for one-study groups: groups go largest first (ties in seeded random
+    order), each to the split where it most reduces the squared shortfall against that split's
+    share of every label. sklearn's StratifiedGroupKFold does this for k equal folds only.
+    """
+    fractions = np.array(parse_split(split))
+    groups = _label_counts_by_group(studies, int(studies.label.max()) + 1)
+    targets = fractions[:, None] * groups.sum(axis=0).to_numpy()[None, :]  # split x label
+    filled = np.zeros_like(targets)
+    rng = np.random.default_rng(seed)
+    sizes = groups.sum(axis=1).to_numpy()
+    order = sorted(rng.permutation(len(groups)), key=lambda index: -sizes[index])
+    assignment = {}
+    for index in order:
+        counts = groups.iloc[index].to_numpy()
+        gain = ((filled + counts - targets) ** 2 - (filled - targets) ** 2).sum(axis=1)
+        gain[fractions == 0] = np.inf  # a 0% split gets nothing
+        chosen = int(np.argmin(gain))
+        filled[chosen] += counts
+        assignment[groups.index[index]] = SPLITS[chosen]
+    studies = studies.assign(split=studies.group_id.map(assignment))
+    if not (studies.split == "train").any():
         raise UserError(f"split {split} leaves no training study out of {len(studies)}; "
                         "use more studies (dataset_size) or another split")
-    frames = [studies.loc[part].assign(split=name) for part, name in zip(parts, SPLITS,
-                                                                         strict=True)]
-    return pd.concat(frames).sort_values(["split", "study_id"], ignore_index=True)
+    return studies.sort_values(["split", "study_id"], ignore_index=True)
 
 
-def _stratified_parts(
-    studies: pd.DataFrame, fractions: tuple[float, ...], rng: np.random.Generator
-) -> list[list]:
-    """Cut each label's studies, shuffled, into consecutive parts of the given fractions, so
-    every part keeps the label mix. Unlike sklearn's splitter it never refuses a rare class."""
-    parts: list[list] = [[] for _ in fractions]
-    for _, group in studies.groupby("label", sort=True):
-        order = rng.permutation(group.index.to_numpy())
-        bounds = np.round(np.cumsum(fractions)[:-1] * len(order)).astype(int)
-        for part, chunk in zip(parts, np.split(order, bounds), strict=True):
-            part.extend(chunk.tolist())
-    return parts
+def _label_counts_by_group(studies: pd.DataFrame, num_classes: int) -> pd.DataFrame:
+    """Rows: group ids (sorted); columns: how many of the group's studies have each label."""
+    return (pd.crosstab(studies.group_id, studies.label)
+            .reindex(columns=range(num_classes), fill_value=0).sort_index())
+
+
+MANIFEST_COLUMNS = ["study_id", "image_id", "path", "patient_id", "group_id", "siim_class",
+                    "label", "class_name", "split"]
 
 
 @dataclass
 class Manifest:
-    """The studies a run uses, with what was dropped to get there."""
+    """The studies a run uses, their cache entries, and what was dropped to get there."""
 
-    table: pd.DataFrame  # study_id, image_id, path, siim_class, label, class_name, split
+    table: pd.DataFrame  # MANIFEST_COLUMNS
+    entries: list[Path]  # each row's cached square, same order
     data_dir: Path
     num_classes: int
     multi_image: list[str]
     missing_files: list[str]
+    repeated_films: list[str]  # studies dropped as copies of another study's film
 
     def counts(self) -> dict[str, int]:
-        """Studies per split and class, e.g. {'train/negative': 120, ...}, plus drops."""
+        """Studies per split and class, e.g. {'train/negative': 120, ...}, patients, drops."""
         counts = {f"{split}/{name}": int(count) for (split, name), count in
                   self.table.groupby(["split", "class_name"]).size().items()}
+        patients = self.table.patient_id.where(self.table.patient_id != "",
+                                               "study:" + self.table.study_id)
+        studies_per_patient = patients.value_counts()
+        counts["patients"] = len(studies_per_patient)
+        counts["patients_with_several_studies"] = int((studies_per_patient > 1).sum())
+        counts["repeated_films"] = len(self.repeated_films)
         counts["dropped_multi_image"] = len(self.multi_image)
         counts["dropped_missing_file"] = len(self.missing_files)
         return counts
@@ -213,20 +292,66 @@ class Manifest:
     def split(self, name: str) -> pd.DataFrame:
         return self.table[self.table.split == name].reset_index(drop=True)
 
+    def split_entries(self, name: str) -> list[Path]:
+        return [entry for entry, keep in zip(self.entries, self.table.split == name,
+                                             strict=True) if keep]
+
 
 def build_manifest(
     data_dir: str | os.PathLike,
+    cache: ImageCache,
     *,
     num_classes: int = 2,
     dataset_size: int = 0,
     split: str = "60,20,20",
     seed: int = 0,
+    num_workers: int = 0,
+    progress: bool = True,
 ) -> Manifest:
-    """The whole data step: find studies, select for the task, split."""
-    table = find_studies(data_dir)
-    if table.studies.empty:
+    """The whole data step: find studies -> patients (headers) -> select by patient -> decode
+    into the cache -> join patients that share a film, keep one copy -> split by group."""
+    data_dir = Path(data_dir)
+    parse_split(split)  # a typo should cost nothing: check before reading any file
+    found = find_studies(data_dir)
+    if found.studies.empty:
         raise UserError(f"{data_dir}: no labelled study has exactly one DICOM; {DOWNLOAD_HINT}")
-    selected = select_studies(table.studies, num_classes, dataset_size, seed)
-    columns = ["study_id", "image_id", "path", "siim_class", "label", "class_name", "split"]
-    manifest = split_studies(selected, split, seed)[columns]
-    return Manifest(manifest, Path(data_dir), num_classes, table.multi_image, table.missing_files)
+    studies = found.studies
+    patient_ids = cache.patient_ids([data_dir / path for path in studies.path], progress)
+    _refuse_placeholder_patients(patient_ids)
+    studies = studies.assign(patient_id=[pseudonym(pid) for pid in patient_ids])
+    selected = select_studies(studies.assign(group_id=assign_groups(studies)), num_classes,
+                              dataset_size, seed)
+
+    entries, stats = cache.build([data_dir / path for path in selected.path],
+                                 num_workers=num_workers, progress=progress)
+    if progress:
+        print(f"{len(entries)} images: {stats.decoded} decoded, {stats.reused} from "
+              f"{cache.folder}")
+    selected = selected.assign(entry=entries, pixel_digest=[pixel_digest(e) for e in entries])
+    selected = selected.assign(group_id=assign_groups(selected))
+    selected, repeated = drop_repeated_films(selected)
+    table = split_studies(selected, split, seed)
+    manifest = Manifest(table[MANIFEST_COLUMNS], list(table.entry), data_dir, num_classes,
+                        found.multi_image, found.missing_files, repeated)
+    if progress:
+        counts = manifest.counts()
+        print(f"{len(table)} studies of {counts['patients']} patients "
+              f"({counts['patients_with_several_studies']} with several studies), "
+              f"{counts['repeated_films']} repeated films dropped; split by patient: "
+              + ", ".join(f"{name} {(table.split == name).sum()}" for name in SPLITS))
+    return manifest
+
+
+def _refuse_placeholder_patients(patient_ids: list[str]) -> None:
+    """One PatientID on most of a dataset is an anonymiser's placeholder, not a patient: it
+    would make one group of everything, and no patient-level split would be possible."""
+    named = pd.Series([pid for pid in patient_ids if pid])
+    if len(patient_ids) < 4 or named.empty:
+        return
+    top, count = named.value_counts().index[0], int(named.value_counts().iloc[0])
+    if count > len(patient_ids) / 2:
+        raise UserError(
+            f"PatientID {top!r} is on {count} of {len(patient_ids)} studies: that is a "
+            "placeholder, not a patient, and no split by patient is possible; give the files "
+            "their real (pseudonymised) PatientIDs, or blank the tag so each study counts as "
+            "its own patient")

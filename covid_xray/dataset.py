@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Sequence
 
 import albumentations as A
@@ -16,11 +17,12 @@ from covid_xray.config import AugmentConfig
 from covid_xray.preprocess import normalize, to_model_input
 
 
-def build_augmentation(config: AugmentConfig) -> A.Compose | None:
+def build_augmentation(config: AugmentConfig, seed: int) -> A.Compose | None:
     """albumentations pipeline for `config`, or None when everything is off.
 
     Applied to float images in [0, 1], before scaling to the model's range: albumentations
-    clips float pixels to [0, 1], which would destroy [-1024, 1024] inputs.
+    clips float pixels to [0, 1], which would destroy [-1024, 1024] inputs. It keeps its own
+    random state and ignores global seeds, hence `seed` here (and `seed_worker` in workers).
     """
     if not config.enabled:
         return None
@@ -37,7 +39,30 @@ def build_augmentation(config: AugmentConfig) -> A.Compose | None:
         transforms.append(A.HorizontalFlip(p=0.5))
     if config.vflip:
         transforms.append(A.VerticalFlip(p=0.5))
-    return A.Compose(transforms)
+    pipeline = A.Compose(transforms)
+    reseed(pipeline, seed)
+    return pipeline
+
+
+def reseed(pipeline: A.Compose, seed: int) -> None:
+    """One seeded stream shared by every transform. Not `Compose(seed=)`: albumentations 2.0
+    gives each transform its own generator seeded alike, so a horizontal and a vertical flip
+    would always toss the same coin."""
+    pipeline.set_random_state(np.random.default_rng(seed), random.Random(seed))
+
+
+def seed_worker(worker_id: int) -> None:
+    """`worker_init_fn` for DataLoaders: reseed this worker's copy of the augmentation (and
+    numpy, random) from the seed torch gives the worker. That seed is the loader's seeded
+    generator's draw plus the worker id, so a run repeats exactly with the same seed and
+    num_workers, and two workers never replay each other's augmentations."""
+    info = torch.utils.data.get_worker_info()
+    seed = info.seed % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+    augmentation = getattr(info.dataset, "augmentation", None)
+    if augmentation is not None:
+        reseed(augmentation, seed)
 
 
 class XrayDataset(Dataset):

@@ -20,6 +20,10 @@ from pydicom.pixels import apply_modality_lut, apply_voi, get_decoder
 from covid_xray.errors import DicomError
 
 GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
+# Projection radiography: computed (CR), digital (DX) and the retired RG. A file without a
+# Modality tag is accepted too (old exports drop it). BodyPartExamined is not checked: SIIM
+# writes CHEST, TORAX, PECHO, THORAX or nothing.
+RADIOGRAPHY = ("CR", "DX", "RG")
 
 
 def read_xray(path: str | PathLike | BinaryIO, *, apply_voi_lut: bool = True) -> np.ndarray:
@@ -49,6 +53,16 @@ def read_xray(path: str | PathLike | BinaryIO, *, apply_voi_lut: bool = True) ->
     return np.clip(image, 0.0, 1.0).astype(np.float32)
 
 
+def read_patient_id(path: str | PathLike) -> str:
+    """PatientID (0010,0020) from the header alone, without touching the pixel data; "" when
+    the tag is missing or blank, or the file cannot be read (decoding reports that)."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
+    except Exception:  # any unreadable file: decoding later names the problem
+        return ""
+    return str(ds.get("PatientID", "") or "").strip()
+
+
 def _read_dataset(path: str | PathLike | BinaryIO, name: object) -> pydicom.Dataset:
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -70,6 +84,10 @@ def _read_dataset(path: str | PathLike | BinaryIO, name: object) -> pydicom.Data
 
     if "PixelData" not in ds:
         raise DicomError(f"{name}: DICOM has no pixel data (not an image)")
+    modality = str(ds.get("Modality", "") or "").strip().upper()
+    if modality and modality not in RADIOGRAPHY:
+        raise DicomError(f"{name}: modality {modality} is not a radiograph (CR, DX); this "
+                         "model reads chest X-rays only")
     photometric = ds.get("PhotometricInterpretation", "")
     if ds.get("SamplesPerPixel", 1) != 1 or photometric not in GRAYSCALE:
         raise DicomError(

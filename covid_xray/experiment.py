@@ -22,8 +22,9 @@ from covid_xray import metrics, tracking
 from covid_xray.cache import CacheParams, ImageCache
 from covid_xray.config import XRV_WEIGHTS, TrainConfig
 from covid_xray.data import CLASS_NAMES, Manifest, build_manifest
-from covid_xray.dataset import XrayDataset, build_augmentation
+from covid_xray.dataset import XrayDataset, build_augmentation, seed_worker
 from covid_xray.errors import UserError
+from covid_xray.evaluation import evaluate
 from covid_xray.model import XRV_INPUT_SIZE, Classifier, build
 from covid_xray.preprocess import Preprocessing
 from covid_xray.pyfunc import DicomClassifier
@@ -52,26 +53,20 @@ def effective_config(config: TrainConfig) -> TrainConfig:
     return config
 
 
-def prepare_data(config: TrainConfig, progress: bool = True) -> tuple[Manifest, list[Path]]:
-    """The manifest and, for each of its rows, the cached preprocessed image."""
-    manifest = build_manifest(config.data_dir, num_classes=config.num_classes,
-                              dataset_size=config.dataset_size, split=config.split,
-                              seed=config.seed)
+def prepare_data(config: TrainConfig, progress: bool = True) -> Manifest:
+    """The manifest: studies selected and split by patient, each with its cached image."""
     cache = ImageCache(config.cache_dir, CacheParams(config.img_size, config.apply_voi_lut))
-    paths = [manifest.data_dir / path for path in manifest.table.path]
-    entries, stats = cache.build(paths, num_workers=config.num_workers, progress=progress)
-    if progress:
-        print(f"{len(entries)} images: {stats.decoded} decoded, {stats.reused} from "
-              f"{cache.folder}")
-    return manifest, entries
+    return build_manifest(config.data_dir, cache, num_classes=config.num_classes,
+                          dataset_size=config.dataset_size, split=config.split,
+                          seed=config.seed, num_workers=config.num_workers, progress=progress)
 
 
-def data_fingerprint(manifest: Manifest, entries: list[Path]) -> str:
+def data_fingerprint(manifest: Manifest) -> str:
     """Hash of which studies, labels and splits a run used, and of the files' contents (the
     cache entry names are content digests): equal fingerprints mean equal training data."""
     hasher = hashlib.blake2b(digest_size=16)
     table = manifest.table
-    for row, entry in zip(table.itertuples(index=False), entries, strict=True):
+    for row, entry in zip(table.itertuples(index=False), manifest.entries, strict=True):
         hasher.update(f"{row.study_id},{row.label},{row.split},{entry.stem}\n".encode())
     return hasher.hexdigest()
 
@@ -98,10 +93,10 @@ def run_training(
     seed_everything(config.seed)
     network = build(config.model, config.num_classes, config.drop_rate, config.weights_dir)
 
-    manifest, entries = prepare_data(config, progress)
+    manifest = prepare_data(config, progress)
     class_names = CLASS_NAMES[config.num_classes]
-    loaders = _loaders(config, manifest, entries, device)
-    fingerprint = data_fingerprint(manifest, entries)
+    loaders = _loaders(config, manifest, device)
+    fingerprint = data_fingerprint(manifest)
 
     with tracking.tracked_run(config.experiment_name, run_name=run_name, nested=nested) as run:
         if on_start is not None:
@@ -135,19 +130,15 @@ def run_training(
             probabilities = np.concatenate([model(images).numpy()
                                             for images, _ in loaders["test"]])
         test_labels = np.array(test_set.labels)
-        report = metrics.final_metrics(test_labels, probabilities, class_names)
-        mlflow.log_metrics({f"test_{key}": value for key, value in report.items()})
-        tracking.log_figure(metrics.confusion_figure(test_labels, probabilities, class_names),
-                            "confusion_matrix")
-        tracking.log_figure(metrics.per_class_figure(report, class_names), "per_class_prf1")
-        tracking.log_figure(metrics.roc_figure(test_labels, probabilities, class_names),
-                            "roc_curves")
-        tracking.log_figure(metrics.learning_curves_figure(result.history), "learning_curves")
+        evaluation = evaluate(test_labels, probabilities, class_names, seed=config.seed)
 
         preprocessing = Preprocessing(config.img_size, config.normalization,
                                       config.apply_voi_lut, config.input_kind)
         model_info = tracking.log_model(DicomClassifier(model, preprocessing,
                                                         config.batch_size))
+        # Linked to the logged model (MLflow 3): its page shows the test numbers.
+        tracking.log_evaluation(evaluation, "test", model_id=model_info.model_id)
+        tracking.log_figure(metrics.learning_curves_figure(result.history), "learning_curves")
         version = None
         if register and config.registered_model_name:
             version = tracking.register_model(
@@ -156,25 +147,26 @@ def run_training(
                       "run_id": run.info.run_id},
                 stage=config.stage, alias=config.alias)
             print(f"registered {config.registered_model_name} version {version}")
-        print(f"run {run.info.run_id}: test " + ", ".join(
-            f"{key} {report[key]:.3f}" for key in ("accuracy", "balanced_accuracy", "roc_auc")))
+        print(f"run {run.info.run_id}: test ({len(test_labels)} studies) " + ", ".join(
+            evaluation.line(key) for key in ("roc_auc", "accuracy", "balanced_accuracy",
+                                             "ece")))
 
     test_paths = [manifest.data_dir / path for path in manifest.split("test").path]
     return TrainOutcome(run.info.run_id, model, result.history, test_set, test_paths,
-                        probabilities, report, result.best_epoch, version)
+                        probabilities, evaluation.metrics, result.best_epoch, version)
 
 
-def _loaders(config: TrainConfig, manifest: Manifest, entries: list[Path],
+def _loaders(config: TrainConfig, manifest: Manifest,
              device: torch.device) -> dict[str, DataLoader]:
     by_split = {}
     for split in ("train", "val", "test"):
-        rows = (manifest.table.split == split).to_numpy()
         dataset = XrayDataset(
-            [entry for entry, keep in zip(entries, rows, strict=True) if keep],
-            manifest.table.label[rows].tolist(),
+            manifest.split_entries(split),
+            manifest.split(split).label.tolist(),
             normalization=config.normalization,
             input_kind=config.input_kind,
-            augmentation=build_augmentation(config.augment()) if split == "train" else None,
+            augmentation=(build_augmentation(config.augment(), config.seed)
+                          if split == "train" else None),
         )
         if len(dataset) == 0:
             raise UserError(f"the {split} split is empty; use more studies or another split")
@@ -186,6 +178,7 @@ def _loaders(config: TrainConfig, manifest: Manifest, entries: list[Path],
             persistent_workers=config.num_workers > 0,
             pin_memory=device.type == "cuda",
             generator=torch.Generator().manual_seed(config.seed),
+            worker_init_fn=seed_worker,
         )
     return by_split
 

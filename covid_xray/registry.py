@@ -42,6 +42,15 @@ def load(model_uri: str) -> DicomClassifier:
     return model
 
 
+def logged_model_id(version) -> str | None:
+    """The MLflow 3 logged model behind a registered version (`m-...`), so evaluations can be
+    linked to it. The registry does not always fill `model_id`; its `source` names it."""
+    if getattr(version, "model_id", None):
+        return version.model_id
+    source = version.source or ""
+    return source.removeprefix("models:/") if source.startswith("models:/m-") else None
+
+
 @dataclass
 class Promotion:
     promoted: bool

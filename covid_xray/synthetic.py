@@ -13,6 +13,7 @@ import csv
 import os
 import shutil
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +78,8 @@ def write_dicom(
     study_uid: str | None = None,
     series_uid: str | None = None,
     signed: bool = False,
+    patient_id: str = "",
+    modality: str = "CR",
 ) -> None:
     """Write `stored` (the stored pixel values, 2-D or frames x rows x cols) as a CR DICOM.
 
@@ -92,9 +95,9 @@ def write_dicom(
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
     ds.StudyInstanceUID = study_uid or generate_uid()
     ds.SeriesInstanceUID = series_uid or generate_uid()
-    ds.Modality = "CR"
+    ds.Modality = modality
     ds.BodyPartExamined = "CHEST"
-    ds.PatientID = "synthetic"
+    ds.PatientID = patient_id
 
     if stored.ndim == 3:
         ds.NumberOfFrames = stored.shape[0]
@@ -193,6 +196,8 @@ def make_dataset(
     num_studies: int = 400,
     image_size: int = 256,
     multi_image_studies: int = 6,
+    follow_up_fraction: float = 0.3,
+    repeated_films: int = 0,
     seed: int = 0,
     progress: bool = True,
 ) -> Path:
@@ -200,12 +205,20 @@ def make_dataset(
 
     Built in a temporary sibling folder and renamed into place, so an interrupted run leaves
     nothing half-written. `multi_image_studies` of the studies get a second (lateral) image.
+    Like BIMCV and RICORD, patients come back: about `follow_up_fraction` of the studies are
+    another study of an earlier patient (1-4 studies each, same PatientID). The last
+    `repeated_films` studies hold an earlier study's film again, pixel for pixel, under new
+    ids, new UIDs and a new PatientID: the same picture exported twice, as public sets carry.
     """
     data_dir = Path(data_dir)
     if (data_dir / STUDY_CSV).exists() or (data_dir / "train").exists():
         raise FileExistsError(f"{data_dir} already holds a dataset")
+    if not 0 <= repeated_films < num_studies:
+        raise ValueError(f"repeated_films must be in [0, {num_studies}), got {repeated_films}")
     data_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
+    # Patients draw from their own stream, so the films stay those of the same seed without.
+    patient_rng = np.random.default_rng([seed, 1])
     work = Path(tempfile.mkdtemp(prefix=".synthetic-", dir=data_dir))
     try:
         labels = rng.choice(4, size=num_studies, p=SIIM_CLASS_FREQUENCIES)
@@ -213,23 +226,42 @@ def make_dataset(
         used_ids: set[str] = set()
         multi = set(rng.choice(num_studies, size=min(multi_image_studies, num_studies),
                                replace=False).tolist())
+        originals = num_studies - repeated_films
+        copied = patient_rng.choice(sorted(set(range(originals)) - multi),
+                                    size=repeated_films, replace=False).tolist()
+        films: dict[int, tuple[np.ndarray, Encoding, int]] = {}  # kept for the copies only
+        patients: list[str] = []
+        studies_of: Counter[str] = Counter()
         for index in tqdm(range(num_studies), desc="synthetic studies", disable=not progress):
             label = int(labels[index])
             study_id = _new_id(rng, used_ids)
             study_uid = generate_uid()
+            returning = [p for p in patients if studies_of[p] < 4]
+            if index < originals and returning and patient_rng.random() < follow_up_fraction:
+                patient = returning[patient_rng.integers(len(returning))]
+            else:
+                patient = _new_id(patient_rng, used_ids)
+                patients.append(patient)
+            studies_of[patient] += 1
+            if index >= originals:
+                image, encoding, label = films[copied[index - originals]]
             study_rows.append([f"{study_id}_study", *(int(label == c) for c in range(4))])
             for view in range(2 if index in multi else 1):
                 image_id, series_id = _new_id(rng, used_ids), _new_id(rng, used_ids)
-                # Real films are rarely square; vary the aspect so the centre crop matters.
-                rows = image_size
-                cols = int(image_size * rng.uniform(0.8, 1.2))
-                image, boxes = chest_image(rng, label, rows, cols)
-                if view == 1:
-                    image = image[:, ::-1]  # stands in for the lateral view data.py must drop
-                encoding = ENCODINGS[(index + view) % len(ENCODINGS)]
+                boxes: list[dict[str, float]] = []
+                if index < originals:
+                    # Real films are rarely square; vary the aspect so the centre crop matters.
+                    rows = image_size
+                    cols = int(image_size * rng.uniform(0.8, 1.2))
+                    image, boxes = chest_image(rng, label, rows, cols)
+                    if view == 1:
+                        image = image[:, ::-1]  # stands in for the lateral view data.py drops
+                    encoding = ENCODINGS[(index + view) % len(ENCODINGS)]
+                    if index in copied:
+                        films[index] = (image, encoding, label)
                 path = work / "train" / study_id / series_id / f"{image_id}.dcm"
                 path.parent.mkdir(parents=True, exist_ok=True)
-                _write_encoded(path, image, encoding, study_uid)
+                _write_encoded(path, image, encoding, study_uid, patient)
                 label_text = " ".join(
                     f"opacity 1 {b['x']:.1f} {b['y']:.1f} {b['x'] + b['width']:.1f} "
                     f"{b['y'] + b['height']:.1f}" for b in boxes) or "none 1 0 0 1 1"
@@ -244,7 +276,8 @@ def make_dataset(
     return data_dir
 
 
-def _write_encoded(path: Path, image: np.ndarray, encoding: Encoding, study_uid: str) -> None:
+def _write_encoded(path: Path, image: np.ndarray, encoding: Encoding, study_uid: str,
+                   patient_id: str = "") -> None:
     """Quantise `image` to the encoding's bits and write it the way that encoding says."""
     max_value = 2**encoding.bits_stored - 1
     stored = np.round(image * max_value)
@@ -256,7 +289,7 @@ def _write_encoded(path: Path, image: np.ndarray, encoding: Encoding, study_uid:
         kwargs = {"rescale": (1.0, -1024.0), "window": (max_value / 2 - 1024, max_value + 1)}
     write_dicom(path, stored, syntax=encoding.syntax, bits_stored=encoding.bits_stored,
                 photometric="MONOCHROME1" if encoding.monochrome1 else "MONOCHROME2",
-                study_uid=study_uid, **kwargs)
+                study_uid=study_uid, patient_id=patient_id, **kwargs)
 
 
 def _new_id(rng: np.random.Generator, used: set[str]) -> str:

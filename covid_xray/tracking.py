@@ -30,6 +30,7 @@ from mlflow.tracking import MlflowClient
 
 from covid_xray import pyfunc, registry
 from covid_xray.errors import RunStopped, UserError
+from covid_xray.evaluation import Evaluation
 from covid_xray.pyfunc import DicomClassifier
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -120,6 +121,16 @@ def log_epoch(row: dict[str, float]) -> None:
 def log_figure(figure: Figure, name: str) -> None:
     mlflow.log_figure(figure, f"figures/{name}.png")
     plt.close(figure)
+
+
+def log_evaluation(evaluation: Evaluation, prefix: str, *, model_id: str | None = None,
+                   dataset: mlflow.data.dataset.Dataset | None = None) -> None:
+    """An evaluation's numbers as `<prefix>_<metric>` (CIs as `_ci_low` / `_ci_high`), linked
+    to a logged model and dataset when given, and its figures under figures/."""
+    mlflow.log_metrics({f"{prefix}_{key}": value for key, value in evaluation.metrics.items()},
+                       model_id=model_id, dataset=dataset)
+    for name, figure in evaluation.figures.items():
+        log_figure(figure, name)
 
 
 def log_manifest(table: pd.DataFrame, data_dir: Path, fingerprint: str) -> None:

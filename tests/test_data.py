@@ -7,19 +7,27 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pydicom
 import pytest
 
+from covid_xray.cache import CacheParams, ImageCache
 from covid_xray.data import (
     CLASS_COLUMNS,
+    MANIFEST_COLUMNS,
     STUDY_CSV,
+    assign_groups,
     build_manifest,
+    drop_repeated_films,
     find_studies,
+    pseudonym,
     read_image_labels,
     read_study_labels,
     select_studies,
     split_studies,
 )
 from covid_xray.errors import UserError
+from covid_xray.preprocess import load_square
+from covid_xray.synthetic import make_dataset, write_dicom
 
 HEADER = "id," + ",".join(CLASS_COLUMNS) + "\n"
 SIIM_CLASS_COUNTS = [1676, 2855, 1049, 474]  # the real file's, per SIIM class
@@ -68,6 +76,71 @@ def test_split_sizes_are_exact_stratified_and_seeded():
     assert not set(split[split.split == "train"].study_id) & set(split[split.split == "test"].study_id)
 
 
+def patients_of(studies: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """Give `studies` patients holding 1-4 studies each (labels independent, as follow-ups'
+    are), and make every 50th study a repeated film of the study before it, under another
+    patient: the shape of BIMCV + RICORD."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.choice([1, 2, 3, 4], size=len(studies), p=[0.55, 0.25, 0.12, 0.08])
+    patients = np.repeat(np.arange(len(studies)), sizes)[: len(studies)]
+    digests = [f"film{i}" for i in range(len(studies))]
+    for i in range(50, len(studies), 50):
+        digests[i] = digests[i - 1]
+    return studies.assign(patient_id=[f"p{value}" for value in rng.permutation(patients)],
+                          pixel_digest=digests)
+
+
+def crossing(table: pd.DataFrame, column: str) -> set:
+    """Values of `column` found in more than one split."""
+    splits_per_value = table.groupby(column).split.nunique()
+    return set(splits_per_value[splits_per_value > 1].index)
+
+
+@pytest.mark.parametrize(("num_classes", "seed"), [(2, 0), (2, 1), (4, 2)])
+def test_no_patient_and_no_film_crosses_a_split(num_classes, seed):
+    studies = patients_of(siim_sized_labels(seed), seed)
+    studies = studies.assign(group_id=assign_groups(studies))
+    assert studies.patient_id.value_counts().gt(1).sum() > 500  # many patients come back
+    kept, dropped = drop_repeated_films(studies)
+    assert len(dropped) == len(studies) // 50 - (len(studies) % 50 == 0)
+    assert not kept.pixel_digest.duplicated().any()
+    table = split_studies(select_studies(kept, num_classes, 0, seed), "60,20,20", seed)
+    assert crossing(table, "patient_id") == set()
+    assert crossing(table, "group_id") == set()
+    # A dropped copy's patient is joined to the kept copy's: it cannot sit on the other side.
+    for study_id in dropped:
+        copy = studies.set_index("study_id").loc[study_id]
+        original = studies[(studies.pixel_digest == copy.pixel_digest)
+                           & (studies.study_id != study_id)].iloc[0]
+        assert copy.group_id == original.group_id
+        same_patient = table[table.patient_id.isin([copy.patient_id, original.patient_id])]
+        assert same_patient.split.nunique() <= 1
+    # Stratified: each split holds its share of every label, within one patient's worth.
+    for split, share in (("train", 0.6), ("val", 0.2), ("test", 0.2)):
+        for label, count in table.label.value_counts().items():
+            in_split = ((table.split == split) & (table.label == label)).sum()
+            assert abs(in_split - share * count) <= 4, (split, label, in_split, share * count)
+    pd.testing.assert_frame_equal(
+        table, split_studies(select_studies(kept, num_classes, 0, seed), "60,20,20", seed))
+
+
+def test_selection_takes_whole_patients_and_stays_balanced():
+    studies = patients_of(siim_sized_labels(5), 5)
+    studies = studies.assign(group_id=assign_groups(studies))
+    chosen = select_studies(studies, num_classes=2, dataset_size=640, seed=5)
+    counts = chosen.label.value_counts()
+    assert abs(counts[0] - 320) <= 1 and abs(counts[1] - 320) <= 1
+    assert counts[0] == counts[1] or abs(counts[0] - counts[1]) <= 2
+    for patient in chosen.patient_id.unique():  # all of a patient's studies, or none
+        assert (chosen.patient_id == patient).sum() == (studies.patient_id == patient).sum()
+
+
+def test_a_study_without_patient_id_is_its_own_group():
+    studies = pd.DataFrame({"study_id": ["a", "b", "c", "d"], "patient_id": ["", "", "x", "x"]})
+    assert assign_groups(studies).tolist() == ["a", "b", "c", "c"]
+    assert pseudonym("") == "" and pseudonym("x") == pseudonym("x") != "x"
+
+
 def test_manifest_on_a_synthetic_tree_drops_multi_image_and_missing(tiny_dataset, tmp_path):
     data_dir = tmp_path / "data"
     shutil.copytree(tiny_dataset, data_dir)
@@ -77,18 +150,64 @@ def test_manifest_on_a_synthetic_tree_drops_multi_image_and_missing(tiny_dataset
     one_study = table.studies.study_id.iloc[0]
     shutil.rmtree(data_dir / "train" / one_study)
 
-    manifest = build_manifest(data_dir, num_classes=4, split="50,25,25", seed=1)
+    cache = ImageCache(tmp_path / "cache", CacheParams(16))
+    manifest = build_manifest(data_dir, cache, num_classes=4, split="50,25,25", seed=1,
+                              progress=False)
     assert manifest.missing_files == [one_study]
     assert len(manifest.table) == 48 - 4 - 1
     assert manifest.counts()["dropped_multi_image"] == 4
     assert manifest.counts()["dropped_missing_file"] == 1
-    assert set(manifest.table.columns) == {"study_id", "image_id", "path", "siim_class",
-                                           "label", "class_name", "split"}
+    assert list(manifest.table.columns) == MANIFEST_COLUMNS
     for path in manifest.table.path:
         assert (data_dir / path).is_file() and Path(path).parts[0] == "train"
     assert manifest.table.image_id.str.fullmatch(r"[0-9a-f]{12}").all()
-    pd.testing.assert_frame_equal(
-        manifest.table, build_manifest(data_dir, num_classes=4, split="50,25,25", seed=1).table)
+    pd.testing.assert_frame_equal(manifest.table, build_manifest(
+        data_dir, cache, num_classes=4, split="50,25,25", seed=1, progress=False).table)
+
+
+def test_manifest_splits_by_patient_and_keeps_one_copy_of_each_film(tmp_path):
+    """A tree where patients hold 1-4 studies and 6 films appear twice under other ids."""
+    data_dir = make_dataset(tmp_path / "data", num_studies=90, image_size=24,
+                            multi_image_studies=0, follow_up_fraction=0.5, repeated_films=6,
+                            seed=4, progress=False)
+    truth = {path.parts[-3]: pydicom.dcmread(path, stop_before_pixels=True).PatientID
+             for path in data_dir.glob("train/*/*/*.dcm")}
+    studies_per_patient = pd.Series(truth).value_counts()
+    assert studies_per_patient.max() > 1
+
+    manifest = build_manifest(data_dir, ImageCache(tmp_path / "cache", CacheParams(24)),
+                              num_classes=4, split="60,20,20", seed=2, progress=False)
+    table = manifest.table
+    assert len(manifest.repeated_films) == 6 and len(table) == 90 - 6
+    assert table.patient_id.tolist() == [pseudonym(truth[s]) for s in table.study_id]
+    assert crossing(table, "patient_id") == set() and crossing(table, "group_id") == set()
+    kept = pd.Series(truth)[table.study_id]
+    counts = manifest.counts()
+    assert counts["patients"] == kept.nunique()
+    assert counts["patients_with_several_studies"] == int((kept.value_counts() > 1).sum())
+    assert counts["repeated_films"] == 6
+    # Every dropped copy's film is still there once, in the group of the copy's patient.
+    pixels = {s: load_square(data_dir / p, 24).tobytes() for s, p in
+              zip(table.study_id, table.path, strict=True)}
+    for study_id in manifest.repeated_films:
+        path = next((data_dir / "train" / study_id).glob("*/*.dcm"))
+        film = load_square(path, 24).tobytes()
+        assert sum(value == film for value in pixels.values()) == 1
+
+
+def test_placeholder_patient_id_is_refused(tmp_path):
+    data_dir = tmp_path / "data"
+    rows = []
+    for index in range(6):
+        study = f"{index:012x}"
+        path = data_dir / "train" / study / "aaaaaaaaaaaa" / f"{index + 100:012x}.dcm"
+        path.parent.mkdir(parents=True)
+        write_dicom(path, np.full((8, 8), index * 100), patient_id="ANONYMOUS")
+        rows.append(f"{study}_study,{int(index % 2 == 0)},{int(index % 2 == 1)},0,0\n")
+    (data_dir / STUDY_CSV).write_text(HEADER + "".join(rows))
+    with pytest.raises(UserError, match=r"PatientID 'ANONYMOUS' is on 6 of 6 studies"):
+        build_manifest(data_dir, ImageCache(tmp_path / "cache", CacheParams(8)), progress=False)
+    assert not (tmp_path / "cache" / "size8-voi1-v1").exists()  # refused before decoding
 
 
 def test_image_level_csv_is_read_when_present(tiny_dataset):
@@ -118,22 +237,25 @@ def test_bad_label_files_say_what_is_wrong(tmp_path, content, message):
 
 
 def test_missing_data_points_to_download(tmp_path):
+    cache = ImageCache(tmp_path / "cache", CacheParams(8))
     with pytest.raises(UserError, match=r"no train/ folder.*-e download"):
-        build_manifest(tmp_path)
+        build_manifest(tmp_path, cache)
     (tmp_path / "train").mkdir()
     with pytest.raises(UserError, match=r"label file not found.*-e download"):
-        build_manifest(tmp_path)
+        build_manifest(tmp_path, cache)
     (tmp_path / STUDY_CSV).write_text(HEADER + "aaa_study,1,0,0,0\n")
     with pytest.raises(UserError, match="no labelled study has exactly one DICOM"):
-        build_manifest(tmp_path)
+        build_manifest(tmp_path, cache)
 
 
 @pytest.mark.parametrize("split", ["60,20", "a,b,c", "-1,50,51", "0,50,50"])
-def test_bad_split_strings(tiny_dataset, split):
+def test_bad_split_strings(tiny_dataset, tmp_path, split):
     with pytest.raises(UserError, match="split must be three non-negative numbers"):
-        build_manifest(tiny_dataset, split=split)
+        build_manifest(tiny_dataset, ImageCache(tmp_path, CacheParams(8)), split=split)
+    assert not list(tmp_path.iterdir())  # refused before reading a file
 
 
-def test_too_few_studies_to_train_on(tiny_dataset):
+def test_too_few_studies_to_train_on(tiny_dataset, tmp_path):
     with pytest.raises(UserError, match="leaves no training study out of 2"):
-        build_manifest(tiny_dataset, num_classes=2, dataset_size=2, split="10,45,45")
+        build_manifest(tiny_dataset, ImageCache(tmp_path, CacheParams(8)), num_classes=2,
+                       dataset_size=2, split="10,45,45", progress=False)

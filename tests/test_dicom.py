@@ -17,7 +17,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from covid_xray.dicom import read_xray
+from covid_xray.dicom import read_patient_id, read_xray
 from covid_xray.errors import DicomError
 from covid_xray.synthetic import write_dicom
 from tests.conftest import REAL_DICOM
@@ -172,3 +172,30 @@ def test_truncated_file(tmp_path, syntax):
     (tmp_path / "x.dcm").write_bytes(data[: len(data) * 2 // 3])
     with pytest.raises(DicomError, match=r"x\.dcm: .*(truncated|corrupt)"):
         read_xray(tmp_path / "x.dcm")
+
+
+@pytest.mark.parametrize("modality", ["MR", "CT", "US"])
+def test_other_modalities_are_refused_by_name(tmp_path, modality):
+    write_dicom(tmp_path / "x.dcm", random_stored(12), modality=modality)
+    with pytest.raises(DicomError, match=rf"x\.dcm: modality {modality} is not a radiograph"):
+        read_xray(tmp_path / "x.dcm")
+
+
+@pytest.mark.parametrize("modality", ["CR", "DX", "RG", ""])
+def test_radiographs_and_files_without_modality_are_read(tmp_path, modality):
+    stored = random_stored(12)
+    write_dicom(tmp_path / "x.dcm", stored, modality=modality)
+    np.testing.assert_array_equal(read_xray(tmp_path / "x.dcm"), (stored / 4095).astype(np.float32))
+
+
+def test_patient_id_comes_from_the_header_alone(tmp_path):
+    write_dicom(tmp_path / "x.dcm", random_stored(12), patient_id=" 0042 ")
+    assert read_patient_id(tmp_path / "x.dcm") == "0042"
+    write_dicom(tmp_path / "blank.dcm", random_stored(12))
+    assert read_patient_id(tmp_path / "blank.dcm") == ""
+    (tmp_path / "junk.dcm").write_bytes(b"junk" * 10)
+    assert read_patient_id(tmp_path / "junk.dcm") == ""
+    # The pixels are never read: a file cut off inside its pixel data still gives its patient.
+    whole = (tmp_path / "x.dcm").read_bytes()
+    (tmp_path / "cut.dcm").write_bytes(whole[: len(whole) - 100])
+    assert read_patient_id(tmp_path / "cut.dcm") == "0042"

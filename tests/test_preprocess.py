@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from covid_xray.config import AugmentConfig
-from covid_xray.dataset import XrayDataset, build_augmentation
+from covid_xray.dataset import XrayDataset, build_augmentation, seed_worker
 from covid_xray.errors import UserError
 from covid_xray.preprocess import (
     crop_square,
@@ -67,13 +68,14 @@ def test_model_inputs():
 
 
 def test_augmentation_off_by_default_and_changes_images_when_on():
-    assert build_augmentation(AugmentConfig()) is None
+    assert build_augmentation(AugmentConfig(), seed=0) is None
     image = np.zeros((32, 32), np.float32)
     image[4:12, 2:10] = 1.0
-    flip = build_augmentation(AugmentConfig(hflip=True, vflip=True))
+    flip = build_augmentation(AugmentConfig(hflip=True, vflip=True), seed=0)
     outcomes = {flip(image=image)["image"].tobytes() for _ in range(40)}
     assert len(outcomes) == 4  # each flip is a coin toss: four distinct results
-    affine = build_augmentation(AugmentConfig(rotation=20, scale=0.3, shear=20, translation=0.4))
+    affine = build_augmentation(AugmentConfig(rotation=20, scale=0.3, shear=20, translation=0.4),
+                                seed=0)
     moved = affine(image=image)["image"]
     assert moved.dtype == np.float32 and moved.shape == image.shape
     assert moved.min() >= 0 and moved.max() <= 1
@@ -93,3 +95,31 @@ def test_dataset_items(tmp_path):
     assert tensor.min() == -1024 and tensor.max() == 1024
     tensor, _ = XrayDataset(entries, [0, 1, 1], input_kind="imagenet")[0]
     assert tensor.shape == (3, 8, 8)
+
+
+def augmented_epochs(entries, seed: int, num_workers: int, epochs: int = 2) -> list[np.ndarray]:
+    augmentation = build_augmentation(AugmentConfig(rotation=20, translation=0.2, hflip=True),
+                                      seed=seed)
+    dataset = XrayDataset(entries, [0] * len(entries), augmentation=augmentation)
+    loader = DataLoader(dataset, batch_size=2, shuffle=True, num_workers=num_workers,
+                        persistent_workers=num_workers > 0, worker_init_fn=seed_worker,
+                        generator=torch.Generator().manual_seed(seed))
+    return [torch.cat([images for images, _ in loader]).numpy() for _ in range(epochs)]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_augmented_batches_repeat_exactly_with_the_same_seed(tmp_path, num_workers):
+    """albumentations ignores global seeds: the pipeline's seed and the workers' must be set."""
+    entries = []
+    for index in range(8):  # the same picture 8 times: only augmentation tells them apart
+        np.save(tmp_path / f"{index}.npy", (np.arange(256, dtype=np.uint16).reshape(16, 16) * 200))
+        entries.append(tmp_path / f"{index}.npy")
+    first = augmented_epochs(entries, seed=3, num_workers=num_workers)
+    again = augmented_epochs(entries, seed=3, num_workers=num_workers)
+    for one, two in zip(first, again, strict=True):
+        np.testing.assert_array_equal(one, two)
+    assert not np.array_equal(first[0], first[1])  # each epoch draws afresh
+    other = augmented_epochs(entries, seed=4, num_workers=num_workers)
+    assert not np.array_equal(first[0], other[0])
+    # No two images of an epoch got the same augmentation (workers do not replay each other).
+    assert len({image.tobytes() for image in first[0]}) == len(entries)

@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from covid_xray.config import TrainConfig
 from covid_xray.experiment import run_training
+from covid_xray.registry import logged_model_id
 from tests.conftest import ROOT, clean_env, free_port
 
 TINY = dict(model="none", img_size=32, epochs=2, patience=5, batch_size=16, num_workers=0,
@@ -55,6 +56,14 @@ def test_train_logs_registers_and_reloads(demo_dataset, tmp_path, tracking_uri):
     assert len(run.data.params["data_fingerprint"]) == 32
     assert int(run.data.params["count/dropped_multi_image"]) == 2
     assert int(run.data.params["count/train/negative"]) == int(run.data.params["count/train/positive"])
+    studies = sum(int(value) for key, value in run.data.params.items()
+                  if key.count("/") == 2 and key.startswith("count/"))
+    assert 0 < int(run.data.params["count/patients"]) < studies  # patients come back
+    assert int(run.data.params["count/patients_with_several_studies"]) > 0
+    assert run.data.params["count/repeated_films"] == "0"
+    manifest = pd.read_csv(client.download_artifacts(outcome.run_id, "data/manifest.csv"),
+                           dtype=str, keep_default_na=False)
+    assert manifest.groupby("patient_id").split.nunique().max() == 1  # no patient crosses
 
     # Per-epoch histories for every train/val metric; final test metrics.
     for metric in ("loss", "accuracy", "auc", "f1"):
@@ -65,10 +74,19 @@ def test_train_logs_registers_and_reloads(demo_dataset, tmp_path, tracking_uri):
                    "recall_positive", "f1_positive"):
         assert f"test_{metric}" in run.data.metrics
     assert run.data.metrics["test_roc_auc"] == pytest.approx(outcome.test_metrics["roc_auc"])
+    for metric in ("roc_auc", "accuracy", "balanced_accuracy", "map", "sensitivity",
+                   "specificity", "ece", "brier"):
+        low, high = (run.data.metrics[f"test_{metric}_ci_{end}"] for end in ("low", "high"))
+        assert low <= run.data.metrics[f"test_{metric}"] <= high, metric
+    # MLflow 3: the test numbers are linked to the logged model, so its page shows them.
+    model_id = logged_model_id(client.get_model_version(name, outcome.registered_version))
+    linked = {metric.key: metric.value for metric in client.get_logged_model(model_id).metrics}
+    assert linked["test_roc_auc"] == pytest.approx(outcome.test_metrics["roc_auc"])
 
     figures = {item.path for item in client.list_artifacts(outcome.run_id, "figures")}
     assert figures == {f"figures/{name}.png" for name in
-                       ("confusion_matrix", "per_class_prf1", "roc_curves", "learning_curves")}
+                       ("confusion_matrix", "per_class_prf1", "roc_curves", "reliability",
+                        "learning_curves")}
     assert run.inputs.dataset_inputs[0].dataset.name == "siim-manifest"
     assert {tag.value for tag in run.inputs.dataset_inputs[0].tags} == {"training"}
 
@@ -115,6 +133,23 @@ def test_demo_data_is_learned(demo_dataset, tmp_path, tracking_uri):
                          registered_model_name="", **TINY | {"img_size": 64, "epochs": 8})
     outcome = run_training(config, progress=False)
     assert outcome.test_metrics["roc_auc"] >= 0.9, outcome.test_metrics
+
+
+@pytest.mark.parametrize("tracking_uri", ["sqlite"], indirect=True)
+def test_same_seed_same_weights_with_augmentation_and_workers(demo_dataset, tmp_path, tracking_uri):
+    """albumentations ignores global seeds and DataLoader workers each hold a copy of it: both
+    are seeded, so a run repeats exactly on CPU, augmentation on, with 2 workers."""
+    config = TrainConfig(data_dir=str(demo_dataset), cache_dir=str(tmp_path / "cache"),
+                         registered_model_name="", rotation=10, translation=0.1, hflip=True,
+                         **TINY | {"num_workers": 2, "dataset_size": 120})
+    first, second = run_training(config, progress=False), run_training(config, progress=False)
+    np.testing.assert_array_equal(first.test_probabilities, second.test_probabilities)
+    for (name, one), (_, two) in zip(first.model.state_dict().items(),
+                                     second.model.state_dict().items(), strict=True):
+        assert torch.equal(one, two), name
+    assert first.history == second.history
+    other = run_training(dataclasses.replace(config, seed=1), progress=False)
+    assert not np.array_equal(first.test_probabilities[:5], other.test_probabilities[:5])
 
 
 def train_cli(*args: str, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
