@@ -127,8 +127,30 @@ class PromoteConfig:
     stage: str = option("None", "Move it to this stage (the previous holders are archived).",
                         ("None", "Staging", "Production", "Archived"))
     alias: str = option("", "Give it this alias (e.g. champion).")
-    if_better: str = option("", "Only if its test metric (e.g. roc_auc) beats the current "
-                            "holder's.")
+    if_better: str = option("", "Only if it beats every current holder on this evaluation "
+                            "metric (roc_auc, accuracy, balanced_accuracy, map, sensitivity, "
+                            "specificity: higher wins; ece, brier: lower wins), measured on "
+                            "the same data for both.")
+    evaluate_on: str = option("", "with if_better: a labelled SIIM-layout set to evaluate "
+                              "the candidate and the holders on first (existing evaluations "
+                              "of the same files are reused). '' = use existing evaluations.")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    model_uri: str = option("models:/covid-xray-densenet@champion", "The model to score: "
+                            "models:/<name>@<alias>, models:/<name>/<version or stage>, "
+                            "runs:/...")
+    data_dir: str = option("data", "A labelled SIIM-layout set: train/ and "
+                           "train_study_level.csv. Every usable study is scored.")
+    output: str = option("", "Also write the per-study predictions CSV here (it is always "
+                         "logged to the run).")
+    batch_size: int = option(16, "DICOMs per forward pass.")
+    resamples: int = option(1000, "Stratified bootstrap resamples for the 95% CIs.")
+    seed: int = option(0, "Seeds the bootstrap.")
+    cache_dir: str = option("cache", "Where file digests are remembered (shared with train).")
+    experiment_name: str = option("covid-xray", "MLflow experiment (a run started by "
+                                  "`mlflow run` keeps its own).")
 
 
 @dataclass(frozen=True)

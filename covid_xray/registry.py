@@ -1,4 +1,4 @@
-"""The model registry as users use it: load by stage or alias, promote (optionally if better).
+"""The model registry as users use it: load by stage or alias, move versions between them.
 
 MLflow 3 deprecates stages in favour of aliases, but people load `models:/<name>/Production`;
 we support both and keep MLflow's deprecation notices out of our users' output.
@@ -42,6 +42,27 @@ def load(model_uri: str) -> DicomClassifier:
     return model
 
 
+def resolve_version(model_uri: str):
+    """The registered version a `models:/` URI points at (by number, stage or alias), or None
+    for URIs outside the registry (runs:/, a folder, a bare logged model)."""
+    if not model_uri.startswith("models:/") or model_uri.startswith("models:/m-"):
+        return None
+    reference = model_uri.removeprefix("models:/")
+    client = MlflowClient()
+    try:
+        if "@" in reference:
+            return client.get_model_version_by_alias(*reference.split("@", 1))
+        name, _, which = reference.partition("/")
+        if which.isdigit():
+            return client.get_model_version(name, which)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            found = client.get_latest_versions(name, None if which == "latest" else [which])
+        return max(found, key=lambda version: int(version.version)) if found else None
+    except MlflowException:
+        return None
+
+
 def logged_model_id(version) -> str | None:
     """The MLflow 3 logged model behind a registered version (`m-...`), so evaluations can be
     linked to it. The registry does not always fill `model_id`; its `source` names it."""
@@ -57,32 +78,20 @@ class Promotion:
     message: str
 
 
-def promote(name: str, version: str, *, stage: str = "None", alias: str = "",
-            if_better: str = "") -> Promotion:
-    """Move `version` to `stage` (archiving the previous holders) and/or give it `alias`.
-
-    With `if_better`, a test metric name such as `roc_auc`, only when the candidate's run beat
-    every current holder of that stage / alias on it (higher is better); otherwise nothing
-    moves and the message says why.
-    """
+def check_move(stage: str, alias: str) -> None:
+    """Refuse a request that names no valid move, before any work is done."""
     if stage not in STAGES:
         raise UserError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
     if stage == "None" and not alias:
         raise UserError("nothing to do: give a stage (Staging, Production) and/or an alias")
+
+
+def promote(name: str, version: str, *, stage: str = "None", alias: str = "") -> Promotion:
+    """Move `version` to `stage` (archiving the previous holders) and/or give it `alias`.
+    Whether it should move is promotion.py's question; this only moves it."""
+    check_move(stage, alias)
     client = MlflowClient()
-    candidate = _version(client, name, version)
-
-    if if_better:
-        mine = _metric(client, candidate, if_better)
-        for holder in _holders(client, name, stage, alias):
-            if holder.version == candidate.version:
-                continue
-            theirs = _metric(client, holder, if_better)
-            if not mine > theirs:
-                return Promotion(False, f"not promoted: version {version} has {if_better} "
-                                        f"{mine:.4f}, current version {holder.version} has "
-                                        f"{theirs:.4f}")
-
+    candidate = get_version(client, name, version)
     moved = []
     if stage != "None":
         with warnings.catch_warnings():
@@ -96,31 +105,21 @@ def promote(name: str, version: str, *, stage: str = "None", alias: str = "",
     return Promotion(True, f"{name} version {version} -> {' and '.join(moved)}")
 
 
-def _version(client: MlflowClient, name: str, version: str):
+def get_version(client: MlflowClient, name: str, version: str):
     try:
         return client.get_model_version(name, str(version))
     except MlflowException:
         raise UserError(f"registered model {name!r} has no version {version}") from None
 
 
-def _holders(client: MlflowClient, name: str, stage: str, alias: str) -> list:
-    holders = []
+def holders(client: MlflowClient, name: str, stage: str, alias: str) -> list:
+    """The versions that hold `stage` (unless None or Archived) or `alias` now."""
+    found = []
     if stage not in ("None", "Archived"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            holders += client.get_latest_versions(name, [stage])
+            found += client.get_latest_versions(name, [stage])
     if alias:
         with contextlib.suppress(MlflowException):  # nobody holds the alias yet
-            holders.append(client.get_model_version_by_alias(name, alias))
-    return holders
-
-
-def _metric(client: MlflowClient, version, metric: str) -> float:
-    """The version's `test_<metric>` (or `<metric>`) from the run that trained it."""
-    run_id = version.run_id or version.tags.get("run_id")
-    metrics = client.get_run(run_id).data.metrics if run_id else {}
-    for key in (f"test_{metric}", metric):
-        if key in metrics:
-            return float(metrics[key])
-    raise UserError(f"version {version.version} of {version.name}: its run has no metric "
-                    f"test_{metric} (known: {', '.join(sorted(metrics)) or 'none'})")
+            found.append(client.get_model_version_by_alias(name, alias))
+    return found

@@ -135,15 +135,22 @@ def log_evaluation(evaluation: Evaluation, prefix: str, *, model_id: str | None 
 
 def log_manifest(table: pd.DataFrame, data_dir: Path, fingerprint: str) -> None:
     """The split manifest as the run's dataset input (and as a CSV artifact)."""
+    log_dataset(table, data_dir, fingerprint, name="siim-manifest", context="training",
+                targets="label")
+    mlflow.log_text(table.to_csv(index=False), "data/manifest.csv")
+
+
+def log_dataset(table: pd.DataFrame, data_dir: Path, fingerprint: str, *, name: str,
+                context: str, targets: str | None = None) -> mlflow.data.dataset.Dataset:
+    """`table` as a dataset input of the run, its digest taken from our data fingerprint."""
     with warnings.catch_warnings():
         # MLflow muses about how to read a folder source and about integer columns in the
-        # schema; neither matters for a manifest, and users should not see either.
+        # schema; neither matters here, and users should not see either.
         warnings.simplefilter("ignore", UserWarning)
         dataset = mlflow.data.from_pandas(table, source=str(data_dir.resolve()),
-                                          targets="label", name="siim-manifest",
-                                          digest=fingerprint[:16])
-        mlflow.log_input(dataset, context="training")
-    mlflow.log_text(table.to_csv(index=False), "data/manifest.csv")
+                                          targets=targets, name=name, digest=fingerprint[:16])
+        mlflow.log_input(dataset, context=context)
+    return dataset
 
 
 def log_model(python_model: DicomClassifier) -> mlflow.models.model.ModelInfo:

@@ -10,14 +10,14 @@ from covid_xray.config import PromoteConfig
 @options_from(PromoteConfig)
 @user_errors_as_one_line
 def main(**options: object) -> None:
-    """Promote VERSION of NAME to STAGE and/or ALIAS, optionally only if it is better."""
-    from covid_xray.registry import promote
+    """Promote VERSION of NAME to STAGE and/or ALIAS; with IF_BETTER, only if it beats every
+    current holder on an evaluation of the same data (EVALUATE_ON makes that evaluation)."""
+    from covid_xray.promotion import promote
 
     config = PromoteConfig(**options)
     if not config.version:
         raise click.UsageError("--version is required")
-    print(promote(config.name, config.version, stage=config.stage, alias=config.alias,
-                  if_better=config.if_better).message)
+    print(promote(config).message)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import yaml
 
 from covid_xray.config import (
     DownloadConfig,
+    EvaluateConfig,
     PredictConfig,
     PromoteConfig,
     TrainConfig,
@@ -26,7 +27,7 @@ def run_script(name: str, *args: str, cwd=ROOT) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize(("entry_point", "config"), [
     ("train", TrainConfig), ("main", TrainConfig), ("download", DownloadConfig),
-    ("promote", PromoteConfig), ("predict", PredictConfig)])
+    ("promote", PromoteConfig), ("predict", PredictConfig), ("evaluate", EvaluateConfig)])
 def test_mlproject_mirrors_the_config(entry_point, config):
     project = yaml.safe_load((ROOT / "MLproject").read_text())
     assert project["name"] == "covid-xray" and project["conda_env"] == "conda.yaml"
@@ -51,7 +52,7 @@ def test_mlproject_tune_takes_tune_and_train_options():
         assert f"--{name.replace('_', '-')} {{{name}}}" in declared["command"]
 
 
-@pytest.mark.parametrize("name", ["download", "train", "tune", "promote", "predict"])
+@pytest.mark.parametrize("name", ["download", "train", "tune", "promote", "predict", "evaluate"])
 def test_help(name):
     result = run_script(name, "--help")
     assert result.returncode == 0 and "Usage:" in result.stdout and "--" in result.stdout

@@ -11,9 +11,14 @@ import pytest
 from mlflow.tracking import MlflowClient
 from sklearn.dummy import DummyClassifier
 
+from covid_xray import tracking
+from covid_xray.config import PromoteConfig
 from covid_xray.errors import UserError
+from covid_xray.external import FINGERPRINT_TAG, MODEL_NAME_TAG, MODEL_VERSION_TAG
+from covid_xray.model import Classifier
+from covid_xray.promotion import promote
 from covid_xray.pyfunc import DicomClassifier
-from covid_xray.registry import load, promote
+from covid_xray.registry import load
 from tests.conftest import ROOT, clean_env
 
 
@@ -38,47 +43,107 @@ def stages(name: str) -> dict[str, str]:
 
 def test_stage_moves_archive_the_previous_holder(store):
     name = new_versions(store, [0.8, 0.9])
-    assert promote(name, "1", stage="Production").promoted
+    assert promote(PromoteConfig(name, "1", stage="Production")).promoted
     assert stages(name) == {"1": "Production", "2": "None"}
-    result = promote(name, "2", stage="Production")
+    result = promote(PromoteConfig(name, "2", stage="Production"))
     assert result.message == f"{name} version 2 -> stage Production"
     assert stages(name) == {"1": "Archived", "2": "Production"}
 
 
 def test_alias_moves(store):
     name = new_versions(store, [0.8, 0.9])
-    promote(name, "1", alias="champion")
+    promote(PromoteConfig(name, "1", alias="champion"))
     assert str(MlflowClient().get_model_version_by_alias(name, "champion").version) == "1"
-    promote(name, "2", alias="champion")
+    promote(PromoteConfig(name, "2", alias="champion"))
     assert str(MlflowClient().get_model_version_by_alias(name, "champion").version) == "2"
+
+
+def evaluated(name: str, version: str, fingerprint: str, **values: float) -> None:
+    """An evaluation run as `evaluate` logs it: tags naming the version and the data, and
+    eval_<metric> with a 95% interval of +-0.02."""
+    tags = {MODEL_NAME_TAG: name, MODEL_VERSION_TAG: version, FINGERPRINT_TAG: fingerprint}
+    with mlflow.start_run(tags=tags):
+        for metric, value in values.items():
+            mlflow.log_metrics({f"eval_{metric}": value, f"eval_{metric}_ci_low": value - 0.02,
+                                f"eval_{metric}_ci_high": value + 0.02})
 
 
 def test_if_better_promotes_only_a_better_candidate(store):
     name = new_versions(store, [0.9, 0.85, 0.95])
-    assert promote(name, "1", stage="Production", alias="champion").promoted
-    worse = promote(name, "2", stage="Production", alias="champion", if_better="roc_auc")
+    for version, auc in (("1", 0.90), ("2", 0.85), ("3", 0.95)):
+        evaluated(name, version, "fingerprint-a", roc_auc=auc)
+    assert promote(PromoteConfig(name, "1", stage="Production", alias="champion")).promoted
+    worse = promote(PromoteConfig(name, "2", stage="Production", alias="champion",
+                                  if_better="roc_auc"))
     assert not worse.promoted
-    assert worse.message == ("not promoted: version 2 has roc_auc 0.8500, current version 1 "
-                             "has 0.9000")
+    assert worse.message == (
+        "not promoted: version 2 has roc_auc 0.8500 (95% CI 0.8300-0.8700), version 1 has "
+        "0.9000 (95% CI 0.8800-0.9200) on the same data (fingerprint-)")
     assert stages(name) == {"1": "Production", "2": "None", "3": "None"}
-    better = promote(name, "3", stage="Production", alias="champion", if_better="roc_auc")
+    better = promote(PromoteConfig(name, "3", stage="Production", alias="champion",
+                                   if_better="roc_auc"))
     assert better.promoted
+    assert better.message.endswith(
+        "version 3 has roc_auc 0.9500 (95% CI 0.9300-0.9700), version 1 has 0.9000 (95% CI "
+        "0.8800-0.9200) on the same data (fingerprint-))")
     assert stages(name) == {"1": "Archived", "2": "None", "3": "Production"}
     assert str(MlflowClient().get_model_version_by_alias(name, "champion").version) == "3"
     # With no current holder there is nothing to beat.
-    assert promote(name, "2", stage="Staging", if_better="roc_auc").promoted
+    assert promote(PromoteConfig(name, "2", stage="Staging", if_better="roc_auc")).promoted
+
+
+def test_if_better_knows_which_way_is_better(store):
+    name = new_versions(store, [0.9, 0.9])
+    evaluated(name, "1", "same-data", ece=0.10, roc_auc=0.90)
+    evaluated(name, "2", "same-data", ece=0.30, roc_auc=0.92)
+    promote(PromoteConfig(name, "1", alias="champion"))
+    # A higher ECE is worse calibration: version 2 loses on it, though its AUC is higher.
+    assert not promote(PromoteConfig(name, "2", alias="champion", if_better="ece")).promoted
+    overlapping = promote(PromoteConfig(name, "2", alias="champion", if_better="roc_auc"))
+    assert overlapping.promoted and "the 95% intervals overlap" in overlapping.message
+    with pytest.raises(UserError, match="'val_loss' is not an evaluation metric"):
+        promote(PromoteConfig(name, "1", alias="champion", if_better="val_loss"))
+
+
+def test_if_better_refuses_evidence_that_is_not_comparable(store):
+    name = new_versions(store, [0.7, 0.99])  # own test splits: different data, never compared
+    promote(PromoteConfig(name, "1", stage="Production"))
+    with pytest.raises(UserError, match=r"^not comparable: versions 2 and 1 of .* have no "
+                                        r"evaluation on the same data .* -P evaluate_on=PATH"):
+        promote(PromoteConfig(name, "2", stage="Production", if_better="roc_auc"))
+    evaluated(name, "1", "hospital-a", roc_auc=0.8)
+    evaluated(name, "2", "hospital-b", roc_auc=0.9)
+    with pytest.raises(UserError, match="not comparable: versions 2 and 1"):
+        promote(PromoteConfig(name, "2", stage="Production", if_better="roc_auc"))
+    assert stages(name) == {"1": "Production", "2": "None"}
+
+
+def test_if_better_refuses_a_model_of_another_task(store):
+    name = new_versions(store, [0.9])
+    binary = load(f"models:/{name}/1")
+    four = Classifier(binary.model.network, ("negative", "typical", "indeterminate", "atypical"))
+    with mlflow.start_run():
+        info = tracking.log_model(DicomClassifier(four, binary.preprocessing))
+    MlflowClient().create_model_version(name, info.model_uri)
+    evaluated(name, "1", "same-data", roc_auc=0.8)
+    evaluated(name, "2", "same-data", roc_auc=0.9)
+    promote(PromoteConfig(name, "1", alias="champion"))
+    with pytest.raises(UserError, match=r"not comparable: the versions solve different tasks "
+                                        r"\(version 2: negative/typical/indeterminate/atypical, "
+                                        r"version 1: negative/positive\)"):
+        promote(PromoteConfig(name, "2", alias="champion", if_better="roc_auc"))
 
 
 def test_promote_errors(store):
     name = new_versions(store, [0.9])
     with pytest.raises(UserError, match=f"registered model '{name}' has no version 7"):
-        promote(name, "7", stage="Production")
-    with pytest.raises(UserError, match="its run has no metric test_sensitivity"):
-        promote(name, "1", stage="Production", if_better="sensitivity")
+        promote(PromoteConfig(name, "7", stage="Production"))
     with pytest.raises(UserError, match="nothing to do"):
-        promote(name, "1")
+        promote(PromoteConfig(name, "1"))
     with pytest.raises(UserError, match="stage must be one of"):
-        promote(name, "1", stage="production")
+        promote(PromoteConfig(name, "1", stage="production"))
+    with pytest.raises(UserError, match="evaluate_on goes with if_better"):
+        promote(PromoteConfig(name, "1", stage="Production", evaluate_on="data"))
 
 
 def test_load_by_stage_alias_and_version(store):
@@ -119,10 +184,13 @@ def test_promote_cli(store):
     refused = subprocess.run([*script, "--version", "2", "--stage", "Production",
                               "--if-better", "roc_auc"], env=env, capture_output=True, text=True,
                              timeout=300)
-    assert refused.returncode == 0 and refused.stdout.startswith("not promoted: version 2")
+    assert refused.returncode == 2
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert refused.stderr.startswith("error: not comparable: versions 2 and 1")
     missing = subprocess.run([*script, "--version", "9", "--alias", "x"], env=env,
                              capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines() == [
         f"error: registered model '{name}' has no version 9"]
     assert "FutureWarning" not in done.stderr + refused.stderr  # no deprecation noise
+    assert stages(name) == {"1": "Production", "2": "None"}

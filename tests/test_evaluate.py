@@ -1,0 +1,161 @@
+"""External validation: a registered model on another labelled set, logged with CIs and
+calibration; promotion on evaluations of the same files."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+from sklearn.metrics import roc_auc_score
+
+from covid_xray.config import EvaluateConfig, PromoteConfig
+from covid_xray.data import STUDY_CSV
+from covid_xray.external import FINGERPRINT_TAG, evaluate_model, read_labelled_set
+from covid_xray.promotion import find_evaluations, promote
+from covid_xray.registry import logged_model_id
+from covid_xray.synthetic import chest_image, write_dicom
+from tests.conftest import ROOT, clean_env
+
+CHAMPION = "models:/covid-xray-densenet@champion"
+
+
+@pytest.fixture
+def hospital(tiny_dataset, tmp_path):
+    """Another site's labelled set: tiny_dataset (44 usable studies) plus an MR study and an
+    unreadable file, both labelled."""
+    data_dir = tmp_path / "hospital"
+    shutil.copytree(tiny_dataset, data_dir)
+    image, _ = chest_image(np.random.default_rng(0), label=1, rows=48, cols=48)
+    mr = data_dir / "train" / "00000000000a" / "00000000000b" / "00000000000c.dcm"
+    mr.parent.mkdir(parents=True)
+    write_dicom(mr, np.round(image * 4095), modality="MR")
+    broken = data_dir / "train" / "00000000000d" / "00000000000e" / "00000000000f.dcm"
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(b"not a dicom" * 20)
+    with open(data_dir / STUDY_CSV, "a") as labels:
+        labels.write("00000000000a_study,0,1,0,0\n00000000000d_study,1,0,0,0\n")
+    return data_dir
+
+
+def test_evaluate_logs_cis_calibration_figures_and_links_to_the_model(store, hospital, tmp_path):
+    output = tmp_path / "out" / "predictions.csv"
+    outcome = evaluate_model(EvaluateConfig(
+        model_uri=CHAMPION, data_dir=str(hospital), resamples=200, output=str(output),
+        cache_dir=str(tmp_path / "cache")), progress=False)
+    client = MlflowClient()
+    run = client.get_run(outcome.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "evaluate-covid-xray-densenet-v1"
+    assert run.data.tags["model_uri"] == CHAMPION
+    assert run.data.tags["eval_model_version"] == "1"
+    assert run.data.tags[FINGERPRINT_TAG] == outcome.fingerprint
+    assert run.data.params["count/studies"] == "46"
+    assert run.data.params["count/scored"] == "44" and run.data.params["count/unreadable"] == "2"
+
+    # Unreadable files are rows with their error, counted, never scored.
+    predictions = pd.read_csv(output, dtype=str, keep_default_na=False)
+    assert len(predictions) == 46
+    errors = predictions.set_index("study_id").error
+    assert "modality MR is not a radiograph" in errors["00000000000a"]
+    assert "not a DICOM file" in errors["00000000000d"]
+    scored = predictions[predictions.error == ""]
+    truth = (scored.truth == "positive").to_numpy()
+    expected_auc = roc_auc_score(truth, scored.prob_positive.astype(float))
+    metrics = run.data.metrics
+    assert metrics["eval_roc_auc"] == pytest.approx(expected_auc)
+    for name in ("roc_auc", "accuracy", "balanced_accuracy", "map", "sensitivity",
+                 "specificity", "ece", "brier"):
+        assert metrics[f"eval_{name}_ci_low"] <= metrics[f"eval_{name}"] <= \
+            metrics[f"eval_{name}_ci_high"], name
+    assert {"eval_ap_negative", "eval_ap_positive"} <= set(metrics)
+    assert metrics["eval_map"] == pytest.approx(
+        (metrics["eval_ap_negative"] + metrics["eval_ap_positive"]) / 2)
+
+    artifacts = {item.path for item in client.list_artifacts(outcome.run_id, "figures")}
+    assert artifacts == {f"figures/{name}.png" for name in
+                         ("confusion_matrix", "per_class_prf1", "roc_curves", "reliability")}
+    logged = pd.read_csv(client.download_artifacts(outcome.run_id, "predictions.csv"), dtype=str,
+                         keep_default_na=False)
+    pd.testing.assert_frame_equal(logged, predictions)
+    (dataset_input,) = run.inputs.dataset_inputs
+    assert dataset_input.dataset.digest == outcome.fingerprint[:16]
+    assert {tag.value for tag in dataset_input.tags} == {"evaluation"}
+    # MLflow 3: the numbers appear on the registered version's logged model.
+    model_id = logged_model_id(client.get_model_version("covid-xray-densenet", "1"))
+    linked = {metric.key: metric.value for metric in client.get_logged_model(model_id).metrics}
+    assert linked["eval_roc_auc"] == pytest.approx(expected_auc)
+
+
+def test_fingerprint_follows_files_and_labels_not_the_model(hospital, tmp_path):
+    first = read_labelled_set(hospital, tmp_path / "cache", progress=False).fingerprint
+    assert read_labelled_set(hospital, tmp_path / "cache", progress=False).fingerprint == first
+    labels = (hospital / STUDY_CSV).read_text()
+    (hospital / STUDY_CSV).write_text(labels.replace("00000000000d_study,1,0,0,0",
+                                                     "00000000000d_study,0,1,0,0"))
+    relabelled = read_labelled_set(hospital, tmp_path / "cache", progress=False).fingerprint
+    assert relabelled != first
+    broken = next(hospital.glob("train/00000000000d/*/*.dcm"))
+    broken.write_bytes(b"other bytes" * 20)
+    assert read_labelled_set(hospital, tmp_path / "cache", progress=False).fingerprint not in (
+        first, relabelled)
+
+
+def test_promote_evaluates_on_one_set_and_reuses_evaluations(store, hospital):
+    client = MlflowClient()
+    source = client.get_model_version("covid-xray-densenet", "1").source
+    name = f"external-{uuid.uuid4().hex[:8]}"
+    client.create_registered_model(name)
+    for _ in range(2):  # the same weights twice: equal evidence, so no promotion
+        client.create_model_version(name, source)
+    promote(PromoteConfig(name, "1", alias="champion"))
+    config = PromoteConfig(name, "2", alias="champion", if_better="roc_auc",
+                           evaluate_on=str(hospital))
+    refused = promote(config, progress=False)
+    assert not refused.promoted
+    assert refused.message.startswith("not promoted: version 2 has roc_auc ")
+    assert refused.message.endswith("; the 95% intervals overlap, so the difference may be "
+                                    "chance")
+    evaluations = {version: find_evaluations(name, version) for version in ("1", "2")}
+    assert [len(found) for found in evaluations.values()] == [1, 1]
+    first, second = (found[0] for found in evaluations.values())
+    assert first.data.metrics["eval_roc_auc"] == second.data.metrics["eval_roc_auc"]
+    assert first.data.tags[FINGERPRINT_TAG] == second.data.tags[FINGERPRINT_TAG]
+    parent = client.get_run(first.data.tags["mlflow.parentRunId"])
+    assert parent.info.run_name == f"promote-{name}-v2"
+    # Asked again, the evaluations of the same files are reused, not repeated.
+    assert not promote(config, progress=False).promoted
+    assert [len(find_evaluations(name, version)) for version in ("1", "2")] == [1, 1]
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+
+
+def test_evaluate_cli_through_mlflow_run(store, hospital, tmp_path):
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("mlflow")), "run", str(ROOT),
+         "-e", "evaluate", "--env-manager", "local", "-P", f"data_dir={hospital}",
+         "-P", "resamples=100", "-P", f"cache_dir={tmp_path / 'cache'}"],
+        cwd=store["root"], env=clean_env(MLFLOW_TRACKING_URI=store["uri"]), capture_output=True,
+        text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "evaluated covid-xray-densenet version 1 on 44 studies" in done.stdout
+    assert "roc_auc" in done.stdout and "95% CI" in done.stdout
+    run = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                             filter_string="tags.eval_model_version = '1'",
+                             order_by=["attributes.start_time DESC"])[0]
+    assert run.info.status == "FINISHED" and "eval_ece" in run.data.metrics
+
+    bad = subprocess.run([sys.executable, str(ROOT / "entrypoints" / "evaluate.py"),
+                          "--model-uri", "models:/covid-xray-densenet@nobody",
+                          "--data-dir", str(hospital)],
+                         cwd=store["root"], env=clean_env(MLFLOW_TRACKING_URI=store["uri"]),
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [bad.stderr.strip()]
+    assert bad.stderr.startswith("error: cannot load model 'models:/covid-xray-densenet@nobody'")
