@@ -198,6 +198,9 @@ def run_study(config: TuneConfig, fixed: dict[str, Any]) -> optuna.Study:
             trial.set_user_attr("mlflow_parent_run_id", parent.info.run_id)
             trial_config = dataclasses.replace(base, **suggest(trial, space),
                                                registered_model_name="")
+            # The whole configuration, so register_best retrains exactly this one, even when
+            # the best trial ran on another worker with other fixed options.
+            trial.set_user_attr("train_config", dataclasses.asdict(trial_config))
 
             def report(row: dict[str, float]) -> None:
                 trial.report(row[config.metric], int(row["epoch"]))
@@ -226,7 +229,7 @@ def run_study(config: TuneConfig, fixed: dict[str, Any]) -> optuna.Study:
                            timeout=config.timeout or None, catch=(UserError,))
         _log_study(study, config)
         if config.register_best:
-            _retrain_best(study, base)
+            _retrain_best(study, base, config.metric)
     return study
 
 
@@ -261,15 +264,27 @@ def _log_study(study: optuna.Study, config: TuneConfig) -> None:
         tracking.log_figure(figure, f"optuna_{name}")
 
 
-def _retrain_best(study: optuna.Study, base: TrainConfig) -> None:
+def _retrain_best(study: optuna.Study, base: TrainConfig, metric: str) -> None:
+    """Retrain the best trial's exact configuration and seed, register it, and check that it
+    reproduced the trial's validation metric (it does on CPU: runs are deterministic)."""
     if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
         raise UserError("register_best: no completed trial to retrain")
-    best = dataclasses.replace(base, **study.best_params)
+    trial = study.best_trial
+    recorded = trial.user_attrs.get("train_config")
+    best = (TrainConfig(**recorded) if recorded else
+            dataclasses.replace(base, **trial.params))  # a study made before configs were kept
+    best = dataclasses.replace(best, registered_model_name=base.registered_model_name,
+                               stage=base.stage, alias=base.alias)
     outcome = run_training(best, nested=True, run_name="best-retrain", progress=False,
                            tags={"optuna_study": study.study_name,
-                                 "optuna_trial": str(study.best_trial.number)})
-    print(f"retrained trial {study.best_trial.number}'s configuration: run {outcome.run_id}, "
-          f"registered version {outcome.registered_version}")
+                                 "optuna_trial": str(trial.number)})
+    value = outcome.history[outcome.best_epoch - 1][metric]
+    mlflow.log_metric(f"best_retrain_{metric}", value)
+    verdict = ("reproduced" if math.isclose(value, trial.value, rel_tol=1e-6, abs_tol=1e-9)
+               else f"differs from the trial's {trial.value:.6f} (GPU kernels are not "
+                    "bitwise deterministic)")
+    print(f"retrained trial {trial.number}'s configuration: run {outcome.run_id}, {metric} "
+          f"{value:.6f} {verdict}; registered version {outcome.registered_version}")
 
 
 def _end_orphaned_runs(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:

@@ -80,7 +80,15 @@ def test_three_trial_study_nested_runs(demo_dataset, tmp_path):
     # register_best retrained the best configuration and registered it.
     retrain = [run for run in children if run.data.tags["mlflow.runName"] == "best-retrain"]
     assert len(retrain) == 1 and retrain[0].data.params["lr"] == str(study.best_params["lr"])
+    assert retrain[0].data.params["seed"] == str(study.best_trial.user_attrs["train_config"]["seed"])
     assert "registered covid-xray-densenet version 1" in out
+    # It reproduces the best trial's validation metric exactly (CPU runs are deterministic).
+    best_epoch = int(retrain[0].data.metrics["best_epoch"])
+    history = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(
+        retrain[0].info.run_id, "val_auc")
+    assert [point.value for point in history if point.step == best_epoch] == [study.best_value]
+    assert parent.data.metrics["best_retrain_val_auc"] == study.best_value
+    assert " reproduced; registered" in out
 
 
 def test_two_workers_share_a_sqlite_study(demo_dataset, tmp_path):
