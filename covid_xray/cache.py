@@ -11,11 +11,13 @@ and two processes filling one cache at once at worst both write the same bytes.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import multiprocessing
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +48,7 @@ class CacheParams:
 class BuildStats:
     decoded: int = 0  # files decoded by this build
     reused: int = 0  # files already in the cache
+    unreadable: dict[str, str] = field(default_factory=dict)  # path -> why it failed
 
 
 class ImageCache:
@@ -68,8 +71,10 @@ class ImageCache:
                     progress: bool = True) -> list[str]:
         """Each file's PatientID, read from its header only (a few KB, not the pixels) and
         remembered like the content digests, so a 6,000-study set is read once."""
-        return [self._remembered("patients", Path(path), read_patient_id) for path in tqdm(
-            dicom_paths, desc="reading patient ids", disable=not progress, leave=False)]
+        with self.writing():
+            return [self._remembered("patients", Path(path), read_patient_id) for path in
+                    tqdm(dicom_paths, desc="reading patient ids", disable=not progress,
+                         leave=False)]
 
     def build(
         self, dicom_paths: Sequence[str | os.PathLike], num_workers: int = 0,
@@ -77,35 +82,57 @@ class ImageCache:
     ) -> tuple[list[Path], BuildStats]:
         """Make sure every file has an entry; return the entry paths (same order) and counts.
 
-        Files that fail to decode do not stop the others; afterwards one error names how many
-        failed and the first failure, and everything decoded so far stays cached.
+        Files that fail to decode do not stop the others: they come back in
+        `stats.unreadable` (path -> reason), are listed in `<cache_dir>/unreadable.txt`, and the
+        caller decides whether that stops the run. Everything decoded stays cached.
         """
-        entries = [self.entry_path(path) for path in tqdm(
-            dicom_paths, desc="hashing DICOMs", disable=not progress, leave=False)]
-        todo = [(str(path), str(entry)) for path, entry in zip(dicom_paths, entries, strict=True)
-                if not entry.exists()]
-        stats = BuildStats(decoded=len(todo), reused=len(entries) - len(todo))
-        errors: list[str] = []
-        bar = tqdm(total=len(todo), desc=f"caching {self.params.folder_name}", unit="img",
-                   disable=not progress or not todo)
-        if num_workers > 0 and len(todo) > 1:
-            # spawn, not fork: the parent may hold torch/CUDA threads that do not survive fork.
-            context = multiprocessing.get_context("spawn")
-            with context.Pool(min(num_workers, len(todo))) as pool:
-                for error in pool.imap_unordered(_build_entry_star, self._jobs(todo),
-                                                 chunksize=4):
-                    errors += [error] if error else []
+        with self.writing():
+            entries = [self.entry_path(path) for path in tqdm(
+                dicom_paths, desc="hashing DICOMs", disable=not progress, leave=False)]
+            todo = [(str(path), str(entry)) for path, entry in
+                    zip(dicom_paths, entries, strict=True) if not entry.exists()]
+            stats = BuildStats(decoded=len(todo), reused=len(entries) - len(todo))
+            bar = tqdm(total=len(todo), desc=f"caching {self.params.folder_name}", unit="img",
+                       disable=not progress or not todo)
+            if num_workers > 0 and len(todo) > 1:
+                # spawn, not fork: the parent may hold torch/CUDA threads that do not survive.
+                context = multiprocessing.get_context("spawn")
+                with context.Pool(min(num_workers, len(todo))) as pool:
+                    for source, error in pool.imap_unordered(_build_entry_star,
+                                                             self._jobs(todo), chunksize=4):
+                        stats.unreadable |= {source: error} if error else {}
+                        bar.update()
+            else:
+                for job in self._jobs(todo):
+                    source, error = _build_entry_star(job)
+                    stats.unreadable |= {source: error} if error else {}
                     bar.update()
-        else:
-            for job in self._jobs(todo):
-                error = _build_entry_star(job)
-                errors += [error] if error else []
-                bar.update()
-        bar.close()
-        if errors:
-            raise UserError(f"{len(errors)} of {len(dicom_paths)} DICOMs could not be read "
-                            f"(the rest are cached); first: {sorted(errors)[0]}")
+            bar.close()
+            if stats.unreadable:
+                listing = "".join(f"{path}\t{reason}\n" for path, reason in
+                                  sorted(stats.unreadable.items()))
+                atomic_write(self.unreadable_list, lambda file: file.write(listing.encode()))
         return entries, stats
+
+    @property
+    def unreadable_list(self) -> Path:
+        """Where the last build listed the files it could not read (path, tab, reason)."""
+        return self.root / "unreadable.txt"
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """A cache folder that cannot be written (read-only, another user's, a full disk) is
+        the user's to fix: one line naming it, not a traceback. atomic_write has already
+        removed its temporary file, so nothing partial stays behind."""
+        try:
+            yield
+        except OSError as error:
+            if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC,
+                                   errno.EDQUOT):
+                raise
+            raise UserError(f"cannot write the image cache in {self.root} ({error.strerror}: "
+                            f"{error.filename or self.root}); set cache_dir to a writable "
+                            "folder with free space") from None
 
     def _jobs(self, todo: list[tuple[str, str]]) -> list[tuple[str, str, int, bool]]:
         return [(source, entry, self.params.img_size, self.params.apply_voi_lut)
@@ -148,13 +175,13 @@ def pixel_digest(entry: str | os.PathLike) -> str:
     return hashlib.blake2b(load_entry(entry).tobytes(), digest_size=16).hexdigest()
 
 
-def _build_entry_star(job: tuple[str, str, int, bool]) -> str | None:
-    """Decode one file into its entry; return the error message instead of raising, so one bad
-    file in a worker does not take the pool down."""
+def _build_entry_star(job: tuple[str, str, int, bool]) -> tuple[str, str | None]:
+    """Decode one file into its entry; return (file, error message or None) instead of
+    raising, so one bad file in a worker does not take the pool down."""
     source, entry, img_size, apply_voi_lut = job
     try:
         image = load_square(source, img_size, apply_voi_lut=apply_voi_lut)
     except DicomError as error:
-        return str(error)
+        return source, str(error)
     atomic_write(Path(entry), lambda file: np.save(file, image))
-    return None
+    return source, None

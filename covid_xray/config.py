@@ -68,6 +68,8 @@ class TrainConfig:
                                                                        "clahe"))
     apply_voi_lut: bool = option(True, "Apply each file's VOI LUT / window when present.")
     cache_dir: str = option("cache", "Decoded-image cache, shared by runs.")
+    skip_unreadable: bool = option(False, "Train without the studies whose DICOM cannot be "
+                                   "read (counted and logged) instead of stopping.")
     # --- augmentation (train split only; all off by default) ---
     rotation: float = option(0.0, "Random rotation, +- degrees.")
     scale: float = option(0.0, "Random zoom, factor in 1 +- scale.")

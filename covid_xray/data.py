@@ -44,7 +44,8 @@ def read_study_labels(csv_path: str | os.PathLike) -> pd.DataFrame:
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise UserError(f"{csv_path}: label file not found; {DOWNLOAD_HINT}")
-    with open(csv_path, newline="") as file:
+    # utf-8-sig: Excel saves CSVs with a byte-order mark, which would glue itself to "id".
+    with open(csv_path, newline="", encoding="utf-8-sig") as file:
         rows = list(csv.reader(file))
     expected = ["id", *CLASS_COLUMNS]
     if not rows or [name.strip() for name in rows[0]] != expected:
@@ -274,6 +275,7 @@ class Manifest:
     multi_image: list[str]
     missing_files: list[str]
     repeated_films: list[str]  # studies dropped as copies of another study's film
+    unreadable: list[str] = field(default_factory=list)  # dropped by skip_unreadable
 
     def counts(self) -> dict[str, int]:
         """Studies per split and class, e.g. {'train/negative': 120, ...}, patients, drops."""
@@ -287,6 +289,7 @@ class Manifest:
         counts["repeated_films"] = len(self.repeated_films)
         counts["dropped_multi_image"] = len(self.multi_image)
         counts["dropped_missing_file"] = len(self.missing_files)
+        counts["dropped_unreadable"] = len(self.unreadable)
         return counts
 
     def split(self, name: str) -> pd.DataFrame:
@@ -306,6 +309,7 @@ def build_manifest(
     split: str = "60,20,20",
     seed: int = 0,
     num_workers: int = 0,
+    skip_unreadable: bool = False,
     progress: bool = True,
 ) -> Manifest:
     """The whole data step: find studies -> patients (headers) -> select by patient -> decode
@@ -322,17 +326,27 @@ def build_manifest(
     selected = select_studies(studies.assign(group_id=assign_groups(studies)), num_classes,
                               dataset_size, seed)
 
-    entries, stats = cache.build([data_dir / path for path in selected.path],
-                                 num_workers=num_workers, progress=progress)
+    paths = [data_dir / path for path in selected.path]
+    entries, stats = cache.build(paths, num_workers=num_workers, progress=progress)
     if progress:
         print(f"{len(entries)} images: {stats.decoded} decoded, {stats.reused} from "
               f"{cache.folder}")
+    unreadable = [str(path) in stats.unreadable for path in paths]
+    if any(unreadable) and not skip_unreadable:
+        first = sorted(stats.unreadable.values())[0]
+        raise UserError(f"{sum(unreadable)} of {len(paths)} DICOMs could not be read (the rest "
+                        f"are cached; all are listed in {cache.unreadable_list}); first: "
+                        f"{first}; fix or remove them, or set skip_unreadable=true to train "
+                        "without those studies")
+    dropped_unreadable = sorted(selected.study_id[unreadable])
+    entries = [entry for entry, bad in zip(entries, unreadable, strict=True) if not bad]
+    selected = selected[[not bad for bad in unreadable]]
     selected = selected.assign(entry=entries, pixel_digest=[pixel_digest(e) for e in entries])
     selected = selected.assign(group_id=assign_groups(selected))
     selected, repeated = drop_repeated_films(selected)
     table = split_studies(selected, split, seed)
     manifest = Manifest(table[MANIFEST_COLUMNS], list(table.entry), data_dir, num_classes,
-                        found.multi_image, found.missing_files, repeated)
+                        found.multi_image, found.missing_files, repeated, dropped_unreadable)
     if progress:
         counts = manifest.counts()
         print(f"{len(table)} studies of {counts['patients']} patients "

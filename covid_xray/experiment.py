@@ -58,7 +58,8 @@ def prepare_data(config: TrainConfig, progress: bool = True) -> Manifest:
     cache = ImageCache(config.cache_dir, CacheParams(config.img_size, config.apply_voi_lut))
     return build_manifest(config.data_dir, cache, num_classes=config.num_classes,
                           dataset_size=config.dataset_size, split=config.split,
-                          seed=config.seed, num_workers=config.num_workers, progress=progress)
+                          seed=config.seed, num_workers=config.num_workers,
+                          skip_unreadable=config.skip_unreadable, progress=progress)
 
 
 def data_fingerprint(manifest: Manifest) -> str:
@@ -98,6 +99,8 @@ def run_training(
     loaders = _loaders(config, manifest, device)
     fingerprint = data_fingerprint(manifest)
 
+    # A name that says what ran (MLflow's random names repeat: seed_everything seeded them).
+    run_name = run_name or f"train-{config.model}-{config.img_size}px-s{config.seed}"
     with tracking.tracked_run(config.experiment_name, run_name=run_name, nested=nested) as run:
         if on_start is not None:
             on_start(run.info.run_id)

@@ -64,18 +64,48 @@ def load_space(path: str) -> dict[str, dict[str, Any]]:
 
 
 def check_space(space: object, source: str = "search space") -> None:
+    """Refuse, in one line, any space a trial would fail on: unknown names, missing keys,
+    empty or inverted ranges, log ranges through zero, choices a train option does not take."""
     if not isinstance(space, dict) or not space:
         raise UserError(f"{source}: must map train parameter names to distributions")
+    fields = {field.name: field for field in dataclasses.fields(TrainConfig)}
     for name, spec in space.items():
-        if name not in TRAIN_FIELDS:
+        if name not in fields:
             raise UserError(f"{source}: unknown search-space parameter {name!r}; train "
-                            f"parameters are {', '.join(sorted(TRAIN_FIELDS))}")
+                            f"parameters are {', '.join(sorted(fields))}")
         kind = spec.get("type") if isinstance(spec, dict) else None
         needed = {"float": {"low", "high"}, "int": {"low", "high"},
                   "categorical": {"choices"}}.get(kind)
         if needed is None or not needed <= set(spec):
             raise UserError(f"{source}: {name} needs type float/int (with low, high) or "
                             f"categorical (with choices), got {spec!r}")
+        if kind == "categorical":
+            _check_choices(name, spec["choices"], fields[name], source)
+            continue
+        low, high = spec["low"], spec["high"]
+        numbers = (int,) if kind == "int" else (int, float)
+        if not all(isinstance(v, numbers) and not isinstance(v, bool) for v in (low, high)):
+            raise UserError(f"{source}: {name} low and high must be {kind}s, got {low!r}, "
+                            f"{high!r}")
+        if low > high:
+            raise UserError(f"{source}: {name} has low {low} above high {high}")
+        if spec.get("log") and low <= 0:
+            raise UserError(f"{source}: {name} is searched on a log scale, so low must be "
+                            f"above 0, got {low}")
+
+
+def _check_choices(name: str, choices: object, field: dataclasses.Field, source: str) -> None:
+    """Every choice must be a value the train option accepts, as train would parse it."""
+    if not isinstance(choices, list) or not choices:
+        raise UserError(f"{source}: {name} choices must be a non-empty list, got {choices!r}")
+    allowed = field.metadata.get("choices")
+    expected = {"int": int, "float": (int, float), "bool": bool, "str": str}[str(field.type)]
+    for choice in choices:
+        wrong_type = not isinstance(choice, expected) or (
+            isinstance(choice, bool) and expected is not bool)
+        if wrong_type or (allowed and choice not in allowed):
+            what = f"one of {', '.join(allowed)}" if allowed else f"a {field.type}"
+            raise UserError(f"{source}: {name} choice {choice!r} is not {what}")
 
 
 def suggest(trial: optuna.Trial, space: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -180,8 +210,8 @@ def run_study(config: TuneConfig, fixed: dict[str, Any]) -> optuna.Study:
     base = dataclasses.replace(TrainConfig(), **fixed)
     direction = "minimize" if config.metric.endswith("loss") else "maximize"
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # we print one line per trial
+    tracking.check_tracking_server()  # before open_study: a failed start creates no files
     study = open_study(config, direction)
-    tracking.check_tracking_server()
     # Data problems are the user's to fix once, not a failure per trial; this also fills the
     # cache, so trials only read it (unless img_size or apply_voi_lut are searched).
     prepare_data(effective_config(base))

@@ -84,10 +84,70 @@ def test_bad_files_are_reported_and_the_rest_cached(tiny_dataset, tmp_path):
     bad.write_bytes(b"not a dicom at all" * 10)
     paths = [*dicoms(tiny_dataset)[:3], bad]
     cache = ImageCache(tmp_path / "cache", CacheParams(img_size=16))
-    with pytest.raises(UserError, match=r"1 of 4 DICOMs could not be read .*bad\.dcm: not a DICOM"):
-        cache.build(paths, progress=False)
+    entries, stats = cache.build(paths, num_workers=2, progress=False)
+    assert len(entries) == 4 and stats.decoded == 4
+    assert stats.unreadable == {str(bad): f"{bad}: not a DICOM file (no 'DICM' marker)"}
+    assert (tmp_path / "cache" / "unreadable.txt").read_text() == (
+        f"{bad}\t{bad}: not a DICOM file (no 'DICM' marker)\n")
     _, stats = cache.build(paths[:3], progress=False)
     assert stats.reused == 3
+
+
+def test_an_unwritable_cache_is_one_line(tiny_dataset, tmp_path):
+    """Root ignores file permissions, so the build runs as `nobody` against a folder it may
+    read but not write, as when cache_dir is another user's folder. The interpreter lives under
+    /root, which nobody cannot enter: the child warms up as root, then drops to nobody."""
+    import os
+    import shutil
+    import tempfile
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act as another user")
+    shared = Path(tempfile.mkdtemp(prefix="covid-xray-readonly-"))
+    try:
+        source = dicoms(tiny_dataset)[0]
+        shutil.copy(source, shared / "film.dcm")
+        (shared / "cache").mkdir()
+        for path in [shared, *shared.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)  # readable by all, writable by root
+        script = textwrap.dedent(f"""
+            import os, pwd, tempfile
+            from covid_xray.cache import CacheParams, ImageCache
+            from covid_xray.cli import user_errors_as_one_line
+            film = {str(shared / "film.dcm")!r}
+            ImageCache(tempfile.mkdtemp(), CacheParams(16)).build([film], progress=False)
+            nobody = pwd.getpwnam("nobody")
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            user_errors_as_one_line(lambda: ImageCache({str(shared / "cache")!r},
+                CacheParams(16)).build([film], progress=False))()
+        """)
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                              timeout=120, cwd=ROOT)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.strip().splitlines() == [
+            f"error: cannot write the image cache in {shared / 'cache'} (Permission denied: "
+            f"{shared / 'cache' / 'digests'}); set cache_dir to a writable folder with free space"]
+        assert list((shared / "cache").rglob("*")) == []  # nothing partial left
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tiny_dataset, tmp_path, monkeypatch):
+    """ENOSPC mid-write: the temporary file goes, the error names the folder."""
+    import errno
+
+    import covid_xray.cache as cache_module
+
+    def full(path, image):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    cache = ImageCache(tmp_path / "cache", CacheParams(img_size=16))
+    monkeypatch.setattr(cache_module.np, "save", full)
+    with pytest.raises(UserError, match=r"cannot write the image cache in .*No space left"):
+        cache.build(dicoms(tiny_dataset)[:2], progress=False)
+    assert not list((tmp_path / "cache").rglob("*.npy")) and not list(
+        (tmp_path / "cache").rglob("*.tmp"))
 
 
 def test_two_processes_share_one_cache_dir(tiny_dataset, tmp_path):

@@ -195,6 +195,30 @@ def test_manifest_splits_by_patient_and_keeps_one_copy_of_each_film(tmp_path):
         assert sum(value == film for value in pixels.values()) == 1
 
 
+def test_unreadable_files_are_counted_listed_and_can_be_skipped(tiny_dataset, tmp_path):
+    data_dir = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data_dir)
+    studies = find_studies(data_dir).studies
+    broken = [data_dir / path for path in studies.path[:2]]
+    for path in broken:
+        path.write_bytes(b"scanner crashed" * 10)
+    cache = ImageCache(tmp_path / "cache", CacheParams(16))
+    with pytest.raises(UserError) as caught:
+        build_manifest(data_dir, cache, num_classes=4, progress=False)
+    message = str(caught.value)
+    assert message.startswith(f"2 of {len(studies)} DICOMs could not be read (the rest are "
+                              f"cached; all are listed in {tmp_path / 'cache' / 'unreadable.txt'})")
+    assert message.endswith("or set skip_unreadable=true to train without those studies")
+    listed = (tmp_path / "cache" / "unreadable.txt").read_text().splitlines()
+    assert sorted(line.split("\t")[0] for line in listed) == sorted(map(str, broken))
+
+    manifest = build_manifest(data_dir, cache, num_classes=4, skip_unreadable=True,
+                              progress=False)
+    assert len(manifest.table) == len(studies) - 2
+    assert manifest.unreadable == sorted(studies.study_id[:2])
+    assert manifest.counts()["dropped_unreadable"] == 2
+
+
 def test_placeholder_patient_id_is_refused(tmp_path):
     data_dir = tmp_path / "data"
     rows = []
@@ -215,6 +239,13 @@ def test_image_level_csv_is_read_when_present(tiny_dataset):
     assert len(images) == 48 + 4
     assert images.image_id.str.fullmatch(r"[0-9a-f]{12}").all()
     assert read_image_labels(tiny_dataset / "absent.csv") is None
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path):
+    """Excel writes UTF-8 CSVs with a BOM; it must not make 'id' unrecognisable."""
+    (tmp_path / STUDY_CSV).write_bytes(("\ufeff" + HEADER + "aaa_study,0,1,0,0\n").encode())
+    assert read_study_labels(tmp_path / STUDY_CSV).to_dict("list") == {
+        "study_id": ["aaa"], "siim_class": [1]}
 
 
 @pytest.mark.parametrize(

@@ -49,6 +49,7 @@ def test_train_logs_registers_and_reloads(demo_dataset, tmp_path, tracking_uri):
     client = MlflowClient()
     run = client.get_run(outcome.run_id)
     assert run.info.status == "FINISHED"
+    assert run.info.run_name == "train-none-32px-s0"  # says what ran, not a seeded random name
 
     # Every option is a param, plus the data description.
     for field in dataclasses.fields(TrainConfig):

@@ -3,6 +3,7 @@ after a killed worker, and clear errors."""
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +13,8 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
+from covid_xray.errors import UserError
+from covid_xray.tune import DEFAULT_SPACE, check_space, load_space
 from tests.conftest import ROOT, clean_env
 
 TINY = ["--model", "none", "--img-size", "32", "--epochs", "2", "--num-workers", "0",
@@ -181,6 +184,38 @@ def test_unknown_search_space_parameter(demo_dataset, tmp_path):
         f"error: {space}: unknown search-space parameter 'learning_rate'; train parameters are "
         + err.split("train parameters are ")[1].strip()]
     assert not (tmp_path / "mlflow.db").exists() or not runs_of(tmp_path)
+
+
+@pytest.mark.parametrize(("space", "message"), [
+    ("lr: {type: float, low: 0.01, high: 0.001}", "lr has low 0.01 above high 0.001"),
+    ("lr: {type: float, low: 0, high: 0.1, log: true}",
+     "lr is searched on a log scale, so low must be above 0, got 0"),
+    ("epochs: {type: int, low: 1, high: 2.5}", "epochs low and high must be ints"),
+    ("optimizer: {type: categorical, choices: [adamw]}",
+     "optimizer choice 'adamw' is not one of adam, sgd, rmsprop"),
+    ("hflip: {type: categorical, choices: [yes, 1]}", "hflip choice 1 is not a bool"),
+    ("batch_size: {type: categorical, choices: [16, '32']}", "batch_size choice '32' is not a int"),
+    ("batch_size: {type: categorical, choices: []}", "batch_size choices must be a non-empty list"),
+])
+def test_a_space_trials_would_fail_on_is_refused_up_front(tmp_path, space, message):
+    (tmp_path / "space.yaml").write_text(space + "\n")
+    with pytest.raises(UserError, match=f"^{tmp_path / 'space.yaml'}: {re.escape(message)}"):
+        load_space(str(tmp_path / "space.yaml"))
+
+
+def test_the_default_space_is_valid():
+    check_space(DEFAULT_SPACE)
+
+
+def test_impossible_choice_fails_before_any_trial(demo_dataset, tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("optimizer: {type: categorical, choices: [adamw]}\n")
+    worker = tune_worker(tmp_path, demo_dataset, "--space", str(space))
+    out, err = worker.communicate(timeout=300)
+    assert worker.returncode == 2, out + err
+    assert err.strip().splitlines() == [
+        f"error: {space}: optimizer choice 'adamw' is not one of adam, sgd, rmsprop"]
+    assert not (tmp_path / "optuna.db").exists()
 
 
 def test_pruned_runs_end_killed(tmp_path, monkeypatch):
