@@ -6,6 +6,11 @@ bytes, base64: what REST clients send to `mlflow models serve`). It returns one 
 with `prob_<class>` columns, `label` (the most probable class) and `error` (empty when fine): a
 file that cannot be read becomes a row with its error, not a failed request.
 
+Served over REST (`mlflow models serve`) it reads `dicom_base64` only: a `path` would make the
+server open whatever file a client names. An operator may allow paths under one folder by
+setting COVID_XRAY_SERVE_PATH_ROOT. Failed rows then carry null probabilities (JSON has no
+NaN), and a request without any DICOM is an HTTP 400 that says so.
+
 Preprocessing is `preprocess.Preprocessing`, stored inside the model, so predictions see images
 exactly as training did. The torch module stays reachable:
 `mlflow.pyfunc.load_model(uri).unwrap_python_model().model`.
@@ -16,15 +21,19 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import os
 import tempfile
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import mlflow
 import numpy as np
 import pandas as pd
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, Schema
 
 from covid_xray.errors import DicomError, UserError
@@ -33,6 +42,16 @@ from covid_xray.preprocess import Preprocessing
 from covid_xray.synthetic import chest_image, write_dicom
 
 INPUT_COLUMNS = ("path", "dicom_base64")
+# Served, `path` is accepted only when the operator names a folder here (paths inside it only).
+PATH_ROOT_VARIABLE = "COVID_XRAY_SERVE_PATH_ROOT"
+
+
+class BadInput(UserError, MlflowException):
+    """A request the model cannot answer at all: a one-line error in process, an HTTP 400
+    whose message says what is wrong when served."""
+
+    def __init__(self, message: str):
+        MlflowException.__init__(self, message, error_code=INVALID_PARAMETER_VALUE)
 
 
 class DicomClassifier(mlflow.pyfunc.PythonModel):
@@ -50,13 +69,31 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
     def predict(self, context: Any, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> pd.DataFrame:
         frame = pd.DataFrame(model_input)
-        column = next((name for name in INPUT_COLUMNS if name in frame.columns), None)
-        if column is None:
-            raise UserError(f"input needs a column named {' or '.join(INPUT_COLUMNS)}, got "
-                            f"{list(frame.columns)}")
-        inputs, errors = self.prepare(_open(column, value, row)
+        served = _served()
+        # Served over REST, a `path` would make the server open files its clients name (and
+        # tell them which exist): only base64 bytes, unless the operator names a root folder.
+        allowed = INPUT_COLUMNS if not served or os.environ.get(PATH_ROOT_VARIABLE) else (
+            "dicom_base64",)
+        column = next((name for name in INPUT_COLUMNS if name in frame.columns
+                       and frame[name].notna().any()), None)
+        if column not in allowed:
+            # (Served, MLflow has already dropped columns outside the signature: a request with
+            # only other columns arrives as no rows at all.)
+            found = f"columns {list(frame.columns)}" if len(frame.index) else "no rows"
+            hint = (f"; this server reads files only under a root folder its operator sets in "
+                    f"{PATH_ROOT_VARIABLE}" if column == "path" else "")
+            raise BadInput(f"input needs a column named {' or '.join(allowed)} with at least "
+                           f"one DICOM, got {found}{hint}")
+        inputs, errors = self.prepare(_open(column, value, row, served)
                                       for row, value in enumerate(frame[column]))
-        return self.result_frame(self.probabilities(inputs), errors)
+        result = self.result_frame(self.probabilities(inputs), errors)
+        if served:
+            # JSON has no NaN (browsers' JSON.parse rejects the whole reply): failed rows get
+            # null probabilities. In process they stay NaN, pandas' missing value.
+            for name in self.class_names:
+                values = result[f"prob_{name}"]
+                result[f"prob_{name}"] = values.astype(object).where(values.notna(), None)
+        return result
 
     def prepare(self, sources: Iterable) -> tuple[list[np.ndarray | None], list[str]]:
         """Model inputs for DICOM sources (paths, binary files, or a DicomError already
@@ -120,10 +157,17 @@ def example_input() -> pd.DataFrame:
         return pd.DataFrame({"dicom_base64": [encode_dicom(path)]})
 
 
-def _open(column: str, value: Any, row: int):
-    """A path, or an in-memory file named after its row so errors say which input failed."""
+def _open(column: str, value: Any, row: int, served: bool = False):
+    """A path, or an in-memory file named after its row so errors say which input failed.
+    Served, a path must lie under the operator's root folder."""
     if column == "path":
-        return str(value)
+        if not served:
+            return str(value)
+        root = Path(os.environ[PATH_ROOT_VARIABLE]).resolve()
+        path = (root / str(value)).resolve()  # an absolute value stays absolute
+        if not path.is_relative_to(root):
+            return DicomError(f"row {row}: path is outside the folder this server reads")
+        return str(path)
     try:
         file = io.BytesIO(base64.b64decode(str(value), validate=True))
     except (binascii.Error, ValueError):
@@ -131,3 +175,9 @@ def _open(column: str, value: Any, row: int):
         return DicomError(f"row {row}: dicom_base64 is not valid base64")
     file.name = f"row {row}"
     return file
+
+
+def _served() -> bool:
+    """Whether this process is `mlflow models serve` (MLflow sets this flag in its scoring
+    server, and while validating a model's example request as the server would)."""
+    return os.environ.get("_MLFLOW_IS_IN_SERVING_ENVIRONMENT", "").lower() == "true"

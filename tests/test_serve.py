@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -14,15 +16,26 @@ from covid_xray.synthetic import write_dicom
 from tests.conftest import REAL_DICOM, clean_env, free_port, serving
 
 
-@pytest.fixture
-def served_model(store, tmp_path):
+def serve(store: dict, log: Path, **env: str):
     port = free_port()
     command = [str(Path(sys.executable).with_name("mlflow")), "models", "serve",
                "-m", "models:/covid-xray-densenet/Production", "--env-manager", "local",
                "-h", "127.0.0.1", "-p", str(port)]
-    with serving(command, f"http://127.0.0.1:{port}", "/ping", tmp_path / "serve.log",
-                 env=clean_env(MLFLOW_TRACKING_URI=store["uri"])) as url:
+    return serving(command, f"http://127.0.0.1:{port}", "/ping", log,
+                   env=clean_env(MLFLOW_TRACKING_URI=store["uri"], **env))
+
+
+@pytest.fixture
+def served_model(store, tmp_path):
+    with serve(store, tmp_path / "serve.log") as url:
         yield url
+
+
+def strict_json(response: requests.Response):
+    """Parse as a browser's JSON.parse would: NaN and Infinity are not JSON."""
+    def refuse(constant: str):
+        raise ValueError(f"not JSON: {constant}")
+    return json.loads(response.text, parse_constant=refuse)
 
 
 def test_serve_answers_a_real_dicom(served_model, tmp_path):
@@ -32,7 +45,7 @@ def test_serve_answers_a_real_dicom(served_model, tmp_path):
                                          [encode_dicom(str(tmp_path / "mr.dcm"))]]}}
     response = requests.post(f"{served_model}/invocations", json=body, timeout=60)
     assert response.status_code == 200, response.text
-    rows = response.json()["predictions"]
+    rows = strict_json(response)["predictions"]  # failed rows carry null, never NaN
     assert len(rows) == 3
     good, bad, mr = rows
     assert good["error"] == "" and good["label"] in ("negative", "positive")
@@ -41,3 +54,36 @@ def test_serve_answers_a_real_dicom(served_model, tmp_path):
     # A chest X-ray model refuses an MR image, naming its modality, instead of scoring it.
     assert mr["error"] == ("row 2: modality MR is not a radiograph (CR, DX); this model reads "
                            "chest X-rays only") and mr["label"] == ""
+    assert bad["prob_negative"] is None and bad["prob_positive"] is None
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ({"dataframe_split": {"columns": ["image"], "data": [["x"]]}},
+     "input needs a column named dicom_base64 with at least one DICOM, got no rows"),
+    ({"dataframe_records": []},
+     "input needs a column named dicom_base64 with at least one DICOM, got no rows"),
+    ({"dataframe_split": {"columns": ["path"], "data": [["/etc/passwd"]]}},
+     "input needs a column named dicom_base64 with at least one DICOM, got columns ['path']; "
+     "this server reads files only under a root folder its operator sets in "
+     "COVID_XRAY_SERVE_PATH_ROOT"),
+])
+def test_bad_requests_are_400_saying_why(served_model, body, message):
+    response = requests.post(f"{served_model}/invocations", json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    assert message in strict_json(response)["message"]
+    assert "passwd" not in response.text.replace("/etc/passwd", "")  # nothing about the file
+
+
+def test_paths_only_under_the_operators_root(store, tmp_path):
+    root = tmp_path / "films"
+    root.mkdir()
+    shutil.copy(REAL_DICOM, root / "chest.dcm")
+    with serve(store, tmp_path / "serve.log", COVID_XRAY_SERVE_PATH_ROOT=str(root)) as url:
+        body = {"dataframe_split": {"columns": ["path"], "data": [
+            ["chest.dcm"], [str(root / "chest.dcm")], ["/etc/passwd"], ["../films/../../x.dcm"]]}}
+        response = requests.post(f"{url}/invocations", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    rows = strict_json(response)["predictions"]
+    assert [row["error"] for row in rows[:2]] == ["", ""]
+    assert rows[2]["error"] == "row 2: path is outside the folder this server reads"
+    assert rows[3]["error"] == "row 3: path is outside the folder this server reads"
