@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from covid_xray import lifecycle
 from covid_xray.dicom import read_patient_id
 from covid_xray.errors import DicomError, UserError
 from covid_xray.files import atomic_write
@@ -102,11 +103,13 @@ class ImageCache:
                                                              self._jobs(todo), chunksize=4):
                         stats.unreadable |= {source: error} if error else {}
                         bar.update()
+                        lifecycle.pause_point("cache")
             else:
                 for job in self._jobs(todo):
                     source, error = _build_entry_star(job)
                     stats.unreadable |= {source: error} if error else {}
                     bar.update()
+                    lifecycle.pause_point("cache")
             bar.close()
             if stats.unreadable:
                 listing = "".join(f"{path}\t{reason}\n" for path, reason in

@@ -10,24 +10,31 @@ from typing import Any
 
 import click
 
+from covid_xray import lifecycle
 from covid_xray.errors import UserError
 
 USER_ERROR_EXIT = 2
 
 
 def user_errors_as_one_line(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a Click command body: a `UserError` prints `error: <message>` and exits 2.
+    """Wrap a Click command body: a `UserError` prints `error: <message>` and exits 2; a stop
+    (Ctrl-C, SIGTERM, the parent `mlflow run` dying) ends the run KILLED and exits 128+signal.
 
     Anything else is a bug and keeps its traceback.
     """
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        lifecycle.handle_stops()  # first: before any data, file or run is touched
         try:
             return command(*args, **kwargs)
         except UserError as error:
             click.echo(f"error: {error}", err=True)
             sys.exit(USER_ERROR_EXIT)
+        except KeyboardInterrupt:
+            run_id = lifecycle.end_started_run()
+            click.echo("stopped" + (f"; run {run_id} ended KILLED" if run_id else ""), err=True)
+            sys.exit(lifecycle.exit_code())
 
     return wrapper
 

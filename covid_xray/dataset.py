@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 from collections.abc import Sequence
 
 import albumentations as A
@@ -22,7 +23,7 @@ def build_augmentation(config: AugmentConfig, seed: int) -> A.Compose | None:
 
     Applied to float images in [0, 1], before scaling to the model's range: albumentations
     clips float pixels to [0, 1], which would destroy [-1024, 1024] inputs. It keeps its own
-    random state and ignores global seeds, hence `seed` here (and `seed_worker` in workers).
+    random state and ignores global seeds, hence `seed` here (and `init_worker` in workers).
     """
     if not config.enabled:
         return None
@@ -51,11 +52,18 @@ def reseed(pipeline: A.Compose, seed: int) -> None:
     pipeline.set_random_state(np.random.default_rng(seed), random.Random(seed))
 
 
-def seed_worker(worker_id: int) -> None:
-    """`worker_init_fn` for DataLoaders: reseed this worker's copy of the augmentation (and
-    numpy, random) from the seed torch gives the worker. That seed is the loader's seeded
-    generator's draw plus the worker id, so a run repeats exactly with the same seed and
-    num_workers, and two workers never replay each other's augmentations."""
+def init_worker(worker_id: int) -> None:
+    """`worker_init_fn` for DataLoaders.
+
+    Reseeds this worker's copy of the augmentation (and numpy, random) from the seed torch
+    gives the worker: the loader's seeded generator's draw plus the worker id, so a run repeats
+    exactly with the same seed and num_workers, and two workers never replay each other's
+    augmentations. And leaves stopping to the main process: a SIGTERM to the process group
+    (timeout, a scheduler) would otherwise kill workers under it mid-batch, and the main
+    process would print their deaths as tracebacks while it ends the run KILLED.
+    """
+    for number in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(number, signal.SIG_IGN)  # torch's watchdog ends us with the parent
     info = torch.utils.data.get_worker_info()
     seed = info.seed % 2**32
     random.seed(seed)

@@ -18,11 +18,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from covid_xray import metrics, tracking
+from covid_xray import lifecycle, metrics, tracking
 from covid_xray.cache import CacheParams, ImageCache
 from covid_xray.config import XRV_WEIGHTS, TrainConfig
 from covid_xray.data import CLASS_NAMES, Manifest, build_manifest
-from covid_xray.dataset import XrayDataset, build_augmentation, seed_worker
+from covid_xray.dataset import XrayDataset, build_augmentation, init_worker
 from covid_xray.errors import UserError
 from covid_xray.evaluation import evaluate
 from covid_xray.model import XRV_INPUT_SIZE, Classifier, build
@@ -94,6 +94,7 @@ def run_training(
     seed_everything(config.seed)
     network = build(config.model, config.num_classes, config.drop_rate, config.weights_dir)
 
+    lifecycle.pause_point("data")
     manifest = prepare_data(config, progress)
     class_names = CLASS_NAMES[config.num_classes]
     loaders = _loaders(config, manifest, device)
@@ -181,7 +182,7 @@ def _loaders(config: TrainConfig, manifest: Manifest,
             persistent_workers=config.num_workers > 0,
             pin_memory=device.type == "cuda",
             generator=torch.Generator().manual_seed(config.seed),
-            worker_init_fn=seed_worker,
+            worker_init_fn=init_worker,
         )
     return by_split
 

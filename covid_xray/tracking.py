@@ -28,7 +28,7 @@ import requests
 from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 
-from covid_xray import pyfunc, registry
+from covid_xray import lifecycle, pyfunc, registry
 from covid_xray.errors import RunStopped, UserError
 from covid_xray.evaluation import Evaluation
 from covid_xray.pyfunc import DicomClassifier
@@ -67,7 +67,7 @@ def tracked_run(experiment_name: str, run_name: str | None = None,
         mlflow.set_experiment(experiment_name)
     previous_handler = None
     if not nested and _in_main_thread():
-        previous_handler = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+        previous_handler = signal.signal(signal.SIGTERM, lifecycle.raise_stop)
     run = mlflow.start_run(run_name=run_name, nested=nested)
     try:
         yield run
@@ -177,10 +177,18 @@ def log_model(python_model: DicomClassifier) -> mlflow.models.model.ModelInfo:
 
 def register_model(model_uri: str, name: str, tags: dict[str, str], stage: str = "None",
                    alias: str = "") -> str:
-    """Register `model_uri` as a new version of `name`, tag it, move it; return the version."""
-    version = str(mlflow.register_model(model_uri, name, tags=tags).version)
-    if stage != "None" or alias:
-        print(registry.promote(name, version, stage=stage, alias=alias).message)
+    """Register `model_uri` as a new version of `name`, tag it, move it; return the version.
+
+    All or nothing: stop signals are held meanwhile, and one that came removes the new
+    version again before it is let through (a stopped run registers nothing)."""
+    with lifecycle.stops_deferred():
+        version = str(mlflow.register_model(model_uri, name, tags=tags).version)
+        lifecycle.pause_point("register")
+        if lifecycle.stop_pending():
+            MlflowClient().delete_model_version(name, version)
+            print(f"stopped while registering: version {version} of {name} removed")
+        elif stage != "None" or alias:
+            print(registry.promote(name, version, stage=stage, alias=alias).message)
     return version
 
 
@@ -211,10 +219,6 @@ def _quiet_logger(name: str) -> Iterator[None]:
         yield
     finally:
         logger.setLevel(previous_level)
-
-
-def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _in_main_thread() -> bool:

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from covid_xray import lifecycle
 from covid_xray.errors import UserError
 from covid_xray.metrics import epoch_metrics
 
@@ -171,6 +172,7 @@ def train_one_epoch(
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         stepper.scaler.step(optimizer)
         stepper.scaler.update()
+        lifecycle.pause_point("epoch")
         loss_sum += loss.item() * len(targets)
         labels.append(targets.cpu())
         outputs.append(torch.softmax(logits.detach().float(), dim=1).cpu())

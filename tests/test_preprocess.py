@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from covid_xray.config import AugmentConfig
-from covid_xray.dataset import XrayDataset, build_augmentation, seed_worker
+from covid_xray.dataset import XrayDataset, build_augmentation, init_worker
 from covid_xray.errors import UserError
 from covid_xray.preprocess import (
     crop_square,
@@ -102,7 +102,7 @@ def augmented_epochs(entries, seed: int, num_workers: int, epochs: int = 2) -> l
                                       seed=seed)
     dataset = XrayDataset(entries, [0] * len(entries), augmentation=augmentation)
     loader = DataLoader(dataset, batch_size=2, shuffle=True, num_workers=num_workers,
-                        persistent_workers=num_workers > 0, worker_init_fn=seed_worker,
+                        persistent_workers=num_workers > 0, worker_init_fn=init_worker,
                         generator=torch.Generator().manual_seed(seed))
     return [torch.cat([images for images, _ in loader]).numpy() for _ in range(epochs)]
 

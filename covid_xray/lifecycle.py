@@ -1,0 +1,113 @@
+"""How a command stops. Ctrl-C, a SIGTERM (kill, timeout, systemd, a batch scheduler) or the
+death of the `mlflow run` process that started us: each ends the MLflow run KILLED, registers
+nothing, and leaves no process behind.
+
+Why this needs care: `mlflow run` starts us as a child (`bash -c` execs python). When only the
+`mlflow run` process is stopped, the child was reparented to PID 1 and trained on, and the run
+`mlflow run` had created stayed RUNNING. So every entry point calls `handle_stops()` first:
+stop signals become KeyboardInterrupt (which `tracking.tracked_run` turns into KILLED), the
+kernel sends us SIGTERM when our parent dies (Linux `PR_SET_PDEATHSIG`), and a stop that comes
+before our own run context still ends the run `mlflow run` created (`end_started_run`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# Test hook: a process started with COVID_XRAY_PAUSE_AT=<point> says "paused at <point>" there
+# and waits for a stop signal, so tests can stop it at an exact phase (before data, while
+# caching, mid-epoch, while registering). Unset, `pause_point` costs one dict lookup.
+PAUSE_VARIABLE = "COVID_XRAY_PAUSE_AT"
+_received: list[int] = []  # the stop signals that arrived, for the exit code
+_held: list[list[int]] = []  # signals recorded inside each active stops_deferred()
+
+
+def handle_stops() -> None:
+    """Turn stop signals into KeyboardInterrupt and die with the parent process."""
+    for number in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(number, raise_stop)
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+
+
+def exit_code() -> int:
+    """128 + the signal that stopped us (130 for Ctrl-C), as shells report it."""
+    return 128 + (_received[-1] if _received else int(signal.SIGINT))
+
+
+def end_started_run() -> str | None:
+    """End the run `mlflow run` created for us (MLFLOW_RUN_ID) as KILLED if it is still
+    RUNNING; return its id. Never raises: the tracking server may be what went away.
+
+    Further stop signals are ignored from here on: a stopped `mlflow run` also signals its
+    child, so a second SIGTERM often follows the first and must not cut this cleanup short."""
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return None
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient()
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, "KILLED")
+    except Exception as error:  # stopping must not fail on a tracking hiccup
+        print(f"could not mark run {run_id} KILLED: {type(error).__name__}: {error}",
+              file=sys.stderr)
+    return run_id
+
+
+def stop_pending() -> bool:
+    """A stop signal arrived while stops were deferred."""
+    return bool(_held and _held[-1])
+
+
+@contextlib.contextmanager
+def stops_deferred() -> Iterator[None]:
+    """Hold stop signals during a step that must not be cut in half (registering a model
+    version): they are recorded, not acted on, and the stop happens when the step ends. The
+    step checks `stop_pending()` to undo itself first. (Not pthread_sigmask: Python runs its
+    handlers for a signal that any thread receives, and torch and MLflow keep threads.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {number: signal.signal(number, lambda number, frame: held.append(number))
+                for number in STOP_SIGNALS}
+    _held.append(held)
+    try:
+        yield
+    finally:
+        _held.pop()
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        if held:
+            _received.append(held[0])
+            raise KeyboardInterrupt(f"signal {signal.Signals(held[0]).name}")
+
+
+def pause_point(name: str) -> None:
+    """The test hook (see PAUSE_VARIABLE): wait here, up to 2 minutes, for a stop."""
+    if os.environ.get(PAUSE_VARIABLE) != name:
+        return
+    print(f"paused at {name}", flush=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not stop_pending():
+        time.sleep(0.05)  # a stop that is not deferred raises KeyboardInterrupt in here
+
+
+def raise_stop(number: int, frame: object) -> None:
+    """Signal handler: a stop is a KeyboardInterrupt, which every run context ends KILLED."""
+    _received.append(number)
+    raise KeyboardInterrupt(f"signal {signal.Signals(number).name}")
