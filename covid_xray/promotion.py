@@ -48,6 +48,7 @@ def direction(metric: str) -> int:
 def promote(config: PromoteConfig, progress: bool = True) -> Promotion:
     """Move `config.version` as asked; with `if_better`, only if it wins on the evidence."""
     registry.check_move(config.stage, config.alias)
+    tracking.check_tracking_server()
     if not config.if_better:
         if config.evaluate_on:
             raise UserError("evaluate_on goes with if_better (the metric to compare on)")

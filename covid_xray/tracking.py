@@ -42,11 +42,13 @@ MODEL_REQUIREMENTS = ("torch", "torchvision", "torchxrayvision", "numpy", "panda
 
 
 def check_tracking_server() -> str:
-    """Fail fast, before any training, when a remote tracking server does not answer."""
+    """Fail fast, before any data or file work, when a remote tracking server does not
+    answer: MLflow's own client retries for about four minutes and then may blame something
+    else (a missing model version). Every entry point that talks to MLflow calls this first."""
     uri = mlflow.get_tracking_uri()
     if uri.startswith(("http://", "https://")):
         try:
-            response = requests.get(f"{uri.rstrip('/')}/health", timeout=10)
+            response = requests.get(f"{uri.rstrip('/')}/health", timeout=(5, 10))
             response.raise_for_status()
         except requests.RequestException as error:
             raise UserError(f"MLflow tracking server {uri} is unreachable "

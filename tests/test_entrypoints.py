@@ -74,3 +74,30 @@ def test_download_bad_input_is_one_line(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "error: synthetic data needs num_studies >= 1 and image_size >= 16"]
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("name", "args"), [
+    ("train", ["--data-dir", "DATA", "--model", "none"]),
+    ("tune", ["--data-dir", "DATA", "--model", "none", "--n-trials", "1"]),
+    ("predict", ["--input", "DATA/train"]),
+    ("evaluate", ["--data-dir", "DATA"]),
+    ("promote", ["--version", "1", "--alias", "champion"]),
+    ("promote", ["--version", "1", "--alias", "champion", "--if-better", "roc_auc"]),
+])
+def test_no_tracking_server_is_one_line_within_seconds(tiny_dataset, tmp_path, name, args):
+    """MLflow's client retries for ~4 minutes (predict, promote did; promote then blamed a
+    missing version). A closed port on this machine must fail at once, naming the URI, and
+    leave no file behind (tune used to create optuna.db first)."""
+    from tests.conftest import clean_env, free_port
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    command = [sys.executable, str(ROOT / "entrypoints" / f"{name}.py"),
+               *[arg.replace("DATA", str(tiny_dataset)) for arg in args]]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=90,
+                          env=clean_env(MLFLOW_TRACKING_URI=uri))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines() == [
+        f"error: MLflow tracking server {uri} is unreachable (ConnectionError); start it (e.g. "
+        "`mlflow server --host 127.0.0.1`) or unset MLFLOW_TRACKING_URI to use the local "
+        "mlflow.db"]
+    assert list(tmp_path.iterdir()) == []  # no cache, optuna.db or CSV was started
