@@ -180,8 +180,10 @@ class TuneConfig:
                           "~/.pgpass or $OPTUNA_STORAGE). '' = $OPTUNA_STORAGE, else "
                           "optuna.db beside the tracking store.")
     study_name: str = option("covid-xray", "Study to create, or join when it exists.")
-    sampler_seed: int = option(0, "TPE sampler seed (workers joining later are offset by the "
-                               "number of trials already in the study).")
+    sampler_seed: int = option(-1, "TPE sampler seed. -1: a fresh seed for each worker "
+                               "(logged), so workers started together explore different "
+                               "configurations; >= 0: that seed, offset by the trials already "
+                               "in the study, so a single-worker study repeats exactly.")
     register_best: bool = option(False, "Retrain the best configuration and register it as "
                                  "train does.")
     heartbeat: int = option(30, "Seconds between a worker's liveness signals; a trial silent "

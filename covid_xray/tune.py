@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import secrets
 import time
 import warnings
 from pathlib import Path
@@ -19,8 +20,10 @@ from typing import Any
 
 import mlflow
 import optuna
+import requests
 import sqlalchemy
 import yaml
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from covid_xray import tracking
@@ -159,10 +162,11 @@ def storage_url(config: TuneConfig) -> str:
     return os.environ.get("OPTUNA_STORAGE") or default_storage()
 
 
-def open_study(config: TuneConfig, direction: str, attempts: int = 5) -> optuna.Study:
-    """Create the study, or join it. Workers starting together on an empty database race to
-    create Optuna's tables (PostgreSQL then reports a unique violation): the loser waits and
-    tries again, finding the tables made."""
+def open_study(config: TuneConfig, direction: str,
+               attempts: int = 5) -> tuple[optuna.Study, int]:
+    """Create the study, or join it; return it with this worker's sampler seed. Workers
+    starting together on an empty database race to create Optuna's tables (PostgreSQL then
+    reports a unique violation): the loser waits and tries again, finding the tables made."""
     url = storage_url(config)
     for attempt in range(1, attempts + 1):
         try:
@@ -179,25 +183,42 @@ def open_study(config: TuneConfig, direction: str, attempts: int = 5) -> optuna.
         raise UserError(f"cannot open Optuna storage {safe_url(url)}: {reason}") from None
 
 
-def _create_or_load_study(config: TuneConfig, url: str, direction: str) -> optuna.Study:
+def _create_or_load_study(config: TuneConfig, url: str,
+                          direction: str) -> tuple[optuna.Study, int]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry_once = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
+
+        def on_lost_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            _end_orphaned_runs(study, trial)
+            retry_once(study, trial)  # queue its configuration again, once
+
         storage = optuna.storages.RDBStorage(
             url,
             engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite")
             else {"pool_pre_ping": True},
             heartbeat_interval=config.heartbeat,
             grace_period=3 * config.heartbeat,
-            heartbeat_stale_trial_callback=_end_orphaned_runs,
+            heartbeat_stale_trial_callback=on_lost_trial,
         )
     existing = {s.study_name: s.n_trials for s in optuna.get_all_study_summaries(storage)}
-    return optuna.create_study(
+    seed = sampler_seed(config, existing.get(config.study_name, 0))
+    study = optuna.create_study(
         study_name=config.study_name, storage=storage, direction=direction,
-        load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(
-            seed=config.sampler_seed + existing.get(config.study_name, 0)),
+        load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=seed),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
     )
+    return study, seed
+
+
+def sampler_seed(config: TuneConfig, trials_so_far: int) -> int:
+    """The TPE seed for this worker. TPE's first trials are random draws from this seed, so
+    workers sharing a seed (the old default, for workers started together) run the same
+    configurations. Default: a fresh seed per worker, logged so a run can be traced. An
+    explicit seed, offset by the trials already in the study, repeats a single-worker study."""
+    if config.sampler_seed < 0:
+        return secrets.randbelow(2**31)
+    return config.sampler_seed + trials_so_far
 
 
 def run_study(config: TuneConfig, fixed: dict[str, Any]) -> optuna.Study:
@@ -209,9 +230,11 @@ def run_study(config: TuneConfig, fixed: dict[str, Any]) -> optuna.Study:
     space = {name: spec for name, spec in space.items() if name not in fixed}
     base = dataclasses.replace(TrainConfig(), **fixed)
     direction = "minimize" if config.metric.endswith("loss") else "maximize"
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # we print one line per trial
+    # We print one line per trial, failures included (Optuna's own carry a traceback).
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     tracking.check_tracking_server()  # before open_study: a failed start creates no files
-    study = open_study(config, direction)
+    study, seed = open_study(config, direction)
+    print(f"study {config.study_name}: this worker's sampler seed is {seed}")
     # Data problems are the user's to fix once, not a failure per trial; this also fills the
     # cache, so trials only read it (unless img_size or apply_voi_lut are searched).
     prepare_data(effective_config(base))
@@ -221,6 +244,7 @@ def run_study(config: TuneConfig, fixed: dict[str, Any]) -> optuna.Study:
         tracking.log_params({f"tune/{key}": value for key, value in
                              dataclasses.asdict(config).items() if key != "storage"}
                             | {"tune/storage": safe_url(storage_url(config)),
+                               "tune/sampler_seed_used": seed,
                                "tune/space": yaml.safe_dump(space, sort_keys=True)}
                             | {f"fixed/{key}": value for key, value in fixed.items()})
 
@@ -238,26 +262,42 @@ def run_study(config: TuneConfig, fixed: dict[str, Any]) -> optuna.Study:
                     mlflow.set_tag("trial_state", "PRUNED")
                     raise TrialPruned(f"pruned at epoch {int(row['epoch'])}")
 
+            retry_of = _retried_trial_number(trial)  # a lost worker's trial, run again
             outcome = run_training(
                 trial_config, nested=True, register=False, on_epoch=report,
                 run_name=f"trial-{trial.number}",
-                tags={"optuna_study": config.study_name, "optuna_trial": str(trial.number)},
+                tags={"optuna_study": config.study_name, "optuna_trial": str(trial.number)}
+                | ({"optuna_retry_of": str(retry_of)} if retry_of is not None else {}),
                 on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id),
                 progress=False)
             value = outcome.history[outcome.best_epoch - 1][config.metric]
-            MlflowClient().set_tag(outcome.run_id, "trial_state", "COMPLETE")
-            if math.isnan(value):
+            if math.isnan(value):  # Optuna fails the trial: say so in its run too
+                MlflowClient().set_tag(outcome.run_id, "trial_state", "FAIL")
                 raise UserError(f"trial {trial.number}: {config.metric} is NaN (a validation "
                                 "split without both classes?); use more studies")
+            MlflowClient().set_tag(outcome.run_id, "trial_state", "COMPLETE")
             print(f"trial {trial.number}: {config.metric} {value:.4f} with "
                   f"{ {k: trial.params[k] for k in sorted(trial.params)} }")
             return value
 
+        failures: list[str] = []  # this worker's failed trials, for the verdict below
+
+        def recorded(trial: optuna.Trial) -> float:
+            try:
+                return objective(trial)
+            except UserError as error:
+                failures.append(str(error))
+                print(f"trial {trial.number} failed: {error}")
+                raise
+
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.optimize(objective, n_trials=config.n_trials,
+            study.optimize(recorded, n_trials=config.n_trials,
                            timeout=config.timeout or None, catch=(UserError,))
         _log_study(study, config)
+        if failures and len(failures) == config.n_trials:
+            raise UserError(f"all {len(failures)} trials of this worker failed; first: "
+                            f"{failures[0]}")
         if config.register_best:
             _retrain_best(study, base, config.metric)
     return study
@@ -317,12 +357,35 @@ def _retrain_best(study: optuna.Study, base: TrainConfig, metric: str) -> None:
           f"{value:.6f} {verdict}; registered version {outcome.registered_version}")
 
 
+def _retried_trial_number(trial: optuna.Trial) -> int | None:
+    """The trial this one retries (Optuna records it on the frozen trial only)."""
+    running = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    frozen = next((t for t in running if t.number == trial.number), None)
+    if frozen is None:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
+
+
 def _end_orphaned_runs(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    """A worker died mid-trial: end its runs as KILLED so none stays RUNNING forever."""
+    """A worker died mid-trial: end its runs as KILLED so none stays RUNNING forever.
+
+    Runs on whichever worker notices, inside Optuna's bookkeeping: anything the tracking side
+    throws (a run this worker's store does not know, a server briefly down) is one line, and
+    the study carries on."""
     client = MlflowClient()
     for key in ("mlflow_run_id", "mlflow_parent_run_id"):
         run_id = trial.user_attrs.get(key)
-        if run_id and client.get_run(run_id).info.status == "RUNNING":
-            client.set_tag(run_id, "trial_state", "FAIL (worker lost)")
-            client.set_terminated(run_id, "KILLED")
-    print(f"trial {trial.number} lost its worker: marked FAIL, its MLflow runs KILLED")
+        if not run_id:
+            continue
+        try:
+            if client.get_run(run_id).info.status == "RUNNING":
+                client.set_tag(run_id, "trial_state", "FAIL (worker lost)")
+                client.set_terminated(run_id, "KILLED")
+        except (MlflowException, requests.RequestException, OSError) as error:
+            reason = str(getattr(error, "message", error)).strip().splitlines()[0]
+            print(f"trial {trial.number}: could not end its MLflow run {run_id} ({reason}); "
+                  "carrying on")
+    print(f"trial {trial.number} lost its worker: marked FAIL, its MLflow runs KILLED, "
+          "its configuration queued once more")

@@ -149,11 +149,69 @@ def test_killed_worker_is_cleaned_up_and_study_resumes(demo_dataset, tmp_path):
     assert "trial 0 lost its worker: marked FAIL, its MLflow runs KILLED" in out
     study = optuna.load_study(study_name="resume", storage=storage)
     assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"]
+    # The lost configuration is not dropped: it was queued again, once, and ran as trial 1.
+    lost, retry = study.trials
+    assert retry.system_attrs["failed_trial"] == 0 and retry.params == lost.params
     runs = runs_of(tmp_path)
     assert not [run for run in runs if run.info.status == "RUNNING"]
     killed = {run.data.tags.get("mlflow.runName"): run.info.status for run in runs
               if run.info.status == "KILLED"}
     assert killed == {"trial-0": "KILLED", "study-resume": "KILLED"}
+    (retry_run,) = [run for run in runs if run.data.tags.get("mlflow.runName") == "trial-1"]
+    assert retry_run.data.tags["optuna_retry_of"] == "0" and retry_run.info.status == "FINISHED"
+
+
+def test_nan_objective_fails_the_trial_in_optuna_and_mlflow_alike(demo_dataset, tmp_path):
+    """4 classes, a 3% validation split: it lacks the rarest class, so val_auc is NaN."""
+    worker = tune_worker(tmp_path, demo_dataset, "--n-trials", "1", "--study-name", "nan",
+                         "--num-classes", "4", "--split", "94,3,3", "--epochs", "1")
+    _, err = worker.communicate(timeout=600)
+    assert worker.returncode == 2  # every trial of the worker failed: that is not a success
+    assert err.strip().splitlines()[-1] == (  # after the data step's progress bars
+        "error: all 1 trials of this worker failed; first: trial 0: val_auc is NaN (a "
+        "validation split without both classes?); use more studies")
+    assert "Traceback" not in err
+    study = optuna.load_study(study_name="nan", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert [trial.state.name for trial in study.trials] == ["FAIL"]
+    (trial_run,) = [run for run in runs_of(tmp_path) if run.data.tags["mlflow.runName"] == "trial-0"]
+    assert trial_run.data.tags["trial_state"] == "FAIL"
+
+
+def test_orphan_cleanup_survives_an_unknown_run(tmp_path, monkeypatch, capsys):
+    """The worker that notices a lost trial may not know its runs (another tracking store),
+    or the server may blink: one line, and the study carries on."""
+    import mlflow
+
+    from covid_xray.tune import _end_orphaned_runs
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'm.db'}")
+    trial = optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, params={},
+                                      distributions={}, user_attrs={
+                                          "mlflow_run_id": "0123456789abcdef0123456789abcdef"})
+    _end_orphaned_runs(None, trial)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == (f"trial {trial.number}: could not end its MLflow run "
+                      "0123456789abcdef0123456789abcdef (Run with id=0123456789abcdef0123456789abcdef "
+                      "not found); carrying on")
+    mlflow.set_tracking_uri(None)
+
+
+def test_workers_started_together_explore_different_configurations(demo_dataset, tmp_path):
+    """Three workers, default seeds, one study: TPE's first trials are random draws from the
+    sampler seed, so equal seeds meant the same configuration three times."""
+    workers = [tune_worker(tmp_path, demo_dataset, "--n-trials", "1", "--study-name", "together",
+                           "--epochs", "1") for _ in range(3)]
+    outputs = [finish(worker)[0] for worker in workers]
+    seeds = {line.rsplit(" ", 1)[1] for out in outputs for line in out.splitlines()
+             if "sampler seed is" in line}
+    assert len(seeds) == 3
+    study = optuna.load_study(study_name="together", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert len(study.trials) == 3
+    configurations = {tuple(sorted(trial.params.items())) for trial in study.trials}
+    assert len(configurations) == 3
+    parents = [run for run in runs_of(tmp_path) if run.data.tags["mlflow.runName"] == "study-together"]
+    assert {run.data.params["tune/sampler_seed_used"] for run in parents} == seeds
 
 
 @pytest.mark.parametrize(("args", "message"), [
