@@ -99,6 +99,8 @@ class TrainConfig:
     # --- tracking ---
     experiment_name: str = option("covid-xray", "MLflow experiment (a run started by "
                                   "`mlflow run` keeps its own).")
+    system_metrics: bool = option(True, "Log CPU, memory and (with CUDA) GPU utilisation as "
+                                  "MLflow system metrics, every 10 s.")
     registered_model_name: str = option("covid-xray-densenet", "Registry name for the model "
                                         "('' = do not register).")
     stage: str = option("None", "Move the new version to this stage.", ("None", "Staging",

@@ -102,7 +102,8 @@ def run_training(
 
     # A name that says what ran (MLflow's random names repeat: seed_everything seeded them).
     run_name = run_name or f"train-{config.model}-{config.img_size}px-s{config.seed}"
-    with tracking.tracked_run(config.experiment_name, run_name=run_name, nested=nested) as run:
+    with tracking.tracked_run(config.experiment_name, run_name=run_name, nested=nested,
+                              system_metrics=config.system_metrics) as run:
         if on_start is not None:
             on_start(run.info.run_id)
         commit = tracking.git_commit()

@@ -59,18 +59,19 @@ def check_tracking_server() -> str:
 
 
 @contextlib.contextmanager
-def tracked_run(experiment_name: str, run_name: str | None = None,
-                nested: bool = False) -> Iterator[mlflow.ActiveRun]:
+def tracked_run(experiment_name: str, run_name: str | None = None, nested: bool = False,
+                system_metrics: bool = False) -> Iterator[mlflow.ActiveRun]:
     """An MLflow run that always ends with a status: FINISHED, FAILED, or KILLED on Ctrl-C,
     SIGTERM (what `mlflow run` and job schedulers send) or a deliberate `RunStopped`. Never
-    left RUNNING."""
+    left RUNNING. `system_metrics` samples CPU, memory and GPU use into the run (psutil,
+    nvidia-ml-py): the way to see DICOM decoding starve a GPU."""
     _create_sqlite_store_once()
     if "MLFLOW_RUN_ID" not in os.environ and not nested:
         mlflow.set_experiment(experiment_name)
     previous_handler = None
     if not nested and _in_main_thread():
         previous_handler = signal.signal(signal.SIGTERM, lifecycle.raise_stop)
-    run = mlflow.start_run(run_name=run_name, nested=nested)
+    run = mlflow.start_run(run_name=run_name, nested=nested, log_system_metrics=system_metrics)
     try:
         yield run
     except (KeyboardInterrupt, RunStopped):

@@ -40,7 +40,8 @@ def tracking_uri(request, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("tracking_uri", ["sqlite", "server"], indirect=True)
-def test_train_logs_registers_and_reloads(demo_dataset, tmp_path, tracking_uri):
+def test_train_logs_registers_and_reloads(demo_dataset, tmp_path, tracking_uri, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # the run lasts seconds
     name = f"covid-xray-test-{os.getpid()}-{time.monotonic_ns()}"
     config = TrainConfig(data_dir=str(demo_dataset), cache_dir=str(tmp_path / "cache"),
                          experiment_name="e2e", registered_model_name=name, stage="Staging",
@@ -75,6 +76,9 @@ def test_train_logs_registers_and_reloads(demo_dataset, tmp_path, tracking_uri):
                    "recall_positive", "f1_positive"):
         assert f"test_{metric}" in run.data.metrics
     assert run.data.metrics["test_roc_auc"] == pytest.approx(outcome.test_metrics["roc_auc"])
+    # System metrics (on by default): what the machine did while it trained.
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(
+        run.data.metrics)
     for metric in ("roc_auc", "accuracy", "balanced_accuracy", "map", "sensitivity",
                    "specificity", "ece", "brier"):
         low, high = (run.data.metrics[f"test_{metric}_ci_{end}"] for end in ("low", "high"))
