@@ -190,3 +190,6 @@ class TuneConfig:
                                  "train does.")
     heartbeat: int = option(30, "Seconds between a worker's liveness signals; a trial silent "
                             "for 3x this is failed and its MLflow runs marked KILLED.")
+    workers: int = option(1, "Worker processes on this machine, all on the one study "
+                          "(n_trials counts them all). With CUDA, worker k gets GPU k mod "
+                          "#GPUs; on CPU the cores are divided between them.")

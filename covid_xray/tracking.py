@@ -26,6 +26,7 @@ import mlflow
 import pandas as pd
 import requests
 from matplotlib.figure import Figure
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from covid_xray import lifecycle, pyfunc, registry
@@ -43,35 +44,49 @@ MODEL_REQUIREMENTS = ("torch", "torchvision", "torchxrayvision", "numpy", "panda
 
 def check_tracking_server() -> str:
     """Fail fast, before any data or file work, when a remote tracking server does not
-    answer: MLflow's own client retries for about four minutes and then may blame something
-    else (a missing model version). Every entry point that talks to MLflow calls this first."""
+    answer or refuses our login: MLflow's own client retries for about four minutes and then
+    may blame something else (a missing model version). Every entry point that talks to MLflow
+    calls this first."""
     uri = mlflow.get_tracking_uri()
-    if uri.startswith(("http://", "https://")):
-        try:
-            response = requests.get(f"{uri.rstrip('/')}/health", timeout=(5, 10))
-            response.raise_for_status()
-        except requests.RequestException as error:
-            raise UserError(f"MLflow tracking server {uri} is unreachable "
-                            f"({type(error).__name__}); start it (e.g. `mlflow server --host "
-                            "127.0.0.1`) or unset MLFLOW_TRACKING_URI to use the local "
-                            "mlflow.db") from None
+    if not uri.startswith(("http://", "https://")):
+        return uri
+    try:
+        response = requests.get(f"{uri.rstrip('/')}/health", timeout=(5, 10))
+        response.raise_for_status()
+    except requests.RequestException as error:
+        raise UserError(f"MLflow tracking server {uri} is unreachable "
+                        f"({type(error).__name__}); start it (e.g. `mlflow server --host "
+                        "127.0.0.1`) or unset MLFLOW_TRACKING_URI to use the local "
+                        "mlflow.db") from None
+    try:  # /health needs no login: one small authenticated call tells a bad password now
+        MlflowClient().search_experiments(max_results=1)
+    except MlflowException as error:
+        status = error.get_http_status_code()
+        if status not in (401, 403):
+            raise
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME", "")
+        who = f"user {user!r}" if user else "an anonymous user (no MLFLOW_TRACKING_USERNAME)"
+        raise UserError(f"MLflow tracking server {uri} refused {who} (HTTP {status}); check "
+                        "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD") from None
     return uri
 
 
 @contextlib.contextmanager
 def tracked_run(experiment_name: str, run_name: str | None = None, nested: bool = False,
-                system_metrics: bool = False) -> Iterator[mlflow.ActiveRun]:
+                system_metrics: bool = False,
+                parent_run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
     """An MLflow run that always ends with a status: FINISHED, FAILED, or KILLED on Ctrl-C,
     SIGTERM (what `mlflow run` and job schedulers send) or a deliberate `RunStopped`. Never
     left RUNNING. `system_metrics` samples CPU, memory and GPU use into the run (psutil,
     nvidia-ml-py): the way to see DICOM decoding starve a GPU."""
-    _create_sqlite_store_once()
+    create_store_once()
     if "MLFLOW_RUN_ID" not in os.environ and not nested:
         mlflow.set_experiment(experiment_name)
     previous_handler = None
     if not nested and _in_main_thread():
         previous_handler = signal.signal(signal.SIGTERM, lifecycle.raise_stop)
-    run = mlflow.start_run(run_name=run_name, nested=nested, log_system_metrics=system_metrics)
+    run = mlflow.start_run(run_name=run_name, nested=nested, parent_run_id=parent_run_id,
+                           log_system_metrics=system_metrics)
     try:
         yield run
     except (KeyboardInterrupt, RunStopped):
@@ -87,7 +102,7 @@ def tracked_run(experiment_name: str, run_name: str | None = None, nested: bool 
             signal.signal(signal.SIGTERM, previous_handler)
 
 
-def _create_sqlite_store_once() -> None:
+def create_store_once() -> None:
     """MLflow creates and migrates a new sqlite store on first use; two workers doing that at
     once collide ("duplicate column name"). Let one at a time do it, under a file lock."""
     uri = mlflow.get_tracking_uri()

@@ -48,6 +48,13 @@ DEFAULT_SPACE: dict[str, dict[str, Any]] = {
     "batch_size": {"type": "categorical", "choices": [16, 32, 64]},
 }
 TRAIN_FIELDS = {field.name for field in dataclasses.fields(TrainConfig)}
+# Set by `-P workers=N` (parallel.py) for its workers: nest each worker's run under the command's.
+PARENT_RUN_VARIABLE = "COVID_XRAY_PARENT_RUN_ID"
+
+
+def direction(metric: str) -> str:
+    """Optuna's direction for a validation metric: losses go down, the rest up."""
+    return "minimize" if metric.endswith("loss") else "maximize"
 
 
 class TrialPruned(optuna.TrialPruned, RunStopped):
@@ -229,18 +236,17 @@ def run_study(config: TuneConfig, fixed: dict[str, Any]) -> optuna.Study:
         raise UserError(f"unknown train parameter(s): {', '.join(sorted(unknown))}")
     space = {name: spec for name, spec in space.items() if name not in fixed}
     base = dataclasses.replace(TrainConfig(), **fixed)
-    direction = "minimize" if config.metric.endswith("loss") else "maximize"
     # We print one line per trial, failures included (Optuna's own carry a traceback).
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     tracking.check_tracking_server()  # before open_study: a failed start creates no files
-    study, seed = open_study(config, direction)
+    study, seed = open_study(config, direction(config.metric))
     print(f"study {config.study_name}: this worker's sampler seed is {seed}")
     # Data problems are the user's to fix once, not a failure per trial; this also fills the
     # cache, so trials only read it (unless img_size or apply_voi_lut are searched).
     prepare_data(effective_config(base))
 
-    with tracking.tracked_run(base.experiment_name, run_name=f"study-{config.study_name}") \
-            as parent:
+    with tracking.tracked_run(base.experiment_name, run_name=f"study-{config.study_name}",
+                              parent_run_id=os.environ.get(PARENT_RUN_VARIABLE)) as parent:
         tracking.log_params({f"tune/{key}": value for key, value in
                              dataclasses.asdict(config).items() if key != "storage"}
                             | {"tune/storage": safe_url(storage_url(config)),
@@ -294,16 +300,16 @@ def run_study(config: TuneConfig, fixed: dict[str, Any]) -> optuna.Study:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.optimize(recorded, n_trials=config.n_trials,
                            timeout=config.timeout or None, catch=(UserError,))
-        _log_study(study, config)
+        log_study(study, config)
         if failures and len(failures) == config.n_trials:
             raise UserError(f"all {len(failures)} trials of this worker failed; first: "
                             f"{failures[0]}")
         if config.register_best:
-            _retrain_best(study, base, config.metric)
+            retrain_best(study, base, config.metric)
     return study
 
 
-def _log_study(study: optuna.Study, config: TuneConfig) -> None:
+def log_study(study: optuna.Study, config: TuneConfig) -> None:
     """Best params and value, trial counts and Optuna's plots on the parent run."""
     states = [trial.state.name for trial in study.trials]
     mlflow.log_metrics({f"trials_{state.lower()}": states.count(state)
@@ -334,7 +340,7 @@ def _log_study(study: optuna.Study, config: TuneConfig) -> None:
         tracking.log_figure(figure, f"optuna_{name}")
 
 
-def _retrain_best(study: optuna.Study, base: TrainConfig, metric: str) -> None:
+def retrain_best(study: optuna.Study, base: TrainConfig, metric: str) -> None:
     """Retrain the best trial's exact configuration and seed, register it, and check that it
     reproduced the trial's validation metric (it does on CPU: runs are deterministic)."""
     if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):

@@ -16,12 +16,13 @@ def main(**options: str) -> None:
     Train options given here are fixed for every trial and leave the search space; the rest
     of the space (tune.DEFAULT_SPACE, or --space FILE) is searched.
     """
-    from covid_xray.tune import run_study  # torch + mlflow + optuna: not for --help
+    from covid_xray.parallel import run_workers  # torch + mlflow + optuna: not for --help
+    from covid_xray.tune import run_study
 
     tune_names = TuneConfig.__dataclass_fields__
     tune_config = TuneConfig(**{k: v for k, v in options.items() if k in tune_names})
     fixed = given_values(TrainConfig, {k: v for k, v in options.items() if k not in tune_names})
-    run_study(tune_config, fixed)
+    (run_study if tune_config.workers == 1 else run_workers)(tune_config, fixed)
 
 
 if __name__ == "__main__":

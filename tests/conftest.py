@@ -186,3 +186,36 @@ def postgres() -> Iterator[str]:
         subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data / "db"), "-m", "fast",
                         "stop"], capture_output=True)
         shutil.rmtree(data, ignore_errors=True)
+
+
+# Secrets the team-server tests hunt for in everything logged; made up per session.
+TEAM_SECRETS = {name: f"{name}-{os.urandom(6).hex()}" for name in ("alice", "admin", "database")}
+
+
+@pytest.fixture(scope="session")
+def team_server(postgres: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """The README's team setup, started for real by deploy/team-server.sh: MLflow on 127.0.0.1
+    with a PostgreSQL backend store (database `mlflow`, beside the Optuna database `optuna` in
+    the same PostgreSQL), proxied artifacts and basic-auth logins, plus a user `alice`."""
+    host_port = postgres.split("@", 1)[1].split("/", 1)[0]
+    for database in ("mlflow", "mlflow_auth"):
+        subprocess.run(["createdb", "-h", "127.0.0.1", "-p", host_port.split(":")[1],
+                        "-U", "postgres", database], check=True, capture_output=True,
+                       env={**os.environ, "PATH": os.environ["PATH"] + ":" + str(
+                           sorted(Path("/usr/lib/postgresql").glob("*/bin"))[-1])})
+    root = tmp_path_factory.mktemp("team-server")
+    port = free_port()
+    env = clean_env(
+        MLFLOW_BACKEND_URI=f"postgresql+psycopg://postgres@{host_port}/mlflow",
+        MLFLOW_AUTH_DB_URI=f"postgresql+psycopg://postgres@{host_port}/mlflow_auth",
+        MLFLOW_ARTIFACTS=str(root / "artifacts"), MLFLOW_AUTH_ADMIN_PASSWORD=TEAM_SECRETS["admin"],
+        PGPASSWORD=TEAM_SECRETS["database"], PORT=str(port), WORKERS="1")
+    url = f"http://127.0.0.1:{port}"
+    with serving(["bash", str(ROOT / "deploy" / "team-server.sh")], url, "/health",
+                 root / "server.log", env=env, cwd=root):
+        created = requests.post(f"{url}/api/2.0/mlflow/users/create", timeout=30,
+                                json={"username": "alice", "password": TEAM_SECRETS["alice"]},
+                                auth=("admin", TEAM_SECRETS["admin"]))
+        assert created.status_code == 200, created.text
+        yield {"url": url, "log": root / "server.log", "postgres": postgres,
+               "optuna_url": f"postgresql://postgres:{TEAM_SECRETS['database']}@{host_port}/optuna"}

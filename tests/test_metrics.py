@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 from scipy.stats import binom
@@ -16,6 +17,14 @@ from covid_xray import metrics
 from covid_xray.evaluation import bootstrap_indices, confidence_intervals, evaluate, overlap
 
 BINARY = ("negative", "positive")
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    """evaluate() draws figures that tracking.py would log and close; here nobody logs them."""
+    yield
+    plt.close("all")
+
 FOUR = ("negative", "typical", "indeterminate", "atypical")
 
 

@@ -3,6 +3,7 @@ after a killed worker, and clear errors."""
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -43,7 +44,7 @@ def runs_of(tmp_path, experiment: str = "covid-xray") -> list:
 
 
 def check_one_run_per_trial(runs: list, study: optuna.Study) -> None:
-    children = [run for run in runs if "mlflow.parentRunId" in run.data.tags]
+    children = [run for run in runs if run.data.tags["mlflow.runName"].startswith("trial-")]
     numbers = sorted(int(run.data.tags["optuna_trial"]) for run in children)
     assert numbers == sorted(trial.number for trial in study.trials)
     assert len(set(numbers)) == len(numbers)
@@ -289,3 +290,40 @@ def test_pruned_runs_end_killed(tmp_path, monkeypatch):
         raise TrialPruned("pruned at epoch 1")
     assert MlflowClient().get_run(run.info.run_id).info.status == "KILLED"
     mlflow.set_tracking_uri(None)
+
+
+def test_workers_from_one_command(demo_dataset, tmp_path):
+    """-P workers=2: n_trials counts for the whole command; one nested run per trial, under
+    one run per worker, under the command's run; nothing left RUNNING."""
+    finish(tune_worker(tmp_path, demo_dataset, "--n-trials", "3", "--workers", "2",
+                       "--study-name", "pair"))
+    study = optuna.load_study(study_name="pair", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert len(study.trials) == 3
+    runs = runs_of(tmp_path)
+    check_one_run_per_trial(runs, study)
+    by_id = {run.info.run_id: run for run in runs}
+    (command,) = [run for run in runs if run.data.tags["mlflow.runName"] == "study-pair-x2"]
+    workers = [run for run in runs if run.data.tags["mlflow.runName"] == "study-pair"]
+    assert len(workers) == 2
+    assert {run.data.tags["mlflow.parentRunId"] for run in workers} == {command.info.run_id}
+    for trial in (run for run in runs if run.data.tags["mlflow.runName"].startswith("trial-")):
+        assert by_id[trial.data.tags["mlflow.parentRunId"]] in workers
+    assert sorted(int(run.data.params["tune/n_trials"]) for run in workers) == [1, 2]
+    assert command.data.metrics["best_val_auc"] == pytest.approx(study.best_value)
+    assert len({run.data.params["tune/sampler_seed_used"] for run in workers}) == 2
+
+
+def test_ctrl_c_stops_every_worker(demo_dataset, tmp_path):
+    worker = tune_worker(tmp_path, demo_dataset, "--n-trials", "2", "--workers", "2",
+                         "--study-name", "stop", env={"COVID_XRAY_PAUSE_AT": "epoch"},
+                         start_new_session=True)
+    paused = 0
+    for line in worker.stdout:
+        paused += line.rstrip().endswith("paused at epoch")
+        if paused == 2:
+            break
+    os.killpg(worker.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends
+    worker.communicate(timeout=120)
+    assert worker.returncode != 0
+    runs = runs_of(tmp_path)
+    assert runs and {run.info.status for run in runs} == {"KILLED"}

@@ -1,0 +1,86 @@
+"""Several tune workers from one command: `mlflow run . -e tune -P workers=N`.
+
+The command does once what N workers would race to do (create the tracking store and the
+Optuna study, fill the image cache), then starts N ordinary tune workers on this machine
+against the one study and waits. Each worker gets its share of `n_trials`, its own sampler
+seed, and its share of the machine: with CUDA, worker k sees GPU k mod #GPUs; on CPU each gets
+cores / N torch threads. Their runs nest under the command's run; a stop (Ctrl-C, SIGTERM)
+stops every worker and every run ends KILLED.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+
+from covid_xray import tracking, tune
+from covid_xray.config import TrainConfig, TuneConfig
+from covid_xray.errors import UserError
+from covid_xray.experiment import effective_config, prepare_data
+
+TUNE_SCRIPT = Path(__file__).resolve().parents[1] / "entrypoints" / "tune.py"
+
+
+def run_workers(config: TuneConfig, fixed: dict[str, Any]) -> optuna.Study:
+    """Run `config.workers` worker processes on one study; log the outcome once."""
+    if config.workers < 1:
+        raise UserError(f"workers must be at least 1, got {config.workers}")
+    if config.space:
+        tune.load_space(config.space)  # a bad space is refused before any worker starts
+    base = dataclasses.replace(TrainConfig(), **fixed)
+    tracking.check_tracking_server()
+    tracking.create_store_once()  # before the workers: several creating it at once collide
+    study, _ = tune.open_study(config, tune.direction(config.metric))  # Optuna's tables too
+    prepare_data(effective_config(base))  # the cache, filled once instead of N times over
+
+    with tracking.tracked_run(base.experiment_name,
+                              run_name=f"study-{config.study_name}-x{config.workers}") as run:
+        tracking.log_params({"tune/workers": config.workers, "tune/n_trials": config.n_trials,
+                             "tune/study_name": config.study_name})
+        processes = [_start_worker(config, fixed, index, run.info.run_id)
+                     for index in range(config.workers)]
+        try:
+            codes = [process.wait() for process in processes]
+        except KeyboardInterrupt:
+            for process in processes:  # each ends its runs KILLED, then exits
+                if process.poll() is None:
+                    process.send_signal(signal.SIGTERM)
+            for process in processes:
+                process.wait()
+            raise
+        tune.log_study(study, config)  # study.trials reads the storage: all workers' trials
+        if config.register_best:
+            tune.retrain_best(study, base, config.metric)
+        failed = [index for index, code in enumerate(codes) if code != 0]
+        if failed:
+            raise UserError(f"worker(s) {', '.join(map(str, failed))} of {config.workers} "
+                            f"failed (exit codes {[codes[i] for i in failed]}); their lines "
+                            "above say why")
+    return study
+
+
+def _start_worker(config: TuneConfig, fixed: dict[str, Any], index: int,
+                  parent_run_id: str) -> subprocess.Popen:
+    """One plain tune worker: its trials, its seed, its GPU or its cores."""
+    share = config.n_trials // config.workers + (index < config.n_trials % config.workers)
+    seed = config.sampler_seed if config.sampler_seed < 0 else config.sampler_seed + index
+    worker = dataclasses.replace(config, workers=1, n_trials=share, sampler_seed=seed,
+                                 register_best=False)
+    arguments = [f"--{name.replace('_', '-')}={value}" for name, value in
+                 {**dataclasses.asdict(worker), **fixed}.items()]
+    env = {key: value for key, value in os.environ.items() if key != "MLFLOW_RUN_ID"}
+    env[tune.PARENT_RUN_VARIABLE] = parent_run_id
+    if torch.cuda.is_available():
+        env["CUDA_VISIBLE_DEVICES"] = str(index % torch.cuda.device_count())
+    else:
+        threads = str(max(1, (os.cpu_count() or 1) // config.workers))
+        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    return subprocess.Popen([sys.executable, str(TUNE_SCRIPT), *arguments], env=env)
