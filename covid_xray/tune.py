@@ -9,12 +9,15 @@ trial marks that trial FAIL and its MLflow runs KILLED, so nothing is left RUNNI
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import math
 import os
 import secrets
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -172,14 +175,19 @@ def storage_url(config: TuneConfig) -> str:
 def open_study(config: TuneConfig, direction: str,
                attempts: int = 5) -> tuple[optuna.Study, int]:
     """Create the study, or join it; return it with this worker's sampler seed. Workers
-    starting together on an empty database race to create Optuna's tables (PostgreSQL then
-    reports a unique violation): the loser waits and tries again, finding the tables made."""
+    starting together on an empty database race to create Optuna's tables (PostgreSQL reports
+    a unique violation, sqlite "table ... already exists"): the loser waits and tries again,
+    finding the tables made. On sqlite a file lock beside the database also takes turns."""
     url = storage_url(config)
     for attempt in range(1, attempts + 1):
         try:
-            return _create_or_load_study(config, url, direction)
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as error:
-            if attempt < attempts:
+            with _sqlite_turn(url):
+                return _create_or_load_study(config, url, direction)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError,
+                sqlalchemy.exc.OperationalError) as error:
+            racing = not isinstance(error, sqlalchemy.exc.OperationalError) or (
+                "already exists" in str(error) or "locked" in str(error))
+            if racing and attempt < attempts:
                 time.sleep(attempt)
                 continue
             failure: Exception = error
@@ -188,6 +196,17 @@ def open_study(config: TuneConfig, direction: str,
         reason = str(failure).strip().splitlines()[0] if str(failure).strip() else \
             type(failure).__name__
         raise UserError(f"cannot open Optuna storage {safe_url(url)}: {reason}") from None
+
+
+@contextlib.contextmanager
+def _sqlite_turn(url: str) -> Iterator[None]:
+    """For a sqlite storage, one process at a time (file lock `<db>.init-lock`)."""
+    if not url.startswith("sqlite:///"):
+        yield
+        return
+    with open(Path(url.removeprefix("sqlite:///")).with_suffix(".init-lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _create_or_load_study(config: TuneConfig, url: str,

@@ -18,8 +18,11 @@ from covid_xray.errors import UserError
 from covid_xray.tune import DEFAULT_SPACE, check_space, load_space
 from tests.conftest import ROOT, clean_env
 
+# Small and quiet: 60 studies at 32 px, and no system-metrics thread writing to the shared
+# sqlite store while several workers do (the train tests cover system metrics).
 TINY = ["--model", "none", "--img-size", "32", "--epochs", "2", "--num-workers", "0",
-        "--batch-size", "16", "--device", "cpu"]
+        "--batch-size", "16", "--device", "cpu", "--system-metrics", "false",
+        "--dataset-size", "60"]
 
 
 def tune_worker(tmp_path, data_dir, *args: str, env: dict | None = None, **popen) -> subprocess.Popen:
@@ -165,7 +168,8 @@ def test_killed_worker_is_cleaned_up_and_study_resumes(demo_dataset, tmp_path):
 def test_nan_objective_fails_the_trial_in_optuna_and_mlflow_alike(demo_dataset, tmp_path):
     """4 classes, a 3% validation split: it lacks the rarest class, so val_auc is NaN."""
     worker = tune_worker(tmp_path, demo_dataset, "--n-trials", "1", "--study-name", "nan",
-                         "--num-classes", "4", "--split", "94,3,3", "--epochs", "1")
+                         "--num-classes", "4", "--split", "94,3,3", "--epochs", "1",
+                         "--dataset-size", "0")
     _, err = worker.communicate(timeout=600)
     assert worker.returncode == 2  # every trial of the worker failed: that is not a success
     assert err.strip().splitlines()[-1] == (  # after the data step's progress bars
