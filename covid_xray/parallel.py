@@ -15,11 +15,13 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import optuna
 import torch
+from mlflow.tracking import MlflowClient
 
 from covid_xray import tracking, tune
 from covid_xray.config import TrainConfig, TuneConfig
@@ -50,11 +52,7 @@ def run_workers(config: TuneConfig, fixed: dict[str, Any]) -> optuna.Study:
         try:
             codes = [process.wait() for process in processes]
         except KeyboardInterrupt:
-            for process in processes:  # each ends its runs KILLED, then exits
-                if process.poll() is None:
-                    process.send_signal(signal.SIGTERM)
-            for process in processes:
-                process.wait()
+            _stop_workers(processes, run.info.run_id)
             raise
         tune.log_study(study, config)  # study.trials reads the storage: all workers' trials
         if config.register_best:
@@ -84,3 +82,30 @@ def _start_worker(config: TuneConfig, fixed: dict[str, Any], index: int,
         threads = str(max(1, (os.cpu_count() or 1) // config.workers))
         env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     return subprocess.Popen([sys.executable, str(TUNE_SCRIPT), *arguments], env=env)
+
+
+def _stop_workers(processes: list[subprocess.Popen], parent_run_id: str,
+                  grace: float = 30) -> None:
+    """Stop every worker: SIGTERM (each ends its runs KILLED and exits), SIGKILL for any still
+    there after `grace` seconds (stuck on a database lock, say), then end whatever run of
+    theirs is still RUNNING, so none is left RUNNING."""
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for process in processes:
+        try:
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    client = MlflowClient()
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    pending = [parent_run_id]
+    while pending:  # the workers' runs, then their trials' runs
+        children = client.search_runs([experiment_id],
+                                      f"tags.mlflow.parentRunId = '{pending.pop()}'")
+        for child in children:
+            if child.info.status == "RUNNING":
+                client.set_terminated(child.info.run_id, "KILLED")
+            pending.append(child.info.run_id)
