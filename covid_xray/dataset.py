@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 from collections.abc import Sequence
 
 import albumentations as A
@@ -53,17 +52,14 @@ def reseed(pipeline: A.Compose, seed: int) -> None:
 
 
 def init_worker(worker_id: int) -> None:
-    """`worker_init_fn` for DataLoaders.
+    """`worker_init_fn` for DataLoaders: reseed this worker's copy of the augmentation (and
+    numpy, random) from the seed torch gives the worker. That seed is the loader's seeded
+    generator's draw plus the worker id, so a run repeats exactly with the same seed and
+    num_workers, and two workers never replay each other's augmentations.
 
-    Reseeds this worker's copy of the augmentation (and numpy, random) from the seed torch
-    gives the worker: the loader's seeded generator's draw plus the worker id, so a run repeats
-    exactly with the same seed and num_workers, and two workers never replay each other's
-    augmentations. And leaves stopping to the main process: a SIGTERM to the process group
-    (timeout, a scheduler) would otherwise kill workers under it mid-batch, and the main
-    process would print their deaths as tracebacks while it ends the run KILLED.
+    (Workers keep the default SIGTERM: multiprocessing ends them with it at exit, and one
+    that ignored it hung the main process there.)
     """
-    for number in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(number, signal.SIG_IGN)  # torch's watchdog ends us with the parent
     info = torch.utils.data.get_worker_info()
     seed = info.seed % 2**32
     random.seed(seed)

@@ -28,6 +28,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 PAUSE_VARIABLE = "COVID_XRAY_PAUSE_AT"
 _received: list[int] = []  # the stop signals that arrived, for the exit code
 _held: list[list[int]] = []  # signals recorded inside each active stops_deferred()
+_paused: set[str] = set()  # pause points already passed (each pauses once)
 
 
 def handle_stops() -> None:
@@ -98,9 +99,11 @@ def stops_deferred() -> Iterator[None]:
 
 
 def pause_point(name: str) -> None:
-    """The test hook (see PAUSE_VARIABLE): wait here, up to 2 minutes, for a stop."""
-    if os.environ.get(PAUSE_VARIABLE) != name:
+    """The test hook (see PAUSE_VARIABLE): wait here, once per process and up to 2 minutes,
+    for a stop."""
+    if os.environ.get(PAUSE_VARIABLE) != name or name in _paused:
         return
+    _paused.add(name)
     print(f"paused at {name}", flush=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not stop_pending():

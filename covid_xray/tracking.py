@@ -167,7 +167,14 @@ def log_dataset(table: pd.DataFrame, data_dir: Path, fingerprint: str, *, name: 
         warnings.simplefilter("ignore", UserWarning)
         dataset = mlflow.data.from_pandas(table, source=str(data_dir.resolve()),
                                           targets=targets, name=name, digest=fingerprint[:16])
-        mlflow.log_input(dataset, context=context)
+        try:
+            mlflow.log_input(dataset, context=context)
+        except MlflowException as error:
+            # Workers starting together log the same dataset at once, and MLflow's store
+            # inserts it twice (UNIQUE constraint): by now it exists, so link it again.
+            if "UNIQUE constraint" not in str(error) and "duplicate key" not in str(error):
+                raise
+            mlflow.log_input(dataset, context=context)
     return dataset
 
 
