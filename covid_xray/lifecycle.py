@@ -29,10 +29,14 @@ PAUSE_VARIABLE = "COVID_XRAY_PAUSE_AT"
 _received: list[int] = []  # the stop signals that arrived, for the exit code
 _held: list[list[int]] = []  # signals recorded inside each active stops_deferred()
 _paused: set[str] = set()  # pause points already passed (each pauses once)
+_started_run: list[str] = []  # MLFLOW_RUN_ID as handle_stops() found it
 
 
 def handle_stops() -> None:
     """Turn stop signals into KeyboardInterrupt and die with the parent process."""
+    # Remember the run `mlflow run` made for us now: mlflow.start_run() removes MLFLOW_RUN_ID
+    # from the environment when it resumes that run.
+    _started_run[:] = [os.environ.get("MLFLOW_RUN_ID", "")]
     for number in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(number, raise_stop)
     if sys.platform.startswith("linux"):
@@ -54,7 +58,7 @@ def end_started_run() -> str | None:
     child, so a second SIGTERM often follows the first and must not cut this cleanup short."""
     for number in STOP_SIGNALS:
         signal.signal(number, signal.SIG_IGN)
-    run_id = os.environ.get("MLFLOW_RUN_ID")
+    run_id = (_started_run or [""])[0] or os.environ.get("MLFLOW_RUN_ID")
     if not run_id:
         return None
     try:

@@ -318,9 +318,12 @@ def test_workers_from_one_command(demo_dataset, tmp_path):
 
 
 def test_ctrl_c_stops_every_worker(demo_dataset, tmp_path):
+    # As from a terminal: a process started in the background (CI's, say) inherits SIGINT
+    # ignored, and Python then keeps ignoring it; a foreground command has the default.
     worker = tune_worker(tmp_path, demo_dataset, "--n-trials", "2", "--workers", "2",
                          "--study-name", "stop", env={"COVID_XRAY_PAUSE_AT": "epoch"},
-                         start_new_session=True)
+                         start_new_session=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     paused = 0
     for line in worker.stdout:
         paused += line.rstrip().endswith("paused at epoch")
