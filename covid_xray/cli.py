@@ -31,7 +31,13 @@ def user_errors_as_one_line(command: Callable[..., Any]) -> Callable[..., Any]:
         except UserError as error:
             click.echo(f"error: {error}", err=True)
             sys.exit(USER_ERROR_EXIT)
-        except KeyboardInterrupt:
+        except BaseException as error:
+            # After a stop signal, whatever comes out (KeyboardInterrupt, or torch's
+            # "DataLoader worker killed" RuntimeError raised mid-cleanup) is that stop.
+            if not (isinstance(error, KeyboardInterrupt) or lifecycle.stopping()):
+                raise
+            if isinstance(error, SystemExit):
+                raise
             run_id = lifecycle.end_started_run()
             click.echo("stopped" + (f"; run {run_id} ended KILLED" if run_id else ""), err=True)
             sys.exit(lifecycle.exit_code())

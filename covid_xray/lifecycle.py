@@ -51,26 +51,57 @@ def exit_code() -> int:
 
 
 def end_started_run() -> str | None:
-    """End the run `mlflow run` created for us (MLFLOW_RUN_ID) as KILLED if it is still
-    RUNNING; return its id. Never raises: the tracking server may be what went away.
+    """End as KILLED the run `mlflow run` created for us (MLFLOW_RUN_ID) and any run this
+    process still has open, when RUNNING; return the first id. Never raises: the tracking
+    server may be what went away.
 
     Further stop signals are ignored from here on: a stopped `mlflow run` also signals its
-    child, so a second SIGTERM often follows the first and must not cut this cleanup short."""
+    child, so a second SIGTERM often follows the first and must not cut this cleanup short.
+    SIGCHLD goes back to default: torch's DataLoader handler raises when a worker dies."""
     for number in STOP_SIGNALS:
         signal.signal(number, signal.SIG_IGN)
-    run_id = (_started_run or [""])[0] or os.environ.get("MLFLOW_RUN_ID")
-    if not run_id:
-        return None
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    run_ids = [run_id for run_id in [(_started_run or [""])[0]
+                                     or os.environ.get("MLFLOW_RUN_ID", "")] if run_id]
     try:
+        import mlflow
         from mlflow.tracking import MlflowClient
 
+        # A run whose own ending was cut short is still on MLflow's active-run stack.
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id not in run_ids:
+            run_ids.append(active.info.run_id)
         client = MlflowClient()
-        if client.get_run(run_id).info.status == "RUNNING":
-            client.set_terminated(run_id, "KILLED")
+        for run_id in run_ids:
+            if client.get_run(run_id).info.status == "RUNNING":
+                client.set_terminated(run_id, "KILLED")
     except Exception as error:  # stopping must not fail on a tracking hiccup
-        print(f"could not mark run {run_id} KILLED: {type(error).__name__}: {error}",
-              file=sys.stderr)
-    return run_id
+        print(f"could not mark run {' '.join(run_ids)} KILLED: {type(error).__name__}: "
+              f"{error}", file=sys.stderr)
+    return run_ids[0] if run_ids else None
+
+
+def stopping() -> bool:
+    """A stop signal has arrived in this process."""
+    return bool(_received)
+
+
+@contextlib.contextmanager
+def stops_quieted() -> Iterator[None]:
+    """While cleaning up after a stop: ignore further stop signals (a stopped `mlflow run`
+    and `timeout` signal the whole group, so a second SIGTERM often follows the first) and
+    take SIGCHLD back from torch, whose DataLoader handler raises when a worker dies of the
+    same stop. The handlers come back afterwards (tests run this in-process)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {number: signal.signal(number, signal.SIG_IGN) for number in STOP_SIGNALS}
+    previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
 
 
 def stop_pending() -> bool:

@@ -89,17 +89,35 @@ def tracked_run(experiment_name: str, run_name: str | None = None, nested: bool 
                            log_system_metrics=system_metrics)
     try:
         yield run
-    except (KeyboardInterrupt, RunStopped):
-        mlflow.end_run("KILLED")
+    except KeyboardInterrupt:
+        with lifecycle.stops_quieted():
+            end_run(run.info.run_id, "KILLED")
+        raise
+    except RunStopped:
+        end_run(run.info.run_id, "KILLED")
         raise
     except BaseException:
-        mlflow.end_run("FAILED")
+        end_run(run.info.run_id, "KILLED" if lifecycle.stopping() else "FAILED")
         raise
     else:
-        mlflow.end_run("FINISHED")
+        end_run(run.info.run_id, "FINISHED")
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
+
+
+def end_run(run_id: str, status: str) -> None:
+    """End the active run with `status`, even when `mlflow.end_run` is cut short (a dying
+    DataLoader worker makes torch raise from its SIGCHLD handler in whatever code runs next):
+    then the status is set directly and MLflow's active-run stack is popped."""
+    try:
+        mlflow.end_run(status)
+    except BaseException:
+        MlflowClient().set_terminated(run_id, status)
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id == run_id:
+            with contextlib.suppress(BaseException):
+                mlflow.end_run(status)
 
 
 def create_store_once() -> None:

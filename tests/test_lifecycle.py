@@ -84,6 +84,20 @@ def test_sigterm_to_mlflow_run_alone_stops_the_training(demo_dataset, tmp_path, 
         with_group_killed(process)
 
 
+def test_sigterm_to_the_whole_group_like_timeout(demo_dataset, tmp_path):
+    """What `timeout` and Ctrl-C do: signal the process group, child included; the run that
+    `mlflow run` created used to stay RUNNING forever."""
+    process = start_mlflow_run(demo_dataset, tmp_path, "epoch")
+    try:
+        wait_for(process, "paused at epoch")
+        os.killpg(process.pid, signal.SIGTERM)
+        output, _ = process.communicate(timeout=120)
+        assert process.returncode != 0
+        check_stopped_cleanly(tmp_path, output)
+    finally:
+        with_group_killed(process)
+
+
 def with_group_killed(process: subprocess.Popen) -> None:
     """Whatever happened, leave nothing running for the next test."""
     with contextlib.suppress(ProcessLookupError):
