@@ -1,7 +1,7 @@
 """Data pipeline throughput: decode-every-epoch (the original project) vs our decode-once cache.
 
-Writes synthetic SIIM studies at realistic size (2048 px, 12-bit, every encoding in
-covid_xray.synthetic.ENCODINGS), then measures images/s, all in one process, side by side:
+Writes synthetic SIIM studies at realistic size (2048 px; 8-, 12- and 16-bit; every encoding
+in covid_xray.synthetic.ENCODINGS), then measures images/s, all in one process, side by side:
   (a) decode + skimage anti-aliased resize every epoch, as the original project did;
   (b) our first epoch: hash, decode, crop, cv2 area resize, write the cache, then load;
   (c) our later epochs: load from the cache only.
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import click
 import numpy as np
+from common import describe  # bench/common.py
 from skimage.transform import resize as skimage_resize
 
 from covid_xray.cache import CacheParams, ImageCache
@@ -57,7 +58,7 @@ def main(studies: int, size: int, img_size: int, cached_epochs: int) -> None:
                                 multi_image_studies=0, seed=0)
         paths = sorted(data_dir.glob("train/*/*/*.dcm"))
         megabytes = sum(p.stat().st_size for p in paths) / 1e6
-        print(f"{len(paths)} DICOMs, {size} px, 12-bit, {len(ENCODINGS)} encodings, "
+        print(f"{len(paths)} DICOMs, {size} px rows ({describe(paths)}), "
               f"{megabytes:.0f} MB; model input {img_size} px; one process")
 
         original = rate(len(paths), lambda: original_epoch(paths, img_size))

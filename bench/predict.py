@@ -1,13 +1,17 @@
-"""Prediction cost: per-DICOM latency and folder throughput against the bare model forward.
+"""Prediction cost: folder throughput with N decoding workers against one process, and both
+against the bare model forward.
 
 A DenseNet121 (random weights: speed does not depend on them) wrapped as the registered model
-is (pyfunc.DicomClassifier), on synthetic 2048 px 12-bit films in every encoding we support:
-  latency    one DICOM per call: decode + preprocess + forward;
-  folder     batches of --batch-size through the same code predict_files uses;
-  bare       the model's forward alone on the same, already preprocessed, batches.
-Printed side by side in one run; folder / bare shows what decoding costs on top of the network.
+wraps it (model.Classifier + preprocess.Preprocessing), on synthetic 2048 px films in every
+encoding we support (8-, 12- and 16-bit; JPEG family, JPEG-LS, JPEG 2000, RLE, raw):
+  latency     one DICOM at a time: decode + preprocess + forward;
+  folder, Nw  the path predict_files takes (decoding.decoded_batches with N workers, then the
+              batched forward), for N = 0 (decode in this process) and each --workers value;
+  bare        the model's forward alone on the same, already preprocessed, batches.
+All measured in one run, side by side, repeated --rounds times (best of each): this machine
+is noisy. --device cuda runs the forward with AMP + channels_last (decoding stays on CPUs).
 
-    python bench/predict.py [--studies 18] [--size 2048] [--img-size 224] [--batch-size 16]
+    python bench/predict.py [--studies 36] [--repeat 4] [--workers 2] [--device cpu]
 """
 
 from __future__ import annotations
@@ -19,54 +23,85 @@ from pathlib import Path
 
 import click
 import numpy as np
-import pandas as pd
 import torch
+from common import describe  # bench/common.py
 
+from covid_xray.decoding import available_cores, decode, decoded_batches
 from covid_xray.model import Classifier, build
 from covid_xray.preprocess import Preprocessing
-from covid_xray.pyfunc import DicomClassifier
 from covid_xray.synthetic import ENCODINGS, make_dataset
+from covid_xray.train import Stepper
 
 
 @click.command()
-@click.option("--studies", default=2 * len(ENCODINGS), show_default=True)
+@click.option("--studies", default=4 * len(ENCODINGS), show_default=True)
 @click.option("--size", default=2048, show_default=True, help="Rows of each film.")
 @click.option("--img-size", default=224, show_default=True, help="Model input side.")
 @click.option("--batch-size", default=16, show_default=True)
-def main(studies: int, size: int, img_size: int, batch_size: int) -> None:
+@click.option("--workers", default="2", show_default=True,
+              help="Comma-separated decoding worker counts to compare with 0.")
+@click.option("--repeat", default=4, show_default=True,
+              help="List each file this many times: a folder of a few hundred films, so "
+                   "starting the workers (about a second) counts as it does in real use.")
+@click.option("--rounds", default=2, show_default=True)
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
+def main(studies: int, size: int, img_size: int, batch_size: int, workers: str, repeat: int,
+         rounds: int, device: str) -> None:
     torch.manual_seed(0)
-    model = DicomClassifier(Classifier(build("none", 2), ("negative", "positive")),
-                            Preprocessing(img_size), batch_size=batch_size)
+    stepper = Stepper(torch.device(device))
+    model = stepper.prepare(Classifier(build("none", 2), ("negative", "positive")).eval())
+    preprocessing = Preprocessing(img_size)
+
+    @torch.no_grad()
+    def forward(inputs: list[np.ndarray | None]) -> np.ndarray:
+        batch = torch.from_numpy(np.stack([array for array in inputs if array is not None]))
+        with stepper.autocast():
+            return model(stepper.inputs(batch)).float().cpu().numpy()
+
+    counts = [0, *(int(value) for value in workers.split(","))]
     with tempfile.TemporaryDirectory() as scratch:
         data_dir = make_dataset(Path(scratch) / "data", num_studies=studies, image_size=size,
-                                multi_image_studies=0, seed=0)
-        paths = [str(p) for p in sorted(data_dir.glob("train/*/*/*.dcm"))]
-        print(f"{len(paths)} DICOMs, {size} px, 12-bit, {len(ENCODINGS)} encodings; model "
-              f"input {img_size} px; batch {batch_size}; {torch.get_num_threads()} CPU threads")
-        model.predict(None, pd.DataFrame({"path": paths[:2]}))  # warm-up
+                                multi_image_studies=0, seed=0, progress=False)
+        files = [str(p) for p in sorted(data_dir.glob("train/*/*/*.dcm"))]
+        paths = files * repeat
+        print(f"{len(files)} DICOMs x {repeat}, {size} px rows ({describe(files)}); model input "
+              f"{img_size} px; batch {batch_size}; device {device}; {available_cores()} "
+              f"cores, {torch.get_num_threads()} torch threads")
+        forward([decode(preprocessing, paths[0])[0]])  # warm-up
 
         latencies = []
-        for path in paths:
+        for path in files[: len(ENCODINGS)]:
             start = time.perf_counter()
-            model.predict(None, pd.DataFrame({"path": [path]}))
+            forward([decode(preprocessing, path)[0]])
             latencies.append(time.perf_counter() - start)
 
+        folder_rates: dict[int, float] = dict.fromkeys(counts, 0.0)
+        inputs: list[np.ndarray | None] = []
+        for _ in range(rounds):  # the worker counts alternate, so drift hits them alike
+            for count in counts:
+                start = time.perf_counter()
+                decoded: list[np.ndarray | None] = []
+                for batch_inputs, _ in decoded_batches(paths, preprocessing, batch_size,
+                                                       count):
+                    forward(batch_inputs)
+                    decoded += batch_inputs
+                folder_rates[count] = max(folder_rates[count],
+                                          len(paths) / (time.perf_counter() - start))
+                inputs = decoded
+
+    bare_rate = 0.0
+    for _ in range(rounds):
         start = time.perf_counter()
-        inputs: list[np.ndarray] = []
-        for first in range(0, len(paths), batch_size):
-            batch_inputs, _ = model.prepare(paths[first : first + batch_size])
-            model.probabilities(batch_inputs)
-            inputs += batch_inputs
-        folder_rate = len(paths) / (time.perf_counter() - start)
+        for first in range(0, len(inputs), batch_size):
+            forward(inputs[first : first + batch_size])
+        bare_rate = max(bare_rate, len(inputs) / (time.perf_counter() - start))
 
-    start = time.perf_counter()
-    model.probabilities(inputs)  # the same batches, already decoded and preprocessed
-    bare_rate = len(inputs) / (time.perf_counter() - start)
-
-    print(f"latency per DICOM (median)   : {statistics.median(latencies) * 1000:8.1f} ms")
-    print(f"folder throughput            : {folder_rate:8.1f} DICOMs/s")
-    print(f"bare forward, same batches   : {bare_rate:8.1f} images/s")
-    print(f"folder / bare = {folder_rate / bare_rate:.2f}")
+    print(f"latency per DICOM (median)          : {statistics.median(latencies) * 1000:8.1f} ms")
+    print(f"bare forward, same batches          : {bare_rate:8.1f} images/s")
+    for count, rate in folder_rates.items():
+        label = "in process" if count == 0 else f"{count} workers"
+        print(f"folder throughput, {label:<17}: {rate:8.1f} DICOMs/s   "
+              f"x{rate / folder_rates[0]:.2f} of in process, {rate / bare_rate:.2f} of bare")
 
 
 if __name__ == "__main__":

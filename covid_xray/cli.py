@@ -60,14 +60,18 @@ def options_from(config_class: type, *, unset_default: bool = False
     Types, defaults, help and choices come from the dataclass, so they are written once.
     Booleans take a value (`--hflip true`), which is how `mlflow run -P hflip=true` passes them.
     With `unset_default` every option is a string defaulting to "" (= not given), for commands
-    that must tell a value the user fixed from a default (tune's train options).
+    that must tell a value the user fixed from a default (tune's train options), and answers
+    to `--data_dir` as well as `--data-dir`.
     """
 
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
         for item in reversed(dataclasses.fields(config_class)):
             name = f"--{item.name.replace('_', '-')}"
             if unset_default:
-                option = click.option(name, item.name, default="", help=(
+                # Also `--data_dir`: how `mlflow run` passes a -P name the entry point does
+                # not declare (tune declares none of train's).
+                spellings = dict.fromkeys([name, f"--{item.name}"])
+                option = click.option(*spellings, item.name, default="", help=(
                     f"{item.metadata.get('help')} [train default: {item.default!r}]"))
             else:
                 option = click.option(name, item.name, type=click_type(item),

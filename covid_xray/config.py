@@ -34,9 +34,28 @@ class AugmentConfig:
                     self.vflip))
 
 
+@dataclass(frozen=True)
+class ModelFamily:
+    """What the code knows about a `model` name, in one torch-free table (model.py builds the
+    network from it; preprocessing and the 224 px rule read it)."""
+
+    source: str  # torchxrayvision, torchvision, or random (DenseNet121, random init)
+    weights: str  # the weights' name in their library ('' for random init)
+    input_kind: str  # xrv: 1 channel in [-1024, 1024]; imagenet: RGB, ImageNet mean / std
+    native_size: int | None  # the only input side the weights work at (None: any)
+
+
 XRV_WEIGHTS = ("all", "rsna", "nih", "pc", "chex", "mimic_nb", "mimic_ch")
 TORCHVISION_MODELS = ("densenet121", "densenet161", "densenet169", "densenet201")
-MODELS = (*XRV_WEIGHTS, *TORCHVISION_MODELS, "none")
+MODEL_FAMILIES: dict[str, ModelFamily] = {
+    # Every torchxrayvision DenseNet was trained at 224 px, and only works there.
+    **{name: ModelFamily("torchxrayvision", f"densenet121-res224-{name}", "xrv", 224)
+       for name in XRV_WEIGHTS},
+    # torchvision's ImageNet DenseNets pool adaptively: any side works.
+    **{name: ModelFamily("torchvision", name, "imagenet", None) for name in TORCHVISION_MODELS},
+    "none": ModelFamily("random", "", "xrv", None),
+}
+MODELS = tuple(MODEL_FAMILIES)
 
 
 @dataclass(frozen=True)
@@ -59,24 +78,28 @@ class TrainConfig:
     # --- data ---
     data_dir: str = option("data", "SIIM-layout dataset (see data/README.md).")
     num_classes: int = option(2, "2: negative vs non-negative (balanced); 4: SIIM's classes.")
-    dataset_size: int = option(640, "Cap on the number of studies, stratified (0 = all).")
-    split: str = option("60,20,20", "train,val,test proportions, stratified by label.")
-    seed: int = option(0, "Seeds the selection, split, weights init and batch order.")
+    dataset_size: int = option(0, "Cap on the number of studies, stratified (0 = all).")
+    split: str = option("60,20,20", "train,val,test proportions, stratified by label, split "
+                       "by patient.")
+    seed: int = option(0, "Seeds the selection, split, weights init, batch order and "
+                    "augmentation.")
     # --- preprocessing (one path for training and prediction) ---
-    img_size: int = option(128, "Square side in pixels (torchxrayvision weights need 224).")
+    img_size: int = option(128, "Square side in pixels (torchxrayvision weights need 224, and "
+                        "get it).")
     normalization: str = option("minmax", "Contrast normalisation.", ("minmax", "histeq",
                                                                        "clahe"))
     apply_voi_lut: bool = option(True, "Apply each file's VOI LUT / window when present.")
     cache_dir: str = option("cache", "Decoded-image cache, shared by runs.")
     skip_unreadable: bool = option(False, "Train without the studies whose DICOM cannot be "
-                                   "read (counted and logged) instead of stopping.")
-    # --- augmentation (train split only; all off by default) ---
-    rotation: float = option(0.0, "Random rotation, +- degrees.")
-    scale: float = option(0.0, "Random zoom, factor in 1 +- scale.")
+                                   "read (counted as count/dropped_unreadable) instead of "
+                                   "stopping.")
+    # --- augmentation (train split only): a small affine suits frontal chest films ---
+    rotation: float = option(5.0, "Random rotation, +- degrees.")
+    scale: float = option(0.1, "Random zoom, factor in 1 +- scale.")
     shear: float = option(0.0, "Random shear, +- degrees.")
-    translation: float = option(0.0, "Random shift, +- fraction of the side.")
-    hflip: bool = option(False, "Random horizontal flips.")
-    vflip: bool = option(False, "Random vertical flips.")
+    translation: float = option(0.05, "Random shift, +- fraction of the side.")
+    hflip: bool = option(False, "Random horizontal flips (the heart changes side).")
+    vflip: bool = option(False, "Random vertical flips (never seen on real films).")
     # --- model ---
     model: str = option("all", "torchxrayvision weights (all, rsna, nih, pc, chex, mimic_nb, "
                         "mimic_ch), a torchvision DenseNet, or none (DenseNet121, random "
@@ -84,37 +107,55 @@ class TrainConfig:
     drop_rate: float = option(0.0, "Dropout after each dense layer.")
     weights_dir: str = option("", "torchxrayvision weights folder (default "
                               "~/.torchxrayvision/models_data).")
+    tta: str = option("none", "Test-time augmentation, stored in the logged model so predict "
+                      "and serve apply it too: none, or flip (average the film and its mirror "
+                      "image).", ("none", "flip"))
     # --- optimisation ---
-    optimizer: str = option("adam", "Optimiser.", ("adam", "sgd", "rmsprop"))
-    lr: float = option(3e-4, "Learning rate.")
-    amsgrad: bool = option(False, "adam: use the AMSGrad variant.")
-    weight_decay: float = option(0.0, "L2 weight decay.")
+    optimizer: str = option("adamw", "Optimiser (adamw: decoupled weight decay).",
+                            ("adamw", "adam", "sgd", "rmsprop"))
+    lr: float = option(3e-4, "Peak learning rate.")
+    schedule: str = option("cosine", "LR schedule, stepped every batch: cosine decay to 0 "
+                           "after a linear warmup, or constant.", ("cosine", "constant"))
+    warmup_epochs: float = option(1.0, "cosine: linear warmup length, in epochs.")
+    amsgrad: bool = option(False, "adam, adamw: use the AMSGrad variant.")
+    weight_decay: float = option(0.05, "Weight decay (decoupled for adamw, an L2 term for the "
+                                 "others).")
     momentum: float = option(0.9, "sgd / rmsprop momentum.")
+    ema_decay: float = option(0.99, "Exponential moving average of the weights, per step (0 = "
+                              "off): the average is what is validated, tested and logged.")
+    label_smoothing: float = option(0.1, "Label smoothing of the training loss.")
     batch_size: int = option(32, "Images per step.")
-    epochs: int = option(20, "Maximum epochs.")
+    epochs: int = option(20, "Epochs (the LR schedule spans them all).")
     patience: int = option(10, "Stop after this many epochs without a better val AUC.")
     grad_clip: float = option(1.0, "Clip the gradient norm to this (0 = off).")
     num_workers: int = option(2, "Processes decoding DICOMs and loading batches.")
-    device: str = option("auto", "auto picks CUDA when available.", ("auto", "cpu", "cuda"))
+    device: str = option("auto", "auto picks CUDA when available (then AMP, channels_last "
+                        "and pinned memory).", ("auto", "cpu", "cuda"))
     # --- tracking ---
     experiment_name: str = option("covid-xray", "MLflow experiment (a run started by "
                                   "`mlflow run` keeps its own).")
     system_metrics: bool = option(True, "Log CPU, memory and (with CUDA) GPU utilisation as "
-                                  "MLflow system metrics, every 10 s.")
+                                  "MLflow system metrics, every 10 s: a GPU starved by DICOM "
+                                  "decoding shows here.")
     registered_model_name: str = option("covid-xray-densenet", "Registry name for the model "
                                         "('' = do not register).")
-    stage: str = option("None", "Move the new version to this stage.", ("None", "Staging",
-                                                                         "Production"))
-    alias: str = option("", "Give the new version this alias (e.g. champion).")
+    alias: str = option("", "Give the new version this alias: champion is what predict, "
+                        "evaluate and serve load by default; challenger marks a candidate.")
+    stage: str = option("None", "Deprecated by MLflow since 2.9 (use alias): move the new "
+                        "version to this stage, archiving the previous holders.",
+                        ("None", "Staging", "Production"))
 
     def augment(self) -> AugmentConfig:
         return AugmentConfig(rotation=self.rotation, scale=self.scale, shear=self.shear,
                              translation=self.translation, hflip=self.hflip, vflip=self.vflip)
 
     @property
+    def family(self) -> ModelFamily:
+        return MODEL_FAMILIES[self.model]
+
+    @property
     def input_kind(self) -> str:
-        """xrv models take 1 channel in [-1024, 1024]; torchvision ones ImageNet RGB."""
-        return "imagenet" if self.model in TORCHVISION_MODELS else "xrv"
+        return self.family.input_kind
 
     def as_params(self) -> dict[str, Any]:
         return asdict(self)
@@ -128,9 +169,11 @@ def field_names(config_class: type) -> list[str]:
 class PromoteConfig:
     name: str = option("covid-xray-densenet", "Registered model name.")
     version: str = option("", "Version to promote.")
-    stage: str = option("None", "Move it to this stage (the previous holders are archived).",
+    alias: str = option("", "Give it this alias (e.g. champion), moving it from the version "
+                        "that held it.")
+    stage: str = option("None", "Deprecated by MLflow since 2.9 (use alias): move it to this "
+                        "stage, archiving the previous holders.",
                         ("None", "Staging", "Production", "Archived"))
-    alias: str = option("", "Give it this alias (e.g. champion).")
     if_better: str = option("", "Only if it beats every current holder on this evaluation "
                             "metric (roc_auc, accuracy, balanced_accuracy, map, sensitivity, "
                             "specificity: higher wins; ece, brier: lower wins), measured on "
@@ -150,6 +193,8 @@ class EvaluateConfig:
     output: str = option("", "Also write the per-study predictions CSV here (it is always "
                          "logged to the run).")
     batch_size: int = option(16, "DICOMs per forward pass.")
+    num_workers: int = option(-1, "Processes decoding DICOMs while the model runs (-1 = one "
+                              "per available core, 0 = decode in this process).")
     resamples: int = option(1000, "Stratified bootstrap resamples for the 95% CIs.")
     seed: int = option(0, "Seeds the bootstrap.")
     cache_dir: str = option("cache", "Where file digests are remembered (shared with train).")
@@ -159,11 +204,13 @@ class EvaluateConfig:
 
 @dataclass(frozen=True)
 class PredictConfig:
-    model_uri: str = option("models:/covid-xray-densenet/Production", "models:/<name>/<stage>,"
-                            " models:/<name>@<alias>, models:/<name>/<version>, runs:/...")
+    model_uri: str = option("models:/covid-xray-densenet@champion", "models:/<name>@<alias>, "
+                            "models:/<name>/<version>, models:/<name>/<stage>, runs:/...")
     input: str = option("data/train", "A DICOM file, or a folder searched for *.dcm.")
     output: str = option("predictions.csv", "CSV to write, one row per DICOM.")
     batch_size: int = option(16, "DICOMs per forward pass.")
+    num_workers: int = option(-1, "Processes decoding DICOMs while the model runs (-1 = one "
+                              "per available core, 0 = decode in this process).")
     heatmaps: str = option("", "Folder for Grad-CAM overlay PNGs of the predicted class "
                            "('' = none).")
 

@@ -20,15 +20,15 @@ from torch.utils.data import DataLoader
 
 from covid_xray import lifecycle, metrics, tracking
 from covid_xray.cache import CacheParams, ImageCache
-from covid_xray.config import XRV_WEIGHTS, TrainConfig
+from covid_xray.config import TrainConfig
 from covid_xray.data import CLASS_NAMES, Manifest, build_manifest
 from covid_xray.dataset import XrayDataset, build_augmentation, init_worker
 from covid_xray.errors import UserError
 from covid_xray.evaluation import evaluate
-from covid_xray.model import XRV_INPUT_SIZE, Classifier, build
+from covid_xray.model import Classifier, build
 from covid_xray.preprocess import Preprocessing
 from covid_xray.pyfunc import DicomClassifier
-from covid_xray.train import fit, make_optimizer, resolve_device, seed_everything
+from covid_xray.train import Recipe, fit, make_optimizer, resolve_device, seed_everything
 
 
 @dataclass
@@ -46,10 +46,11 @@ class TrainOutcome:
 
 def effective_config(config: TrainConfig) -> TrainConfig:
     """torchxrayvision's pretrained DenseNets only work at 224 px: use that, and say so."""
-    if config.model in XRV_WEIGHTS and config.img_size != XRV_INPUT_SIZE:
-        print(f"note: torchxrayvision weights '{config.model}' need {XRV_INPUT_SIZE} px "
-              f"inputs; using img_size={XRV_INPUT_SIZE} instead of {config.img_size}")
-        return dataclasses.replace(config, img_size=XRV_INPUT_SIZE)
+    native = config.family.native_size
+    if native is not None and config.img_size != native:
+        print(f"note: {config.family.source} weights '{config.model}' need {native} px "
+              f"inputs; using img_size={native} instead of {config.img_size}")
+        return dataclasses.replace(config, img_size=native)
     return config
 
 
@@ -60,6 +61,12 @@ def prepare_data(config: TrainConfig, progress: bool = True) -> Manifest:
                           dataset_size=config.dataset_size, split=config.split,
                           seed=config.seed, num_workers=config.num_workers,
                           skip_unreadable=config.skip_unreadable, progress=progress)
+
+
+def recipe(config: TrainConfig) -> Recipe:
+    return Recipe(schedule=config.schedule, warmup_epochs=config.warmup_epochs,
+                  ema_decay=config.ema_decay, label_smoothing=config.label_smoothing,
+                  grad_clip=config.grad_clip)
 
 
 def data_fingerprint(manifest: Manifest) -> str:
@@ -111,7 +118,7 @@ def run_training(
         tracking.log_params(config.as_params() | {"data_fingerprint": fingerprint,
                                                   "device_used": str(device)}
                             | {f"count/{k}": v for k, v in manifest.counts().items()})
-        tracking.log_manifest(manifest.table, manifest.data_dir, fingerprint)
+        datasets = tracking.log_manifest(manifest.table, manifest.data_dir, fingerprint)
 
         def after_epoch(row: dict[str, float]) -> None:
             tracking.log_epoch(row)
@@ -122,14 +129,14 @@ def run_training(
                                    config.momentum, config.amsgrad)
         result = fit(network, loaders["train"], loaders["val"], optimizer=optimizer,
                      epochs=config.epochs, patience=config.patience, device=device,
-                     grad_clip=config.grad_clip, on_epoch=after_epoch, progress=progress)
+                     recipe=recipe(config), on_epoch=after_epoch, progress=progress)
         mlflow.log_metrics({"best_epoch": result.best_epoch,
                             "stopped_early": float(result.stopped_early)})
 
         # The logged model runs on CPU in float32; evaluate exactly that, so what the
         # registry serves reproduces these numbers.
         model = Classifier(network.cpu().float().to(memory_format=torch.contiguous_format),
-                           class_names).eval()
+                           class_names, tta=config.tta).eval()
         test_set: XrayDataset = loaders["test"].dataset
         with torch.no_grad():
             probabilities = np.concatenate([model(images).numpy()
@@ -141,8 +148,10 @@ def run_training(
                                       config.apply_voi_lut, config.input_kind)
         model_info = tracking.log_model(DicomClassifier(model, preprocessing,
                                                         config.batch_size))
-        # Linked to the logged model (MLflow 3): its page shows the test numbers.
-        tracking.log_evaluation(evaluation, "test", model_id=model_info.model_id)
+        # Linked to the logged model and the test split (MLflow 3): the model's page shows
+        # the test numbers, and search_logged_models can rank models by them.
+        tracking.log_evaluation(evaluation, "test", model_id=model_info.model_id,
+                                dataset=datasets["test"])
         tracking.log_figure(metrics.learning_curves_figure(result.history), "learning_curves")
         version = None
         if register and config.registered_model_name:

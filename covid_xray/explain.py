@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from covid_xray.dicom import read_xray
-from covid_xray.preprocess import Preprocessing, crop_square
+from covid_xray.preprocess import Preprocessing, square_box
 
 
 def grad_cam(network: nn.Module, model_input: np.ndarray, class_index: int) -> np.ndarray:
@@ -49,9 +49,7 @@ def overlay(source: str | PathLike, heatmap: np.ndarray, preprocessing: Preproce
     image = read_xray(source, apply_voi_lut=preprocessing.apply_voi_lut)
     gray = np.round(image * 255).astype(np.uint8)
     picture = cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
-    rows, cols = image.shape
-    side = crop_square(image).shape[0]
-    top, left = (rows - side) // 2, (cols - side) // 2
+    top, left, side = square_box(image.shape)
     heat = cv2.resize(heatmap.astype(np.float32), (side, side), interpolation=cv2.INTER_LINEAR)
     colour = cv2.applyColorMap(np.round(heat * 255).astype(np.uint8), cv2.COLORMAP_JET)
     region = picture[top : top + side, left : left + side]

@@ -23,6 +23,7 @@ from covid_xray import registry, tracking
 from covid_xray.cache import CacheParams, ImageCache
 from covid_xray.config import EvaluateConfig
 from covid_xray.data import CLASS_NAMES, DOWNLOAD_HINT, find_studies
+from covid_xray.decoding import decoded_batches
 from covid_xray.errors import UserError
 from covid_xray.evaluation import Evaluation, evaluate
 from covid_xray.files import atomic_write
@@ -95,9 +96,10 @@ def evaluate_model(config: EvaluateConfig, progress: bool = True,
 
     frames = []
     paths = [str(labelled.data_dir / path) for path in studies.path]
-    for start in tqdm(range(0, len(paths), config.batch_size), desc="evaluating",
-                      unit="batch", disable=not progress):
-        inputs, errors = model.prepare(paths[start : start + config.batch_size])
+    batches = decoded_batches(paths, model.preprocessing, config.batch_size,
+                              config.num_workers)
+    for inputs, errors in tqdm(batches, total=-(-len(paths) // config.batch_size),
+                               desc="evaluating", unit="batch", disable=not progress):
         frames.append(model.result_frame(model.probabilities(inputs), errors))
     predictions = pd.concat(frames, ignore_index=True).rename(columns={"label": "predicted"})
     predictions.insert(0, "study_id", studies.study_id)

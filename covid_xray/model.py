@@ -10,22 +10,37 @@ import torchvision
 import torchxrayvision as xrv
 from torch import nn
 
-from covid_xray.config import TORCHVISION_MODELS, XRV_WEIGHTS
+from covid_xray.config import MODEL_FAMILIES
 from covid_xray.errors import UserError
 
-XRV_INPUT_SIZE = 224  # every xrv DenseNet was trained at 224 px
+TTA_MODES = ("none", "flip")
 
 
 class Classifier(nn.Module):
-    """The network plus the softmax: what we log, register and serve returns probabilities."""
+    """The network plus the softmax: what we log, register and serve returns probabilities.
 
-    def __init__(self, network: nn.Module, class_names: tuple[str, ...]):
+    `tta="flip"` averages the probabilities of each film and its mirror image. It lives here,
+    inside the logged model, so train's test split, predict and serve all apply it alike.
+    """
+
+    def __init__(self, network: nn.Module, class_names: tuple[str, ...], tta: str = "none"):
         super().__init__()
+        if tta not in TTA_MODES:
+            raise UserError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
         self.network = network
         self.class_names = tuple(class_names)
+        self.tta = tta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.network(x).float(), dim=1)
+        probabilities = torch.softmax(self.network(x).float(), dim=1)
+        if self.tta == "flip":
+            mirrored = torch.softmax(self.network(x.flip(-1)).float(), dim=1)
+            probabilities = (probabilities + mirrored) / 2
+        return probabilities
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("tta", "none")  # models pickled before TTA existed
 
 
 def build(name: str, num_classes: int, drop_rate: float = 0.0, weights_dir: str = "") -> nn.Module:
@@ -35,19 +50,19 @@ def build(name: str, num_classes: int, drop_rate: float = 0.0, weights_dir: str 
     downloaded there when missing; when that fails the error says which URL to fetch and
     the exact path to put it at. We never fall back to random weights silently.
     """
-    if name == "none":
+    family = MODEL_FAMILIES.get(name)
+    if family is None:
+        raise UserError(f"model must be one of {', '.join(MODEL_FAMILIES)}, got {name!r}")
+    if family.source == "random":
         return xrv.models.DenseNet(num_classes=num_classes, in_channels=1, drop_rate=drop_rate)
-    if name in XRV_WEIGHTS:
+    if family.source == "torchxrayvision":
         return _xrv_densenet(name, num_classes, drop_rate, weights_dir)
-    if name in TORCHVISION_MODELS:
-        return _torchvision_densenet(name, num_classes, drop_rate, weights_dir)
-    raise UserError(f"model must be one of {', '.join((*XRV_WEIGHTS, *TORCHVISION_MODELS))} "
-                    f"or none, got {name!r}")
+    return _torchvision_densenet(name, num_classes, drop_rate, weights_dir)
 
 
 def xrv_weights_path(name: str, weights_dir: str = "") -> tuple[str, Path]:
-    """(download URL, local path) of torchxrayvision's `densenet121-res224-<name>` weights."""
-    url = xrv.models.model_urls[f"densenet121-res224-{name}"]["weights_url"]
+    """(download URL, local path) of the torchxrayvision weights `name` stands for."""
+    url = xrv.models.model_urls[MODEL_FAMILIES[name].weights]["weights_url"]
     folder = Path(os.path.expanduser(weights_dir or xrv.utils.get_cache_dir()))
     return url, folder / os.path.basename(url)
 
@@ -56,13 +71,13 @@ def _xrv_densenet(name: str, num_classes: int, drop_rate: float, weights_dir: st
     url, path = xrv_weights_path(name, weights_dir)
     if not path.is_file():
         try:
-            xrv.models.get_weights(f"densenet121-res224-{name}", str(path.parent))
+            xrv.models.get_weights(MODEL_FAMILIES[name].weights, str(path.parent))
         except Exception as error:
             raise UserError(f"torchxrayvision weights '{name}' are not at {path} and could not "
                             f"be downloaded ({type(error).__name__}); download {url} and save "
                             f"it as {path}") from None
     try:
-        model = xrv.models.DenseNet(weights=f"densenet121-res224-{name}",
+        model = xrv.models.DenseNet(weights=MODEL_FAMILIES[name].weights,
                                     cache_dir=str(path.parent), drop_rate=drop_rate)
     except Exception as error:
         raise UserError(f"{path}: not a usable torchxrayvision DenseNet weights file ({error}); "

@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from covid_xray import registry, tracking
 from covid_xray.config import PredictConfig
+from covid_xray.decoding import decoded_batches
 from covid_xray.errors import UserError
 from covid_xray.explain import grad_cam, overlay
 from covid_xray.files import atomic_write
@@ -49,10 +50,12 @@ def predict_files(config: PredictConfig, progress: bool = True) -> pd.DataFrame:
     model = registry.load(config.model_uri)
     root = Path(config.input) if Path(config.input).is_dir() else Path(config.input).parent
     frames = []
-    for start in tqdm(range(0, len(paths), config.batch_size), desc="predicting",
-                      unit="batch", disable=not progress):
+    batches = decoded_batches([str(path) for path in paths], model.preprocessing,
+                              config.batch_size, config.num_workers)
+    for start, (inputs, errors) in zip(
+            tqdm(range(0, len(paths), config.batch_size), desc="predicting", unit="batch",
+                 disable=not progress), batches, strict=True):
         batch = paths[start : start + config.batch_size]
-        inputs, errors = model.prepare(str(path) for path in batch)
         frame = model.result_frame(model.probabilities(inputs), errors)
         ids = [siim_ids(path) for path in batch]
         frame.insert(0, "path", [str(path) for path in batch])

@@ -26,11 +26,16 @@ IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 
-def crop_square(image: np.ndarray) -> np.ndarray:
-    """The largest centred square: chest films are near-square and the lungs sit in the middle."""
-    rows, cols = image.shape
+def square_box(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """(top, left, side) of the largest centred square of an image of `shape`: chest films are
+    near-square and the lungs sit in the middle. Grad-CAM overlays use the same box."""
+    rows, cols = shape[:2]
     side = min(rows, cols)
-    top, left = (rows - side) // 2, (cols - side) // 2
+    return (rows - side) // 2, (cols - side) // 2, side
+
+
+def crop_square(image: np.ndarray) -> np.ndarray:
+    top, left, side = square_box(image.shape)
     return image[top : top + side, left : left + side]
 
 

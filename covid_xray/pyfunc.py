@@ -36,10 +36,12 @@ from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, Schema
 
+from covid_xray.decoding import decode
+from covid_xray.dicom import write_dicom
 from covid_xray.errors import DicomError, UserError
 from covid_xray.model import Classifier
 from covid_xray.preprocess import Preprocessing
-from covid_xray.synthetic import chest_image, write_dicom
+from covid_xray.synthetic import chest_image
 
 INPUT_COLUMNS = ("path", "dicom_base64")
 # Served, `path` is accepted only when the operator names a folder here (paths inside it only).
@@ -98,17 +100,8 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
     def prepare(self, sources: Iterable) -> tuple[list[np.ndarray | None], list[str]]:
         """Model inputs for DICOM sources (paths, binary files, or a DicomError already
         found); None and the error message for those that fail."""
-        inputs, errors = [], []
-        for source in sources:
-            try:
-                if isinstance(source, DicomError):
-                    raise source  # found while opening the input: reported like the rest
-                inputs.append(self.preprocessing.model_input(source))
-                errors.append("")
-            except DicomError as error:
-                inputs.append(None)
-                errors.append(str(error))
-        return inputs, errors
+        decoded = [decode(self.preprocessing, source) for source in sources]
+        return [model_input for model_input, _ in decoded], [error for _, error in decoded]
 
     def probabilities(self, inputs: list[np.ndarray | None]) -> np.ndarray:
         """Batched forward over the inputs that decoded; NaN rows for those that did not."""

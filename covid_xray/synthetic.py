@@ -17,10 +17,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import imagecodecs
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import encapsulate
 from pydicom.uid import (
     UID,
     ExplicitVRLittleEndian,
@@ -35,8 +32,7 @@ from pydicom.uid import (
 from tqdm import tqdm
 
 from covid_xray.data import CLASS_COLUMNS, IMAGE_CSV, STUDY_CSV
-
-CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+from covid_xray.dicom import write_dicom
 
 # SIIM's class mix (1676 / 2855 / 1049 / 474 studies): negative, typical, indeterminate, atypical.
 SIIM_CLASS_FREQUENCIES = np.array([1676, 2855, 1049, 474]) / 6054
@@ -64,90 +60,6 @@ ENCODINGS = (
     Encoding(JPEGBaseline8Bit, bits_stored=8),
     Encoding(JPEGExtended12Bit),
 )
-
-
-def write_dicom(
-    path: str | os.PathLike,
-    stored: np.ndarray,
-    *,
-    syntax: UID = ExplicitVRLittleEndian,
-    bits_stored: int = 12,
-    photometric: str = "MONOCHROME2",
-    rescale: tuple[float, float] | None = None,
-    window: tuple[float, float] | None = None,
-    study_uid: str | None = None,
-    series_uid: str | None = None,
-    signed: bool = False,
-    patient_id: str = "",
-    modality: str = "CR",
-) -> None:
-    """Write `stored` (the stored pixel values, 2-D or frames x rows x cols) as a CR DICOM.
-
-    `rescale` is (slope, intercept); `window` is (center, width) in rescaled units.
-    Lossless syntaxes give back exactly `stored`; Baseline and Extended are lossy JPEG.
-    """
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = CR_IMAGE_STORAGE
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = CR_IMAGE_STORAGE
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = study_uid or generate_uid()
-    ds.SeriesInstanceUID = series_uid or generate_uid()
-    ds.Modality = modality
-    ds.BodyPartExamined = "CHEST"
-    ds.PatientID = patient_id
-
-    if stored.ndim == 3:
-        ds.NumberOfFrames = stored.shape[0]
-    ds.Rows, ds.Columns = stored.shape[-2:]
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated = 8 if bits_stored <= 8 else 16
-    ds.BitsStored = bits_stored
-    ds.HighBit = bits_stored - 1
-    ds.PixelRepresentation = 1 if signed else 0
-    if rescale is not None:
-        ds.RescaleSlope, ds.RescaleIntercept = (f"{v:g}" for v in rescale)
-        ds.RescaleType = "US"
-    if window is not None:
-        ds.WindowCenter, ds.WindowWidth = (f"{v:g}" for v in window)
-
-    dtype = {(8, False): np.uint8, (16, False): np.uint16, (16, True): np.int16}
-    stored = np.ascontiguousarray(stored, dtype=dtype[(ds.BitsAllocated, signed)])
-    if syntax == ExplicitVRLittleEndian:
-        ds.PixelData = stored.tobytes()
-    elif syntax == RLELossless:
-        ds.compress(syntax, stored)  # pydicom's own numpy RLE encoder
-    else:
-        # pydicom cannot write the JPEG family and its JPEG 2000 encoder refuses images under
-        # 32 px; imagecodecs (libjpeg-turbo, CharLS, OpenJPEG) writes all of them.
-        ds.PixelData = encapsulate([_encode_jpeg(frame, syntax, bits_stored) for frame in
-                                    stored.reshape(-1, *stored.shape[-2:])])
-        ds["PixelData"].VR = "OB"
-        ds.file_meta.TransferSyntaxUID = syntax
-        if syntax in (JPEGBaseline8Bit, JPEGExtended12Bit):
-            # Lossy: readers must be able to tell (PS3.3 C.7.6.1.1.5).
-            ds.LossyImageCompression = "01"
-    ds.save_as(path, enforce_file_format=True)
-
-
-def _encode_jpeg(frame: np.ndarray, syntax: UID, bits_stored: int) -> bytes:
-    if syntax == JPEG2000Lossless:
-        levels = max(1, min(6, int(np.log2(min(frame.shape))) - 1))  # small images, fewer levels
-        return imagecodecs.jpeg2k_encode(frame, codecformat="J2K", reversible=True,
-                                         bitspersample=bits_stored, resolutions=levels)
-    if syntax == JPEGLSLossless:
-        return imagecodecs.jpegls_encode(frame)
-    if syntax == JPEGLosslessSV1:
-        return imagecodecs.jpeg8_encode(frame, lossless=True, predictor=1,
-                                        bitspersample=bits_stored)
-    if syntax == JPEGBaseline8Bit:
-        return imagecodecs.jpeg8_encode(frame, level=95)
-    if syntax == JPEGExtended12Bit:
-        return imagecodecs.jpeg8_encode(frame, level=95, bitspersample=12)
-    raise ValueError(f"no encoder for {syntax.name}")
 
 
 def chest_image(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import importlib.metadata
 import logging
 import os
@@ -169,11 +170,19 @@ def log_evaluation(evaluation: Evaluation, prefix: str, *, model_id: str | None 
         log_figure(figure, name)
 
 
-def log_manifest(table: pd.DataFrame, data_dir: Path, fingerprint: str) -> None:
-    """The split manifest as the run's dataset input (and as a CSV artifact)."""
-    log_dataset(table, data_dir, fingerprint, name="siim-manifest", context="training",
-                targets="label")
+def log_manifest(table: pd.DataFrame, data_dir: Path, fingerprint: str
+                 ) -> dict[str, mlflow.data.dataset.Dataset]:
+    """Each split of the manifest as a dataset input of the run, context train / val / test
+    (the whole manifest also as a CSV artifact); returns them by split, so metrics can link
+    to the data they were measured on."""
+    datasets = {}
+    for split in ("train", "val", "test"):
+        digest = hashlib.blake2b(f"{fingerprint}:{split}".encode(), digest_size=8).hexdigest()
+        datasets[split] = log_dataset(table[table.split == split].reset_index(drop=True),
+                                      data_dir, digest, name=f"siim-{split}", context=split,
+                                      targets="label")
     mlflow.log_text(table.to_csv(index=False), "data/manifest.csv")
+    return datasets
 
 
 def log_dataset(table: pd.DataFrame, data_dir: Path, fingerprint: str, *, name: str,
@@ -200,9 +209,8 @@ def log_model(python_model: DicomClassifier) -> mlflow.models.model.ModelInfo:
     """Log the DICOM-speaking model with its signature, an example request and its
     preprocessing (also in the MLmodel metadata, for people reading the registry).
 
-    The torch module travels pickled inside the python model (cloudpickle): ~1.5 s to load
-    cold, where MLflow 3's default pt2 (torch.export) format takes ~5 s and loses the plain
-    nn.Module we need for Grad-CAM and fine-tuning.
+    The torch module travels pickled inside the python model (cloudpickle), so the plain
+    nn.Module stays reachable for Grad-CAM and fine-tuning (bench/load_model.py times loading).
     """
     metadata = python_model.preprocessing.as_dict() | {
         "class_names": list(python_model.class_names)}

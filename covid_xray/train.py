@@ -1,5 +1,12 @@
 """The training loop: plain PyTorch, seeded, early stopping on val AUC, best weights restored.
 
+The recipe (each part an option, chosen by measurement on real films: bench/recipe.py):
+AdamW, a per-step cosine LR schedule after a linear warmup, label smoothing, and an
+exponential moving average (EMA) of the weights, which is what gets validated, tested and
+logged. On CUDA the loop never waits for the GPU inside an epoch: loss and outputs are
+accumulated on the device and read once per epoch (and every `SYNC_EVERY` steps for the
+progress bar and the divergence check).
+
 It knows nothing of MLflow: each finished epoch is handed to an `on_epoch` callback, which the
 caller uses to log (tracking.py) or to report to Optuna (tune.py).
 """
@@ -7,6 +14,7 @@ caller uses to log (tracking.py) or to report to Optuna (tune.py).
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import random
 from collections.abc import Callable, Iterable
@@ -15,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -40,14 +49,82 @@ def resolve_device(name: str) -> torch.device:
 def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float = 0.0,
                    momentum: float = 0.9, amsgrad: bool = False) -> torch.optim.Optimizer:
     parameters = model.parameters()
-    if name == "adam":
+    if name == "adamw":  # decoupled weight decay (Loshchilov & Hutter)
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, amsgrad=amsgrad)
+    if name == "adam":  # weight_decay is an L2 term in the gradient here
         return torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay, amsgrad=amsgrad)
     if name == "sgd":
         return torch.optim.SGD(parameters, lr=lr, weight_decay=weight_decay, momentum=momentum)
     if name == "rmsprop":
         return torch.optim.RMSprop(parameters, lr=lr, weight_decay=weight_decay,
                                    momentum=momentum)
-    raise UserError(f"optimizer must be adam, sgd or rmsprop, got {name!r}")
+    raise UserError(f"optimizer must be adamw, adam, sgd or rmsprop, got {name!r}")
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """The multiplier of the base LR at optimiser step `step` (0-based): a linear warmup
+    from 1/warmup_steps to 1, then cosine decay reaching 0 after the last step."""
+    if schedule == "constant":
+        return 1.0
+    if schedule != "cosine":
+        raise UserError(f"schedule must be cosine or constant, got {schedule!r}")
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps + 1) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, epochs: int,
+                   steps_per_epoch: int, warmup_epochs: float
+                   ) -> torch.optim.lr_scheduler.LambdaLR:
+    """Stepped once per batch, so the schedule is as smooth for 10 epochs as for 100."""
+    total = epochs * steps_per_epoch
+    warmup = min(total, round(warmup_epochs * steps_per_epoch))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total, warmup, schedule))
+
+
+class WeightAverage:
+    """An exponential moving average of the weights and of BatchNorm's statistics, kept in a
+    `torch.optim.swa_utils.AveragedModel`. The decay warms up as min(decay, (1+n)/(10+n)) for
+    update n, so a short run's average is not dominated by the random initial weights.
+
+    The update is two fused multi-tensor calls over lists built once, rather than
+    AveragedModel.update_parameters, which rebuilds and regroups them in Python at every step
+    (on a GPU that Python time, not the arithmetic, is the cost)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.updates = 0
+        self.current_decay = 0.0
+        self.model = model
+        self.averaged = AveragedModel(model, use_buffers=True)
+        pairs = list(zip(itertools.chain(self.module.parameters(), self.module.buffers()),
+                         itertools.chain(model.parameters(), model.buffers()), strict=True))
+        # Integer buffers (BatchNorm's batch counter) are copied, not averaged.
+        self._floats = ([a for a, _ in pairs if a.is_floating_point()],
+                        [m for a, m in pairs if a.is_floating_point()])
+        self._others = ([a for a, _ in pairs if not a.is_floating_point()],
+                        [m for a, m in pairs if not a.is_floating_point()])
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        if model is not self.model:
+            raise ValueError("WeightAverage follows the model it was made with")
+        self.updates += 1
+        self.current_decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        averaged, current = self._floats
+        if self.updates == 1:  # the first update copies, as AveragedModel's does
+            torch._foreach_copy_(averaged, current)
+        else:
+            torch._foreach_lerp_(averaged, current, 1.0 - self.current_decay)
+        if self._others[0]:
+            torch._foreach_copy_(*self._others)
+        self.averaged.n_averaged += 1
+
+    @property
+    def module(self) -> nn.Module:
+        return self.averaged.module
 
 
 class NonFiniteLossError(UserError):
@@ -55,12 +132,18 @@ class NonFiniteLossError(UserError):
 
 
 class Stepper:
-    """One device's way of running batches: AMP + channels_last on CUDA, plain fp32 on CPU."""
+    """One device's way of running batches: AMP + channels_last on CUDA, plain fp32 on CPU.
+
+    AMP is bfloat16 where the GPU has it (Ampere and later): it keeps float32's range, so it
+    needs no GradScaler, whose overflow check reads a flag back from the GPU at every step.
+    Older GPUs get float16 with the GradScaler."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.cuda = device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.cuda)
+        bf16 = self.cuda and torch.cuda.is_bf16_supported()
+        self.amp_dtype = torch.bfloat16 if bf16 else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.cuda and not bf16)
 
     def prepare(self, model: nn.Module) -> nn.Module:
         model = model.to(self.device)
@@ -71,7 +154,23 @@ class Stepper:
         return images.contiguous(memory_format=torch.channels_last) if self.cuda else images
 
     def autocast(self):
-        return torch.autocast("cuda", dtype=torch.float16, enabled=self.cuda)
+        return torch.autocast("cuda", dtype=self.amp_dtype, enabled=self.cuda)
+
+
+# On CUDA, how often (in steps) the loop reads the running loss back: each read is a host
+# sync that stalls the GPU queue. On CPU there is nothing to stall, so it reads every step.
+SYNC_EVERY = 25
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How `fit` optimises, beyond the optimiser itself (see TrainConfig for each)."""
+
+    schedule: str = "constant"
+    warmup_epochs: float = 0.0
+    ema_decay: float = 0.0
+    label_smoothing: float = 0.0
+    grad_clip: float = 1.0
 
 
 @dataclass
@@ -91,31 +190,38 @@ def fit(
     epochs: int,
     patience: int,
     device: torch.device,
-    grad_clip: float = 1.0,
+    recipe: Recipe = Recipe(),
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     progress: bool = True,
 ) -> FitResult:
     """Train for up to `epochs`, keep the weights of the best val AUC epoch, restore them.
 
+    With `recipe.ema_decay` the weights validated, kept and restored are the moving average.
     Stops early after `patience` epochs without improvement. `on_epoch` gets each epoch's
-    row (epoch, train_/val_ loss, accuracy, auc, f1) and may raise to stop the run (pruning).
+    row (epoch, lr, train_/val_ loss, accuracy, auc, f1) and may raise to stop the run.
     """
     stepper = Stepper(device)
     model = stepper.prepare(model)
+    scheduler = make_scheduler(optimizer, recipe.schedule, epochs, len(train_loader),
+                               recipe.warmup_epochs)
+    average = WeightAverage(model, recipe.ema_decay) if recipe.ema_decay > 0 else None
+    evaluated = average.module if average is not None else model
     result = FitResult()
-    best_state = copy.deepcopy(model.state_dict())
+    best_state = copy.deepcopy(evaluated.state_dict())
     best_score = (-math.inf, -math.inf)
     epochs_without_gain = 0
 
     for epoch in range(1, epochs + 1):
         bar = tqdm(train_loader, desc=f"epoch {epoch}/{epochs}", unit="batch",
                    disable=not progress, leave=False)
+        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
         train_loss, train_labels, train_probabilities = train_one_epoch(
-            model, bar, optimizer, stepper, grad_clip, epoch)
-        row = {"epoch": epoch, "train_loss": train_loss}
+            model, bar, optimizer, stepper, recipe.grad_clip, epoch, scheduler=scheduler,
+            average=average, label_smoothing=recipe.label_smoothing)
+        row["train_loss"] = train_loss
         row |= {f"train_{k}": v for k, v in
                 epoch_metrics(train_labels, train_probabilities).items()}
-        val_probabilities, val_labels, val_loss = predict(model, val_loader, device,
+        val_probabilities, val_labels, val_loss = predict(evaluated, val_loader, device,
                                                           with_loss=True)
         row["val_loss"] = val_loss
         row |= {f"val_{k}": v for k, v in epoch_metrics(val_labels, val_probabilities).items()}
@@ -128,7 +234,7 @@ def fit(
         score = (-math.inf if math.isnan(val_auc) else val_auc, -val_loss)
         if result.best_epoch == 0 or score > best_score:
             result.best_epoch, result.best_val_auc, best_score = epoch, val_auc, score
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = copy.deepcopy(evaluated.state_dict())
             epochs_without_gain = 0
         else:
             epochs_without_gain += 1
@@ -141,7 +247,7 @@ def fit(
             result.stopped_early = True
             break
 
-    model.load_state_dict(best_state)
+    model.load_state_dict(best_state)  # the average has the model's own keys
     return result
 
 
@@ -152,19 +258,23 @@ def train_one_epoch(
     stepper: Stepper,
     grad_clip: float,
     epoch: int = 1,
+    *,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    average: WeightAverage | None = None,
+    label_smoothing: float = 0.0,
 ) -> tuple[float, np.ndarray, np.ndarray]:
-    """One pass of optimisation; returns mean loss, labels and softmax outputs seen."""
+    """One pass of optimisation; returns mean (smoothed) loss, labels and softmax outputs."""
     model.train()
-    loss_sum, labels, outputs = 0.0, [], []
+    device = stepper.device
+    sync_every = SYNC_EVERY if stepper.cuda else 1
+    loss_sum = torch.zeros((), device=device)
+    labels, outputs = [], []
     for step, (images, targets) in enumerate(batches):
-        targets = targets.to(stepper.device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
         with stepper.autocast():
             logits = model(stepper.inputs(images))
-            loss = nn.functional.cross_entropy(logits.float(), targets)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"training loss became {loss.item()} at epoch {epoch}, step {step + 1}; "
-                "lower lr or set grad_clip (e.g. 1.0)")
+            loss = nn.functional.cross_entropy(logits.float(), targets,
+                                               label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         stepper.scaler.scale(loss).backward()
         if grad_clip > 0:
@@ -172,32 +282,50 @@ def train_one_epoch(
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         stepper.scaler.step(optimizer)
         stepper.scaler.update()
+        if scheduler is not None:
+            scheduler.step()
+        if average is not None:
+            average.update(model)
         lifecycle.pause_point("epoch")
-        loss_sum += loss.item() * len(targets)
-        labels.append(targets.cpu())
-        outputs.append(torch.softmax(logits.detach().float(), dim=1).cpu())
-        if hasattr(batches, "set_postfix"):  # a tqdm bar: show the running loss
-            batches.set_postfix(loss=f"{loss.item():.4f}")
-    all_labels = torch.cat(labels).numpy()
-    return loss_sum / len(all_labels), all_labels, torch.cat(outputs).numpy()
+        # Kept on the device: no host sync here (see SYNC_EVERY).
+        loss_sum += loss.detach() * len(targets)
+        labels.append(targets)
+        outputs.append(torch.softmax(logits.detach().float(), dim=1))
+        if (step + 1) % sync_every == 0:
+            _check_finite(loss, epoch, step)
+            if hasattr(batches, "set_postfix"):  # a tqdm bar: show the running loss
+                batches.set_postfix(loss=f"{loss.item():.4f}")
+    _check_finite(loss_sum, epoch, step)
+    all_labels = torch.cat(labels).cpu().numpy()
+    return loss_sum.item() / len(all_labels), all_labels, torch.cat(outputs).cpu().numpy()
+
+
+def _check_finite(loss: torch.Tensor, epoch: int, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise NonFiniteLossError(
+            f"training loss became {loss.item()} at epoch {epoch} (by step {step + 1}); "
+            "lower lr or set grad_clip (e.g. 1.0)")
 
 
 @torch.no_grad()
 def predict(model: nn.Module, loader: DataLoader, device: torch.device,
             with_loss: bool = False):
-    """Softmax probabilities and labels over `loader` in eval mode (+ mean loss if asked)."""
+    """Softmax probabilities and labels over `loader` in eval mode (+ mean loss if asked).
+
+    In float32 even on CUDA, unlike training's AMP: the model is logged and tested in
+    float32, so the val numbers that pick the best epoch are computed the same way."""
     stepper = Stepper(device)
     model.eval()
-    probabilities, labels, loss_sum = [], [], 0.0
+    probabilities, labels = [], []
+    loss_sum = torch.zeros((), device=device)
     for images, targets in loader:
-        with stepper.autocast():
-            logits = model(stepper.inputs(images)).float()
-        targets = targets.to(device)
-        loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
-        probabilities.append(torch.softmax(logits, dim=1).cpu())
-        labels.append(targets.cpu())
-    probabilities_array = torch.cat(probabilities).numpy()
-    labels_array = torch.cat(labels).numpy()
+        logits = model(stepper.inputs(images)).float()
+        targets = targets.to(device, non_blocking=True)
+        loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum")
+        probabilities.append(torch.softmax(logits, dim=1))
+        labels.append(targets)
+    probabilities_array = torch.cat(probabilities).cpu().numpy()
+    labels_array = torch.cat(labels).cpu().numpy()
     if with_loss:
-        return probabilities_array, labels_array, loss_sum / max(len(labels_array), 1)
+        return probabilities_array, labels_array, loss_sum.item() / max(len(labels_array), 1)
     return probabilities_array, labels_array

@@ -34,18 +34,20 @@ from covid_xray.config import TrainConfig, TuneConfig
 from covid_xray.errors import RunStopped, UserError
 from covid_xray.experiment import effective_config, prepare_data, run_training
 
-# The original project's search space plus the optimiser's knobs. Each entry is an Optuna
-# distribution: float/int with low, high (and log), or categorical with choices.
+# The original project's search space (less vertical flips, which real frontal films never
+# show) plus the optimiser's and the recipe's knobs. Each entry is an Optuna distribution:
+# float/int with low, high (and log), or categorical with choices.
 DEFAULT_SPACE: dict[str, dict[str, Any]] = {
     "scale": {"type": "float", "low": 0.0, "high": 0.3},
     "shear": {"type": "float", "low": 0.0, "high": 20.0},
     "translation": {"type": "float", "low": 0.0, "high": 0.4},
     "rotation": {"type": "float", "low": 0.0, "high": 20.0},
     "hflip": {"type": "categorical", "choices": [True, False]},
-    "vflip": {"type": "categorical", "choices": [True, False]},
     "lr": {"type": "float", "low": 1e-5, "high": 1e-2, "log": True},
+    "weight_decay": {"type": "float", "low": 1e-4, "high": 0.3, "log": True},
+    "label_smoothing": {"type": "float", "low": 0.0, "high": 0.2},
     "drop_rate": {"type": "float", "low": 0.0, "high": 0.5},
-    "optimizer": {"type": "categorical", "choices": ["adam", "sgd", "rmsprop"]},
+    "optimizer": {"type": "categorical", "choices": ["adamw", "adam", "sgd", "rmsprop"]},
     "amsgrad": {"type": "categorical", "choices": [True, False]},
     "normalization": {"type": "categorical", "choices": ["minmax", "histeq", "clahe"]},
     "batch_size": {"type": "categorical", "choices": [16, 32, 64]},

@@ -119,7 +119,8 @@ def demo_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def trained_store(demo_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A sqlite tracking store holding one small trained model, registered as
-    `covid-xray-densenet` version 1 in Production with alias champion."""
+    `covid-xray-densenet` version 1 in Production with alias champion; it applies flip
+    test-time augmentation, so predict and serve are seen to apply it too."""
     import mlflow
 
     from covid_xray.config import TrainConfig
@@ -134,7 +135,7 @@ def trained_store(demo_dataset: Path, tmp_path_factory: pytest.TempPathFactory) 
         outcome = run_training(TrainConfig(
             data_dir=str(demo_dataset), cache_dir=str(root / "cache"), model="none",
             img_size=32, epochs=3, batch_size=16, num_workers=0, device="cpu",
-            stage="Production", alias="champion"), progress=False)
+            stage="Production", alias="champion", tta="flip"), progress=False)
         mlflow.set_tracking_uri(None)
     return {"uri": uri, "root": root, "outcome": outcome, "name": "covid-xray-densenet"}
 

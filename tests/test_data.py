@@ -25,9 +25,10 @@ from covid_xray.data import (
     select_studies,
     split_studies,
 )
+from covid_xray.dicom import write_dicom
 from covid_xray.errors import UserError
 from covid_xray.preprocess import load_square
-from covid_xray.synthetic import make_dataset, write_dicom
+from covid_xray.synthetic import make_dataset
 
 HEADER = "id," + ",".join(CLASS_COLUMNS) + "\n"
 SIIM_CLASS_COUNTS = [1676, 2855, 1049, 474]  # the real file's, per SIIM class

@@ -17,9 +17,8 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from covid_xray.dicom import read_patient_id, read_xray
+from covid_xray.dicom import read_patient_id, read_xray, write_dicom
 from covid_xray.errors import DicomError
-from covid_xray.synthetic import write_dicom
 from tests.conftest import REAL_DICOM
 
 RNG = np.random.default_rng(0)

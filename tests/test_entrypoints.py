@@ -9,6 +9,7 @@ import sys
 import pytest
 import yaml
 
+from covid_xray import project
 from covid_xray.config import (
     DownloadConfig,
     EvaluateConfig,
@@ -25,31 +26,29 @@ def run_script(name: str, *args: str, cwd=ROOT) -> subprocess.CompletedProcess:
                           cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
+def test_mlproject_and_readme_are_written_from_the_config():
+    """One source of truth: `python -m covid_xray.project` writes both from config.py."""
+    assert (ROOT / "MLproject").read_text() == project.mlproject(), (
+        "MLproject is stale: run `python -m covid_xray.project`")
+    readme = (ROOT / "README.md").read_text()
+    assert project.readme(readme) == readme, (
+        "README.md's option table is stale: run `python -m covid_xray.project`")
+
+
 @pytest.mark.parametrize(("entry_point", "config"), [
     ("train", TrainConfig), ("main", TrainConfig), ("download", DownloadConfig),
-    ("promote", PromoteConfig), ("predict", PredictConfig), ("evaluate", EvaluateConfig)])
-def test_mlproject_mirrors_the_config(entry_point, config):
-    project = yaml.safe_load((ROOT / "MLproject").read_text())
-    assert project["name"] == "covid-xray" and project["conda_env"] == "conda.yaml"
-    declared = project["entry_points"][entry_point]
+    ("promote", PromoteConfig), ("predict", PredictConfig), ("evaluate", EvaluateConfig),
+    ("tune", TuneConfig)])
+def test_mlproject_declares_each_option_with_its_default(entry_point, config):
+    declared = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"][entry_point]
     fields = {item.name: item.default for item in dataclasses.fields(config)}
-    assert list(declared["parameters"]) == list(fields)
+    assert list(declared["parameters"]) == list(fields)  # tune: its own, none of train's
     for name, default in fields.items():
         written = declared["parameters"][name]["default"]
         assert str(written).lower() == str(default).lower(), name
         assert f"--{name.replace('_', '-')} {{{name}}}" in declared["command"]
-    assert declared["command"].startswith(f"python entrypoints/{'train' if entry_point == 'main' else entry_point}.py ")
-
-
-def test_mlproject_tune_takes_tune_and_train_options():
-    declared = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["tune"]
-    tune_fields = [item.name for item in dataclasses.fields(TuneConfig)]
-    train_fields = [item.name for item in dataclasses.fields(TrainConfig)]
-    assert list(declared["parameters"]) == tune_fields + train_fields
-    for name in train_fields:  # unset unless the user fixes it
-        assert declared["parameters"][name]["default"] == ""
-    for name in tune_fields + train_fields:
-        assert f"--{name.replace('_', '-')} {{{name}}}" in declared["command"]
+    script = "train" if entry_point == "main" else entry_point
+    assert declared["command"].startswith(f"python entrypoints/{script}.py ")
 
 
 @pytest.mark.parametrize("name", ["download", "train", "tune", "promote", "predict", "evaluate"])

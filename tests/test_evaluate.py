@@ -18,10 +18,11 @@ from sklearn.metrics import roc_auc_score
 
 from covid_xray.config import EvaluateConfig, PromoteConfig
 from covid_xray.data import STUDY_CSV
+from covid_xray.dicom import write_dicom
 from covid_xray.external import FINGERPRINT_TAG, evaluate_model, read_labelled_set
 from covid_xray.promotion import find_evaluations, promote
 from covid_xray.registry import logged_model_id
-from covid_xray.synthetic import chest_image, write_dicom
+from covid_xray.synthetic import chest_image
 from tests.conftest import ROOT, clean_env
 
 CHAMPION = "models:/covid-xray-densenet@champion"

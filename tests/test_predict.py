@@ -58,6 +58,23 @@ def test_csv_equals_in_process_pyfunc(store, dicom_folder, tmp_path):
     assert len(table) == len(written)
 
 
+def test_parallel_decoding_writes_exactly_the_single_process_csv(store, dicom_folder,
+                                                                  tmp_path):
+    """Same bytes with 0 (in process), 2 and 3 workers: order, probabilities, errors."""
+    for bad in range(2):  # unreadable files in the middle of a batch, not only at the end
+        (dicom_folder / "train" / f"zz-broken-{bad}.dcm").write_bytes(b"DICM" * 40)
+    written = []
+    for workers in (0, 2, 3):
+        output = tmp_path / f"w{workers}.csv"
+        predict_files(PredictConfig(model_uri=PRODUCTION, input=str(dicom_folder),
+                                    output=str(output), batch_size=2, num_workers=workers),
+                      progress=False)
+        written.append(output.read_bytes())
+    assert written[0] == written[1] == written[2]
+    table = pd.read_csv(tmp_path / "w0.csv", keep_default_na=False)
+    assert (table.error != "").sum() == 3
+
+
 def test_base64_input_matches_paths(store, tiny_dataset):
     model = load(PRODUCTION)
     paths = [str(path) for path in sorted(tiny_dataset.glob("train/*/*/*.dcm"))[:4]]

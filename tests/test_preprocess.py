@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 
 from covid_xray.config import AugmentConfig
 from covid_xray.dataset import XrayDataset, build_augmentation, init_worker
+from covid_xray.dicom import write_dicom
 from covid_xray.errors import UserError
 from covid_xray.preprocess import (
     crop_square,
@@ -17,7 +18,6 @@ from covid_xray.preprocess import (
     resize,
     to_model_input,
 )
-from covid_xray.synthetic import write_dicom
 
 
 def test_crop_square_takes_the_centre():

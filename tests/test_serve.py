@@ -10,9 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+import torch
 
+from covid_xray.dicom import write_dicom
 from covid_xray.pyfunc import encode_dicom
-from covid_xray.synthetic import write_dicom
+from covid_xray.registry import load
 from tests.conftest import REAL_DICOM, clean_env, free_port, serving
 
 
@@ -55,6 +57,18 @@ def test_serve_answers_a_real_dicom(served_model, tmp_path):
     assert mr["error"] == ("row 2: modality MR is not a radiograph (CR, DX); this model reads "
                            "chest X-rays only") and mr["label"] == ""
     assert bad["prob_negative"] is None and bad["prob_positive"] is None
+
+    # The stored model's test-time augmentation runs in the server: the answer is the mean of
+    # the network on the film and on its mirror image.
+    stored = load("models:/covid-xray-densenet@champion")  # the DicomClassifier itself
+    assert stored.model.tta == "flip"
+    film = torch.from_numpy(stored.preprocessing.model_input(str(REAL_DICOM)))[None]
+    with torch.no_grad():
+        network = stored.model.network.eval()
+        plain = torch.softmax(network(film), dim=1)
+        expected = (plain + torch.softmax(network(film.flip(-1)), dim=1)) / 2
+    assert good["prob_positive"] == pytest.approx(expected[0, 1].item(), abs=1e-5)
+    assert not torch.allclose(plain, expected)  # the mirror changed something
 
 
 @pytest.mark.parametrize(("body", "message"), [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -85,15 +86,26 @@ def test_train_logs_registers_and_reloads(demo_dataset, tmp_path, tracking_uri, 
         assert low <= run.data.metrics[f"test_{metric}"] <= high, metric
     # MLflow 3: the test numbers are linked to the logged model, so its page shows them.
     model_id = logged_model_id(client.get_model_version(name, outcome.registered_version))
-    linked = {metric.key: metric.value for metric in client.get_logged_model(model_id).metrics}
-    assert linked["test_roc_auc"] == pytest.approx(outcome.test_metrics["roc_auc"])
+    linked = {metric.key: metric for metric in client.get_logged_model(model_id).metrics}
+    assert linked["test_roc_auc"].value == pytest.approx(outcome.test_metrics["roc_auc"])
+    assert linked["test_roc_auc"].dataset_name == "siim-test"  # and to the data behind them
+    ranked = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                         order_by=[{"field_name": "metrics.test_roc_auc",
+                                                    "ascending": False}], output_format="list")
+    assert [model.model_id for model in ranked] == [model_id]
 
     figures = {item.path for item in client.list_artifacts(outcome.run_id, "figures")}
     assert figures == {f"figures/{name}.png" for name in
                        ("confusion_matrix", "per_class_prf1", "roc_curves", "reliability",
                         "learning_curves")}
-    assert run.inputs.dataset_inputs[0].dataset.name == "siim-manifest"
-    assert {tag.value for tag in run.inputs.dataset_inputs[0].tags} == {"training"}
+    # Each split is a dataset input of its own, named and tagged by its context.
+    inputs = {item.dataset.name: {tag.value for tag in item.tags if tag.key == "mlflow.data.context"}
+              for item in run.inputs.dataset_inputs}
+    assert inputs == {"siim-train": {"train"}, "siim-val": {"val"}, "siim-test": {"test"}}
+    sizes = {item.dataset.name: json.loads(item.dataset.profile)["num_rows"]
+             for item in run.inputs.dataset_inputs}
+    assert sizes == {f"siim-{split}": len(manifest[manifest.split == split])
+                     for split in ("train", "val", "test")}
 
     # Registered, tagged, staged and aliased.
     version = client.get_model_version(name, outcome.registered_version)

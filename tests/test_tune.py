@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import optuna
 import pytest
@@ -52,6 +53,29 @@ def check_one_run_per_trial(runs: list, study: optuna.Study) -> None:
     assert numbers == sorted(trial.number for trial in study.trials)
     assert len(set(numbers)) == len(numbers)
     assert not [run for run in runs if run.info.status == "RUNNING"]
+
+
+def test_mlflow_run_tune_takes_the_train_options_given(demo_dataset, tmp_path):
+    """tune declares only its own options in MLproject; `-P lr=...` reaches it as `--lr ...`
+    (MLflow passes undeclared parameters on), and only the options given are fixed."""
+    space = tmp_path / "space.yaml"
+    space.write_text("label_smoothing: {type: float, low: 0.0, high: 0.2}\n")
+    given = {"data_dir": demo_dataset, "cache_dir": tmp_path / "cache", "model": "none",
+             "img_size": 32, "epochs": 1, "num_workers": 0, "batch_size": 16,
+             "dataset_size": 60, "system_metrics": "false", "lr": 0.002}
+    command = [str(Path(sys.executable).with_name("mlflow")), "run", str(ROOT), "-e", "tune",
+               "--env-manager", "local", "-P", "n_trials=1", "-P", f"space={space}",
+               *(f"-P{name}={value}" for name, value in given.items())]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                            env=clean_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = [run for run in runs_of(tmp_path, "Default") + runs_of(tmp_path)
+              if run.data.tags.get("mlflow.runName", "").startswith("trial-")]
+    assert len(trials) == 1
+    params = trials[0].data.params
+    assert params["lr"] == "0.002" and params["img_size"] == "32"
+    assert 0.0 <= float(params["label_smoothing"]) <= 0.2
+    assert params["optimizer"] == "adamw"  # not given, not searched: train's default
 
 
 def test_three_trial_study_nested_runs(demo_dataset, tmp_path):
@@ -254,8 +278,8 @@ def test_unknown_search_space_parameter(demo_dataset, tmp_path):
     ("lr: {type: float, low: 0, high: 0.1, log: true}",
      "lr is searched on a log scale, so low must be above 0, got 0"),
     ("epochs: {type: int, low: 1, high: 2.5}", "epochs low and high must be ints"),
-    ("optimizer: {type: categorical, choices: [adamw]}",
-     "optimizer choice 'adamw' is not one of adam, sgd, rmsprop"),
+    ("optimizer: {type: categorical, choices: [lamb]}",
+     "optimizer choice 'lamb' is not one of adamw, adam, sgd, rmsprop"),
     ("hflip: {type: categorical, choices: [yes, 1]}", "hflip choice 1 is not a bool"),
     ("batch_size: {type: categorical, choices: [16, '32']}", "batch_size choice '32' is not a int"),
     ("batch_size: {type: categorical, choices: []}", "batch_size choices must be a non-empty list"),
@@ -272,12 +296,12 @@ def test_the_default_space_is_valid():
 
 def test_impossible_choice_fails_before_any_trial(demo_dataset, tmp_path):
     space = tmp_path / "space.yaml"
-    space.write_text("optimizer: {type: categorical, choices: [adamw]}\n")
+    space.write_text("optimizer: {type: categorical, choices: [lamb]}\n")
     worker = tune_worker(tmp_path, demo_dataset, "--space", str(space))
     out, err = worker.communicate(timeout=300)
     assert worker.returncode == 2, out + err
     assert err.strip().splitlines() == [
-        f"error: {space}: optimizer choice 'adamw' is not one of adam, sgd, rmsprop"]
+        f"error: {space}: optimizer choice 'lamb' is not one of adamw, adam, sgd, rmsprop"]
     assert not (tmp_path / "optuna.db").exists()
 
 

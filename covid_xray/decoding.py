@@ -1,0 +1,99 @@
+"""DICOM files -> model inputs, decoded in parallel worker processes and handed out in order.
+
+Decoding (JPEG 2000, JPEG-LS, 16-bit rescaling, resizing), not the network, bounds prediction
+on a CPU: one process decoding files one after another left every other core idle. A
+DataLoader over the files spreads them over `num_workers` processes and keeps decoding the
+next batches while the model runs on this one.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import cv2
+import numpy as np
+from torch.utils.data import DataLoader, Dataset
+
+from covid_xray.errors import DicomError
+from covid_xray.preprocess import Preprocessing
+
+Decoded = tuple[np.ndarray | None, str]  # (model input, "") or (None, the error)
+
+
+def decode(preprocessing: Preprocessing, source: Any) -> Decoded:
+    """One model input, or None and the one-line error of a file that cannot be read."""
+    try:
+        if isinstance(source, DicomError):
+            raise source  # found while opening the input: reported like the rest
+        return preprocessing.model_input(source), ""
+    except DicomError as error:
+        return None, str(error)
+
+
+def available_cores() -> int:
+    """Cores this process may run on (a container's or taskset's limit, not the host's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+
+
+class DicomFiles(Dataset):
+    def __init__(self, paths: Sequence[str], preprocessing: Preprocessing):
+        self.paths = list(paths)
+        self.preprocessing = preprocessing
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> Decoded:
+        return decode(self.preprocessing, self.paths[index])
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """Workers forked from a fresh single-threaded server that has imported this module once.
+
+    Not plain fork: a worker forked from this process inherits locks held by its threads
+    (MLflow's, OpenCV's) and can wait on them forever. Not spawn: each worker would import
+    torch anew, seconds each, which a folder of a few hundred films never earns back."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
+def _unchanged(item: Decoded) -> Decoded:
+    return item  # not torch's default: it would turn arrays into tensors (None stays None)
+
+
+def _keep_threads_to_themselves(worker_id: int) -> None:
+    """Each worker decodes one file at a time: OpenCV's own thread pool in every worker would
+    oversubscribe the cores that the workers already fill."""
+    cv2.setNumThreads(1)
+
+
+def decoded_batches(paths: Sequence[str], preprocessing: Preprocessing, batch_size: int,
+                    num_workers: int) -> Iterator[tuple[list[np.ndarray | None], list[str]]]:
+    """(inputs, errors) for consecutive `batch_size` slices of `paths`, in order.
+
+    Workers take one file at a time (not one batch each: a folder of five batches would keep
+    five cores busy however many there are) and the batches are put together here.
+    `num_workers` < 0 means one worker per available core; 0 decodes in this process."""
+    if num_workers < 0:
+        num_workers = available_cores()
+    num_workers = min(num_workers, len(paths)) if len(paths) > 1 else 0
+    loader = DataLoader(DicomFiles(paths, preprocessing), batch_size=None,
+                        collate_fn=_unchanged, num_workers=num_workers,
+                        prefetch_factor=4 if num_workers else None,
+                        multiprocessing_context=_worker_context() if num_workers else None,
+                        worker_init_fn=_keep_threads_to_themselves if num_workers else None)
+    inputs: list[np.ndarray | None] = []
+    errors: list[str] = []
+    for model_input, error in loader:
+        inputs.append(model_input)
+        errors.append(error)
+        if len(inputs) == batch_size:
+            yield inputs, errors
+            inputs, errors = [], []
+    if inputs:
+        yield inputs, errors
