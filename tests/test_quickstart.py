@@ -33,15 +33,14 @@ def test_quickstart_ends_with_champion_and_predict_needs_no_uri(tmp_path):
     commands = quickstart_commands()
     assert [("-e" in c and c[c.index("-e") + 1]) or "train" for c in commands] == [
         "download", "train"]
-    # A copy of the checkout, as a user's clone: `mlflow run .` runs its commands there, so
-    # data/, cache/ and predictions.csv land in it.
+    # The project as a user's clone holds it: `mlflow run .` runs its commands in the
+    # project folder, so data/, cache/ and predictions.csv land there, not in this checkout.
+    # (The package itself comes from the environment, as after the Quickstart's install.)
     clone = tmp_path / "covid-xray"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for name in files:
-        if (ROOT / name).is_file():
-            (clone / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, clone / name)
+    shutil.copytree(ROOT / "entrypoints", clone / "entrypoints",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("MLproject", "conda.yaml"):
+        shutil.copy2(ROOT / name, clone / name)
     mlflow = str(Path(sys.executable).with_name("mlflow"))
     env = clean_env()
     env.pop("MLFLOW_TRACKING_URI", None)  # the Quickstart uses the default: ./mlflow.db
