@@ -63,14 +63,15 @@ def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float =
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
     """The multiplier of the base LR at optimiser step `step` (0-based): a linear warmup
-    from 1/warmup_steps to 1, then cosine decay reaching 0 after the last step."""
+    from 1/warmup_steps to 1, then cosine decay from 1 that would reach 0 one step after the
+    last (so no step is spent at LR 0)."""
     if schedule == "constant":
         return 1.0
     if schedule != "cosine":
         raise UserError(f"schedule must be cosine or constant, got {schedule!r}")
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    progress = (step - warmup_steps + 1) / max(1, total_steps - warmup_steps)
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 

@@ -23,12 +23,16 @@ from covid_xray.train import (
 
 
 def test_cosine_schedule_at_known_steps():
-    # 10 epochs of 10 steps, 1 epoch of warmup: 0.1, 0.2 ... 1.0, then cosine down to 0.
+    # 10 epochs of 10 steps, 1 epoch of warmup: 0.1, 0.2 ... 1.0, then cosine from 1 down
+    # towards 0, which it would reach one step after the last: no step trains at LR 0.
     assert [lr_factor(step, 100, 10, "cosine") for step in (0, 4, 9)] == [0.1, 0.5, 1.0]
-    assert lr_factor(10, 100, 10, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi / 90)))
-    assert lr_factor(54, 100, 10, "cosine") == pytest.approx(0.5)  # half way through the decay
-    assert lr_factor(99, 100, 10, "cosine") == pytest.approx(0.0)
+    assert lr_factor(10, 100, 10, "cosine") == 1.0
+    assert lr_factor(55, 100, 10, "cosine") == pytest.approx(0.5)  # half way through the decay
+    assert lr_factor(99, 100, 10, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * 89 / 90)))
+    assert lr_factor(99, 100, 10, "cosine") > 0
     assert lr_factor(57, 100, 10, "constant") == 1.0
+    # One step per epoch, two epochs: the second epoch still trains (it used to get LR 0).
+    assert lr_factor(1, 2, 1, "cosine") == 1.0
 
 
 def test_scheduler_sets_the_lr_every_step():
