@@ -60,8 +60,7 @@ def main(steps: int, img_size: int, batch_size: int) -> None:
     val = fake_loader(4 * batch_size, img_size, batch_size, shuffle=False)
     model = build("none", 2)
     optimizer = make_optimizer(model, DEFAULTS.optimizer, DEFAULTS.lr, DEFAULTS.weight_decay)
-    recipe = Recipe(DEFAULTS.schedule, DEFAULTS.warmup_epochs, DEFAULTS.ema_decay,
-                    DEFAULTS.label_smoothing, DEFAULTS.grad_clip)
+    recipe = Recipe.of(DEFAULTS)
     start = time.perf_counter()
     result = fit(model, train, val, optimizer=optimizer, epochs=3, patience=3, device=device,
                  recipe=recipe, progress=False)

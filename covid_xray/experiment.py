@@ -63,12 +63,6 @@ def prepare_data(config: TrainConfig, progress: bool = True) -> Manifest:
                           skip_unreadable=config.skip_unreadable, progress=progress)
 
 
-def recipe(config: TrainConfig) -> Recipe:
-    return Recipe(schedule=config.schedule, warmup_epochs=config.warmup_epochs,
-                  ema_decay=config.ema_decay, label_smoothing=config.label_smoothing,
-                  grad_clip=config.grad_clip)
-
-
 def data_fingerprint(manifest: Manifest) -> str:
     """Hash of which studies, labels and splits a run used, and of the files' contents (the
     cache entry names are content digests): equal fingerprints mean equal training data."""
@@ -129,7 +123,7 @@ def run_training(
                                    config.momentum, config.amsgrad)
         result = fit(network, loaders["train"], loaders["val"], optimizer=optimizer,
                      epochs=config.epochs, patience=config.patience, device=device,
-                     recipe=recipe(config), on_epoch=after_epoch, progress=progress)
+                     recipe=Recipe.of(config), on_epoch=after_epoch, progress=progress)
         mlflow.log_metrics({"best_epoch": result.best_epoch,
                             "stopped_early": float(result.stopped_early)})
 

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from covid_xray import lifecycle
+from covid_xray.config import TrainConfig
 from covid_xray.errors import UserError
 from covid_xray.metrics import epoch_metrics
 
@@ -172,6 +173,13 @@ class Recipe:
     ema_decay: float = 0.0
     label_smoothing: float = 0.0
     grad_clip: float = 1.0
+
+    @classmethod
+    def of(cls, config: TrainConfig) -> Recipe:
+        """The recipe a training config asks for."""
+        return cls(schedule=config.schedule, warmup_epochs=config.warmup_epochs,
+                   ema_decay=config.ema_decay, label_smoothing=config.label_smoothing,
+                   grad_clip=config.grad_clip)
 
 
 @dataclass
