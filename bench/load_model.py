@@ -1,9 +1,10 @@
 """How long `mlflow.pyfunc.load_model` takes on the model train logs: cold (a fresh Python
-process: imports, unpickling, weights) and warm (the same URI again in that process).
+process: imports, model code, weights) and warm (the same URI again in that process).
 
 Logs a DenseNet121 wrapped as train wraps it (random weights: the size is what matters) into
-a throwaway sqlite store, then times each load in new processes, --rounds times, and prints
-the median of each.
+a throwaway sqlite store twice: as train logs it (models-from-code: code + state_dict) and the
+old way (the python model cloudpickled whole), then times loads of each in new processes,
+alternating, --rounds times, and prints the medians side by side.
 
     python bench/load_model.py [--img-size 224] [--rounds 3]
 """
@@ -45,24 +46,30 @@ def main(img_size: int, rounds: int) -> None:
     from covid_xray.preprocess import Preprocessing
     from covid_xray.pyfunc import DicomClassifier
 
+    model = DicomClassifier(Classifier(build("none", 2), ("negative", "positive")),
+                            Preprocessing(img_size))
     with tempfile.TemporaryDirectory() as scratch:
         uri = f"sqlite:///{Path(scratch) / 'mlflow.db'}"
         mlflow.set_tracking_uri(uri)
         mlflow.set_experiment("load-bench")
         with mlflow.start_run():
-            info = tracking.log_model(DicomClassifier(
-                Classifier(build("none", 2), ("negative", "positive")).eval(),
-                Preprocessing(img_size)))
-        timings = []
+            uris = {"code + state_dict (train's way)": tracking.log_model(model).model_uri,
+                    "cloudpickle (before)": mlflow.pyfunc.log_model(
+                        name="pickled", python_model=model,
+                        code_paths=[str(tracking.PACKAGE_DIR)]).model_uri}
+        timings: dict[str, list[dict]] = {name: [] for name in uris}
         for _ in range(rounds):
-            result = subprocess.run([sys.executable, "-c", TIMER, uri, info.model_uri],
-                                    capture_output=True, text=True, check=True, cwd=scratch)
-            timings.append(json.loads(result.stdout.strip().splitlines()[-1]))
-    cold = statistics.median(timing["cold"] for timing in timings)
-    warm = statistics.median(timing["warm"] for timing in timings)
-    print(f"load_model, DenseNet121 pyfunc ({info.model_uri}), median of {rounds}:")
-    print(f"  cold (new process, imports included): {cold:6.2f} s")
-    print(f"  warm (same URI again, same process) : {warm:6.2f} s")
+            for name, model_uri in uris.items():
+                result = subprocess.run([sys.executable, "-c", TIMER, uri, model_uri],
+                                        capture_output=True, text=True, check=True,
+                                        cwd=scratch)
+                timings[name].append(json.loads(result.stdout.strip().splitlines()[-1]))
+    print(f"load_model, DenseNet121 pyfunc at {img_size} px, median of {rounds}:")
+    print(f"  {'':34s} {'cold (new process)':>20s} {'warm (same process)':>20s}")
+    for name, rows in timings.items():
+        cold = statistics.median(row["cold"] for row in rows)
+        warm = statistics.median(row["warm"] for row in rows)
+        print(f"  {name:34s} {cold:18.2f} s {warm:18.2f} s")
 
 
 if __name__ == "__main__":

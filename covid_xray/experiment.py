@@ -41,7 +41,8 @@ class TrainOutcome:
     test_probabilities: np.ndarray
     test_metrics: dict[str, float]
     best_epoch: int
-    registered_version: str | None
+    model_uri: str  # the logged model
+    registered_version: str | None = None
 
 
 def effective_config(config: TrainConfig) -> TrainConfig:
@@ -73,95 +74,115 @@ def data_fingerprint(manifest: Manifest) -> str:
     return hasher.hexdigest()
 
 
-def run_training(
-    config: TrainConfig,
-    *,
-    progress: bool = True,
-    on_epoch: Callable[[dict[str, float]], None] | None = None,
-    nested: bool = False,
-    register: bool = True,
-    run_name: str | None = None,
-    tags: dict[str, str] | None = None,
-    on_start: Callable[[str], None] | None = None,
-) -> TrainOutcome:
-    """Train, evaluate and log one model; register it unless told not to.
+@dataclass
+class Prepared:
+    """Everything a run needs before it starts: checked, built and loaded."""
 
-    `on_epoch` sees each epoch's metrics (and may raise to stop); `on_start` gets the MLflow
-    run id as soon as the run exists (tune records it so a dead worker's run can be closed).
-    """
+    config: TrainConfig  # effective (the 224 px rule applied)
+    device: torch.device
+    network: torch.nn.Module
+    manifest: Manifest
+    loaders: dict[str, DataLoader]
+    fingerprint: str
+
+
+def prepare(config: TrainConfig, progress: bool = True) -> Prepared:
+    """Check the tracking server, build the network (pretrained weights), read and split the
+    data: every way to fail before an MLflow run exists."""
     tracking.check_tracking_server()
     config = effective_config(config)
     device = resolve_device(config.device)
     seed_everything(config.seed)
     network = build(config.model, config.num_classes, config.drop_rate, config.weights_dir)
-
     lifecycle.pause_point("data")
     manifest = prepare_data(config, progress)
-    class_names = CLASS_NAMES[config.num_classes]
-    loaders = _loaders(config, manifest, device)
-    fingerprint = data_fingerprint(manifest)
+    return Prepared(config, device, network, manifest, _loaders(config, manifest, device),
+                    data_fingerprint(manifest))
 
+
+def run_training(config: TrainConfig, progress: bool = True,
+                 tags: dict[str, str] | None = None) -> TrainOutcome:
+    """Train, evaluate, log and register one model: the train entry point.
+
+    Tune runs the same steps (`prepare`, `train_in_run`, `register`) inside its own nested
+    runs, with its pruning callback and without registering each trial."""
+    prepared = prepare(config, progress)
+    config = prepared.config
     # A name that says what ran (MLflow's random names repeat: seed_everything seeded them).
-    run_name = run_name or f"train-{config.model}-{config.img_size}px-s{config.seed}"
-    with tracking.tracked_run(config.experiment_name, run_name=run_name, nested=nested,
-                              system_metrics=config.system_metrics) as run:
-        if on_start is not None:
-            on_start(run.info.run_id)
-        commit = tracking.git_commit()
-        mlflow.set_tags((tags or {}) | {"data_fingerprint": fingerprint, "git_commit": commit})
-        tracking.log_params(config.as_params() | {"data_fingerprint": fingerprint,
-                                                  "device_used": str(device)}
-                            | {f"count/{k}": v for k, v in manifest.counts().items()})
-        datasets = tracking.log_manifest(manifest.table, manifest.data_dir, fingerprint)
+    run_name = f"train-{config.model}-{config.img_size}px-s{config.seed}"
+    with tracking.tracked_run(config.experiment_name, run_name=run_name,
+                              system_metrics=config.system_metrics):
+        outcome = train_in_run(prepared, progress=progress, tags=tags)
+        register(outcome, config)
+    return outcome
 
-        def after_epoch(row: dict[str, float]) -> None:
-            tracking.log_epoch(row)
-            if on_epoch is not None:
-                on_epoch(row)
 
-        optimizer = make_optimizer(network, config.optimizer, config.lr, config.weight_decay,
-                                   config.momentum, config.amsgrad)
-        result = fit(network, loaders["train"], loaders["val"], optimizer=optimizer,
-                     epochs=config.epochs, patience=config.patience, device=device,
-                     recipe=Recipe.of(config), on_epoch=after_epoch, progress=progress)
-        mlflow.log_metrics({"best_epoch": result.best_epoch,
-                            "stopped_early": float(result.stopped_early)})
+def train_in_run(prepared: Prepared, *, progress: bool = True,
+                 on_epoch: Callable[[dict[str, float]], None] | None = None,
+                 tags: dict[str, str] | None = None) -> TrainOutcome:
+    """In the active MLflow run: log what goes in, fit, test, log the model and results.
+    `on_epoch` sees each epoch's metrics after they are logged (and may raise to stop)."""
+    config, manifest, loaders = prepared.config, prepared.manifest, prepared.loaders
+    class_names = CLASS_NAMES[config.num_classes]
+    run_id = mlflow.active_run().info.run_id
+    mlflow.set_tags((tags or {}) | {"data_fingerprint": prepared.fingerprint,
+                                    "git_commit": tracking.git_commit()})
+    tracking.log_params(config.as_params() | {"data_fingerprint": prepared.fingerprint,
+                                              "device_used": str(prepared.device)}
+                        | {f"count/{k}": v for k, v in manifest.counts().items()})
+    datasets = tracking.log_manifest(manifest.table, manifest.data_dir, prepared.fingerprint)
 
-        # The logged model runs on CPU in float32; evaluate exactly that, so what the
-        # registry serves reproduces these numbers.
-        model = Classifier(network.cpu().float().to(memory_format=torch.contiguous_format),
-                           class_names, tta=config.tta).eval()
-        test_set: XrayDataset = loaders["test"].dataset
-        with torch.no_grad():
-            probabilities = np.concatenate([model(images).numpy()
-                                            for images, _ in loaders["test"]])
-        test_labels = np.array(test_set.labels)
-        evaluation = evaluate(test_labels, probabilities, class_names, seed=config.seed)
+    def after_epoch(row: dict[str, float]) -> None:
+        tracking.log_epoch(row)
+        if on_epoch is not None:
+            on_epoch(row)
 
-        preprocessing = Preprocessing(config.img_size, config.normalization,
-                                      config.apply_voi_lut, config.input_kind)
-        model_info = tracking.log_model(DicomClassifier(model, preprocessing,
-                                                        config.batch_size))
-        # Linked to the logged model and the test split (MLflow 3): the model's page shows
-        # the test numbers, and search_logged_models can rank models by them.
-        tracking.log_evaluation(evaluation, "test", model_id=model_info.model_id,
-                                dataset=datasets["test"])
-        tracking.log_figure(metrics.learning_curves_figure(result.history), "learning_curves")
-        version = None
-        if register and config.registered_model_name:
-            version = tracking.register_model(
-                model_info.model_uri, config.registered_model_name,
-                tags={"git_commit": commit, "data_fingerprint": fingerprint,
-                      "run_id": run.info.run_id},
-                stage=config.stage, alias=config.alias)
-            print(f"registered {config.registered_model_name} version {version}")
-        print(f"run {run.info.run_id}: test ({len(test_labels)} studies) " + ", ".join(
-            evaluation.line(key) for key in ("roc_auc", "accuracy", "balanced_accuracy",
-                                             "ece")))
+    network = prepared.network
+    optimizer = make_optimizer(network, config.optimizer, config.lr, config.weight_decay,
+                               config.momentum, config.amsgrad)
+    result = fit(network, loaders["train"], loaders["val"], optimizer=optimizer,
+                 epochs=config.epochs, patience=config.patience, device=prepared.device,
+                 recipe=Recipe.of(config), on_epoch=after_epoch, progress=progress)
+    mlflow.log_metrics({"best_epoch": result.best_epoch,
+                        "stopped_early": float(result.stopped_early)})
 
+    # The logged model runs on CPU in float32; evaluate exactly that, so what the registry
+    # serves reproduces these numbers.
+    model = Classifier(network.cpu().float().to(memory_format=torch.contiguous_format),
+                       class_names, tta=config.tta).eval()
+    test_set: XrayDataset = loaders["test"].dataset
+    with torch.no_grad():
+        probabilities = np.concatenate([model(images).numpy() for images, _ in loaders["test"]])
+    test_labels = np.array(test_set.labels)
+    evaluation = evaluate(test_labels, probabilities, class_names, seed=config.seed)
+
+    preprocessing = Preprocessing(config.img_size, config.normalization, config.apply_voi_lut,
+                                  config.input_kind)
+    model_info = tracking.log_model(DicomClassifier(model, preprocessing, config.batch_size,
+                                                    config.model))
+    # Linked to the logged model and the test split (MLflow 3): the model's page shows the
+    # test numbers, and search_logged_models can rank models by them.
+    tracking.log_evaluation(evaluation, "test", model_id=model_info.model_id,
+                            dataset=datasets["test"])
+    tracking.log_figure(metrics.learning_curves_figure(result.history), "learning_curves")
+    print(f"run {run_id}: test ({len(test_labels)} studies) " + ", ".join(
+        evaluation.line(key) for key in ("roc_auc", "accuracy", "balanced_accuracy", "ece")))
     test_paths = [manifest.data_dir / path for path in manifest.split("test").path]
-    return TrainOutcome(run.info.run_id, model, result.history, test_set, test_paths,
-                        probabilities, evaluation.metrics, result.best_epoch, version)
+    return TrainOutcome(run_id, model, result.history, test_set, test_paths, probabilities,
+                        evaluation.metrics, result.best_epoch, model_info.model_uri)
+
+
+def register(outcome: TrainOutcome, config: TrainConfig) -> None:
+    """Register the outcome's model under `config.registered_model_name` (none: skip), tagged
+    with its run, and give it the config's alias / stage. Sets `outcome.registered_version`."""
+    if not config.registered_model_name:
+        return
+    tags = {key: value for key, value in mlflow.get_run(outcome.run_id).data.tags.items()
+            if key in ("git_commit", "data_fingerprint")} | {"run_id": outcome.run_id}
+    outcome.registered_version = tracking.register_model(
+        outcome.model_uri, config.registered_model_name, tags=tags, stage=config.stage,
+        alias=config.alias)
+    print(f"registered {config.registered_model_name} version {outcome.registered_version}")
 
 
 def _loaders(config: TrainConfig, manifest: Manifest,

@@ -60,6 +60,18 @@ def build(name: str, num_classes: int, drop_rate: float = 0.0, weights_dir: str 
     return _torchvision_densenet(name, num_classes, drop_rate, weights_dir)
 
 
+def architecture(name: str, num_classes: int) -> nn.Module:
+    """The network `build` makes for `name`, without its pretrained weights: what a logged
+    state_dict is loaded into. Build it under `torch.device("meta")` to skip the random init."""
+    if MODEL_FAMILIES[name].source == "torchvision":
+        model = torchvision.models.get_model(name, weights=None)
+        model.classifier = nn.Linear(model.classifier.in_features, num_classes)
+        return model
+    # torchxrayvision's DenseNet, random or pretrained: `_xrv_densenet` leaves the pretrained
+    # one with exactly this shape and forward (new head, no op_threshs, no sigmoid).
+    return xrv.models.DenseNet(num_classes=num_classes, in_channels=1)
+
+
 def xrv_weights_path(name: str, weights_dir: str = "") -> tuple[str, Path]:
     """(download URL, local path) of the torchxrayvision weights `name` stands for."""
     url = xrv.models.model_urls[MODEL_FAMILIES[name].weights]["weights_url"]

@@ -11,8 +11,11 @@ server open whatever file a client names. An operator may allow paths under one 
 setting COVID_XRAY_SERVE_PATH_ROOT. Failed rows then carry null probabilities (JSON has no
 NaN), and a request without any DICOM is an HTTP 400 that says so.
 
-Preprocessing is `preprocess.Preprocessing`, stored inside the model, so predictions see images
-exactly as training did. The torch module stays reachable:
+Logged as code, not as a pickle (MLflow's models-from-code): `served_model.py` is the model's
+code, and two artifacts hold its state: `weights.pt` (the network's state_dict, read with
+`weights_only=True`) and `model.json` (architecture, classes, TTA, and the
+`preprocess.Preprocessing` training used, so predictions see images exactly as training did).
+A new Python or torch reads both. The torch module stays reachable:
 `mlflow.pyfunc.load_model(uri).unwrap_python_model().model`.
 """
 
@@ -21,11 +24,12 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 import os
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import mlflow
 import numpy as np
@@ -39,7 +43,7 @@ from mlflow.types import ColSpec, Schema
 from covid_xray.decoding import decode
 from covid_xray.dicom import write_dicom
 from covid_xray.errors import DicomError, UserError
-from covid_xray.model import Classifier
+from covid_xray.model import Classifier, architecture
 from covid_xray.preprocess import Preprocessing
 from covid_xray.synthetic import chest_image
 
@@ -57,12 +61,44 @@ class BadInput(UserError, MlflowException):
 
 
 class DicomClassifier(mlflow.pyfunc.PythonModel):
-    """A trained `Classifier` plus the preprocessing it was trained with."""
+    """A trained `Classifier` plus the preprocessing it was trained with.
 
-    def __init__(self, model: Classifier, preprocessing: Preprocessing, batch_size: int = 16):
-        self.model = model.eval()
+    Made whole in process (training), or empty by `served_model.py` and filled from the
+    logged artifacts by `load_context` (loading)."""
+
+    ARTIFACTS: ClassVar[dict[str, str]] = {"weights": "weights.pt", "spec": "model.json"}
+
+    def __init__(self, model: Classifier | None = None,
+                 preprocessing: Preprocessing | None = None, batch_size: int = 16,
+                 architecture: str = "none"):
+        self.model = model.eval() if model is not None else None
         self.preprocessing = preprocessing
         self.batch_size = batch_size
+        self.architecture = architecture  # a `config.MODEL_FAMILIES` name
+
+    def save_artifacts(self, folder: Path) -> dict[str, str]:
+        """Write the state a logged model is loaded from; returns MLflow's `artifacts`."""
+        torch.save(self.model.network.state_dict(), folder / self.ARTIFACTS["weights"])
+        spec = {"architecture": self.architecture, "class_names": list(self.class_names),
+                "tta": self.model.tta, "batch_size": self.batch_size,
+                "preprocessing": self.preprocessing.as_dict()}
+        (folder / self.ARTIFACTS["spec"]).write_text(json.dumps(spec, indent=2) + "\n")
+        return {key: str(folder / name) for key, name in self.ARTIFACTS.items()}
+
+    def load_context(self, context: Any) -> None:
+        """Rebuild the model from its artifacts (a model pickled whole has none: as is)."""
+        if "weights" not in context.artifacts:
+            return
+        spec = json.loads(Path(context.artifacts["spec"]).read_text())
+        # On the meta device the layers get no random init (a DenseNet121's costs ~0.3 s);
+        # assign=True then makes the loaded tensors the parameters themselves.
+        with torch.device("meta"):
+            network = architecture(spec["architecture"], len(spec["class_names"]))
+        state = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
+        network.load_state_dict(state, assign=True)
+        self.__init__(Classifier(network, tuple(spec["class_names"]), tta=spec["tta"]),
+                      Preprocessing(**spec["preprocessing"]), spec["batch_size"],
+                      spec["architecture"])
 
     @property
     def class_names(self) -> tuple[str, ...]:

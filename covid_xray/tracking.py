@@ -1,4 +1,8 @@
-"""Everything MLflow: the run, params, metrics, figures, dataset input, model and registry.
+"""MLflow Tracking for a training run: start it and always end it with a status, and log into
+it: params, metrics, figures, the splits as dataset inputs, the model, its registration.
+Other modules use MLflow for their own job (registry.py and promotion.py the registry, pyfunc.py
+the model format, tune.py and external.py their own runs); train.py, evaluation.py, metrics.py
+and the data modules never import it.
 
 The tracking URI is MLflow's own choice: `MLFLOW_TRACKING_URI` when set, else the sqlite store
 `mlflow.db` in the working directory (MLflow 3's default), which `mlflow ui` there reads and
@@ -16,6 +20,7 @@ import logging
 import os
 import signal
 import subprocess
+import tempfile
 import threading
 import warnings
 from collections.abc import Iterator
@@ -36,11 +41,11 @@ from covid_xray.evaluation import Evaluation
 from covid_xray.pyfunc import DicomClassifier
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-# What a logged model needs to be loaded elsewhere (pinned to what trained it).
+# What a logged model imports to load and predict (pinned to what trained it; MLflow adds
+# itself). tests/test_serve.py serves a model from a virtualenv holding only these.
 MODEL_REQUIREMENTS = ("torch", "torchvision", "torchxrayvision", "numpy", "pandas", "pydicom",
                       "python-gdcm", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg",
-                      "pylibjpeg-rle", "opencv-python-headless", "albumentations",
-                      "scikit-learn", "matplotlib", "tqdm", "click", "imagecodecs")
+                      "pylibjpeg-rle", "opencv-python-headless", "imagecodecs")
 
 
 def check_tracking_server() -> str:
@@ -206,18 +211,17 @@ def log_dataset(table: pd.DataFrame, data_dir: Path, fingerprint: str, *, name: 
 
 
 def log_model(python_model: DicomClassifier) -> mlflow.models.model.ModelInfo:
-    """Log the DICOM-speaking model with its signature, an example request and its
-    preprocessing (also in the MLmodel metadata, for people reading the registry).
-
-    The torch module travels pickled inside the python model (cloudpickle), so the plain
-    nn.Module stays reachable for Grad-CAM and fine-tuning (bench/load_model.py times loading).
-    """
+    """Log the DICOM-speaking model as code (`served_model.py` plus this package) with its
+    state as artifacts, its signature, an example request and its preprocessing (also in the
+    MLmodel metadata, for people reading the registry). bench/load_model.py times loading."""
     metadata = python_model.preprocessing.as_dict() | {
-        "class_names": list(python_model.class_names)}
-    with _quiet_logger("mlflow.pyfunc"):  # its cloudpickle warning: we chose it knowingly
+        "class_names": list(python_model.class_names),
+        "architecture": python_model.architecture}
+    with tempfile.TemporaryDirectory() as folder, _quiet_logger("mlflow.pyfunc"):
         return mlflow.pyfunc.log_model(
             name="model",
-            python_model=python_model,
+            python_model=str(PACKAGE_DIR / "served_model.py"),
+            artifacts=python_model.save_artifacts(Path(folder)),
             signature=pyfunc.signature(python_model.class_names),
             input_example=pyfunc.example_input(),
             code_paths=[str(PACKAGE_DIR)],

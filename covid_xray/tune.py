@@ -1,7 +1,7 @@
 """Hyperparameter search: an Optuna study whose trials are ordinary training runs.
 
-One worker invocation = one parent MLflow run; each trial = one nested run made by the same
-`experiment.run_training` the train entry point uses. The study lives in an Optuna RDB storage
+One worker invocation = one parent MLflow run; each trial = one nested run that takes the steps
+`experiment.run_training` takes for train. The study lives in an Optuna RDB storage
 (sqlite by default, PostgreSQL to share it), so workers on several machines can join one study
 by name. A worker that dies mid-trial stops sending heartbeats; the next worker to start a
 trial marks that trial FAIL and its MLflow runs KILLED, so nothing is left RUNNING.
@@ -32,7 +32,7 @@ from mlflow.tracking import MlflowClient
 from covid_xray import tracking
 from covid_xray.config import TrainConfig, TuneConfig
 from covid_xray.errors import RunStopped, UserError
-from covid_xray.experiment import effective_config, prepare_data, run_training
+from covid_xray.experiment import effective_config, prepare, prepare_data, register, train_in_run
 
 # The original project's search space (less vertical flips, which real frontal films never
 # show) plus the optimiser's and the recipe's knobs. Each entry is an Optuna distribution:
@@ -290,13 +290,16 @@ def run_study(config: TuneConfig, fixed: dict[str, Any]) -> optuna.Study:
                     raise TrialPruned(f"pruned at epoch {int(row['epoch'])}")
 
             retry_of = _retried_trial_number(trial)  # a lost worker's trial, run again
-            outcome = run_training(
-                trial_config, nested=True, register=False, on_epoch=report,
-                run_name=f"trial-{trial.number}",
-                tags={"optuna_study": config.study_name, "optuna_trial": str(trial.number)}
-                | ({"optuna_retry_of": str(retry_of)} if retry_of is not None else {}),
-                on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id),
-                progress=False)
+            prepared = prepare(trial_config, progress=False)
+            with tracking.tracked_run(base.experiment_name, run_name=f"trial-{trial.number}",
+                                      nested=True,
+                                      system_metrics=trial_config.system_metrics) as run:
+                # Recorded first, so a worker that dies mid-trial has its run closed.
+                trial.set_user_attr("mlflow_run_id", run.info.run_id)
+                outcome = train_in_run(
+                    prepared, progress=False, on_epoch=report,
+                    tags={"optuna_study": config.study_name, "optuna_trial": str(trial.number)}
+                    | ({"optuna_retry_of": str(retry_of)} if retry_of is not None else {}))
             value = outcome.history[outcome.best_epoch - 1][config.metric]
             if math.isnan(value):  # Optuna fails the trial: say so in its run too
                 MlflowClient().set_tag(outcome.run_id, "trial_state", "FAIL")
@@ -372,9 +375,13 @@ def retrain_best(study: optuna.Study, base: TrainConfig, metric: str) -> None:
             dataclasses.replace(base, **trial.params))  # a study made before configs were kept
     best = dataclasses.replace(best, registered_model_name=base.registered_model_name,
                                stage=base.stage, alias=base.alias)
-    outcome = run_training(best, nested=True, run_name="best-retrain", progress=False,
-                           tags={"optuna_study": study.study_name,
-                                 "optuna_trial": str(trial.number)})
+    prepared = prepare(best, progress=False)
+    with tracking.tracked_run(best.experiment_name, run_name="best-retrain", nested=True,
+                              system_metrics=best.system_metrics):
+        outcome = train_in_run(prepared, progress=False,
+                               tags={"optuna_study": study.study_name,
+                                     "optuna_trial": str(trial.number)})
+        register(outcome, prepared.config)
     value = outcome.history[outcome.best_epoch - 1][metric]
     mlflow.log_metric(f"best_retrain_{metric}", value)
     verdict = ("reproduced" if math.isclose(value, trial.value, rel_tol=1e-6, abs_tol=1e-9)

@@ -7,7 +7,7 @@ import torch
 import torchxrayvision as xrv
 
 from covid_xray.errors import UserError
-from covid_xray.model import Classifier, build, xrv_weights_path
+from covid_xray.model import Classifier, architecture, build, xrv_weights_path
 
 
 def test_xrv_weights_are_read_from_weights_dir(tmp_path):
@@ -57,3 +57,18 @@ def test_random_init_and_unknown_names():
 def test_torchvision_weights_missing_offline(tmp_path):
     with pytest.raises(UserError, match=r"torchvision weights for densenet121 are not at .*checkpoints/densenet121-"):
         build("densenet121", num_classes=2, weights_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("name", ["all", "none"])
+def test_a_state_dict_loads_into_the_bare_architecture(name, tmp_path):
+    """What a logged model's loader does: the architecture on the meta device (no init), then
+    the trained weights assigned: the same network, output for output."""
+    torch.manual_seed(0)
+    torch.save(xrv.models.DenseNet(num_classes=18), xrv_weights_path("all", str(tmp_path))[1])
+    trained = build(name, num_classes=3, weights_dir=str(tmp_path)).eval()
+    with torch.device("meta"):
+        bare = architecture(name, num_classes=3)
+    bare.load_state_dict(trained.state_dict(), assign=True)
+    images = torch.randn(2, 1, 32, 32) * 500
+    with torch.no_grad():
+        torch.testing.assert_close(bare.eval()(images), trained(images), rtol=0, atol=0)

@@ -15,7 +15,7 @@ from covid_xray import tracking
 from covid_xray.config import PromoteConfig
 from covid_xray.errors import UserError
 from covid_xray.external import FINGERPRINT_TAG, MODEL_NAME_TAG, MODEL_VERSION_TAG
-from covid_xray.model import Classifier
+from covid_xray.model import Classifier, build
 from covid_xray.promotion import promote
 from covid_xray.pyfunc import DicomClassifier
 from covid_xray.registry import load
@@ -121,7 +121,7 @@ def test_if_better_refuses_evidence_that_is_not_comparable(store):
 def test_if_better_refuses_a_model_of_another_task(store):
     name = new_versions(store, [0.9])
     binary = load(f"models:/{name}/1")
-    four = Classifier(binary.model.network, ("negative", "typical", "indeterminate", "atypical"))
+    four = Classifier(build("none", 4), ("negative", "typical", "indeterminate", "atypical"))
     with mlflow.start_run():
         info = tracking.log_model(DicomClassifier(four, binary.preprocessing))
     MlflowClient().create_model_version(name, info.model_uri)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import requests
 import torch
@@ -18,13 +21,13 @@ from covid_xray.registry import load
 from tests.conftest import REAL_DICOM, clean_env, free_port, serving
 
 
-def serve(store: dict, log: Path, **env: str):
+def serve(store: dict, log: Path, python: Path = Path(sys.executable),
+          uri: str = "models:/covid-xray-densenet/Production", **popen):
     port = free_port()
-    command = [str(Path(sys.executable).with_name("mlflow")), "models", "serve",
-               "-m", "models:/covid-xray-densenet/Production", "--env-manager", "local",
-               "-h", "127.0.0.1", "-p", str(port)]
-    return serving(command, f"http://127.0.0.1:{port}", "/ping", log,
-                   env=clean_env(MLFLOW_TRACKING_URI=store["uri"], **env))
+    command = [str(python.with_name("mlflow")), "models", "serve", "-m", uri,
+               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
+    popen.setdefault("env", clean_env(MLFLOW_TRACKING_URI=store["uri"]))
+    return serving(command, f"http://127.0.0.1:{port}", "/ping", log, **popen)
 
 
 @pytest.fixture
@@ -92,7 +95,8 @@ def test_paths_only_under_the_operators_root(store, tmp_path):
     root = tmp_path / "films"
     root.mkdir()
     shutil.copy(REAL_DICOM, root / "chest.dcm")
-    with serve(store, tmp_path / "serve.log", COVID_XRAY_SERVE_PATH_ROOT=str(root)) as url:
+    env = clean_env(MLFLOW_TRACKING_URI=store["uri"], COVID_XRAY_SERVE_PATH_ROOT=str(root))
+    with serve(store, tmp_path / "serve.log", env=env) as url:
         body = {"dataframe_split": {"columns": ["path"], "data": [
             ["chest.dcm"], [str(root / "chest.dcm")], ["/etc/passwd"], ["../films/../../x.dcm"]]}}
         response = requests.post(f"{url}/invocations", json=body, timeout=60)
@@ -101,3 +105,43 @@ def test_paths_only_under_the_operators_root(store, tmp_path):
     assert [row["error"] for row in rows[:2]] == ["", ""]
     assert rows[2]["error"] == "row 2: path is outside the folder this server reads"
     assert rows[3]["error"] == "row 3: path is outside the folder this server reads"
+
+
+def test_served_from_a_virtualenv_holding_only_the_models_requirements(store, tmp_path):
+    """A deployment machine: a new virtualenv with nothing but the registered model's own
+    requirements.txt installed (no checkout of this repository, no editable install). The
+    model is code plus weights, not a pickle, and serves from the registry as in process."""
+    import mlflow
+
+    uri = "models:/covid-xray-densenet@champion"
+    model_dir = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "model")))
+    assert (model_dir / "served_model.py").is_file()
+    assert (model_dir / "artifacts" / "model.json").is_file()
+    assert not list(model_dir.rglob("*.pkl"))  # models-from-code: nothing is unpickled
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    # The user's shell minus this project's virtualenv: only the new one is on PATH.
+    env = {key: value for key, value in os.environ.items() if not key.startswith(
+        ("MLFLOW_", "VIRTUAL_ENV", "PYTHONPATH"))}
+    env["PATH"] = os.pathsep.join([str(venv / "bin"), *(
+        folder for folder in env["PATH"].split(os.pathsep)
+        if Path(folder) != Path(sys.executable).parent)])
+    subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", "--progress-bar", "off",
+                    "-r", str(model_dir / "requirements.txt")],
+                   check=True, cwd=tmp_path, env=env, capture_output=True)
+    python = venv / "bin" / "python"
+    found = subprocess.run([str(python), "-c", "import covid_xray"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True)
+    assert "No module named 'covid_xray'" in found.stderr  # only the model's copy will do
+
+    body = {"dataframe_split": {"columns": ["dicom_base64"],
+                                "data": [[encode_dicom(str(REAL_DICOM))]]}}
+    with serve(store, tmp_path / "serve.log", python=python, uri=uri, cwd=tmp_path,
+               env=env | {"MLFLOW_TRACKING_URI": store["uri"]}) as url:
+        response = requests.post(f"{url}/invocations", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    [row] = strict_json(response)["predictions"]
+    expected = load(uri).predict(None, pd.DataFrame({"path": [str(REAL_DICOM)]}))
+    assert row["error"] == "" and row["label"] == expected.label[0]
+    assert row["prob_positive"] == pytest.approx(expected.prob_positive[0], abs=1e-6)
