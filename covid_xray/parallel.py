@@ -28,7 +28,7 @@ from covid_xray.config import TrainConfig, TuneConfig
 from covid_xray.errors import UserError
 from covid_xray.experiment import effective_config, prepare_data
 
-TUNE_SCRIPT = Path(__file__).resolve().parents[1] / "entrypoints" / "tune.py"
+PROJECT_DIR = Path(__file__).resolve().parents[1]
 
 
 def run_workers(config: TuneConfig, fixed: dict[str, Any]) -> optuna.Study:
@@ -76,12 +76,16 @@ def _start_worker(config: TuneConfig, fixed: dict[str, Any], index: int,
                  {**dataclasses.asdict(worker), **fixed}.items()]
     env = {key: value for key, value in os.environ.items() if key != "MLFLOW_RUN_ID"}
     env[tune.PARENT_RUN_VARIABLE] = parent_run_id
+    # This checkout's package, also in an environment where the project is not installed (how
+    # MLproject runs it under uv / virtualenv); the working folder stays the user's.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_DIR),
+                                                      env.get("PYTHONPATH")]))
     if torch.cuda.is_available():
         env["CUDA_VISIBLE_DEVICES"] = str(index % torch.cuda.device_count())
     else:
         threads = str(max(1, (os.cpu_count() or 1) // config.workers))
         env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
-    return subprocess.Popen([sys.executable, str(TUNE_SCRIPT), *arguments], env=env)
+    return subprocess.Popen([sys.executable, "-m", "entrypoints.tune", *arguments], env=env)
 
 
 def _stop_workers(processes: list[subprocess.Popen], parent_run_id: str,

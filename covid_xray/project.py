@@ -1,10 +1,13 @@
-"""`MLproject` and the README's option tables, written from the config dataclasses.
+"""`MLproject`, the environment files and the README's option table, written from their one
+source each.
 
-The options exist once, in config.py. This module renders the MLproject entry points and the
-README's "Training options" table from them; `python -m covid_xray.project` rewrites both, and
-a test fails when either is stale. MLflow passes a `-P name=value` that an entry point does
-not declare on to its command as `--name value`: tune declares only its own options and takes
-train's that way, so it sees exactly the ones a user gave.
+The options exist once, in config.py; the dependencies once, in pyproject.toml. This module
+renders the MLproject entry points and the README's "Training options" table from the first,
+`python_env.yaml` (uv / virtualenv) and `conda.yaml` from the second; `python -m
+covid_xray.project` rewrites all four, and a test fails when any is stale. MLflow passes a
+`-P name=value` that an entry point does not declare on to its command as `--name value`: tune
+declares only its own options and takes train's that way, so it sees exactly the ones a user
+gave.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import dataclasses
 import json
 import re
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +40,20 @@ ENTRY_POINTS: dict[str, tuple[str, type]] = {
     "predict": ("predict", PredictConfig),
 }
 README_TABLES = {"train": TrainConfig}
+PYTHON = "3.11"
 HEADER = """\
 # Written by `python -m covid_xray.project` from covid_xray/config.py: edit the config, not
 # this file (tests/test_entrypoints.py fails when it is stale). Numbers are typed float so
 # MLflow checks them; booleans are the strings true / false. tune declares only its own
 # options: MLflow passes the train options you give (-P lr=0.001) on as --lr 0.001.
+# Commands run `python -m entrypoints.<name>` from the project folder, so they import this
+# checkout's covid_xray in any environment, whether or not the project is installed in it.
+# MLflow reads one environment key: python_env (uv, virtualenv); conda users see README.md.
+"""
+ENV_HEADER = """\
+# Written by `python -m covid_xray.project` from pyproject.toml's dependencies (edit those;
+# tests/test_entrypoints.py fails when this file is stale). The project itself is not
+# installed here: MLproject's commands import it from the project folder.
 """
 
 
@@ -61,17 +74,42 @@ def _parameters(config: type) -> list[str]:
 
 
 def mlproject() -> str:
-    lines = [HEADER.rstrip("\n"), "name: covid-xray", "", "conda_env: conda.yaml", "",
+    lines = [HEADER.rstrip("\n"), "name: covid-xray", "", "python_env: python_env.yaml", "",
              "entry_points:"]
     for entry_point, (script, config) in ENTRY_POINTS.items():
         arguments = " ".join(f"--{item.name.replace('_', '-')} {{{item.name}}}"
                              for item in dataclasses.fields(config))
         lines += [f"  {entry_point}:" + (" &train" if entry_point == "train" else ""),
                   "    parameters:", *_parameters(config),
-                  "    command: >-", f"      python entrypoints/{script}.py {arguments}", ""]
+                  "    command: >-", f"      python -m entrypoints.{script} {arguments}", ""]
         if entry_point == "train":
             lines += ["  main: *train", ""]
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def dependencies() -> list[str]:
+    """The project's runtime dependencies, as pyproject.toml lists them."""
+    with open(ROOT / "pyproject.toml", "rb") as file:
+        return tomllib.load(file)["project"]["dependencies"]
+
+
+def python_env() -> str:
+    """MLflow's python_env.yaml: what `--env-manager uv` and `virtualenv` install."""
+    lines = [ENV_HEADER.rstrip("\n"), f'python: "{PYTHON}"', "build_dependencies:",
+             "  - pip", "dependencies:", *(f"  - {item}" for item in dependencies())]
+    return "\n".join(lines) + "\n"
+
+
+def conda_env() -> str:
+    """The same environment for conda (`conda env create -f conda.yaml`)."""
+    lines = [ENV_HEADER.rstrip("\n"), "name: covid-xray", "channels:", "  - conda-forge",
+             "dependencies:", f"  - python={PYTHON}", "  - pip", "  - pip:",
+             *(f"      - {item}" for item in dependencies())]
+    return "\n".join(lines) + "\n"
+
+
+# File -> its text, as written from the sources above.
+GENERATED = {"MLproject": mlproject, "python_env.yaml": python_env, "conda.yaml": conda_env}
 
 
 def options_table(config: type) -> str:
@@ -95,10 +133,11 @@ def readme(text: str) -> str:
 
 
 def main() -> None:
-    (ROOT / "MLproject").write_text(mlproject())
+    for name, render in GENERATED.items():
+        (ROOT / name).write_text(render())
     path = ROOT / "README.md"
     path.write_text(readme(path.read_text()))
-    print("wrote MLproject and README.md's option tables", file=sys.stderr)
+    print(f"wrote {', '.join(GENERATED)} and README.md's option table", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -26,10 +26,17 @@ def run_script(name: str, *args: str, cwd=ROOT) -> subprocess.CompletedProcess:
                           cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
-def test_mlproject_and_readme_are_written_from_the_config():
-    """One source of truth: `python -m covid_xray.project` writes both from config.py."""
-    assert (ROOT / "MLproject").read_text() == project.mlproject(), (
-        "MLproject is stale: run `python -m covid_xray.project`")
+def test_generated_files_are_fresh():
+    """One source of truth: `python -m covid_xray.project` writes MLproject and the README's
+    table from config.py, the environment files from pyproject.toml's dependencies."""
+    for name, render in project.GENERATED.items():
+        assert (ROOT / name).read_text() == render(), (
+            f"{name} is stale: run `python -m covid_xray.project`")
+    environment = yaml.safe_load((ROOT / "python_env.yaml").read_text())
+    assert environment["dependencies"] == project.dependencies()
+    assert "torch==2.14.1" in environment["dependencies"]
+    conda = yaml.safe_load((ROOT / "conda.yaml").read_text())
+    assert conda["dependencies"][-1]["pip"] == project.dependencies()
     readme = (ROOT / "README.md").read_text()
     assert project.readme(readme) == readme, (
         "README.md's option table is stale: run `python -m covid_xray.project`")
@@ -48,7 +55,7 @@ def test_mlproject_declares_each_option_with_its_default(entry_point, config):
         assert str(written).lower() == str(default).lower(), name
         assert f"--{name.replace('_', '-')} {{{name}}}" in declared["command"]
     script = "train" if entry_point == "main" else entry_point
-    assert declared["command"].startswith(f"python entrypoints/{script}.py ")
+    assert declared["command"].startswith(f"python -m entrypoints.{script} ")
 
 
 @pytest.mark.parametrize("name", ["download", "train", "tune", "promote", "predict", "evaluate"])

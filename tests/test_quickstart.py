@@ -39,7 +39,7 @@ def test_quickstart_ends_with_champion_and_predict_needs_no_uri(tmp_path):
     clone = tmp_path / "covid-xray"
     shutil.copytree(ROOT / "entrypoints", clone / "entrypoints",
                     ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("MLproject", "conda.yaml"):
+    for name in ("MLproject", "python_env.yaml", "conda.yaml"):
         shutil.copy2(ROOT / name, clone / name)
     mlflow = str(Path(sys.executable).with_name("mlflow"))
     env = clean_env()
