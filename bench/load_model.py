@@ -41,7 +41,7 @@ print(json.dumps({"cold": cold, "warm": warm}))
 def main(img_size: int, rounds: int) -> None:
     import mlflow
 
-    from covid_xray import tracking
+    from covid_xray import mlflow_run
     from covid_xray.model import Classifier, build
     from covid_xray.preprocess import Preprocessing
     from covid_xray.pyfunc import DicomClassifier
@@ -53,10 +53,10 @@ def main(img_size: int, rounds: int) -> None:
         mlflow.set_tracking_uri(uri)
         mlflow.set_experiment("load-bench")
         with mlflow.start_run():
-            uris = {"code + state_dict (train's way)": tracking.log_model(model).model_uri,
+            uris = {"code + state_dict (train's way)": mlflow_run.log_model(model).model_uri,
                     "cloudpickle (before)": mlflow.pyfunc.log_model(
                         name="pickled", python_model=model,
-                        code_paths=[str(tracking.PACKAGE_DIR)]).model_uri}
+                        code_paths=[str(mlflow_run.PACKAGE_DIR)]).model_uri}
         timings: dict[str, list[dict]] = {name: [] for name in uris}
         for _ in range(rounds):
             for name, model_uri in uris.items():

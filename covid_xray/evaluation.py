@@ -3,7 +3,7 @@ interval, calibration beside discrimination, and the pictures that show both.
 
 One function serves train's test split and the evaluate entry point (any labelled set):
 labels and probabilities in, an `Evaluation` (numbers and figures) out. No MLflow in here;
-tracking.py logs what it returns.
+mlflow_run.py logs what it returns.
 
 Confidence intervals come from a stratified bootstrap: each resample draws, with replacement,
 as many studies of each class as the set holds, so the class mix (and every AUC) stays defined.

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from covid_xray import lifecycle, metrics, tracking
+from covid_xray import lifecycle, metrics, mlflow_run
 from covid_xray.cache import CacheParams, ImageCache
 from covid_xray.config import TrainConfig
 from covid_xray.data import CLASS_NAMES, Manifest, build_manifest
@@ -89,7 +89,7 @@ class Prepared:
 def prepare(config: TrainConfig, progress: bool = True) -> Prepared:
     """Check the tracking server, build the network (pretrained weights), read and split the
     data: every way to fail before an MLflow run exists."""
-    tracking.check_tracking_server()
+    mlflow_run.check_tracking_server()
     config = effective_config(config)
     device = resolve_device(config.device)
     seed_everything(config.seed)
@@ -110,7 +110,7 @@ def run_training(config: TrainConfig, progress: bool = True,
     config = prepared.config
     # A name that says what ran (MLflow's random names repeat: seed_everything seeded them).
     run_name = f"train-{config.model}-{config.img_size}px-s{config.seed}"
-    with tracking.tracked_run(config.experiment_name, run_name=run_name,
+    with mlflow_run.tracked_run(config.experiment_name, run_name=run_name,
                               system_metrics=config.system_metrics):
         outcome = train_in_run(prepared, progress=progress, tags=tags)
         register(outcome, config)
@@ -126,14 +126,14 @@ def train_in_run(prepared: Prepared, *, progress: bool = True,
     class_names = CLASS_NAMES[config.num_classes]
     run_id = mlflow.active_run().info.run_id
     mlflow.set_tags((tags or {}) | {"data_fingerprint": prepared.fingerprint,
-                                    "git_commit": tracking.git_commit()})
-    tracking.log_params(config.as_params() | {"data_fingerprint": prepared.fingerprint,
+                                    "git_commit": mlflow_run.git_commit()})
+    mlflow_run.log_params(config.as_params() | {"data_fingerprint": prepared.fingerprint,
                                               "device_used": str(prepared.device)}
                         | {f"count/{k}": v for k, v in manifest.counts().items()})
-    datasets = tracking.log_manifest(manifest.table, manifest.data_dir, prepared.fingerprint)
+    datasets = mlflow_run.log_manifest(manifest.table, manifest.data_dir, prepared.fingerprint)
 
     def after_epoch(row: dict[str, float]) -> None:
-        tracking.log_epoch(row)
+        mlflow_run.log_epoch(row)
         if on_epoch is not None:
             on_epoch(row)
 
@@ -158,13 +158,13 @@ def train_in_run(prepared: Prepared, *, progress: bool = True,
 
     preprocessing = Preprocessing(config.img_size, config.normalization, config.apply_voi_lut,
                                   config.input_kind)
-    model_info = tracking.log_model(DicomClassifier(model, preprocessing, config.batch_size,
+    model_info = mlflow_run.log_model(DicomClassifier(model, preprocessing, config.batch_size,
                                                     config.model))
     # Linked to the logged model and the test split (MLflow 3): the model's page shows the
     # test numbers, and search_logged_models can rank models by them.
-    tracking.log_evaluation(evaluation, "test", model_id=model_info.model_id,
+    mlflow_run.log_evaluation(evaluation, "test", model_id=model_info.model_id,
                             dataset=datasets["test"])
-    tracking.log_figure(metrics.learning_curves_figure(result.history), "learning_curves")
+    mlflow_run.log_figure(metrics.learning_curves_figure(result.history), "learning_curves")
     print(f"run {run_id}: test ({len(test_labels)} studies) " + ", ".join(
         evaluation.line(key) for key in ("roc_auc", "accuracy", "balanced_accuracy", "ece")))
     test_paths = [manifest.data_dir / path for path in manifest.split("test").path]
@@ -179,7 +179,7 @@ def register(outcome: TrainOutcome, config: TrainConfig) -> None:
         return
     tags = {key: value for key, value in mlflow.get_run(outcome.run_id).data.tags.items()
             if key in ("git_commit", "data_fingerprint")} | {"run_id": outcome.run_id}
-    outcome.registered_version = tracking.register_model(
+    outcome.registered_version = mlflow_run.register_model(
         outcome.model_uri, config.registered_model_name, tags=tags, stage=config.stage,
         alias=config.alias)
     print(f"registered {config.registered_model_name} version {outcome.registered_version}")

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from covid_xray import registry, tracking
+from covid_xray import mlflow_run, registry
 from covid_xray.cache import CacheParams, ImageCache
 from covid_xray.config import EvaluateConfig
 from covid_xray.data import CLASS_NAMES, DOWNLOAD_HINT, find_studies
@@ -86,7 +86,7 @@ def evaluate_model(config: EvaluateConfig, progress: bool = True,
                    ) -> ExternalEvaluation:
     """Score `config.model_uri` on `config.data_dir`; log one MLflow run (a child of the
     active run when `nested`: promote's evidence); return it all."""
-    tracking.check_tracking_server()
+    mlflow_run.check_tracking_server()
     model = registry.load(config.model_uri)
     version = registry.resolve_version(config.model_uri)
     class_names = tuple(model.class_names)
@@ -118,7 +118,7 @@ def evaluate_model(config: EvaluateConfig, progress: bool = True,
     model_name = version.name if version else ""
     model_version = str(version.version) if version else ""
     run_name = f"evaluate-{model_name}-v{model_version}" if version else "evaluate"
-    with tracking.tracked_run(config.experiment_name, run_name=run_name, nested=nested) as run:
+    with mlflow_run.tracked_run(config.experiment_name, run_name=run_name, nested=nested) as run:
         mlflow.set_tags({"model_uri": config.model_uri, MODEL_NAME_TAG: model_name,
                          MODEL_VERSION_TAG: model_version,
                          FINGERPRINT_TAG: labelled.fingerprint,
@@ -129,15 +129,15 @@ def evaluate_model(config: EvaluateConfig, progress: bool = True,
                   "count/dropped_missing_file": labelled.dropped_missing_file}
         counts |= {f"count/{name}": int((truth[scored] == index).sum())
                    for index, name in enumerate(class_names)}
-        tracking.log_params({"model_uri": config.model_uri, "data_dir": str(config.data_dir),
+        mlflow_run.log_params({"model_uri": config.model_uri, "data_dir": str(config.data_dir),
                              "resamples": config.resamples, "seed": config.seed,
                              "data_fingerprint": labelled.fingerprint} | counts)
-        dataset = tracking.log_dataset(predictions[["study_id", "image_id", "path", "truth"]],
+        dataset = mlflow_run.log_dataset(predictions[["study_id", "image_id", "path", "truth"]],
                                        labelled.data_dir, labelled.fingerprint,
                                        name=f"external-{labelled.data_dir.resolve().name}",
                                        context="evaluation")
         model_id = registry.logged_model_id(version) if version else None
-        tracking.log_evaluation(evaluation, "eval", model_id=model_id, dataset=dataset)
+        mlflow_run.log_evaluation(evaluation, "eval", model_id=model_id, dataset=dataset)
         csv = predictions.to_csv(index=False)
         mlflow.log_text(csv, "predictions.csv")
         if config.output:

@@ -5,7 +5,7 @@ nothing, and leaves no process behind.
 Why this needs care: `mlflow run` starts us as a child (`bash -c` execs python). When only the
 `mlflow run` process is stopped, the child was reparented to PID 1 and trained on, and the run
 `mlflow run` had created stayed RUNNING. So every entry point calls `handle_stops()` first:
-stop signals become KeyboardInterrupt (which `tracking.tracked_run` turns into KILLED), the
+stop signals become KeyboardInterrupt (which `mlflow_run.tracked_run` turns into KILLED), the
 kernel sends us SIGTERM when our parent dies (Linux `PR_SET_PDEATHSIG`), and a stop that comes
 before our own run context still ends the run `mlflow run` created (`end_started_run`).
 """

@@ -23,7 +23,7 @@ import optuna
 import torch
 from mlflow.tracking import MlflowClient
 
-from covid_xray import tracking, tune
+from covid_xray import mlflow_run, tune
 from covid_xray.config import TrainConfig, TuneConfig
 from covid_xray.errors import UserError
 from covid_xray.experiment import effective_config, prepare_data
@@ -38,14 +38,14 @@ def run_workers(config: TuneConfig, fixed: dict[str, Any]) -> optuna.Study:
     if config.space:
         tune.load_space(config.space)  # a bad space is refused before any worker starts
     base = dataclasses.replace(TrainConfig(), **fixed)
-    tracking.check_tracking_server()
-    tracking.create_store_once()  # before the workers: several creating it at once collide
+    mlflow_run.check_tracking_server()
+    mlflow_run.create_store_once()  # before the workers: several creating it at once collide
     study, _ = tune.open_study(config, tune.direction(config.metric))  # Optuna's tables too
     prepare_data(effective_config(base))  # the cache, filled once instead of N times over
 
-    with tracking.tracked_run(base.experiment_name,
+    with mlflow_run.tracked_run(base.experiment_name,
                               run_name=f"study-{config.study_name}-x{config.workers}") as run:
-        tracking.log_params({"tune/workers": config.workers, "tune/n_trials": config.n_trials,
+        mlflow_run.log_params({"tune/workers": config.workers, "tune/n_trials": config.n_trials,
                              "tune/study_name": config.study_name})
         processes = [_start_worker(config, fixed, index, run.info.run_id)
                      for index in range(config.workers)]

@@ -9,7 +9,7 @@ import cv2
 import pandas as pd
 from tqdm import tqdm
 
-from covid_xray import registry, tracking
+from covid_xray import mlflow_run, registry
 from covid_xray.config import PredictConfig
 from covid_xray.decoding import decoded_batches
 from covid_xray.errors import UserError
@@ -45,7 +45,7 @@ def predict_files(config: PredictConfig, progress: bool = True) -> pd.DataFrame:
 
     Unreadable files become rows with their `error`; the CSV appears whole or not at all.
     """
-    tracking.check_tracking_server()
+    mlflow_run.check_tracking_server()
     paths = find_dicoms(config.input)
     model = registry.load(config.model_uri)
     root = Path(config.input) if Path(config.input).is_dir() else Path(config.input).parent

@@ -15,7 +15,7 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from covid_xray import registry, tracking
+from covid_xray import mlflow_run, registry
 from covid_xray.config import EvaluateConfig, PromoteConfig
 from covid_xray.errors import UserError
 from covid_xray.evaluation import overlap
@@ -48,7 +48,7 @@ def direction(metric: str) -> int:
 def promote(config: PromoteConfig, progress: bool = True) -> Promotion:
     """Move `config.version` as asked; with `if_better`, only if it wins on the evidence."""
     registry.check_move(config.stage, config.alias)
-    tracking.check_tracking_server()
+    mlflow_run.check_tracking_server()
     if not config.if_better:
         if config.evaluate_on:
             raise UserError("evaluate_on goes with if_better (the metric to compare on)")
@@ -113,7 +113,7 @@ def _evaluate_all(config: PromoteConfig, versions: list[str], progress: bool) ->
     defaults = EvaluateConfig()
     labelled = read_labelled_set(config.evaluate_on, defaults.cache_dir, progress)
     evidence = {}
-    with tracking.tracked_run(defaults.experiment_name,
+    with mlflow_run.tracked_run(defaults.experiment_name,
                               run_name=f"promote-{config.name}-v{config.version}"):
         for version in versions:
             found = find_evaluations(config.name, version, labelled.fingerprint)

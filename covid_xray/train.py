@@ -8,7 +8,7 @@ accumulated on the device and read once per epoch (and every `SYNC_EVERY` steps 
 progress bar and the divergence check).
 
 It knows nothing of MLflow: each finished epoch is handed to an `on_epoch` callback, which the
-caller uses to log (tracking.py) or to report to Optuna (tune.py).
+caller uses to log (mlflow_run.py) or to report to Optuna (tune.py).
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from covid_xray import tracking
+from covid_xray import mlflow_run
 from covid_xray.config import TrainConfig, TuneConfig
 from covid_xray.errors import RunStopped, UserError
 from covid_xray.experiment import effective_config, prepare, prepare_data, register, train_in_run
@@ -259,16 +259,16 @@ def run_study(config: TuneConfig, fixed: dict[str, Any]) -> optuna.Study:
     base = dataclasses.replace(TrainConfig(), **fixed)
     # We print one line per trial, failures included (Optuna's own carry a traceback).
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    tracking.check_tracking_server()  # before open_study: a failed start creates no files
+    mlflow_run.check_tracking_server()  # before open_study: a failed start creates no files
     study, seed = open_study(config, direction(config.metric))
     print(f"study {config.study_name}: this worker's sampler seed is {seed}")
     # Data problems are the user's to fix once, not a failure per trial; this also fills the
     # cache, so trials only read it (unless img_size or apply_voi_lut are searched).
     prepare_data(effective_config(base))
 
-    with tracking.tracked_run(base.experiment_name, run_name=f"study-{config.study_name}",
+    with mlflow_run.tracked_run(base.experiment_name, run_name=f"study-{config.study_name}",
                               parent_run_id=os.environ.get(PARENT_RUN_VARIABLE)) as parent:
-        tracking.log_params({f"tune/{key}": value for key, value in
+        mlflow_run.log_params({f"tune/{key}": value for key, value in
                              dataclasses.asdict(config).items() if key != "storage"}
                             | {"tune/storage": safe_url(storage_url(config)),
                                "tune/sampler_seed_used": seed,
@@ -291,7 +291,7 @@ def run_study(config: TuneConfig, fixed: dict[str, Any]) -> optuna.Study:
 
             retry_of = _retried_trial_number(trial)  # a lost worker's trial, run again
             prepared = prepare(trial_config, progress=False)
-            with tracking.tracked_run(base.experiment_name, run_name=f"trial-{trial.number}",
+            with mlflow_run.tracked_run(base.experiment_name, run_name=f"trial-{trial.number}",
                                       nested=True,
                                       system_metrics=trial_config.system_metrics) as run:
                 # Recorded first, so a worker that dies mid-trial has its run closed.
@@ -343,7 +343,7 @@ def log_study(study: optuna.Study, config: TuneConfig) -> None:
         print("no trial completed; nothing to report")
         return
     mlflow.log_metric(f"best_{config.metric}", study.best_value)
-    tracking.log_params({f"best/{key}": value for key, value in study.best_params.items()}
+    mlflow_run.log_params({f"best/{key}": value for key, value in study.best_params.items()}
                         | {"best/trial": study.best_trial.number})
     print(f"best trial {study.best_trial.number}: {config.metric} {study.best_value:.4f} "
           f"with {study.best_params}")
@@ -361,7 +361,7 @@ def log_study(study: optuna.Study, config: TuneConfig) -> None:
         figure = axes.flat[0].figure if hasattr(axes, "flat") else axes.figure
         figure.set_size_inches(9, 5)
         figure.tight_layout()  # Optuna's layout cuts long parameter names off
-        tracking.log_figure(figure, f"optuna_{name}")
+        mlflow_run.log_figure(figure, f"optuna_{name}")
 
 
 def retrain_best(study: optuna.Study, base: TrainConfig, metric: str) -> None:
@@ -376,7 +376,7 @@ def retrain_best(study: optuna.Study, base: TrainConfig, metric: str) -> None:
     best = dataclasses.replace(best, registered_model_name=base.registered_model_name,
                                stage=base.stage, alias=base.alias)
     prepared = prepare(best, progress=False)
-    with tracking.tracked_run(best.experiment_name, run_name="best-retrain", nested=True,
+    with mlflow_run.tracked_run(best.experiment_name, run_name="best-retrain", nested=True,
                               system_metrics=best.system_metrics):
         outcome = train_in_run(prepared, progress=False,
                                tags={"optuna_study": study.study_name,

@@ -21,7 +21,7 @@ BINARY = ("negative", "positive")
 
 @pytest.fixture(autouse=True)
 def close_figures():
-    """evaluate() draws figures that tracking.py would log and close; here nobody logs them."""
+    """evaluate() draws figures that mlflow_run.py would log and close; here nobody logs them."""
     yield
     plt.close("all")
 

@@ -11,7 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from sklearn.dummy import DummyClassifier
 
-from covid_xray import tracking
+from covid_xray import mlflow_run
 from covid_xray.config import PromoteConfig
 from covid_xray.errors import UserError
 from covid_xray.external import FINGERPRINT_TAG, MODEL_NAME_TAG, MODEL_VERSION_TAG
@@ -123,7 +123,7 @@ def test_if_better_refuses_a_model_of_another_task(store):
     binary = load(f"models:/{name}/1")
     four = Classifier(build("none", 4), ("negative", "typical", "indeterminate", "atypical"))
     with mlflow.start_run():
-        info = tracking.log_model(DicomClassifier(four, binary.preprocessing))
+        info = mlflow_run.log_model(DicomClassifier(four, binary.preprocessing))
     MlflowClient().create_model_version(name, info.model_uri)
     evaluated(name, "1", "same-data", roc_auc=0.8)
     evaluated(name, "2", "same-data", roc_auc=0.9)

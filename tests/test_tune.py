@@ -309,7 +309,7 @@ def test_pruned_runs_end_killed(tmp_path, monkeypatch):
     """A pruning decision ends the trial's run KILLED (tagged PRUNED by tune), not FAILED."""
     import mlflow
 
-    from covid_xray.tracking import tracked_run
+    from covid_xray.mlflow_run import tracked_run
     from covid_xray.tune import TrialPruned
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")

@@ -1,8 +1,10 @@
-"""MLflow Tracking for a training run: start it and always end it with a status, and log into
-it: params, metrics, figures, the splits as dataset inputs, the model, its registration.
+"""One MLflow run: check the tracking server first, start the run and always end it with a
+status, log into it (params, metrics, figures, the splits as dataset inputs, the model) and
+register its model. Train's runs, tune's and evaluate's are all made here.
+
 Other modules use MLflow for their own job (registry.py and promotion.py the registry, pyfunc.py
-the model format, tune.py and external.py their own runs); train.py, evaluation.py, metrics.py
-and the data modules never import it.
+the model format, tune.py the study's bookkeeping); train.py, evaluation.py, metrics.py and the
+data modules never import it.
 
 The tracking URI is MLflow's own choice: `MLFLOW_TRACKING_URI` when set, else the sqlite store
 `mlflow.db` in the working directory (MLflow 3's default), which `mlflow ui` there reads and
