@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 from sklearn.dummy import DummyClassifier
@@ -19,7 +22,7 @@ from covid_xray.model import Classifier, build
 from covid_xray.promotion import promote
 from covid_xray.pyfunc import DicomClassifier
 from covid_xray.registry import load
-from tests.conftest import ROOT, clean_env
+from tests.conftest import REAL_DICOM, ROOT, clean_env
 
 
 def new_versions(store: dict, aucs: list[float]) -> str:
@@ -153,6 +156,26 @@ def test_load_by_stage_alias_and_version(store):
         assert isinstance(model, DicomClassifier)
         assert model.class_names == ("negative", "positive")
         assert model.preprocessing.img_size == 32
+
+
+def test_code_model_has_no_pickle_and_pickled_models_still_load(store):
+    """Train logs code + weights + model.json; a model logged whole (cloudpickle, as before
+    models-from-code) still loads and answers exactly the same."""
+    current = load("models:/covid-xray-densenet@champion")
+    source = MlflowClient().get_model_version("covid-xray-densenet", "1").source
+    folder = Path(mlflow.artifacts.download_artifacts(source))
+    assert not list(folder.rglob("*.pkl"))
+    spec = json.loads((folder / "artifacts" / "model.json").read_text())
+    assert spec == {"architecture": "none", "class_names": ["negative", "positive"],
+                    "tta": "flip", "batch_size": 16,
+                    "preprocessing": {"img_size": 32, "normalization": "minmax",
+                                      "apply_voi_lut": True, "input_kind": "xrv"}}
+    with mlflow.start_run():
+        pickled = mlflow.pyfunc.log_model(name="pickled", python_model=current,
+                                          code_paths=[str(mlflow_run.PACKAGE_DIR)])
+    old = load(pickled.model_uri)
+    frame = pd.DataFrame({"path": [str(REAL_DICOM)]})
+    pd.testing.assert_frame_equal(old.predict(None, frame), current.predict(None, frame))
 
 
 @pytest.mark.parametrize(("uri", "message"), [
