@@ -111,7 +111,7 @@ def run_training(config: TrainConfig, progress: bool = True,
     # A name that says what ran (MLflow's random names repeat: seed_everything seeded them).
     run_name = f"train-{config.model}-{config.img_size}px-s{config.seed}"
     with mlflow_run.tracked_run(config.experiment_name, run_name=run_name,
-                              system_metrics=config.system_metrics):
+                                system_metrics=config.system_metrics):
         outcome = train_in_run(prepared, progress=progress, tags=tags)
         register(outcome, config)
     return outcome
@@ -128,8 +128,8 @@ def train_in_run(prepared: Prepared, *, progress: bool = True,
     mlflow.set_tags((tags or {}) | {"data_fingerprint": prepared.fingerprint,
                                     "git_commit": mlflow_run.git_commit()})
     mlflow_run.log_params(config.as_params() | {"data_fingerprint": prepared.fingerprint,
-                                              "device_used": str(prepared.device)}
-                        | {f"count/{k}": v for k, v in manifest.counts().items()})
+                                                "device_used": str(prepared.device)}
+                          | {f"count/{k}": v for k, v in manifest.counts().items()})
     datasets = mlflow_run.log_manifest(manifest.table, manifest.data_dir, prepared.fingerprint)
 
     def after_epoch(row: dict[str, float]) -> None:
@@ -159,11 +159,11 @@ def train_in_run(prepared: Prepared, *, progress: bool = True,
     preprocessing = Preprocessing(config.img_size, config.normalization, config.apply_voi_lut,
                                   config.input_kind)
     model_info = mlflow_run.log_model(DicomClassifier(model, preprocessing, config.batch_size,
-                                                    config.model))
+                                                      config.model))
     # Linked to the logged model and the test split (MLflow 3): the model's page shows the
     # test numbers, and search_logged_models can rank models by them.
     mlflow_run.log_evaluation(evaluation, "test", model_id=model_info.model_id,
-                            dataset=datasets["test"])
+                              dataset=datasets["test"])
     mlflow_run.log_figure(metrics.learning_curves_figure(result.history), "learning_curves")
     print(f"run {run_id}: test ({len(test_labels)} studies) " + ", ".join(
         evaluation.line(key) for key in ("roc_auc", "accuracy", "balanced_accuracy", "ece")))

@@ -130,12 +130,12 @@ def evaluate_model(config: EvaluateConfig, progress: bool = True,
         counts |= {f"count/{name}": int((truth[scored] == index).sum())
                    for index, name in enumerate(class_names)}
         mlflow_run.log_params({"model_uri": config.model_uri, "data_dir": str(config.data_dir),
-                             "resamples": config.resamples, "seed": config.seed,
-                             "data_fingerprint": labelled.fingerprint} | counts)
+                               "resamples": config.resamples, "seed": config.seed,
+                               "data_fingerprint": labelled.fingerprint} | counts)
         dataset = mlflow_run.log_dataset(predictions[["study_id", "image_id", "path", "truth"]],
-                                       labelled.data_dir, labelled.fingerprint,
-                                       name=f"external-{labelled.data_dir.resolve().name}",
-                                       context="evaluation")
+                                         labelled.data_dir, labelled.fingerprint,
+                                         name=f"external-{labelled.data_dir.resolve().name}",
+                                         context="evaluation")
         model_id = registry.logged_model_id(version) if version else None
         mlflow_run.log_evaluation(evaluation, "eval", model_id=model_id, dataset=dataset)
         csv = predictions.to_csv(index=False)

@@ -44,9 +44,9 @@ def run_workers(config: TuneConfig, fixed: dict[str, Any]) -> optuna.Study:
     prepare_data(effective_config(base))  # the cache, filled once instead of N times over
 
     with mlflow_run.tracked_run(base.experiment_name,
-                              run_name=f"study-{config.study_name}-x{config.workers}") as run:
+                                run_name=f"study-{config.study_name}-x{config.workers}") as run:
         mlflow_run.log_params({"tune/workers": config.workers, "tune/n_trials": config.n_trials,
-                             "tune/study_name": config.study_name})
+                               "tune/study_name": config.study_name})
         processes = [_start_worker(config, fixed, index, run.info.run_id)
                      for index in range(config.workers)]
         try:

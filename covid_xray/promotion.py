@@ -114,7 +114,7 @@ def _evaluate_all(config: PromoteConfig, versions: list[str], progress: bool) ->
     labelled = read_labelled_set(config.evaluate_on, defaults.cache_dir, progress)
     evidence = {}
     with mlflow_run.tracked_run(defaults.experiment_name,
-                              run_name=f"promote-{config.name}-v{config.version}"):
+                                run_name=f"promote-{config.name}-v{config.version}"):
         for version in versions:
             found = find_evaluations(config.name, version, labelled.fingerprint)
             if found:

@@ -267,13 +267,13 @@ def run_study(config: TuneConfig, fixed: dict[str, Any]) -> optuna.Study:
     prepare_data(effective_config(base))
 
     with mlflow_run.tracked_run(base.experiment_name, run_name=f"study-{config.study_name}",
-                              parent_run_id=os.environ.get(PARENT_RUN_VARIABLE)) as parent:
+                                parent_run_id=os.environ.get(PARENT_RUN_VARIABLE)) as parent:
         mlflow_run.log_params({f"tune/{key}": value for key, value in
-                             dataclasses.asdict(config).items() if key != "storage"}
-                            | {"tune/storage": safe_url(storage_url(config)),
-                               "tune/sampler_seed_used": seed,
-                               "tune/space": yaml.safe_dump(space, sort_keys=True)}
-                            | {f"fixed/{key}": value for key, value in fixed.items()})
+                               dataclasses.asdict(config).items() if key != "storage"}
+                              | {"tune/storage": safe_url(storage_url(config)),
+                                 "tune/sampler_seed_used": seed,
+                                 "tune/space": yaml.safe_dump(space, sort_keys=True)}
+                              | {f"fixed/{key}": value for key, value in fixed.items()})
 
         def objective(trial: optuna.Trial) -> float:
             trial.set_user_attr("mlflow_parent_run_id", parent.info.run_id)
@@ -292,8 +292,8 @@ def run_study(config: TuneConfig, fixed: dict[str, Any]) -> optuna.Study:
             retry_of = _retried_trial_number(trial)  # a lost worker's trial, run again
             prepared = prepare(trial_config, progress=False)
             with mlflow_run.tracked_run(base.experiment_name, run_name=f"trial-{trial.number}",
-                                      nested=True,
-                                      system_metrics=trial_config.system_metrics) as run:
+                                        nested=True,
+                                        system_metrics=trial_config.system_metrics) as run:
                 # Recorded first, so a worker that dies mid-trial has its run closed.
                 trial.set_user_attr("mlflow_run_id", run.info.run_id)
                 outcome = train_in_run(
@@ -344,7 +344,7 @@ def log_study(study: optuna.Study, config: TuneConfig) -> None:
         return
     mlflow.log_metric(f"best_{config.metric}", study.best_value)
     mlflow_run.log_params({f"best/{key}": value for key, value in study.best_params.items()}
-                        | {"best/trial": study.best_trial.number})
+                          | {"best/trial": study.best_trial.number})
     print(f"best trial {study.best_trial.number}: {config.metric} {study.best_value:.4f} "
           f"with {study.best_params}")
     plots = optuna.visualization.matplotlib
@@ -377,7 +377,7 @@ def retrain_best(study: optuna.Study, base: TrainConfig, metric: str) -> None:
                                stage=base.stage, alias=base.alias)
     prepared = prepare(best, progress=False)
     with mlflow_run.tracked_run(best.experiment_name, run_name="best-retrain", nested=True,
-                              system_metrics=best.system_metrics):
+                                system_metrics=best.system_metrics):
         outcome = train_in_run(prepared, progress=False,
                                tags={"optuna_study": study.study_name,
                                      "optuna_trial": str(trial.number)})
