@@ -30,14 +30,15 @@ from covid_xray.config import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-# Entry point -> (script, config). `main` is train, so a bare `mlflow run .` trains.
-ENTRY_POINTS: dict[str, tuple[str, type]] = {
-    "train": ("train", TrainConfig),
-    "download": ("download", DownloadConfig),
-    "tune": ("tune", TuneConfig),
-    "evaluate": ("evaluate", EvaluateConfig),
-    "promote": ("promote", PromoteConfig),
-    "predict": ("predict", PredictConfig),
+# Entry point (and its script, entrypoints/<name>.py) -> its options. `main` is train, so a
+# bare `mlflow run .` trains.
+ENTRY_POINTS: dict[str, type] = {
+    "train": TrainConfig,
+    "download": DownloadConfig,
+    "tune": TuneConfig,
+    "evaluate": EvaluateConfig,
+    "promote": PromoteConfig,
+    "predict": PredictConfig,
 }
 README_TABLES = {"train": TrainConfig}
 PYTHON = "3.11"
@@ -76,12 +77,12 @@ def _parameters(config: type) -> list[str]:
 def mlproject() -> str:
     lines = [HEADER.rstrip("\n"), "name: covid-xray", "", "python_env: python_env.yaml", "",
              "entry_points:"]
-    for entry_point, (script, config) in ENTRY_POINTS.items():
+    for entry_point, config in ENTRY_POINTS.items():
         arguments = " ".join(f"--{item.name.replace('_', '-')} {{{item.name}}}"
                              for item in dataclasses.fields(config))
         lines += [f"  {entry_point}:" + (" &train" if entry_point == "train" else ""),
                   "    parameters:", *_parameters(config),
-                  "    command: >-", f"      python -m entrypoints.{script} {arguments}", ""]
+                  "    command: >-", f"      python -m entrypoints.{entry_point} {arguments}", ""]
         if entry_point == "train":
             lines += ["  main: *train", ""]
     return "\n".join(lines).rstrip("\n") + "\n"
