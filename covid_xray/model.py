@@ -54,22 +54,23 @@ def build(name: str, num_classes: int, drop_rate: float = 0.0, weights_dir: str 
     if family is None:
         raise UserError(f"model must be one of {', '.join(MODEL_FAMILIES)}, got {name!r}")
     if family.source == "random":
-        return xrv.models.DenseNet(num_classes=num_classes, in_channels=1, drop_rate=drop_rate)
+        return architecture(name, num_classes, drop_rate)
     if family.source == "torchxrayvision":
         return _xrv_densenet(name, num_classes, drop_rate, weights_dir)
     return _torchvision_densenet(name, num_classes, drop_rate, weights_dir)
 
 
-def architecture(name: str, num_classes: int) -> nn.Module:
-    """The network `build` makes for `name`, without its pretrained weights: what a logged
-    state_dict is loaded into. Build it under `torch.device("meta")` to skip the random init."""
+def architecture(name: str, num_classes: int, drop_rate: float = 0.0) -> nn.Module:
+    """The network `build` makes for `name`, randomly initialised: `build`'s network for
+    `none`, and what a logged state_dict is loaded into. Build it under
+    `torch.device("meta")` to skip the random init."""
     if MODEL_FAMILIES[name].source == "torchvision":
-        model = torchvision.models.get_model(name, weights=None)
+        model = torchvision.models.get_model(name, weights=None, drop_rate=drop_rate)
         model.classifier = nn.Linear(model.classifier.in_features, num_classes)
         return model
     # torchxrayvision's DenseNet, random or pretrained: `_xrv_densenet` leaves the pretrained
     # one with exactly this shape and forward (new head, no op_threshs, no sigmoid).
-    return xrv.models.DenseNet(num_classes=num_classes, in_channels=1)
+    return xrv.models.DenseNet(num_classes=num_classes, in_channels=1, drop_rate=drop_rate)
 
 
 def xrv_weights_path(name: str, weights_dir: str = "") -> tuple[str, Path]:
