@@ -15,7 +15,7 @@ Logged as code, not as a pickle (MLflow's models-from-code): `served_model.py` i
 code, and two artifacts hold its state: `weights.pt` (the network's state_dict, read with
 `weights_only=True`) and `model.json` (architecture, classes, TTA, and the
 `preprocess.Preprocessing` training used, so predictions see images exactly as training did).
-A new Python or torch reads both. The torch module stays reachable:
+Nothing is unpickled. The torch module stays reachable:
 `mlflow.pyfunc.load_model(uri).unwrap_python_model().model`.
 """
 
