@@ -121,9 +121,7 @@ def compare(data: str, seeds: str, recipes: tuple[str, ...], cache_dir: str,
             start = time.perf_counter()
             outcome = run_training(config, progress=False, tags={"recipe": name})
             per_epoch = (time.perf_counter() - start) / len(outcome.history)
-            preprocessing = Preprocessing(config.img_size, config.normalization,
-                                          config.apply_voi_lut, config.input_kind)
-            classifier = DicomClassifier(outcome.model, preprocessing, batch_size=64)
+            classifier = DicomClassifier(outcome.model, Preprocessing.of(config), batch_size=64)
             inputs, errors = classifier.prepare(unseen_paths)
             assert not any(errors), errors
             # The same weights scored with and without flip TTA (the model applies it).

@@ -42,6 +42,7 @@ class TrainOutcome:
     test_metrics: dict[str, float]
     best_epoch: int
     model_uri: str  # the logged model
+    provenance: dict[str, str]  # git_commit, data_fingerprint: tagged on the run and version
     registered_version: str | None = None
 
 
@@ -125,8 +126,8 @@ def train_in_run(prepared: Prepared, *, progress: bool = True,
     config, manifest, loaders = prepared.config, prepared.manifest, prepared.loaders
     class_names = CLASS_NAMES[config.num_classes]
     run_id = mlflow.active_run().info.run_id
-    mlflow.set_tags((tags or {}) | {"data_fingerprint": prepared.fingerprint,
-                                    "git_commit": mlflow_run.git_commit()})
+    provenance = {"data_fingerprint": prepared.fingerprint, "git_commit": mlflow_run.git_commit()}
+    mlflow.set_tags((tags or {}) | provenance)
     mlflow_run.log_params(config.as_params() | {"data_fingerprint": prepared.fingerprint,
                                                 "device_used": str(prepared.device)}
                           | {f"count/{k}": v for k, v in manifest.counts().items()})
@@ -156,10 +157,8 @@ def train_in_run(prepared: Prepared, *, progress: bool = True,
     test_labels = np.array(test_set.labels)
     evaluation = evaluate(test_labels, probabilities, class_names, seed=config.seed)
 
-    preprocessing = Preprocessing(config.img_size, config.normalization, config.apply_voi_lut,
-                                  config.input_kind)
-    model_info = mlflow_run.log_model(DicomClassifier(model, preprocessing, config.batch_size,
-                                                      config.model))
+    model_info = mlflow_run.log_model(DicomClassifier(model, Preprocessing.of(config),
+                                                      config.batch_size, config.model))
     # Linked to the logged model and the test split (MLflow 3): the model's page shows the
     # test numbers, and search_logged_models can rank models by them.
     mlflow_run.log_evaluation(evaluation, "test", model_id=model_info.model_id,
@@ -169,7 +168,7 @@ def train_in_run(prepared: Prepared, *, progress: bool = True,
         evaluation.line(key) for key in ("roc_auc", "accuracy", "balanced_accuracy", "ece")))
     test_paths = [manifest.data_dir / path for path in manifest.split("test").path]
     return TrainOutcome(run_id, model, result.history, test_set, test_paths, probabilities,
-                        evaluation.metrics, result.best_epoch, model_info.model_uri)
+                        evaluation.metrics, result.best_epoch, model_info.model_uri, provenance)
 
 
 def register(outcome: TrainOutcome, config: TrainConfig) -> None:
@@ -177,10 +176,9 @@ def register(outcome: TrainOutcome, config: TrainConfig) -> None:
     with its run, and give it the config's alias / stage. Sets `outcome.registered_version`."""
     if not config.registered_model_name:
         return
-    tags = {key: value for key, value in mlflow.get_run(outcome.run_id).data.tags.items()
-            if key in ("git_commit", "data_fingerprint")} | {"run_id": outcome.run_id}
     outcome.registered_version = mlflow_run.register_model(
-        outcome.model_uri, config.registered_model_name, tags=tags, stage=config.stage,
+        outcome.model_uri, config.registered_model_name,
+        tags=outcome.provenance | {"run_id": outcome.run_id}, stage=config.stage,
         alias=config.alias)
     print(f"registered {config.registered_model_name} version {outcome.registered_version}")
 

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from os import PathLike
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import cv2
 import numpy as np
 
 from covid_xray.dicom import read_xray
 from covid_xray.errors import UserError
+
+if TYPE_CHECKING:
+    from covid_xray.config import TrainConfig
 
 NORMALIZATIONS = ("minmax", "histeq", "clahe")
 INPUT_KINDS = ("xrv", "imagenet")
@@ -97,6 +100,12 @@ class Preprocessing:
     normalization: str = "minmax"
     apply_voi_lut: bool = True
     input_kind: str = "xrv"
+
+    @classmethod
+    def of(cls, config: TrainConfig) -> Preprocessing:
+        """The preprocessing a training config trains (and so its model predicts) with."""
+        return cls(config.img_size, config.normalization, config.apply_voi_lut,
+                   config.input_kind)
 
     def model_input(self, source: str | PathLike | BinaryIO) -> np.ndarray:
         """A DICOM (path or binary file) -> the float32 C x H x W array the model takes: the
