@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from covid_xray import mlflow_run, registry
 from covid_xray.config import PredictConfig
-from covid_xray.decoding import decoded_batches
+from covid_xray.decoding import decoded_batches, start_workers_early
 from covid_xray.errors import UserError
 from covid_xray.explain import grad_cam, overlay
 from covid_xray.files import atomic_write
@@ -47,6 +47,7 @@ def predict_files(config: PredictConfig, progress: bool = True) -> pd.DataFrame:
     """
     mlflow_run.check_tracking_server()
     paths = find_dicoms(config.input)
+    start_workers_early(config.num_workers, len(paths))
     model = registry.load(config.model_uri)
     root = Path(config.input) if Path(config.input).is_dir() else Path(config.input).parent
     frames = []

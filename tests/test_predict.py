@@ -13,6 +13,7 @@ import pydicom
 import pytest
 
 from covid_xray.config import PredictConfig
+from covid_xray.decoding import available_cores, worker_count
 from covid_xray.errors import UserError
 from covid_xray.predict import find_dicoms, predict_files, siim_ids
 from covid_xray.pyfunc import encode_dicom
@@ -73,6 +74,12 @@ def test_parallel_decoding_writes_exactly_the_single_process_csv(store, dicom_fo
     assert written[0] == written[1] == written[2]
     table = pd.read_csv(tmp_path / "w0.csv", keep_default_na=False)
     assert (table.error != "").sum() == 3
+
+
+def test_worker_count():
+    assert worker_count(-1, 1000) == available_cores()  # the default: one per core
+    assert worker_count(8, 3) == 3  # never more workers than files
+    assert worker_count(4, 1) == worker_count(0, 50) == 0  # one file, or asked for none
 
 
 def test_base64_input_matches_paths(store, tiny_dataset):
