@@ -26,6 +26,7 @@ from tqdm import tqdm
 from covid_xray import lifecycle
 from covid_xray.dicom import read_patient_id
 from covid_xray.errors import DicomError, UserError
+from covid_xray.fast_decoders import decode_on_one_thread
 from covid_xray.files import atomic_write
 from covid_xray.preprocess import load_square
 
@@ -98,7 +99,8 @@ class ImageCache:
             if num_workers > 0 and len(todo) > 1:
                 # spawn, not fork: the parent may hold torch/CUDA threads that do not survive.
                 context = multiprocessing.get_context("spawn")
-                with context.Pool(min(num_workers, len(todo))) as pool:
+                with context.Pool(min(num_workers, len(todo)),
+                                  initializer=decode_on_one_thread) as pool:
                     for source, error in pool.imap_unordered(_build_entry_star,
                                                              self._jobs(todo), chunksize=4):
                         stats.unreadable |= {source: error} if error else {}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import multiprocessing
 import multiprocessing.forkserver
-import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -19,6 +18,7 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from covid_xray.errors import DicomError
+from covid_xray.fast_decoders import available_cores, decode_on_one_thread
 from covid_xray.preprocess import Preprocessing
 
 Decoded = tuple[np.ndarray | None, str]  # (model input, "") or (None, the error)
@@ -32,12 +32,6 @@ def decode(preprocessing: Preprocessing, source: Any) -> Decoded:
         return preprocessing.model_input(source), ""
     except DicomError as error:
         return None, str(error)
-
-
-def available_cores() -> int:
-    """Cores this process may run on (a container's or taskset's limit, not the host's)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-        os.cpu_count() or 1)
 
 
 class DicomFiles(Dataset):
@@ -86,9 +80,10 @@ def _unchanged(item: Decoded) -> Decoded:
 
 
 def _keep_threads_to_themselves(worker_id: int) -> None:
-    """Each worker decodes one file at a time: OpenCV's own thread pool in every worker would
-    oversubscribe the cores that the workers already fill."""
+    """Each worker decodes one file at a time: OpenCV's and OpenJPEG's own threads in every
+    worker would oversubscribe the cores that the workers already fill."""
     cv2.setNumThreads(1)
+    decode_on_one_thread()
 
 
 def decoded_batches(paths: Sequence[str], preprocessing: Preprocessing, batch_size: int,

@@ -2,8 +2,9 @@
 
 The order follows the DICOM grayscale pipeline (PS3.4 N.2): stored values -> modality LUT
 (rescale slope/intercept) -> VOI LUT or window -> presentation (MONOCHROME1 is inverted).
-Decoding is pydicom's: it tries every installed plugin (pylibjpeg, GDCM, Pillow) per transfer
-syntax, so RLE, JPEG Baseline/Extended/Lossless, JPEG-LS and JPEG 2000 all work.
+Decoding is pydicom's. It first asks our imagecodecs plugin (fast_decoders.py: the same
+pixels, faster), then every installed plugin (GDCM, pylibjpeg, Pillow) in turn, so RLE, JPEG
+Baseline/Extended/Lossless, JPEG-LS and JPEG 2000 all work.
 """
 
 from __future__ import annotations
@@ -20,17 +21,21 @@ from pydicom.encaps import encapsulate
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi, get_decoder
 from pydicom.uid import (
+    JPEG2000,
     UID,
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
+    JPEGLossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
+    JPEGLSNearLossless,
     RLELossless,
     generate_uid,
 )
 
+from covid_xray import fast_decoders
 from covid_xray.errors import DicomError
 
 GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
@@ -39,6 +44,8 @@ GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
 # writes CHEST, TORAX, PECHO, THORAX or nothing.
 RADIOGRAPHY = ("CR", "DX", "RG")
 CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+
+fast_decoders.register()
 
 
 def read_xray(path: str | PathLike | BinaryIO, *, apply_voi_lut: bool = True) -> np.ndarray:
@@ -125,17 +132,29 @@ def _decode_first_frame(ds: pydicom.Dataset, name: object) -> np.ndarray:
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
         warnings.warn(f"{name}: {frames} frames, using the first", stacklevel=3)
-    try:
-        # index=0 decodes only the first frame instead of the whole cine loop.
-        ds.pixel_array_options(index=0 if frames > 1 else None)
-        pixels = ds.pixel_array
-    except Exception as error:
-        raise DicomError(
-            f"{name}: cannot decode {syntax.name} pixel data, truncated or corrupt ({error})"
-        ) from None
+    # index=0 decodes only the first frame instead of the whole cine loop.
+    first = 0 if frames > 1 else None
+    pixels = _decode_fast(ds, first) if syntax in fast_decoders.SYNTAXES else None
+    if pixels is None:
+        try:
+            ds.pixel_array_options(index=first)  # every plugin pydicom has, in its order
+            pixels = ds.pixel_array
+        except Exception as error:
+            raise DicomError(f"{name}: cannot decode {syntax.name} pixel data, truncated or "
+                             f"corrupt ({error})") from None
     if pixels.ndim != 2:
         raise DicomError(f"{name}: expected a 2-D image, got pixel array of shape {pixels.shape}")
     return pixels
+
+
+def _decode_fast(ds: pydicom.Dataset, first: int | None) -> np.ndarray | None:
+    """The pixels from our imagecodecs plugin, or None when it declines the file or fails on
+    it: pydicom's own plugins then try, and word the error of a file none can read."""
+    try:
+        ds.pixel_array_options(index=first, decoding_plugin=fast_decoders.LABEL)
+        return ds.pixel_array
+    except Exception:
+        return None
 
 
 def _modality_range(ds: pydicom.Dataset) -> tuple[float, float]:
@@ -240,21 +259,28 @@ def write_dicom(
                                     stored.reshape(-1, *stored.shape[-2:])])
         ds["PixelData"].VR = "OB"
         ds.file_meta.TransferSyntaxUID = syntax
-        if syntax in (JPEGBaseline8Bit, JPEGExtended12Bit):
+        if syntax in (JPEGBaseline8Bit, JPEGExtended12Bit, JPEG2000, JPEGLSNearLossless):
             # Lossy: readers must be able to tell (PS3.3 C.7.6.1.1.5).
             ds.LossyImageCompression = "01"
     ds.save_as(path, enforce_file_format=True)
 
 
 def _encode_jpeg(frame: np.ndarray, syntax: UID, bits_stored: int) -> bytes:
-    if syntax == JPEG2000Lossless:
+    if syntax in (JPEG2000Lossless, JPEG2000):
         levels = max(1, min(6, int(np.log2(min(frame.shape))) - 1))  # small images, fewer levels
-        return imagecodecs.jpeg2k_encode(frame, codecformat="J2K", reversible=True,
+        lossless = syntax == JPEG2000Lossless  # else the 9/7 wavelet, at 50 dB PSNR
+        return imagecodecs.jpeg2k_encode(frame, codecformat="J2K", reversible=lossless,
+                                         level=None if lossless else 50,
                                          bitspersample=bits_stored, resolutions=levels)
-    if syntax == JPEGLSLossless:
-        return imagecodecs.jpegls_encode(frame)
-    if syntax == JPEGLosslessSV1:
-        return imagecodecs.jpeg8_encode(frame, lossless=True, predictor=1,
+    if syntax in (JPEGLSLossless, JPEGLSNearLossless):
+        if frame.dtype.kind == "i":  # JPEG-LS has no sign: it carries the two's complement bits
+            frame = frame.view(np.uint16)
+        # near-lossless: every sample within 3 of the original
+        return imagecodecs.jpegls_encode(frame, level=0 if syntax == JPEGLSLossless else 3)
+    if syntax in (JPEGLosslessSV1, JPEGLossless):
+        # Process 14 allows predictors 1-7; SV1 is the one with predictor 1.
+        return imagecodecs.jpeg8_encode(frame, lossless=True,
+                                        predictor=1 if syntax == JPEGLosslessSV1 else 7,
                                         bitspersample=bits_stored)
     if syntax == JPEGBaseline8Bit:
         return imagecodecs.jpeg8_encode(frame, level=95)

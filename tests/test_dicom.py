@@ -7,17 +7,22 @@ import warnings
 import numpy as np
 import pydicom
 import pytest
+from pydicom.pixels import get_decoder, pixel_array
 from pydicom.uid import (
+    JPEG2000,
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
+    JPEGLossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
+    JPEGLSNearLossless,
     RLELossless,
 )
 
-from covid_xray.dicom import read_patient_id, read_xray, write_dicom
+from covid_xray import fast_decoders
+from covid_xray.dicom import _decode_fast, read_patient_id, read_xray, write_dicom
 from covid_xray.errors import DicomError
 from tests.conftest import REAL_DICOM
 
@@ -69,6 +74,51 @@ def test_lossy_jpeg_decodes_close_to_written(tmp_path, syntax, bits):
     expected = stored / (2**bits - 1)
     assert image.shape == stored.shape
     assert np.abs(image - expected).max() < 0.02  # quality 95 on a smooth gradient
+
+
+@pytest.mark.parametrize(
+    ("syntax", "bits", "signed"),
+    [(syntax, bits, False) for syntax in (JPEG2000Lossless, JPEGLSLossless, JPEGLosslessSV1)
+     for bits in (8, 12, 16)]
+    + [(JPEG2000Lossless, 12, True), (JPEG2000Lossless, 16, True), (JPEGLSLossless, 12, True),
+       (JPEGLossless, 12, False), (JPEGBaseline8Bit, 8, False), (JPEG2000, 12, False),
+       (JPEG2000, 16, True), (JPEGLSNearLossless, 12, False)],
+    ids=lambda value: getattr(value, "keyword", value),
+)
+def test_fast_decoder_gives_the_pixels_gdcm_gives(tmp_path, syntax, bits, signed):
+    """Our imagecodecs plugin, which read_xray tries first, decodes what GDCM (pydicom's
+    first choice) decodes, bit for bit, signed files included."""
+    stored = random_stored(bits)
+    if signed:
+        stored = (stored.astype(np.int32) - 2 ** (bits - 1)).astype(np.int16)
+    path = tmp_path / "x.dcm"
+    write_dicom(path, stored, syntax=syntax, bits_stored=bits, signed=signed)
+    fast = pixel_array(path, decoding_plugin=fast_decoders.LABEL)
+    np.testing.assert_array_equal(fast, pixel_array(path, decoding_plugin="gdcm"))
+    assert fast.dtype == stored.dtype
+    if syntax in (JPEGBaseline8Bit, JPEG2000, JPEGLSNearLossless):
+        assert not np.array_equal(fast, stored)  # lossy indeed: the test compares decoders
+    else:  # lossless: the stored values themselves
+        np.testing.assert_array_equal(fast, stored)
+    assert _decode_fast(pydicom.dcmread(path), None) is not None  # what read_xray uses
+
+
+def test_fast_decoder_reads_the_real_radiograph_as_gdcm_does():
+    np.testing.assert_array_equal(pixel_array(REAL_DICOM, decoding_plugin=fast_decoders.LABEL),
+                                  pixel_array(REAL_DICOM, decoding_plugin="gdcm"))
+
+
+def test_files_the_fast_decoder_declines_fall_back_to_pydicoms_plugins(tmp_path):
+    stored = random_stored(11)  # below 2**11: the same values read signed or unsigned
+    write_dicom(tmp_path / "x.dcm", stored, syntax=JPEGLosslessSV1, bits_stored=12)
+    ds = pydicom.dcmread(tmp_path / "x.dcm")
+    ds.PixelRepresentation = 1  # signed lossless JPEG: left to pydicom's plugins
+    ds.save_as(tmp_path / "x.dcm")
+    assert "covid_xray" in get_decoder(JPEGLosslessSV1).available_plugins
+    assert _decode_fast(pydicom.dcmread(tmp_path / "x.dcm"), None) is None
+    expected = (stored.astype(np.float64) + 2048) / 4095  # the signed 12-bit range
+    np.testing.assert_allclose(read_xray(tmp_path / "x.dcm", apply_voi_lut=False), expected,
+                               atol=1e-6)
 
 
 def test_monochrome1_equals_inverted_monochrome2_twin(tmp_path):
