@@ -3,10 +3,13 @@ sys.path)."""
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import pydicom
+
+from covid_xray import dicom
 
 
 def describe(paths: Sequence[object]) -> str:
@@ -20,3 +23,15 @@ def describe(paths: Sequence[object]) -> str:
         syntaxes.add(header.file_meta.TransferSyntaxUID.name)
     depth = ", ".join(f"{count} x {value}-bit" for value, count in sorted(bits.items()))
     return f"{depth}; {len(syntaxes)} transfer syntaxes"
+
+
+@contextlib.contextmanager
+def pydicom_plugins_only() -> Iterator[None]:
+    """read_xray as it was before fast_decoders.py: pydicom's plugins in pydicom's order (GDCM
+    first). In this process only (decoding workers are not affected)."""
+    original = dicom._decode_fast
+    dicom._decode_fast = lambda ds, first: None
+    try:
+        yield
+    finally:
+        dicom._decode_fast = original

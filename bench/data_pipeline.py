@@ -2,8 +2,10 @@
 
 Writes synthetic SIIM studies at realistic size (2048 px; 8-, 12- and 16-bit; every encoding
 in covid_xray.synthetic.ENCODINGS), then measures images/s, all in one process, side by side:
-  (a) decode + skimage anti-aliased resize every epoch, as the original project did;
-  (b) our first epoch: hash, decode, crop, cv2 area resize, write the cache, then load;
+  (a) decode (pydicom's own plugins, GDCM first) + skimage anti-aliased resize every epoch,
+      as the original project did;
+  (b) our first epoch: hash, decode (our imagecodecs plugin first), crop, cv2 area resize,
+      write the cache, then load;
   (c) our later epochs: load from the cache only.
 Each pass yields the same model inputs (normalised, [-1024, 1024]) to make the work comparable.
 
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import click
 import numpy as np
-from common import describe  # bench/common.py
+from common import describe, pydicom_plugins_only  # bench/common.py
 from skimage.transform import resize as skimage_resize
 
 from covid_xray.cache import CacheParams, ImageCache
@@ -61,7 +63,8 @@ def main(studies: int, size: int, img_size: int, cached_epochs: int) -> None:
         print(f"{len(paths)} DICOMs, {size} px rows ({describe(paths)}), "
               f"{megabytes:.0f} MB; model input {img_size} px; one process")
 
-        original = rate(len(paths), lambda: original_epoch(paths, img_size))
+        with pydicom_plugins_only():
+            original = rate(len(paths), lambda: original_epoch(paths, img_size))
         cache = ImageCache(Path(scratch) / "cache", CacheParams(img_size=img_size))
         entries: list[Path] = []
 

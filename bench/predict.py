@@ -7,6 +7,8 @@ encoding we support (8-, 12- and 16-bit; JPEG family, JPEG-LS, JPEG 2000, RLE, r
   latency     one DICOM at a time: decode + preprocess + forward;
   folder, Nw  the path predict_files takes (decoding.decoded_batches with N workers, then the
               batched forward), for N = 0 (decode in this process) and each --workers value;
+  before      folder, in process, decoded by pydicom's own plugins (GDCM first) instead of
+              our imagecodecs plugin first (covid_xray/fast_decoders.py): what that gains;
   bare        the model's forward alone on the same, already preprocessed, batches.
 All measured in one run, side by side, repeated --rounds times (best of each): this machine
 is noisy. --device cuda runs the forward with AMP + channels_last (decoding stays on CPUs).
@@ -25,7 +27,7 @@ from pathlib import Path
 import click
 import numpy as np
 import torch
-from common import describe  # bench/common.py
+from common import describe, pydicom_plugins_only  # bench/common.py
 
 from covid_xray.decoding import available_cores, decode, decoded_batches
 from covid_xray.model import Classifier, build
@@ -77,9 +79,15 @@ def main(studies: int, size: int, img_size: int, batch_size: int, workers: str, 
             latencies.append(time.perf_counter() - start)
 
         folder_rates: dict[int, float] = dict.fromkeys(counts, 0.0)
+        before_rate = 0.0  # in process, decoded by pydicom's own plugins only
         busy = 0.0  # cores the in-process path keeps busy: CPU seconds per wall second
         inputs: list[np.ndarray | None] = []
         for _ in range(rounds):  # the worker counts alternate, so drift hits them alike
+            with pydicom_plugins_only():
+                start = time.perf_counter()
+                for batch_inputs, _ in decoded_batches(paths, preprocessing, batch_size, 0):
+                    forward(batch_inputs)
+                before_rate = max(before_rate, len(paths) / (time.perf_counter() - start))
             for count in counts:
                 cpu_before = os.times()
                 start = time.perf_counter()
@@ -105,6 +113,8 @@ def main(studies: int, size: int, img_size: int, batch_size: int, workers: str, 
 
     print(f"latency per DICOM (median)          : {statistics.median(latencies) * 1000:8.1f} ms")
     print(f"bare forward, same batches          : {bare_rate:8.1f} images/s")
+    print(f"folder, in process, pydicom plugins : {before_rate:8.1f} DICOMs/s   (without "
+          f"fast_decoders: in process is x{folder_rates[0] / before_rate:.2f} of this)")
     for count, rate in folder_rates.items():
         label = "in process" if count == 0 else f"{count} workers"
         print(f"folder throughput, {label:<17}: {rate:8.1f} DICOMs/s   "
