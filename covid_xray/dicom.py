@@ -56,7 +56,8 @@ def read_xray(path: str | PathLike | BinaryIO, *, apply_voi_lut: bool = True) ->
     a reader to see); without it, or when the file has none, the full range the stored bits
     can hold is mapped to [0, 1], so the values keep their absolute meaning across images.
     """
-    name = getattr(path, "name", path)  # what error messages call the input
+    # What error messages call the input: the path as given, or an open file's name.
+    name = path if isinstance(path, str | PathLike) else getattr(path, "name", "<stream>")
     ds = _read_dataset(path, name)
     pixels = _decode_first_frame(ds, name)
 
@@ -140,8 +141,11 @@ def _decode_first_frame(ds: pydicom.Dataset, name: object) -> np.ndarray:
             ds.pixel_array_options(index=first)  # every plugin pydicom has, in its order
             pixels = ds.pixel_array
         except Exception as error:
+            # pydicom lists each plugin's failure on a line of its own: keep it to one line.
+            lines = [line.strip() for line in str(error).splitlines()]
+            why = "; ".join(line for line in lines if line and not line.startswith("Unable to"))
             raise DicomError(f"{name}: cannot decode {syntax.name} pixel data, truncated or "
-                             f"corrupt ({error})") from None
+                             f"corrupt ({why})") from None
     if pixels.ndim != 2:
         raise DicomError(f"{name}: expected a 2-D image, got pixel array of shape {pixels.shape}")
     return pixels

@@ -223,6 +223,23 @@ def test_truncated_file(tmp_path, syntax):
         read_xray(tmp_path / "x.dcm")
 
 
+def test_corrupt_codestream_is_one_line_naming_every_decoder_tried(tmp_path):
+    write_dicom(tmp_path / "x.dcm", random_stored(12, (64, 64)), syntax=JPEG2000Lossless)
+    ds = pydicom.dcmread(tmp_path / "x.dcm")
+    data = bytearray(ds.PixelData)
+    data[40:-40] = bytes(len(data) - 80)  # the whole length, zeros inside: no file-level sign
+    ds.PixelData = bytes(data)
+    ds.save_as(tmp_path / "x.dcm")
+    with pytest.raises(DicomError) as raised:
+        read_xray(tmp_path / "x.dcm")
+    message = str(raised.value)
+    assert message.startswith(f"{tmp_path / 'x.dcm'}: cannot decode JPEG 2000 Image Compression "
+                              "(Lossless Only) pixel data, truncated or corrupt (")
+    assert "\n" not in message
+    for decoder in get_decoder(JPEG2000Lossless).available_plugins:
+        assert f"{decoder}: " in message
+
+
 @pytest.mark.parametrize("modality", ["MR", "CT", "US"])
 def test_other_modalities_are_refused_by_name(tmp_path, modality):
     write_dicom(tmp_path / "x.dcm", random_stored(12), modality=modality)
