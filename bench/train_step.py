@@ -7,8 +7,9 @@ loading is out of the picture). Rounds alternate ours / bare so drift on a noisy
 both. Two ratios of images per second: ours / bare is what the recipe costs (the weight
 average and clipping touch every parameter each step); ours plain / bare runs our loop with the
 recipe off (constant LR, no average, no clipping, no smoothing), the same work as the bare
-loop: that is the loop's own overhead (target >= 0.97 on CPU). On CUDA ours uses AMP +
-channels_last, so it is compared with a bare loop doing the same (and a bare fp32 one).
+loop: that is the loop's own overhead (target >= 0.97 on CPU). Ours runs channels_last (and
+AMP on CUDA), so the ratios compare it with a bare loop doing the same: "bare NHWC" on CPU,
+"bare AMP" on CUDA. "bare" is the textbook NCHW fp32 loop, which shows what the layout gains.
 
     python bench/train_step.py [--sizes 128,224] [--batch-size 16] [--steps 6] [--rounds 3]
 """
@@ -36,14 +37,14 @@ DEFAULTS = TrainConfig()
 
 
 def bare_epoch(model: nn.Module, batches, optimizer, device: torch.device,
-               amp_dtype: torch.dtype | None = None) -> None:
-    """The textbook loop; with `amp_dtype`, the textbook AMP + channels_last loop (a
-    GradScaler for float16 only)."""
+               amp_dtype: torch.dtype | None = None, channels_last: bool = False) -> None:
+    """The textbook loop; `channels_last` feeds NHWC images (to a model converted alike);
+    with `amp_dtype`, under autocast (a GradScaler for float16 only)."""
     model.train()
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     for images, targets in batches:
         images, targets = images.to(device, non_blocking=True), targets.to(device)
-        if amp_dtype is not None:
+        if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         optimizer.zero_grad()
         with torch.autocast("cuda", dtype=amp_dtype or torch.float16,
@@ -94,15 +95,18 @@ def compare(size: int, batch_size: int, steps: int, rounds: int,
         train_one_epoch(plain_model, batches, plain_optimizer, stepper, grad_clip=0.0)
 
     loops = {"ours": ours, "ours plain": ours_plain}
-    for amp_dtype in ([None, stepper.amp_dtype] if cuda else [None]):
+    bare_kinds = {"bare": (None, False)}  # name: (AMP dtype, channels_last)
+    bare_kinds.update({"bare AMP": (stepper.amp_dtype, True)} if cuda else
+                      {"bare NHWC": (None, True)})
+    for name, (amp_dtype, channels_last) in bare_kinds.items():
         model = build("none", 2)
         model.load_state_dict(reference.state_dict())
-        model = model.to(device, memory_format=torch.contiguous_format if amp_dtype is None
-                         else torch.channels_last)
+        model = model.to(device, memory_format=torch.channels_last if channels_last
+                         else torch.contiguous_format)
         optimizer = make_optimizer(model, "adamw", DEFAULTS.lr, DEFAULTS.weight_decay)
-        loops["bare" if amp_dtype is None else "bare AMP"] = (
-            lambda model=model, optimizer=optimizer, amp_dtype=amp_dtype:
-            bare_epoch(model, batches, optimizer, device, amp_dtype))
+        loops[name] = (lambda model=model, optimizer=optimizer, amp_dtype=amp_dtype,
+                       channels_last=channels_last:
+                       bare_epoch(model, batches, optimizer, device, amp_dtype, channels_last))
 
     for loop in loops.values():
         loop()  # warm-up: allocator, cuDNN autotune, first-touch
@@ -127,7 +131,7 @@ def main(sizes: str, batch_size: int, steps: int, rounds: int, device: str) -> N
           f"DenseNet121, batch {batch_size}, {steps} steps x {rounds} rounds per loop")
     for size in (int(s) for s in sizes.split(",")):
         rates = compare(size, batch_size, steps, rounds, torch_device)
-        reference = "bare AMP" if "bare AMP" in rates else "bare"
+        reference = "bare AMP" if "bare AMP" in rates else "bare NHWC"  # ours' own layout
         print(f"{size:4d} px: " + " | ".join(f"{loop} {rate:7.1f} img/s"
                                              for loop, rate in rates.items())
               + f" | ours / {reference} {rates['ours'] / rates[reference]:.3f}"

@@ -129,8 +129,8 @@ class TrainConfig:
     patience: int = option(10, "Stop after this many epochs without a better val AUC.")
     grad_clip: float = option(1.0, "Clip the gradient norm to this (0 = off).")
     num_workers: int = option(2, "Processes decoding DICOMs and loading batches.")
-    device: str = option("auto", "auto picks CUDA when available (then AMP, channels_last "
-                        "and pinned memory).", ("auto", "cpu", "cuda"))
+    device: str = option("auto", "auto picks CUDA when available (then AMP and pinned "
+                        "memory; both devices run channels_last).", ("auto", "cpu", "cuda"))
     # --- tracking ---
     experiment_name: str = option("covid-xray", "MLflow experiment (a run started by "
                                   "`mlflow run` keeps its own).")

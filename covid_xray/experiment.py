@@ -147,18 +147,16 @@ def train_in_run(prepared: Prepared, *, progress: bool = True,
     mlflow.log_metrics({"best_epoch": result.best_epoch,
                         "stopped_early": float(result.stopped_early)})
 
-    # The logged model runs on CPU in float32; evaluate exactly that, so what the registry
-    # serves reproduces these numbers.
-    model = Classifier(network.cpu().float().to(memory_format=torch.contiguous_format),
-                       class_names, tta=config.tta).eval()
+    # The logged model runs on CPU in float32; evaluate exactly that (its own forward), so
+    # what the registry serves reproduces these numbers.
+    logged = DicomClassifier(Classifier(network.cpu().float(), class_names, tta=config.tta),
+                             Preprocessing.of(config), config.batch_size, config.model)
     test_set: XrayDataset = loaders["test"].dataset
-    with torch.no_grad():
-        probabilities = np.concatenate([model(images).numpy() for images, _ in loaders["test"]])
+    probabilities = np.concatenate([logged.forward(images) for images, _ in loaders["test"]])
     test_labels = np.array(test_set.labels)
     evaluation = evaluate(test_labels, probabilities, class_names, seed=config.seed)
 
-    model_info = mlflow_run.log_model(DicomClassifier(model, Preprocessing.of(config),
-                                                      config.batch_size, config.model))
+    model_info = mlflow_run.log_model(logged)
     # Linked to the logged model and the test split (MLflow 3): the model's page shows the
     # test numbers, and search_logged_models can rank models by them.
     mlflow_run.log_evaluation(evaluation, "test", model_id=model_info.model_id,
@@ -167,7 +165,7 @@ def train_in_run(prepared: Prepared, *, progress: bool = True,
     print(f"run {run_id}: test ({len(test_labels)} studies) " + ", ".join(
         evaluation.line(key) for key in ("roc_auc", "accuracy", "balanced_accuracy", "ece")))
     test_paths = [manifest.data_dir / path for path in manifest.split("test").path]
-    return TrainOutcome(run_id, model, result.history, test_set, test_paths, probabilities,
+    return TrainOutcome(run_id, logged.model, result.history, test_set, test_paths, probabilities,
                         evaluation.metrics, result.best_epoch, model_info.model_uri, provenance)
 
 

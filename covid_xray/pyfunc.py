@@ -71,7 +71,9 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
     def __init__(self, model: Classifier | None = None,
                  preprocessing: Preprocessing | None = None, batch_size: int = 16,
                  architecture: str = "none"):
-        self.model = model.eval() if model is not None else None
+        # channels_last (NHWC): oneDNN's CPU convolutions run a DenseNet121 ~1.4x faster so.
+        self.model = (model.eval().to(memory_format=torch.channels_last) if model is not None
+                      else None)
         self.preprocessing = preprocessing
         self.batch_size = batch_size
         self.architecture = architecture  # a `config.MODEL_FAMILIES` name
@@ -145,10 +147,14 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
         rows = [index for index, array in enumerate(inputs) if array is not None]
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start : start + self.batch_size]
-            with torch.no_grad():
-                batch = torch.from_numpy(np.stack([inputs[index] for index in chunk]))
-                output[chunk] = self.model(batch).numpy()
+            output[chunk] = self.forward(torch.from_numpy(np.stack([inputs[i] for i in chunk])))
         return output
+
+    @torch.no_grad()
+    def forward(self, batch: torch.Tensor) -> np.ndarray:
+        """Class probabilities of a batch of model inputs: the one forward every prediction of
+        this model runs (training's test split included)."""
+        return self.model(batch.contiguous(memory_format=torch.channels_last)).numpy()
 
     def result_frame(self, probabilities: np.ndarray, errors: list[str]) -> pd.DataFrame:
         frame = pd.DataFrame(probabilities.astype(np.float64),

@@ -134,11 +134,14 @@ class NonFiniteLossError(UserError):
 
 
 class Stepper:
-    """One device's way of running batches: AMP + channels_last on CUDA, plain fp32 on CPU.
+    """One device's way of running batches: channels_last everywhere, AMP on CUDA.
 
-    AMP is bfloat16 where the GPU has it (Ampere and later): it keeps float32's range, so it
-    needs no GradScaler, whose overflow check reads a flag back from the GPU at every step.
-    Older GPUs get float16 with the GradScaler."""
+    channels_last (NHWC) is what cuDNN's tensor cores and oneDNN's CPU convolutions are
+    fastest in: on 2 CPU cores a DenseNet121 trains 1.21x (128 px) to 1.27x (224 px) faster
+    than in PyTorch's default NCHW (bench/train_step.py). AMP is bfloat16 where the GPU has it
+    (Ampere and later): it keeps float32's range, so it needs no GradScaler, whose overflow
+    check reads a flag back from the GPU at every step. Older GPUs get float16 with the
+    GradScaler. CPUs stay fp32."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -148,12 +151,11 @@ class Stepper:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.cuda and not bf16)
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        model = model.to(self.device)
-        return model.to(memory_format=torch.channels_last) if self.cuda else model
+        return model.to(self.device, memory_format=torch.channels_last)
 
     def inputs(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)
-        return images.contiguous(memory_format=torch.channels_last) if self.cuda else images
+        return images.contiguous(memory_format=torch.channels_last)
 
     def autocast(self):
         return torch.autocast("cuda", dtype=self.amp_dtype, enabled=self.cuda)
