@@ -272,7 +272,7 @@ def write_dicom(
 def _encode_jpeg(frame: np.ndarray, syntax: UID, bits_stored: int) -> bytes:
     if syntax in (JPEG2000Lossless, JPEG2000):
         levels = max(1, min(6, int(np.log2(min(frame.shape))) - 1))  # small images, fewer levels
-        lossless = syntax == JPEG2000Lossless  # else the 9/7 wavelet, at 50 dB PSNR
+        lossless = syntax == JPEG2000Lossless  # else the 9/7 wavelet, at quality level 50
         return imagecodecs.jpeg2k_encode(frame, codecformat="J2K", reversible=lossless,
                                          level=None if lossless else 50,
                                          bitspersample=bits_stored, resolutions=levels)
