@@ -44,6 +44,8 @@ GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
 # writes CHEST, TORAX, PECHO, THORAX or nothing.
 RADIOGRAPHY = ("CR", "DX", "RG")
 CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+# What write_dicom encodes with loss (and marks so, as PS3.3 C.7.6.1.1.5 asks).
+LOSSY_SYNTAXES = (JPEGBaseline8Bit, JPEGExtended12Bit, JPEG2000, JPEGLSNearLossless)
 
 fast_decoders.register()
 
@@ -263,8 +265,7 @@ def write_dicom(
                                     stored.reshape(-1, *stored.shape[-2:])])
         ds["PixelData"].VR = "OB"
         ds.file_meta.TransferSyntaxUID = syntax
-        if syntax in (JPEGBaseline8Bit, JPEGExtended12Bit, JPEG2000, JPEGLSNearLossless):
-            # Lossy: readers must be able to tell (PS3.3 C.7.6.1.1.5).
+        if syntax in LOSSY_SYNTAXES:  # readers must be able to tell
             ds.LossyImageCompression = "01"
     ds.save_as(path, enforce_file_format=True)
 

@@ -33,8 +33,9 @@ SYNTAXES = (*_LIBJPEG, *_CHARLS, *_OPENJPEG)
 DECODER_DEPENDENCIES = {syntax: ("numpy", "imagecodecs") for syntax in SYNTAXES}
 
 
-_threads = 0  # for one JPEG 2000 decode; 0: every core this process may use (the fastest
-# single file), until a decoding worker, one of several that fill the cores, asks for one
+# Threads for one JPEG 2000 decode. 0 means every core this process may use (the fastest
+# single file), until a decoding worker, one of several that fill the cores, asks for one.
+_threads = 0
 
 
 def available_cores() -> int:
