@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from covid_xray import lifecycle
-from covid_xray.dicom import read_patient_id
+from covid_xray.dicom import error_line, read_patient_id
 from covid_xray.errors import DicomError, UserError
 from covid_xray.fast_decoders import decode_on_one_thread
 from covid_xray.files import atomic_write
@@ -70,13 +70,24 @@ class ImageCache:
         return self._remembered("digests", Path(dicom_path), _file_digest)
 
     def patient_ids(self, dicom_paths: Sequence[str | os.PathLike],
-                    progress: bool = True) -> list[str]:
+                    progress: bool = True) -> tuple[list[str], int]:
         """Each file's PatientID, read from its header only (a few KB, not the pixels) and
-        remembered like the content digests, so a 6,000-study set is read once."""
+        remembered like the content digests, so a 6,000-study set is read once; and how many
+        headers could not be read.
+
+        A failed read gives "" (that study is its own patient this time) and is not
+        remembered: one transient I/O error must not make a study its own patient for good.
+        The next run reads it again."""
+        ids, failures = [], 0
         with self.writing():
-            return [self._remembered("patients", Path(path), read_patient_id) for path in
-                    tqdm(dicom_paths, desc="reading patient ids", disable=not progress,
-                         leave=False)]
+            for path in tqdm(dicom_paths, desc="reading patient ids", disable=not progress,
+                             leave=False):
+                try:
+                    ids.append(self._remembered("patients", Path(path), read_patient_id))
+                except DicomError:
+                    ids.append("")
+                    failures += 1
+        return ids, failures
 
     def build(
         self, dicom_paths: Sequence[str | os.PathLike], num_workers: int = 0,
@@ -186,7 +197,7 @@ def _build_entry_star(job: tuple[str, str, int, bool]) -> tuple[str, str | None]
     source, entry, img_size, apply_voi_lut = job
     try:
         image = load_square(source, img_size, apply_voi_lut=apply_voi_lut)
-    except DicomError as error:
-        return source, str(error)
+    except Exception as error:  # read_xray words every file problem; anything else is one too
+        return source, error_line(source, error)
     atomic_write(Path(entry), lambda file: np.save(file, image))
     return source, None

@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
+from covid_xray.dicom import error_line
 from covid_xray.errors import DicomError
 from covid_xray.fast_decoders import available_cores, decode_on_one_thread
 from covid_xray.preprocess import Preprocessing
@@ -25,13 +26,16 @@ Decoded = tuple[np.ndarray | None, str]  # (model input, "") or (None, the error
 
 
 def decode(preprocessing: Preprocessing, source: Any) -> Decoded:
-    """One model input, or None and the one-line error of a file that cannot be read."""
+    """One model input, or None and the one-line error of a file that cannot be read.
+
+    Never raises for one file's sake: whatever goes wrong with it is its row's error, so the
+    other files of a folder or a request keep their answers."""
     try:
         if isinstance(source, DicomError):
             raise source  # found while opening the input: reported like the rest
         return preprocessing.model_input(source), ""
-    except DicomError as error:
-        return None, str(error)
+    except Exception as error:
+        return None, error_line(getattr(source, "name", source), error)
 
 
 class DicomFiles(Dataset):
@@ -60,16 +64,18 @@ def start_workers_early(num_workers: int, num_files: int) -> None:
     Its start-up is mostly importing torch (~1.3 s on 2 cores). Started before the model
     loads, it overlaps that load instead of delaying the first batch."""
     if worker_count(num_workers, num_files):
-        _worker_context()
+        worker_context()
         multiprocessing.forkserver.ensure_running()
 
 
-def _worker_context() -> multiprocessing.context.BaseContext:
-    """Workers forked from a fresh single-threaded server that has imported this module once.
+def worker_context() -> multiprocessing.context.BaseContext:
+    """Workers forked from a fresh single-threaded server that has imported this module once:
+    the context of every DataLoader with workers (prediction's and training's).
 
     Not plain fork: a worker forked from this process inherits locks held by its threads
-    (MLflow's, OpenCV's) and can wait on them forever. Not spawn: each worker would import
-    torch anew, seconds each, which a folder of a few hundred films never earns back."""
+    (MLflow's system metrics and logging, OpenCV's) and can wait on them forever. Not spawn:
+    each worker would import torch anew, seconds each, which a folder of a few hundred films
+    never earns back."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__])
     return context
@@ -79,8 +85,8 @@ def _unchanged(item: Decoded) -> Decoded:
     return item  # not torch's default: it would turn arrays into tensors (None stays None)
 
 
-def _keep_threads_to_themselves(worker_id: int) -> None:
-    """Each worker decodes one file at a time: OpenCV's and OpenJPEG's own threads in every
+def one_thread_per_worker(worker_id: int = 0) -> None:
+    """Each worker works on one file at a time: OpenCV's and OpenJPEG's own threads in every
     worker would oversubscribe the cores that the workers already fill."""
     cv2.setNumThreads(1)
     decode_on_one_thread()
@@ -97,8 +103,8 @@ def decoded_batches(paths: Sequence[str], preprocessing: Preprocessing, batch_si
     loader = DataLoader(DicomFiles(paths, preprocessing), batch_size=None,
                         collate_fn=_unchanged, num_workers=num_workers,
                         prefetch_factor=4 if num_workers else None,
-                        multiprocessing_context=_worker_context() if num_workers else None,
-                        worker_init_fn=_keep_threads_to_themselves if num_workers else None)
+                        multiprocessing_context=worker_context() if num_workers else None,
+                        worker_init_fn=one_thread_per_worker if num_workers else None)
     inputs: list[np.ndarray | None] = []
     errors: list[str] = []
     for model_input, error in loader:

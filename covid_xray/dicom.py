@@ -44,6 +44,11 @@ GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
 # writes CHEST, TORAX, PECHO, THORAX or nothing.
 RADIOGRAPHY = ("CR", "DX", "RG")
 CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+# The most pixel data a header may claim (Rows x Columns x frames x bytes per sample): 100
+# megapixels at 16 bits. The largest chest detectors give about 4300 x 4300 (37 MB); a header
+# claiming more is refused before any pixel is decoded, so a few KB of RLE that would unpack
+# to gigabytes (a decompression bomb) costs nothing.
+MAX_PIXEL_BYTES = 200_000_000
 # What write_dicom encodes with loss (and marks so, as PS3.3 C.7.6.1.1.5 asks).
 LOSSY_SYNTAXES = (JPEGBaseline8Bit, JPEGExtended12Bit, JPEG2000, JPEGLSNearLossless)
 
@@ -57,12 +62,32 @@ def read_xray(path: str | PathLike | BinaryIO, *, apply_voi_lut: bool = True) ->
     With `apply_voi_lut` the file's VOI LUT or first window is applied (what the modality meant
     a reader to see); without it, or when the file has none, the full range the stored bits
     can hold is mapped to [0, 1], so the values keep their absolute meaning across images.
+
+    Whatever is wrong with the file (any header field may be malformed) is a `DicomError`
+    naming it, never another exception: one bad file must be that file's error row.
     """
     # What error messages call the input: the path as given, or an open file's name.
     name = path if isinstance(path, str | PathLike) else getattr(path, "name", "<stream>")
-    ds = _read_dataset(path, name)
-    pixels = _decode_first_frame(ds, name)
+    try:
+        ds = _read_dataset(path, name)
+        _refuse_oversized(ds, name)
+        image = _grayscale(_decode_first_frame(ds, name), ds, apply_voi_lut)
+    except DicomError:
+        raise
+    except Exception as error:  # a text WindowCenter, an empty VOILUTSequence, ...
+        raise DicomError(f"{name}: malformed DICOM header ({_one_line(error)})") from None
+    if not np.isfinite(image).all():
+        raise DicomError(f"{name}: malformed DICOM header (its rescale or window gives "
+                         "non-finite pixel values)")
+    image = np.clip(image, 0.0, 1.0).astype(np.float32)
+    if image.min() == image.max():
+        raise DicomError(f"{name}: blank image (every pixel is {float(image.flat[0]):g} after "
+                         "rescale and window); nothing to read")
+    return image
 
+
+def _grayscale(pixels: np.ndarray, ds: pydicom.Dataset, apply_voi_lut: bool) -> np.ndarray:
+    """Stored values -> float64 in about [0, 1], bone bright (PS3.4 N.2), unclipped."""
     modality = apply_modality_lut(pixels, ds)
     values = modality.astype(np.float64)
     if apply_voi_lut and "VOILUTSequence" in ds:
@@ -72,20 +97,46 @@ def read_xray(path: str | PathLike | BinaryIO, *, apply_voi_lut: bool = True) ->
     else:
         low, high = _modality_range(ds)
         image = (values - low) / (high - low)
-
     if ds.PhotometricInterpretation == "MONOCHROME1":
         image = 1.0 - image  # MONOCHROME1 shows low values bright: flip so bone is bright
-    return np.clip(image, 0.0, 1.0).astype(np.float32)
+    return image
+
+
+def _refuse_oversized(ds: pydicom.Dataset, name: object) -> None:
+    """Refuse a header that claims more pixel data than MAX_PIXEL_BYTES, before decoding."""
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    bytes_per_sample = (int(ds.BitsAllocated) + 7) // 8
+    claimed = int(ds.Rows) * int(ds.Columns) * frames * bytes_per_sample * int(
+        ds.get("SamplesPerPixel", 1) or 1)
+    if claimed > MAX_PIXEL_BYTES:
+        raise DicomError(f"{name}: header claims {ds.Rows} x {ds.Columns} pixels x {frames} "
+                         f"frame(s) ({claimed / 1e6:.0f} MB), over the {MAX_PIXEL_BYTES / 1e6:.0f}"
+                         " MB cap for one film; refused before decoding")
+
+
+def error_line(name: object, error: BaseException) -> str:
+    """The one-line error row of a file: a DicomError's own message (it names the file), or
+    any other exception named after the file. Every per-file error path words it so."""
+    if isinstance(error, DicomError):
+        return str(error)
+    return f"{name}: cannot read ({_one_line(error)})"
+
+
+def _one_line(error: BaseException) -> str:
+    """An exception as one short line: its type and first line of text."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
 
 
 def read_patient_id(path: str | PathLike) -> str:
     """PatientID (0010,0020) from the header alone, without touching the pixel data; "" when
-    the tag is missing or blank, or the file cannot be read (decoding reports that)."""
+    the tag is missing or blank. A file whose header cannot be read at all raises
+    `DicomError`: the caller must not take a failed read for "no patient" and remember it."""
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
-    except Exception:  # any unreadable file: decoding later names the problem
-        return ""
-    return str(ds.get("PatientID", "") or "").strip()
+        return str(ds.get("PatientID", "") or "").strip()
+    except Exception as error:  # I/O errors, garbage, a malformed tag
+        raise DicomError(f"{path}: cannot read the header ({_one_line(error)})") from None
 
 
 def _read_dataset(path: str | PathLike | BinaryIO, name: object) -> pydicom.Dataset:
@@ -97,6 +148,8 @@ def _read_dataset(path: str | PathLike | BinaryIO, name: object) -> pydicom.Data
         raise DicomError(f"{name}: file not found") from None
     except InvalidDicomError:
         raise DicomError(f"{name}: not a DICOM file (no 'DICM' marker)") from None
+    except OSError as error:  # a symlink loop, a folder named .dcm, an I/O error
+        raise DicomError(f"{name}: cannot open ({error.strerror or _one_line(error)})") from None
     except Exception as error:  # pydicom raises many types for a cut-off or garbled file
         raise DicomError(f"{name}: unreadable DICOM, truncated or corrupt ({error})") from None
     # pydicom only warns when a file ends inside an element and then drops that element: for

@@ -167,3 +167,28 @@ def test_two_processes_share_one_cache_dir(tiny_dataset, tmp_path):
     for path, entry in zip(paths, entries, strict=True):
         np.testing.assert_array_equal(load_entry(entry), load_square(path, 40))
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_a_failed_patient_id_read_is_not_remembered(tiny_dataset, tmp_path, monkeypatch):
+    """One transient I/O error while reading a header must not make that study its own
+    patient for good: the failure is counted, and the next read asks the file again."""
+    import errno
+
+    import covid_xray.dicom as dicom_module
+
+    paths = dicoms(tiny_dataset)[:3]
+    cache = ImageCache(tmp_path / "cache", CacheParams(img_size=16))
+    truth = [dicom_module.read_patient_id(path) for path in paths]
+    assert all(truth)
+    real_read = dicom_module.pydicom.dcmread
+
+    def flaky(path, *args, **kwargs):  # the disk fails once, on the second file
+        if Path(path) == paths[1]:
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return real_read(path, *args, **kwargs)
+
+    monkeypatch.setattr(dicom_module.pydicom, "dcmread", flaky)
+    ids, failures = cache.patient_ids(paths, progress=False)
+    assert (ids, failures) == ([truth[0], "", truth[2]], 1)
+    monkeypatch.setattr(dicom_module.pydicom, "dcmread", real_read)
+    assert cache.patient_ids(paths, progress=False) == (truth, 0)

@@ -24,6 +24,7 @@ from pydicom.uid import (
 from covid_xray import fast_decoders
 from covid_xray.dicom import (
     LOSSY_SYNTAXES,
+    MAX_PIXEL_BYTES,
     _decode_fast,
     read_patient_id,
     read_xray,
@@ -265,9 +266,95 @@ def test_patient_id_comes_from_the_header_alone(tmp_path):
     assert read_patient_id(tmp_path / "x.dcm") == "0042"
     write_dicom(tmp_path / "blank.dcm", random_stored(12))
     assert read_patient_id(tmp_path / "blank.dcm") == ""
+    # A header that cannot be read is an error, not "no patient": the cache must not
+    # remember it as one (tests/test_cache.py checks it is read again next time).
     (tmp_path / "junk.dcm").write_bytes(b"junk" * 10)
-    assert read_patient_id(tmp_path / "junk.dcm") == ""
+    with pytest.raises(DicomError, match=r"junk\.dcm: cannot read the header \(InvalidDicomError"):
+        read_patient_id(tmp_path / "junk.dcm")
     # The pixels are never read: a file cut off inside its pixel data still gives its patient.
     whole = (tmp_path / "x.dcm").read_bytes()
     (tmp_path / "cut.dcm").write_bytes(whole[: len(whole) - 100])
     assert read_patient_id(tmp_path / "cut.dcm") == "0042"
+
+
+def with_header(source, target, **fields) -> None:
+    """`source` saved as `target` with header fields set as given, valid or not (hostile
+    files come with text where numbers belong)."""
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+    from pydicom.dataelem import RawDataElement
+
+    ds = pydicom.dcmread(source)
+    for keyword, value in fields.items():
+        tag = tag_for_keyword(keyword)
+        if isinstance(value, str):  # stored as the bytes given, unchecked, as a writer might
+            raw = value.encode().ljust(len(value) + len(value) % 2)
+            ds[tag] = RawDataElement(pydicom.tag.Tag(tag), dictionary_VR(tag), len(raw), raw,
+                                     0, False, True)
+        else:
+            setattr(ds, keyword, value)
+    ds.save_as(target)
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"WindowCenter": "abc", "WindowWidth": "400"}, "malformed DICOM header"),
+    ({"RescaleSlope": "abc", "RescaleIntercept": "0"}, "malformed DICOM header"),
+    ({"VOILUTSequence": pydicom.Sequence([])}, "malformed DICOM header"),
+    ({"BitsStored": 0}, "'Bits Stored' value of '0' is invalid"),
+    ({"RescaleSlope": "0", "RescaleIntercept": "0"}, "blank image (every pixel is 0 after rescale and window)"),
+    ({"RescaleSlope": "nan", "RescaleIntercept": "0"}, "non-finite pixel values"),
+])
+def test_a_malformed_header_is_that_files_dicom_error(tmp_path, fields, message):
+    """Every header field may be malformed: the file gets a DicomError naming it (its error
+    row), never a ValueError or IndexError that would take a whole batch down."""
+    write_dicom(tmp_path / "good.dcm", random_stored(12), window=(2000, 3000))
+    with_header(tmp_path / "good.dcm", tmp_path / "bad.dcm", **fields)
+    with pytest.raises(DicomError) as caught:
+        read_xray(tmp_path / "bad.dcm")
+    assert str(caught.value).startswith(f"{tmp_path / 'bad.dcm'}: ")
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_blank_film_is_refused(tmp_path):
+    write_dicom(tmp_path / "blank.dcm", np.full((40, 36), 1234, dtype=np.uint16))
+    with pytest.raises(DicomError, match=r"blank\.dcm: blank image \(every pixel is 0\.301"):
+        read_xray(tmp_path / "blank.dcm", apply_voi_lut=False)
+
+
+def test_a_symlink_loop_is_an_error_not_a_crash(tmp_path):
+    (tmp_path / "a.dcm").symlink_to(tmp_path / "b.dcm")
+    (tmp_path / "b.dcm").symlink_to(tmp_path / "a.dcm")
+    with pytest.raises(DicomError, match=r"a\.dcm: cannot open \(Too many levels of symbolic"):
+        read_xray(tmp_path / "a.dcm")
+
+
+BOMB_CHECK = """
+import resource, sys
+from covid_xray.dicom import read_xray
+from covid_xray.errors import DicomError
+try:
+    read_xray(sys.argv[1])
+    print("decoded")
+except DicomError as error:
+    print(error)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+def test_a_decompression_bomb_is_refused_before_decoding(tmp_path):
+    """A few KB of RLE whose header claims 60000 x 60000 pixels would unpack to ~7 GB; it is
+    refused from the header, and the process never grows past 1 GB (measured in a fresh
+    interpreter: its peak resident memory)."""
+    import subprocess
+    import sys
+
+    write_dicom(tmp_path / "small.dcm", np.zeros((64, 64), dtype=np.uint16) + 7,
+                syntax=RLELossless)
+    with_header(tmp_path / "small.dcm", tmp_path / "bomb.dcm", Rows=60000, Columns=60000)
+    assert (tmp_path / "bomb.dcm").stat().st_size < 20_000
+    result = subprocess.run([sys.executable, "-c", BOMB_CHECK, str(tmp_path / "bomb.dcm")],
+                            capture_output=True, text=True, timeout=300)
+    message, peak_mb = result.stdout.strip().splitlines()
+    assert message == (f"{tmp_path / 'bomb.dcm'}: header claims 60000 x 60000 pixels x 1 "
+                       f"frame(s) (7200 MB), over the {MAX_PIXEL_BYTES // 10**6} MB cap for one "
+                       "film; refused before decoding")
+    assert int(peak_mb) < 1024, f"peak memory {peak_mb} MB"
