@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import hmac
 import os
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,6 +95,7 @@ class StudyTable:
     studies: pd.DataFrame  # study_id, siim_class, image_id, path (relative to data_dir)
     multi_image: list[str] = field(default_factory=list)
     missing_files: list[str] = field(default_factory=list)
+    unlabelled: list[str] = field(default_factory=list)  # folders under train/ not in the CSV
 
 
 def find_studies(data_dir: str | os.PathLike) -> StudyTable:
@@ -122,15 +125,56 @@ def find_studies(data_dir: str | os.PathLike) -> StudyTable:
             path = study_files[0]
             rows.append((study_id, siim_class, path.stem, path.relative_to(data_dir).as_posix()))
     studies = pd.DataFrame(rows, columns=["study_id", "siim_class", "image_id", "path"])
-    return StudyTable(studies, sorted(multi_image), sorted(missing))
+    unlabelled = sorted(set(files) - set(labels.study_id))
+    return StudyTable(studies, sorted(multi_image), sorted(missing), unlabelled)
 
 
-def pseudonym(patient_id: str) -> str:
-    """A one-way name for a DICOM PatientID ("" stays ""): manifests are logged to the tracking
-    server, and a reviewer must be able to check the grouping without the identifiers."""
+def pseudonym(patient_id: str, key: bytes) -> str:
+    """A keyed one-way name for a DICOM PatientID ("" stays ""): HMAC-SHA256 under `key`,
+    64 bits of it. Manifests are logged to the tracking server, and a reviewer must be able
+    to check the grouping (equal pseudonyms, equal patient) without the identifiers.
+
+    Keyed, because record numbers are few and guessable: an unkeyed hash of every number a
+    hospital could issue is a lookup table that reverses them all in seconds."""
     if not patient_id:
         return ""
-    return hashlib.blake2b(patient_id.encode(), digest_size=6).hexdigest()
+    return hmac.new(key, patient_id.encode(), hashlib.sha256).hexdigest()[:16]
+
+
+PSEUDONYM_KEY_VARIABLE = "COVID_XRAY_PSEUDONYM_KEY"
+PSEUDONYM_KEY_FILE = "pseudonym.key"
+
+
+def pseudonym_key(cache_dir: str | os.PathLike) -> bytes:
+    """The secret pseudonyms are keyed with: $COVID_XRAY_PSEUDONYM_KEY when set, else the key
+    file in the cache folder, created once (32 random bytes as hex, mode 0600). It never
+    leaves this machine: not logged, not a param, not in the manifest."""
+    from_environment = os.environ.get(PSEUDONYM_KEY_VARIABLE, "")
+    if from_environment:
+        return from_environment.encode()
+    path = Path(cache_dir) / PSEUDONYM_KEY_FILE
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Written whole under a temporary name, then linked into place: a reader never sees
+        # half a key, and when two processes race, the first link wins and both use it.
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(secrets.token_hex(32) + "\n")
+        try:
+            os.link(temporary, path)
+            print(f"created the pseudonym key {path} (mode 0600): it keys the patient "
+                  "pseudonyms in logged manifests; keep it private, back it up, and set "
+                  f"{PSEUDONYM_KEY_VARIABLE} to share one key between machines")
+        except FileExistsError:
+            pass
+        finally:
+            temporary.unlink()
+    key = path.read_text().strip()
+    if not key:
+        raise UserError(f"{path}: the pseudonym key file is empty; delete it to make a new "
+                        f"one, or set {PSEUDONYM_KEY_VARIABLE}")
+    return key.encode()
 
 
 def assign_groups(studies: pd.DataFrame) -> pd.Series:
@@ -276,6 +320,8 @@ class Manifest:
     missing_files: list[str]
     repeated_films: list[str]  # studies dropped as copies of another study's film
     unreadable: list[str] = field(default_factory=list)  # dropped by skip_unreadable
+    unlabelled: list[str] = field(default_factory=list)  # folders absent from the CSV
+    patient_id_read_errors: int = 0  # headers that could not be read (retried next run)
 
     def counts(self) -> dict[str, int]:
         """Studies per split and class, e.g. {'train/negative': 120, ...}, patients, drops."""
@@ -290,7 +336,32 @@ class Manifest:
         counts["dropped_multi_image"] = len(self.multi_image)
         counts["dropped_missing_file"] = len(self.missing_files)
         counts["dropped_unreadable"] = len(self.unreadable)
+        counts["unlabelled_folders"] = len(self.unlabelled)
+        counts["patient_id_read_errors"] = self.patient_id_read_errors
         return counts
+
+    def summary(self) -> str:
+        """What the data step kept and what it left out, for the screen (the same counts are
+        logged as the run's `count/...` params)."""
+        counts = self.counts()
+        left_out = {"with several images": counts["dropped_multi_image"],
+                    "labelled without a file": counts["dropped_missing_file"],
+                    "unreadable": counts["dropped_unreadable"],
+                    "repeated films": counts["repeated_films"]}
+        lines = [f"{len(self.table)} studies of {counts['patients']} patients "
+                 f"({counts['patients_with_several_studies']} with several studies); split by "
+                 "patient: " + ", ".join(f"{name} {(self.table.split == name).sum()}"
+                                         for name in SPLITS),
+                 "studies left out: " + ", ".join(f"{count} {what}" for what, count in
+                                                  left_out.items())]
+        if self.unlabelled:
+            lines.append(f"{len(self.unlabelled)} folder(s) under train/ are not in {STUDY_CSV}"
+                         f" and were ignored (first: {self.unlabelled[0]})")
+        if self.patient_id_read_errors:
+            lines.append(f"warning: {self.patient_id_read_errors} header(s) could not be read "
+                         "for their PatientID; those studies count as their own patients this "
+                         "run, and are read again next run")
+        return "\n".join(lines)
 
     def split(self, name: str) -> pd.DataFrame:
         return self.table[self.table.split == name].reset_index(drop=True)
@@ -320,9 +391,12 @@ def build_manifest(
     if found.studies.empty:
         raise UserError(f"{data_dir}: no labelled study has exactly one DICOM; {DOWNLOAD_HINT}")
     studies = found.studies
-    patient_ids = cache.patient_ids([data_dir / path for path in studies.path], progress)
+    patient_ids, read_errors = cache.patient_ids([data_dir / path for path in studies.path],
+                                                 progress)
     _refuse_placeholder_patients(patient_ids)
-    studies = studies.assign(patient_id=[pseudonym(pid) for pid in patient_ids])
+    with cache.writing():
+        key = pseudonym_key(cache.root)
+    studies = studies.assign(patient_id=[pseudonym(pid, key) for pid in patient_ids])
     selected = select_studies(studies.assign(group_id=assign_groups(studies)), num_classes,
                               dataset_size, seed)
 
@@ -346,13 +420,10 @@ def build_manifest(
     selected, repeated = drop_repeated_films(selected)
     table = split_studies(selected, split, seed)
     manifest = Manifest(table[MANIFEST_COLUMNS], list(table.entry), data_dir, num_classes,
-                        found.multi_image, found.missing_files, repeated, dropped_unreadable)
+                        found.multi_image, found.missing_files, repeated, dropped_unreadable,
+                        found.unlabelled, read_errors)
     if progress:
-        counts = manifest.counts()
-        print(f"{len(table)} studies of {counts['patients']} patients "
-              f"({counts['patients_with_several_studies']} with several studies), "
-              f"{counts['repeated_films']} repeated films dropped; split by patient: "
-              + ", ".join(f"{name} {(table.split == name).sum()}" for name in SPLITS))
+        print(manifest.summary())
     return manifest
 
 

@@ -20,6 +20,7 @@ from covid_xray.data import (
     drop_repeated_films,
     find_studies,
     pseudonym,
+    pseudonym_key,
     read_image_labels,
     read_study_labels,
     select_studies,
@@ -139,7 +140,8 @@ def test_selection_takes_whole_patients_and_stays_balanced():
 def test_a_study_without_patient_id_is_its_own_group():
     studies = pd.DataFrame({"study_id": ["a", "b", "c", "d"], "patient_id": ["", "", "x", "x"]})
     assert assign_groups(studies).tolist() == ["a", "b", "c", "c"]
-    assert pseudonym("") == "" and pseudonym("x") == pseudonym("x") != "x"
+    key = b"k" * 32
+    assert pseudonym("", key) == "" and pseudonym("x", key) == pseudonym("x", key) != "x"
 
 
 def test_manifest_on_a_synthetic_tree_drops_multi_image_and_missing(tiny_dataset, tmp_path):
@@ -180,7 +182,8 @@ def test_manifest_splits_by_patient_and_keeps_one_copy_of_each_film(tmp_path):
                               num_classes=4, split="60,20,20", seed=2, progress=False)
     table = manifest.table
     assert len(manifest.repeated_films) == 6 and len(table) == 90 - 6
-    assert table.patient_id.tolist() == [pseudonym(truth[s]) for s in table.study_id]
+    key = pseudonym_key(tmp_path / "cache")
+    assert table.patient_id.tolist() == [pseudonym(truth[s], key) for s in table.study_id]
     assert crossing(table, "patient_id") == set() and crossing(table, "group_id") == set()
     kept = pd.Series(truth)[table.study_id]
     counts = manifest.counts()
@@ -291,3 +294,66 @@ def test_too_few_studies_to_train_on(tiny_dataset, tmp_path):
     with pytest.raises(UserError, match="leaves no training study out of 2"):
         build_manifest(tiny_dataset, ImageCache(tmp_path, CacheParams(8)), num_classes=2,
                        dataset_size=2, split="10,45,45", progress=False)
+
+
+def test_pseudonyms_are_keyed_and_the_key_stays_on_this_machine(tmp_path, monkeypatch, capsys):
+    """HMAC-SHA256 under a secret key: an unkeyed hash of an enumerable record number is
+    reversed by hashing every possible number. The key is made once, mode 0600, in the cache
+    folder (or taken from COVID_XRAY_PSEUDONYM_KEY), and equal ids still get equal names."""
+    import hashlib
+    import hmac
+    import stat
+
+    monkeypatch.delenv("COVID_XRAY_PSEUDONYM_KEY", raising=False)
+    key = pseudonym_key(tmp_path / "cache")
+    key_file = tmp_path / "cache" / "pseudonym.key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert len(key) == 64 and key_file.read_text() == key.decode() + "\n"
+    assert "created the pseudonym key" in capsys.readouterr().out
+    assert pseudonym_key(tmp_path / "cache") == key  # made once, then reused
+    assert capsys.readouterr().out == ""
+    expected = hmac.new(key, b"MRN-004217", hashlib.sha256).hexdigest()[:16]
+    assert pseudonym("MRN-004217", key) == expected
+    # Without the key, hashing every candidate number finds nothing.
+    unkeyed = {hashlib.blake2b(f"MRN-{n:06d}".encode(), digest_size=6).hexdigest()
+               for n in range(5000)}
+    assert expected not in unkeyed and pseudonym("MRN-004217", b"other key") != expected
+    monkeypatch.setenv("COVID_XRAY_PSEUDONYM_KEY", "shared-secret")
+    assert pseudonym_key(tmp_path / "elsewhere") == b"shared-secret"
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_the_data_step_says_what_it_left_out(tiny_dataset, tmp_path, capsys, monkeypatch):
+    """Studies dropped (several images, no file), folders the CSV does not name and headers
+    that could not be read are printed, not only logged as params."""
+    import errno
+
+    import covid_xray.dicom as dicom_module
+
+    data_dir = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data_dir)
+    table = find_studies(data_dir)
+    gone, unreadable = table.studies.study_id.iloc[0], table.studies.path.iloc[1]
+    shutil.rmtree(data_dir / "train" / gone)
+    stray = data_dir / "train" / "abcdefabcdef" / "abcdefabcdef" / "abcdefabcdef.dcm"
+    stray.parent.mkdir(parents=True)
+    shutil.copy(data_dir / table.studies.path.iloc[2], stray)
+    real_read = dicom_module.pydicom.dcmread
+
+    def flaky(path, *args, **kwargs):
+        if kwargs.get("stop_before_pixels") and str(path).endswith(unreadable):
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return real_read(path, *args, **kwargs)
+
+    monkeypatch.setattr(dicom_module.pydicom, "dcmread", flaky)
+    manifest = build_manifest(data_dir, ImageCache(tmp_path / "cache", CacheParams(16)),
+                              num_classes=4, split="50,25,25", seed=1)
+    lines = capsys.readouterr().out.splitlines()
+    assert "studies left out: 4 with several images, 1 labelled without a file, 0 unreadable, " \
+           "0 repeated films" in lines
+    assert (f"1 folder(s) under train/ are not in train_study_level.csv and were ignored "
+            "(first: abcdefabcdef)") in lines
+    assert ("warning: 1 header(s) could not be read for their PatientID; those studies count "
+            "as their own patients this run, and are read again next run") in lines
+    counts = manifest.counts()
+    assert counts["unlabelled_folders"] == 1 and counts["patient_id_read_errors"] == 1
