@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import shutil
 import stat
+import sys
 import time
 import zipfile
 from collections.abc import Callable, Iterator
@@ -29,8 +31,13 @@ from covid_xray import synthetic
 from covid_xray.config import DownloadConfig
 from covid_xray.data import IMAGE_CSV, STUDY_CSV, find_studies, read_study_labels
 from covid_xray.errors import UserError
+from covid_xray.files import atomic_write
 
 CSV_FILES = (STUDY_CSV, IMAGE_CSV)
+# What a finished download holds: {"downloaded": "full"} or {"downloaded": "sample",
+# "studies": N}. A sample's CSVs are narrowed to its studies, so they verify as a complete
+# dataset: only this record tells a later, larger request that there is more to fetch.
+RECORD = ".download.json"
 RETRIES = 5
 RETRY_DELAY = 2.0  # seconds, doubled after each failed attempt
 T = TypeVar("T")
@@ -44,17 +51,48 @@ def download(config: DownloadConfig) -> Path:
     if config.source != "kaggle" and not Path(config.source).exists():
         raise UserError(f"source must be kaggle, synthetic, or an existing zip or folder; "
                         f"{config.source} does not exist")
-    if not config.force and _is_complete(data_dir):
-        print(f"{data_dir} already holds a verified dataset; nothing to do (force=true redoes "
-              "it)")
+    wanted = {"downloaded": "sample", "studies": config.limit} if (
+        config.source == "kaggle" and config.limit > 0) else {"downloaded": "full"}
+    held = downloaded(data_dir)
+    if not config.force and _covers(held, wanted) and _is_complete(data_dir):
+        print(f"{data_dir} already holds a verified dataset ({_describe(held)}); nothing to do "
+              "(force=true redoes it)")
         return data_dir
+    if held.get("downloaded") == "sample" and not _covers(held, wanted):
+        print(f"{data_dir} holds {_describe(held)}; fetching the rest for {_describe(wanted)}")
     if config.source == "kaggle":
         _from_kaggle(config, data_dir)
     else:
         _from_local(Path(config.source), data_dir)
     report = verify(data_dir)
+    if config.source == "kaggle":
+        atomic_write(data_dir / RECORD, lambda file: file.write(json.dumps(wanted).encode()))
+    else:  # a whole zip or folder of your own: no record is the full set
+        (data_dir / RECORD).unlink(missing_ok=True)
     print(f"{data_dir}: {report}")
     return data_dir
+
+
+def downloaded(data_dir: Path) -> dict:
+    """What the last finished download put in `data_dir` (a folder with no record: full)."""
+    try:
+        return json.loads((data_dir / RECORD).read_text())
+    except (OSError, ValueError):
+        return {"downloaded": "full"}
+
+
+def _covers(held: dict, wanted: dict) -> bool:
+    """Whether what is there answers the request: the full set answers anything, a sample of
+    N studies a request for at most N."""
+    if held.get("downloaded") == "full":
+        return True
+    return wanted.get("downloaded") == "sample" and wanted["studies"] <= held.get("studies", 0)
+
+
+def _describe(record: dict) -> str:
+    if record.get("downloaded") == "sample":
+        return f"a sample of {record.get('studies')} studies"
+    return "the full set"
 
 
 # --- what a finished dataset looks like ------------------------------------------------
@@ -203,15 +241,25 @@ def find_credentials() -> str:
     for name in ("access_token", "access_token.txt"):
         token = Path.home() / ".kaggle" / name
         if token.is_file() and token.read_text().strip():
-            return str(token)
+            return _warn_if_shared(token)
     if os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY"):
         return "KAGGLE_USERNAME/KAGGLE_KEY"
     if (config_dir / "kaggle.json").is_file():
-        return str(config_dir / "kaggle.json")
+        return _warn_if_shared(config_dir / "kaggle.json")
     raise UserError("no Kaggle credentials found: create a token at "
                     "https://www.kaggle.com/settings/api and put it in KAGGLE_API_TOKEN or "
                     "~/.kaggle/access_token (legacy: ~/.kaggle/kaggle.json, or "
                     "KAGGLE_USERNAME and KAGGLE_KEY)")
+
+
+def _warn_if_shared(path: Path) -> str:
+    """A key file others on the machine can read is a leaked key: say so (kaggle's own
+    warning is lost in the stdout it prints at authentication, which we silence)."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        print(f"warning: {path} is readable by other users (mode {mode:04o}); anyone on this "
+              f"machine can use your Kaggle key: run `chmod 600 {path}`", file=sys.stderr)
+    return str(path)
 
 
 def kaggle_api() -> Any:
@@ -236,8 +284,10 @@ def _from_kaggle(config: DownloadConfig, data_dir: Path) -> None:
     work = data_dir / ".download"
     with _kaggle_errors(config.competition):
         api = kaggle_api()
-        for name in CSV_FILES:  # small, and they say which images exist
-            _fetch(api, config.competition, name, work, data_dir / name, force=config.force)
+        # Small, and they say which images exist. Always fetched afresh: a sample's are
+        # narrowed copies, which a larger request must not start from.
+        for name in CSV_FILES:
+            _fetch(api, config.competition, name, work, data_dir / name, force=True)
         if config.limit > 0:
             _fetch_sample(api, config, data_dir, work)
         else:
@@ -264,12 +314,14 @@ def _fetch_sample(api: Any, config: DownloadConfig, data_dir: Path, work: Path) 
     """A balanced sample of `limit` studies (half negative), fetched file by file; the CSVs are
     narrowed to those studies so the folder is a consistent small dataset."""
     labels = read_study_labels(data_dir / STUDY_CSV)
-    rng = np.random.default_rng(0)
-    negatives = labels.study_id[labels.siim_class == 0].to_numpy()
-    others = labels.study_id[labels.siim_class > 0].to_numpy()
+    # Each class in one fixed shuffled order, the first k taken: a larger limit's sample holds
+    # a smaller one's, so growing a sample only fetches the new studies.
+    negatives = np.random.default_rng(0).permutation(
+        np.sort(labels.study_id[labels.siim_class == 0].to_numpy()))
+    others = np.random.default_rng(1).permutation(
+        np.sort(labels.study_id[labels.siim_class > 0].to_numpy()))
     half = min(config.limit // 2, len(negatives))
-    chosen = set(rng.choice(negatives, half, replace=False)) | set(
-        rng.choice(others, min(config.limit - half, len(others)), replace=False))
+    chosen = set(negatives[:half]) | set(others[: config.limit - half])
     files = [(name, size) for name, size in _list_files(api, config.competition, "train/")
              if PurePosixPath(name).parts[1] in chosen]
     _check_free_space(data_dir, sum(size for _, size in files))
@@ -311,13 +363,17 @@ def _fetch(api: Any, competition: str, name: str, work: Path, target: Path,
 
 
 def _narrow_csvs(data_dir: Path, studies: set[str]) -> None:
+    """Keep only the sample's rows, each CSV replaced whole (never half-written)."""
     study_csv = pd.read_csv(data_dir / STUDY_CSV, dtype=str)
     keep = study_csv.id.str.removesuffix("_study").isin(studies)
-    study_csv[keep].to_csv(data_dir / STUDY_CSV, index=False)
+    _write_csv(study_csv[keep], data_dir / STUDY_CSV)
     if (data_dir / IMAGE_CSV).is_file():
         image_csv = pd.read_csv(data_dir / IMAGE_CSV, dtype=str, keep_default_na=False)
-        image_csv[image_csv.StudyInstanceUID.isin(studies)].to_csv(data_dir / IMAGE_CSV,
-                                                                   index=False)
+        _write_csv(image_csv[image_csv.StudyInstanceUID.isin(studies)], data_dir / IMAGE_CSV)
+
+
+def _write_csv(table: pd.DataFrame, path: Path) -> None:
+    atomic_write(path, lambda file: file.write(table.to_csv(index=False).encode()))
 
 
 @contextlib.contextmanager

@@ -214,3 +214,60 @@ def test_whole_archive_path_uses_download_files(kaggle_stub, tiny_dataset, tmp_p
     assert asked == ["siim-covid19-detection"]
     assert download_module.verify(data_dir).startswith("48 studies")
     assert not (data_dir / ".download").exists()
+
+
+def test_a_sample_does_not_block_a_larger_or_full_download(kaggle_stub, tiny_dataset, tmp_path,
+                                                           monkeypatch):
+    """A sample's CSVs are narrowed copies that verify as a whole dataset: the record of what
+    was fetched makes a larger limit fetch only the new studies, and a full request fetch the
+    archive, instead of "nothing to do"."""
+    import json
+
+    data_dir = tmp_path / "data"
+    download(DownloadConfig(data_dir=str(data_dir), limit=6))
+    assert json.loads((data_dir / ".download.json").read_text()) == {
+        "downloaded": "sample", "studies": 6}
+    first = set(read_study_labels(data_dir / STUDY_CSV).study_id)
+    before = len(kaggle_stub.requests)
+    download(DownloadConfig(data_dir=str(data_dir), limit=4))  # a smaller one: already there
+    assert len(kaggle_stub.requests) == before
+
+    download(DownloadConfig(data_dir=str(data_dir), limit=12))
+    grown = set(read_study_labels(data_dir / STUDY_CSV).study_id)
+    assert len(grown) == 12 and first < grown  # a larger sample holds the smaller one
+    fetched = [r["body"]["fileName"] for r in kaggle_stub.requests[before:]
+               if r["method"] == "DownloadDataFile" and r["body"]["fileName"].endswith(".dcm")]
+    assert {Path(name).parts[1] for name in fetched} == grown - first  # only the new studies
+
+    archive = competition_zip(tiny_dataset, tmp_path / "served.zip")
+
+    def whole_archive(self, competition, path, quiet, force):
+        Path(path).mkdir(parents=True, exist_ok=True)
+        shutil.copy(archive, Path(path) / f"{competition}.zip")
+
+    from kaggle.api.kaggle_api_extended import KaggleApi
+
+    monkeypatch.setattr(KaggleApi, "competition_download_files", whole_archive)
+    download(DownloadConfig(data_dir=str(data_dir)))
+    assert len(read_study_labels(data_dir / STUDY_CSV)) == 48
+    assert json.loads((data_dir / ".download.json").read_text()) == {"downloaded": "full"}
+
+
+def test_a_key_file_others_can_read_is_warned_about(tmp_path, monkeypatch, capsys):
+    """kaggle's own warning about a world-readable key is lost in the output it prints at
+    authentication, which we silence: we say it ourselves, naming the fix, before any
+    request."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("KAGGLE_API_TOKEN", "KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_CONFIG_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    key_file = tmp_path / ".kaggle" / "kaggle.json"
+    key_file.parent.mkdir()
+    key_file.write_text('{"username": "tester", "key": "secret-key-123"}')
+    key_file.chmod(0o644)
+    assert download_module.find_credentials() == str(key_file)
+    err = capsys.readouterr().err
+    assert err == (f"warning: {key_file} is readable by other users (mode 0644); anyone on "
+                   f"this machine can use your Kaggle key: run `chmod 600 {key_file}`\n")
+    key_file.chmod(0o600)
+    assert download_module.find_credentials() == str(key_file)
+    assert capsys.readouterr().err == ""
