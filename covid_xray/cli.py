@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import sys
+import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
@@ -26,10 +28,12 @@ def user_errors_as_one_line(command: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         lifecycle.handle_stops()  # first: before any data, file or run is touched
+        credentials_out_of_uri()
         try:
             return command(*args, **kwargs)
         except UserError as error:
             click.echo(f"error: {error}", err=True)
+            lifecycle.end_started_run("FAILED")
             sys.exit(USER_ERROR_EXIT)
         except BaseException as error:
             # After a stop signal, whatever comes out (KeyboardInterrupt, or torch's
@@ -43,6 +47,31 @@ def user_errors_as_one_line(command: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(lifecycle.exit_code())
 
     return wrapper
+
+
+def credentials_out_of_uri() -> None:
+    """`MLFLOW_TRACKING_URI=https://user:password@host` works, but MLflow prints the URI in
+    every "View run ... at:" line. Move the login into MLFLOW_TRACKING_USERNAME / _PASSWORD
+    (which MLflow sends the same way) and keep the URI without it, for this process and its
+    children, before anything prints or logs the URI.
+
+    Under `mlflow run` the parent process keeps the URI it was given and prints it once more
+    when the run ends (MLflow re-ends every run it started): only the user can stop that, so
+    say how."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
+        return
+    if os.environ.get("MLFLOW_RUN_ID"):
+        click.echo("warning: MLFLOW_TRACKING_URI holds a login, and `mlflow run` prints that URI "
+                   "when the run ends; give the login in MLFLOW_TRACKING_USERNAME and "
+                   "MLFLOW_TRACKING_PASSWORD instead", err=True)
+    if parts.username:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = urllib.parse.unquote(parts.username)
+    if parts.password is not None:
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = urllib.parse.unquote(parts.password)
+    host = parts.netloc.rsplit("@", 1)[1]
+    os.environ["MLFLOW_TRACKING_URI"] = urllib.parse.urlunsplit(parts._replace(netloc=host))
 
 
 def click_type(field: dataclasses.Field) -> click.ParamType:

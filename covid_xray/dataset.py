@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 
 from covid_xray.cache import load_entry
 from covid_xray.config import AugmentConfig
+from covid_xray.decoding import one_thread_per_worker
 from covid_xray.preprocess import normalize, to_model_input
 
 
@@ -57,9 +58,15 @@ def init_worker(worker_id: int) -> None:
     generator's draw plus the worker id, so a run repeats exactly with the same seed and
     num_workers, and two workers never replay each other's augmentations.
 
+    OpenCV's own thread pool is cut to one thread per worker (the workers fill the cores).
+    Workers must come from the forkserver (`decoding.worker_context()`, as training's do): in
+    a worker forked plainly from a process whose OpenCV threads ran, that pool's lock may be
+    held by a thread that no longer exists, and this call waits on it for ever.
+
     (Workers keep the default SIGTERM: multiprocessing ends them with it at exit, and one
     that ignored it hung the main process there.)
     """
+    one_thread_per_worker()
     info = torch.utils.data.get_worker_info()
     seed = info.seed % 2**32
     random.seed(seed)

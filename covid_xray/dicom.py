@@ -71,7 +71,7 @@ def read_xray(path: str | PathLike | BinaryIO, *, apply_voi_lut: bool = True) ->
     try:
         ds = _read_dataset(path, name)
         _refuse_oversized(ds, name)
-        image = _grayscale(_decode_first_frame(ds, name), ds, apply_voi_lut)
+        image = _grayscale(_decode_first_frame(ds, name), ds, apply_voi_lut, name)
     except DicomError:
         raise
     except Exception as error:  # a text WindowCenter, an empty VOILUTSequence, ...
@@ -86,10 +86,14 @@ def read_xray(path: str | PathLike | BinaryIO, *, apply_voi_lut: bool = True) ->
     return image
 
 
-def _grayscale(pixels: np.ndarray, ds: pydicom.Dataset, apply_voi_lut: bool) -> np.ndarray:
+def _grayscale(pixels: np.ndarray, ds: pydicom.Dataset, apply_voi_lut: bool,
+               name: object) -> np.ndarray:
     """Stored values -> float64 in about [0, 1], bone bright (PS3.4 N.2), unclipped."""
     modality = apply_modality_lut(pixels, ds)
     values = modality.astype(np.float64)
+    if values.min() == values.max():  # a blank film, or RescaleSlope 0: nothing to see
+        raise DicomError(f"{name}: blank image (every pixel is {values.flat[0]:g} after "
+                         "rescale); nothing to read")
     if apply_voi_lut and "VOILUTSequence" in ds:
         image = _apply_voi_lut_sequence(modality, ds)
     elif apply_voi_lut and "WindowCenter" in ds and "WindowWidth" in ds:

@@ -23,6 +23,7 @@ from covid_xray.cache import CacheParams, ImageCache
 from covid_xray.config import TrainConfig
 from covid_xray.data import CLASS_NAMES, Manifest, build_manifest
 from covid_xray.dataset import XrayDataset, build_augmentation, init_worker
+from covid_xray.decoding import worker_context
 from covid_xray.errors import UserError
 from covid_xray.evaluation import evaluate
 from covid_xray.model import Classifier, build
@@ -42,7 +43,7 @@ class TrainOutcome:
     test_metrics: dict[str, float]
     best_epoch: int
     model_uri: str  # the logged model
-    provenance: dict[str, str]  # git_commit, data_fingerprint: tagged on the run and version
+    provenance: dict[str, str]  # git_commit, git_dirty, data_fingerprint: run and version tags
     registered_version: str | None = None
 
 
@@ -126,7 +127,7 @@ def train_in_run(prepared: Prepared, *, progress: bool = True,
     config, manifest, loaders = prepared.config, prepared.manifest, prepared.loaders
     class_names = CLASS_NAMES[config.num_classes]
     run_id = mlflow.active_run().info.run_id
-    provenance = {"data_fingerprint": prepared.fingerprint, "git_commit": mlflow_run.git_commit()}
+    provenance = {"data_fingerprint": prepared.fingerprint} | mlflow_run.git_provenance()
     mlflow.set_tags((tags or {}) | provenance)
     mlflow_run.log_params(config.as_params() | {"data_fingerprint": prepared.fingerprint,
                                                 "device_used": str(prepared.device)}
@@ -195,12 +196,19 @@ def _loaders(config: TrainConfig, manifest: Manifest,
         )
         if len(dataset) == 0:
             raise UserError(f"the {split} split is empty; use more studies or another split")
+        training = split == "train"
         by_split[split] = DataLoader(
             dataset,
             batch_size=config.batch_size,
-            shuffle=split == "train",
+            shuffle=training,
+            # A last training batch of one image has BatchNorm raise where the feature map is
+            # 1 x 1 (img_size < 64); dropped, its studies come back in later epochs' batches.
+            drop_last=training and len(dataset) > config.batch_size,
             num_workers=config.num_workers,
             persistent_workers=config.num_workers > 0,
+            # Workers start after MLflow's threads (system metrics) are running: forked plainly
+            # they could inherit a lock held by one of them and wait on it forever.
+            multiprocessing_context=worker_context() if config.num_workers > 0 else None,
             pin_memory=device.type == "cuda",
             generator=torch.Generator().manual_seed(config.seed),
             worker_init_fn=init_worker,

@@ -50,33 +50,44 @@ def exit_code() -> int:
     return 128 + (_received[-1] if _received else int(signal.SIGINT))
 
 
-def end_started_run() -> str | None:
-    """End as KILLED the run `mlflow run` created for us (MLFLOW_RUN_ID) and any run this
-    process still has open, when RUNNING; return the first id. Never raises: the tracking
-    server may be what went away.
+def started_run_id() -> str:
+    """The run `mlflow run` created for this command ("" when none)."""
+    return (_started_run or [""])[0] or os.environ.get("MLFLOW_RUN_ID", "")
 
-    Further stop signals are ignored from here on: a stopped `mlflow run` also signals its
-    child, so a second SIGTERM often follows the first and must not cut this cleanup short.
-    SIGCHLD goes back to default: torch's DataLoader handler raises when a worker dies."""
-    for number in STOP_SIGNALS:
-        signal.signal(number, signal.SIG_IGN)
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    run_ids = [run_id for run_id in [(_started_run or [""])[0]
-                                     or os.environ.get("MLFLOW_RUN_ID", "")] if run_id]
+
+def end_started_run(status: str = "KILLED") -> str | None:
+    """End with `status` (KILLED after a stop, FAILED after a user error) the run `mlflow run`
+    created for us (MLFLOW_RUN_ID) and any run this process still has open, when RUNNING;
+    return the first id. Never raises: the tracking server may be what went away.
+
+    After a stop, further stop signals are ignored from here on: a stopped `mlflow run` also
+    signals its child, so a second SIGTERM often follows the first and must not cut this
+    cleanup short. SIGCHLD goes back to default: torch's DataLoader handler raises when a
+    worker dies. (Left to `mlflow run`, a failed command's run would be ended by it, which
+    prints the tracking URI as it was given, login included.)"""
+    if status == "KILLED":
+        for number in STOP_SIGNALS:
+            signal.signal(number, signal.SIG_IGN)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    run_ids = [run_id for run_id in [started_run_id()] if run_id]
     try:
-        import mlflow
+        if "mlflow" in sys.modules:  # else nothing of MLflow ran here (download)
+            import mlflow
+
+            # A run whose own ending was cut short is still on MLflow's active-run stack.
+            active = mlflow.active_run()
+            if active is not None and active.info.run_id not in run_ids:
+                run_ids.append(active.info.run_id)
+        if not run_ids:
+            return None  # no run to end: the tracking store is not touched
         from mlflow.tracking import MlflowClient
 
-        # A run whose own ending was cut short is still on MLflow's active-run stack.
-        active = mlflow.active_run()
-        if active is not None and active.info.run_id not in run_ids:
-            run_ids.append(active.info.run_id)
         client = MlflowClient()
         for run_id in run_ids:
             if client.get_run(run_id).info.status == "RUNNING":
-                client.set_terminated(run_id, "KILLED")
+                client.set_terminated(run_id, status)
     except Exception as error:  # stopping must not fail on a tracking hiccup
-        print(f"could not mark run {' '.join(run_ids)} KILLED: {type(error).__name__}: "
+        print(f"could not mark run {' '.join(run_ids)} {status}: {type(error).__name__}: "
               f"{error}", file=sys.stderr)
     return run_ids[0] if run_ids else None
 

@@ -21,6 +21,7 @@ import importlib.metadata
 import logging
 import os
 import signal
+import sqlite3
 import subprocess
 import tempfile
 import threading
@@ -36,6 +37,8 @@ import requests
 from matplotlib.figure import Figure
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.credentials import get_default_host_creds
+from mlflow.utils.rest_utils import http_request
 
 from covid_xray import lifecycle, pyfunc, registry
 from covid_xray.errors import RunStopped, UserError
@@ -51,21 +54,34 @@ MODEL_REQUIREMENTS = ("torch", "torchvision", "torchxrayvision", "numpy", "panda
 
 
 def check_tracking_server() -> str:
-    """Fail fast, before any data or file work, when a remote tracking server does not
-    answer or refuses our login: MLflow's own client retries for about four minutes and then
-    may blame something else (a missing model version). Every entry point that talks to MLflow
-    calls this first."""
+    """Fail fast, before any data or file work, when the tracking store cannot take our
+    runs: a remote server that does not answer or refuses our login (MLflow's own client
+    retries for about four minutes and then may blame something else), or a local store we
+    cannot write. Every entry point that talks to MLflow calls this first."""
     uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        _check_writable(Path(uri.removeprefix("sqlite:///")))
     if not uri.startswith(("http://", "https://")):
         return uri
+    # MLflow's own HTTP client, so the probe trusts what its runs will trust: a private CA
+    # (MLFLOW_TRACKING_SERVER_CERT_PATH), MLFLOW_TRACKING_INSECURE_TLS, client certificates,
+    # tokens. No retries: an answer, or one line now.
     try:
-        response = requests.get(f"{uri.rstrip('/')}/health", timeout=(5, 10))
-        response.raise_for_status()
-    except requests.RequestException as error:
-        raise UserError(f"MLflow tracking server {uri} is unreachable "
-                        f"({type(error).__name__}); start it (e.g. `mlflow server --host "
-                        "127.0.0.1`) or unset MLFLOW_TRACKING_URI to use the local "
-                        "mlflow.db") from None
+        status = http_request(get_default_host_creds(uri), "/health", "GET", max_retries=0,
+                              backoff_factor=0, timeout=10, raise_on_status=True).status_code
+        why = f"HTTP {status}" if status != 200 else ""
+    except (MlflowException, requests.RequestException) as error:
+        # MLflow wraps the requests error it gave up on: name that one.
+        cause = error.__context__ if isinstance(error.__context__,
+                                                requests.RequestException) else error
+        why = type(cause).__name__
+        if isinstance(cause, requests.exceptions.SSLError):
+            why = ("TLS certificate not trusted; set MLFLOW_TRACKING_SERVER_CERT_PATH to its "
+                   "CA bundle")
+    if why:
+        raise UserError(f"MLflow tracking server {uri} is unreachable ({why}); start it (e.g. "
+                        "`mlflow server --host 127.0.0.1`) or unset MLFLOW_TRACKING_URI to use "
+                        "the local mlflow.db")
     try:  # /health needs no login: one small authenticated call tells a bad password now
         MlflowClient().search_experiments(max_results=1)
     except MlflowException as error:
@@ -79,6 +95,50 @@ def check_tracking_server() -> str:
     return uri
 
 
+def _check_writable(database: Path) -> None:
+    """A sqlite store must take a write lock, and its folder new files (the journal, the
+    store's lock, `mlruns/`): else the first write of a run fails, after the data work, in
+    a chain of tracebacks."""
+    folder = database.parent if str(database.parent) else Path(".")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+        if database.exists():
+            connection = sqlite3.connect(database, timeout=30)
+            try:
+                # A write, rolled back: sqlite opens a file it may not write read-only, and
+                # only a write says so. (Setting user_version to itself changes nothing.)
+                connection.execute("BEGIN IMMEDIATE")
+                version = connection.execute("PRAGMA user_version").fetchone()[0]
+                connection.execute(f"PRAGMA user_version = {int(version)}")
+                connection.rollback()
+            finally:
+                connection.close()
+    except (OSError, sqlite3.Error) as error:
+        what = getattr(error, "strerror", None) or str(error)
+        raise UserError(f"the MLflow tracking store {database} cannot be written ({what}); "
+                        "make it and its folder writable, or point MLFLOW_TRACKING_URI at a "
+                        "store you can write") from None
+
+
+def delete_started_run() -> str:
+    """Delete the run `mlflow run` created for this command, which logged a secret among its
+    params (MLflow cannot delete one param). Ended first, so `mlflow run` finds it ended.
+    Returns what was done and what is left to do, for the error line."""
+    run_id = lifecycle.started_run_id()
+    if not run_id:
+        return ""
+    try:
+        client = MlflowClient()
+        client.set_terminated(run_id, "FAILED")
+        client.delete_run(run_id)
+    except Exception as error:  # the server may be what failed: say what to do by hand
+        return (f"; could not delete run {run_id} that `mlflow run` logged it in "
+                f"({type(error).__name__}): delete it and run `mlflow gc`")
+    return (f"; run {run_id}, which `mlflow run` logged it in, is deleted: `mlflow gc "
+            f"--run-ids {run_id}` on the tracking store removes it for good")
+
+
 @contextlib.contextmanager
 def tracked_run(experiment_name: str, run_name: str | None = None, nested: bool = False,
                 system_metrics: bool = False,
@@ -88,7 +148,12 @@ def tracked_run(experiment_name: str, run_name: str | None = None, nested: bool 
     left RUNNING. `system_metrics` samples CPU, memory and GPU use into the run (psutil,
     nvidia-ml-py): the way to see DICOM decoding starve a GPU."""
     create_store_once()
-    if "MLFLOW_RUN_ID" not in os.environ and not nested:
+    if parent_run_id:
+        # A run nests under its parent in the parent's experiment, which may be another than
+        # `experiment_name` (`mlflow run --experiment-name team -P workers=N`).
+        mlflow.set_experiment(
+            experiment_id=MlflowClient().get_run(parent_run_id).info.experiment_id)
+    elif "MLFLOW_RUN_ID" not in os.environ and not nested:
         mlflow.set_experiment(experiment_name)
     previous_handler = None
     if not nested and _in_main_thread():
@@ -142,19 +207,33 @@ def create_store_once() -> None:
 def log_params(params: dict[str, Any]) -> None:
     """Log params, living with what `mlflow run` already logged for the same run.
 
-    MLflow forbids changing a param, and `mlflow run` logs its -P values first (an empty
-    string as "''"). Equal values are skipped; a value we changed (img_size for xrv weights)
-    is logged again as `<name>_effective`.
+    MLflow forbids changing a param, and `mlflow run` logs its -P values first, as typed
+    (`true`, `1e-3`, an empty string as "''"). Values equal to ours are skipped; a value we
+    changed (img_size for xrv weights) is logged again as `<name>_effective`.
     """
     logged = mlflow.get_run(mlflow.active_run().info.run_id).data.params
     fresh = {}
     for key, value in params.items():
-        value = str(value)
         if key not in logged:
-            fresh[key] = value
-        elif logged[key].strip("'\"") != value:
-            fresh[f"{key}_effective"] = value
+            fresh[key] = str(value)
+        elif not _same_value(logged[key], value):
+            fresh[f"{key}_effective"] = str(value)
     mlflow.log_params(fresh)
+
+
+def _same_value(logged: str, value: Any) -> bool:
+    """Whether a param `mlflow run` logged as typed means `value`: `-P hflip=true` is True,
+    `-P lr=1e-3` is 0.001."""
+    text = logged.strip("'\"")
+    if isinstance(value, bool):
+        return text.lower() in (("true", "1", "yes", "y") if value else ("false", "0", "no",
+                                                                          "n"))
+    if isinstance(value, int | float):
+        try:
+            return float(text) == float(value)
+        except ValueError:
+            return False
+    return text == str(value)
 
 
 def log_epoch(row: dict[str, float]) -> None:
@@ -249,13 +328,19 @@ def register_model(model_uri: str, name: str, tags: dict[str, str], stage: str =
     return version
 
 
-def git_commit() -> str:
-    """The project's commit, or 'unknown' outside a git checkout."""
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=PACKAGE_DIR, check=True,
+def git_provenance() -> dict[str, str]:
+    """The project's commit, and whether the checkout had uncommitted changes to tracked
+    files (then the commit alone does not say what ran); 'unknown' outside a git checkout."""
+    def git(*arguments: str) -> str:
+        return subprocess.run(["git", *arguments], cwd=PACKAGE_DIR, check=True,
                               capture_output=True, text=True, timeout=10).stdout.strip()
+
+    try:
+        return {"git_commit": git("rev-parse", "HEAD"),
+                "git_dirty": str(bool(git("status", "--porcelain", "--untracked-files=no"))
+                                 ).lower()}
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return {"git_commit": "unknown", "git_dirty": "unknown"}
 
 
 def _pinned_requirements() -> list[str]:

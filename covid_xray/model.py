@@ -110,6 +110,9 @@ def _xrv_densenet(name: str, num_classes: int, drop_rate: float, weights_dir: st
 def _torchvision_densenet(name: str, num_classes: int, drop_rate: float,
                           weights_dir: str) -> nn.Module:
     weights = torchvision.models.get_model_weights(name).DEFAULT
+    # torchvision reads its weights from torch.hub's folder, a process-wide setting: point it
+    # at weights_dir for this load only, so nothing else in the process is redirected.
+    previous_dir = torch.hub.get_dir()
     if weights_dir:
         torch.hub.set_dir(os.path.expanduser(weights_dir))
     path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
@@ -119,5 +122,7 @@ def _torchvision_densenet(name: str, num_classes: int, drop_rate: float,
         raise UserError(f"torchvision weights for {name} are not at {path} and could not be "
                         f"downloaded ({type(error).__name__}); download {weights.url} and save "
                         f"it as {path}") from None
+    finally:
+        torch.hub.set_dir(previous_dir)
     model.classifier = nn.Linear(model.classifier.in_features, num_classes)
     return model.train()

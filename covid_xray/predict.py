@@ -25,7 +25,10 @@ def find_dicoms(source: str | Path) -> list[Path]:
     if source.is_file():
         return [source]
     if source.is_dir():
-        paths = sorted(p for p in source.rglob("*") if p.suffix.lower() == ".dcm" and p.is_file())
+        # A *.dcm link that leads nowhere (or in a loop) is listed too: it gets a row with its
+        # error instead of vanishing from the output.
+        paths = sorted(p for p in source.rglob("*") if p.suffix.lower() == ".dcm"
+                       and (p.is_file() or p.is_symlink()))
         if paths:
             return paths
         raise UserError(f"{source}: no *.dcm files in this folder")

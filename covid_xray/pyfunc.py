@@ -6,10 +6,14 @@ bytes, base64: what REST clients send to `mlflow models serve`). It returns one 
 with `prob_<class>` columns, `label` (the most probable class) and `error` (empty when fine): a
 file that cannot be read becomes a row with its error, not a failed request.
 
-Served over REST (`mlflow models serve`) it reads `dicom_base64` only: a `path` would make the
-server open whatever file a client names. An operator may allow paths under one folder by
-setting COVID_XRAY_SERVE_PATH_ROOT. Failed rows then carry null probabilities (JSON has no
-NaN), and a request without any DICOM is an HTTP 400 that says so.
+It reads `dicom_base64` only, in every host (a REST server, a notebook, Spark, a custom
+server): a `path` would let whoever sends the input open any file the host can read, and an
+error saying "file not found" would tell them which exist. The operator opts in to paths by
+naming the one folder they may point into in COVID_XRAY_PATH_ROOT; a path outside it is refused
+with the same words whether or not it exists. Any failure of one row (a malformed header, a
+NUL byte in a path, anything) is that row's `error`, never an exception: a server never sends
+a client a stack trace. Served, failed rows carry null probabilities (JSON has no NaN), and a
+request without any DICOM is an HTTP 400 that says so.
 
 Logged as code, not as a pickle (MLflow's models-from-code): `served_model.py` is the model's
 code, and two artifacts hold its state: `weights.pt` (the network's state_dict, read with
@@ -48,8 +52,8 @@ from covid_xray.preprocess import Preprocessing
 from covid_xray.synthetic import chest_image
 
 INPUT_COLUMNS = ("path", "dicom_base64")
-# Served, `path` is accepted only when the operator names a folder here (paths inside it only).
-PATH_ROOT_VARIABLE = "COVID_XRAY_SERVE_PATH_ROOT"
+# `path` is accepted only when the operator names a folder here (paths inside it only).
+PATH_ROOT_VARIABLE = "COVID_XRAY_PATH_ROOT"
 
 
 class BadInput(UserError, MlflowException):
@@ -109,25 +113,30 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
     def predict(self, context: Any, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> pd.DataFrame:
         frame = pd.DataFrame(model_input)
-        served = _served()
-        # Served over REST, a `path` would make the server open files its clients name (and
-        # tell them which exist): only base64 bytes, unless the operator names a root folder.
-        allowed = INPUT_COLUMNS if not served or os.environ.get(PATH_ROOT_VARIABLE) else (
-            "dicom_base64",)
+        # A `path` opens files whoever sends the input names (and would tell them which
+        # exist): only base64 bytes, unless the operator names the one folder paths may use.
+        root = os.environ.get(PATH_ROOT_VARIABLE, "")
+        allowed = INPUT_COLUMNS if root else ("dicom_base64",)
         column = next((name for name in INPUT_COLUMNS if name in frame.columns
                        and frame[name].notna().any()), None)
         if column not in allowed:
             # (Served, MLflow has already dropped columns outside the signature: a request with
             # only other columns arrives as no rows at all.)
             found = f"columns {list(frame.columns)}" if len(frame.index) else "no rows"
-            hint = (f"; this server reads files only under a root folder its operator sets in "
+            hint = (f"; paths are read only under a folder the operator names in "
                     f"{PATH_ROOT_VARIABLE}" if column == "path" else "")
             raise BadInput(f"input needs a column named {' or '.join(allowed)} with at least "
                            f"one DICOM, got {found}{hint}")
-        inputs, errors = self.prepare(_open(column, value, row, served)
+        inputs, errors = self.prepare(_open(column, value, row, root)
                                       for row, value in enumerate(frame[column]))
-        result = self.result_frame(self.probabilities(inputs), errors)
-        if served:
+        try:
+            probabilities = self.probabilities(inputs)
+        except Exception as error:  # the network itself failed (out of memory, say)
+            probabilities = np.full((len(inputs), len(self.class_names)), np.nan)
+            errors = [message or f"row {row}: the model could not score this input "
+                      f"({type(error).__name__})" for row, message in enumerate(errors)]
+        result = self.result_frame(probabilities, errors)
+        if _served():
             # JSON has no NaN (browsers' JSON.parse rejects the whole reply): failed rows get
             # null probabilities. In process they stay NaN, pandas' missing value.
             for name in self.class_names:
@@ -192,24 +201,39 @@ def example_input() -> pd.DataFrame:
         return pd.DataFrame({"dicom_base64": [encode_dicom(path)]})
 
 
-def _open(column: str, value: Any, row: int, served: bool = False):
-    """A path, or an in-memory file named after its row so errors say which input failed.
-    Served, a path must lie under the operator's root folder."""
+def _open(column: str, value: Any, row: int, root: str):
+    """A path under `root`, or an in-memory file named after its row so errors say which
+    input failed; a DicomError (returned, not raised: one bad row is that row's error)."""
     if column == "path":
-        if not served:
-            return str(value)
-        root = Path(os.environ[PATH_ROOT_VARIABLE]).resolve()
-        path = (root / str(value)).resolve()  # an absolute value stays absolute
-        if not path.is_relative_to(root):
-            return DicomError(f"row {row}: path is outside the folder this server reads")
-        return str(path)
+        try:
+            folder = Path(root).resolve()
+            path = (folder / str(value)).resolve()  # an absolute value stays absolute
+        except (ValueError, OSError, RuntimeError):  # a NUL byte; a symlink loop (3.11)
+            path = None
+        if path is None or not path.is_relative_to(folder):
+            # Decided on the name alone: the same words whether or not such a file exists.
+            return DicomError(f"row {row}: path is outside the folder this model reads")
+        return _RowPath(path, row)
     try:
         file = io.BytesIO(base64.b64decode(str(value), validate=True))
     except (binascii.Error, ValueError):
-        # Returned, not raised: one bad row becomes that row's error, not a failed request.
         return DicomError(f"row {row}: dicom_base64 is not valid base64")
     file.name = f"row {row}"
     return file
+
+
+class _RowPath:
+    """A path under the operator's folder that errors name by its row, as they name base64
+    rows, never by the server's absolute path (os.PathLike: pydicom opens it)."""
+
+    def __init__(self, path: Path, row: int):
+        self.path, self.row = path, row
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __str__(self) -> str:
+        return f"row {self.row}"
 
 
 def _served() -> bool:

@@ -167,9 +167,11 @@ def storage_url(config: TuneConfig) -> str:
     """
     if config.storage:
         if parse_url(config.storage).password is not None:
+            # `mlflow run` has logged it as a param already: that run goes too.
             raise UserError("storage must not contain a password (mlflow run logs parameters); "
-                            "put it in PGPASSWORD or ~/.pgpass, or pass the whole URL in the "
-                            "OPTUNA_STORAGE environment variable")
+                            "pass the whole URL in the OPTUNA_STORAGE environment variable, or "
+                            "put the password in PGPASSWORD or ~/.pgpass"
+                            + mlflow_run.delete_started_run())
         return config.storage
     return os.environ.get("OPTUNA_STORAGE") or default_storage()
 

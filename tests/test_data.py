@@ -351,7 +351,7 @@ def test_the_data_step_says_what_it_left_out(tiny_dataset, tmp_path, capsys, mon
     lines = capsys.readouterr().out.splitlines()
     assert "studies left out: 4 with several images, 1 labelled without a file, 0 unreadable, " \
            "0 repeated films" in lines
-    assert (f"1 folder(s) under train/ are not in train_study_level.csv and were ignored "
+    assert ("1 folder(s) under train/ are not in train_study_level.csv and were ignored "
             "(first: abcdefabcdef)") in lines
     assert ("warning: 1 header(s) could not be read for their PatientID; those studies count "
             "as their own patients this run, and are read again next run") in lines

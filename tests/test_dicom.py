@@ -300,7 +300,7 @@ def with_header(source, target, **fields) -> None:
     ({"RescaleSlope": "abc", "RescaleIntercept": "0"}, "malformed DICOM header"),
     ({"VOILUTSequence": pydicom.Sequence([])}, "malformed DICOM header"),
     ({"BitsStored": 0}, "'Bits Stored' value of '0' is invalid"),
-    ({"RescaleSlope": "0", "RescaleIntercept": "0"}, "blank image (every pixel is 0 after rescale and window)"),
+    ({"RescaleSlope": "0", "RescaleIntercept": "0"}, "blank image (every pixel is 0 after rescale)"),
     ({"RescaleSlope": "nan", "RescaleIntercept": "0"}, "non-finite pixel values"),
 ])
 def test_a_malformed_header_is_that_files_dicom_error(tmp_path, fields, message):
@@ -316,8 +316,14 @@ def test_a_malformed_header_is_that_files_dicom_error(tmp_path, fields, message)
 
 def test_a_blank_film_is_refused(tmp_path):
     write_dicom(tmp_path / "blank.dcm", np.full((40, 36), 1234, dtype=np.uint16))
-    with pytest.raises(DicomError, match=r"blank\.dcm: blank image \(every pixel is 0\.301"):
+    with pytest.raises(DicomError, match=r"blank\.dcm: blank image \(every pixel is 1234 after "
+                                         r"rescale\); nothing to read"):
         read_xray(tmp_path / "blank.dcm", apply_voi_lut=False)
+    # A window that saturates every pixel leaves nothing to read either.
+    write_dicom(tmp_path / "dark.dcm", random_stored(12), window=(9000, 10))
+    with pytest.raises(DicomError, match=r"dark\.dcm: blank image \(every pixel is 0 after "
+                                         r"rescale and window\)"):
+        read_xray(tmp_path / "dark.dcm")
 
 
 def test_a_symlink_loop_is_an_error_not_a_crash(tmp_path):
@@ -327,8 +333,10 @@ def test_a_symlink_loop_is_an_error_not_a_crash(tmp_path):
         read_xray(tmp_path / "a.dcm")
 
 
+# Peak memory of this process image: VmHWM, not getrusage's ru_maxrss, which a child started
+# by fork + exec inherits from the parent it was forked from (pytest's, here).
 BOMB_CHECK = """
-import resource, sys
+import sys
 from covid_xray.dicom import read_xray
 from covid_xray.errors import DicomError
 try:
@@ -336,7 +344,8 @@ try:
     print("decoded")
 except DicomError as error:
     print(error)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+status = open("/proc/self/status").read().split("VmHWM:")[1]
+print(int(status.split()[0]) // 1024)
 """
 
 

@@ -107,3 +107,30 @@ def test_no_tracking_server_is_one_line_within_seconds(tiny_dataset, tmp_path, n
         "`mlflow server --host 127.0.0.1`) or unset MLFLOW_TRACKING_URI to use the local "
         "mlflow.db"]
     assert list(tmp_path.iterdir()) == []  # no cache, optuna.db or CSV was started
+
+
+def test_a_login_in_the_tracking_uri_moves_to_mlflows_login_variables(monkeypatch, capsys):
+    """MLflow prints the tracking URI in every "View run ... at:" line: a login written into
+    it leaves the URI before anything prints it (quoted characters decoded), and under `mlflow
+    run`, whose own process prints the URI once more, the user is told where it belongs."""
+    import os
+
+    from covid_xray.cli import credentials_out_of_uri
+
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://alice:p%40ss%3Aword@mlflow.example:5000/x")
+    credentials_out_of_uri()
+    assert os.environ["MLFLOW_TRACKING_URI"] == "https://mlflow.example:5000/x"
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "alice"
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "p@ss:word"
+    assert capsys.readouterr().err == ""
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://bob:secret@127.0.0.1:5000")
+    monkeypatch.setenv("MLFLOW_RUN_ID", "0123")
+    credentials_out_of_uri()
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000"
+    err = capsys.readouterr().err
+    assert "secret" not in err and err.startswith("warning: MLFLOW_TRACKING_URI holds a login")
+    credentials_out_of_uri()  # nothing left to move: a no-op
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "secret"

@@ -72,3 +72,30 @@ def test_a_state_dict_loads_into_the_bare_architecture(name, tmp_path):
     images = torch.randn(2, 1, 32, 32) * 500
     with torch.no_grad():
         torch.testing.assert_close(bare.eval()(images), trained(images), rtol=0, atol=0)
+
+
+def test_torchvision_weights_from_weights_dir_leave_torch_hub_as_it_was(tmp_path, monkeypatch):
+    """torchvision finds weights through torch.hub's folder, a process-wide setting: pointed
+    at weights_dir for the load, it must be back as it was afterwards."""
+    import os
+
+    import torchvision
+
+    before = torch.hub.get_dir()
+    torch.manual_seed(0)
+    weights = torchvision.models.get_model_weights("densenet121").DEFAULT
+    saved = torchvision.models.densenet121()
+    (tmp_path / "checkpoints").mkdir()
+    torch.save(saved.state_dict(), tmp_path / "checkpoints" / os.path.basename(weights.url))
+    model = build("densenet121", num_classes=2, weights_dir=str(tmp_path))
+    torch.testing.assert_close(model.features.conv0.weight, saved.features.conv0.weight)
+    assert model.classifier.out_features == 2
+    assert torch.hub.get_dir() == before
+
+    def offline(url, *args, **kwargs):  # as here, and wherever the download fails
+        raise ConnectionError(url)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(UserError, match="could not be downloaded"):
+        build("densenet121", num_classes=2, weights_dir=str(tmp_path / "empty"))
+    assert torch.hub.get_dir() == before

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -34,7 +35,7 @@ def dicom_folder(tiny_dataset, tmp_path):
     return folder
 
 
-def test_csv_equals_in_process_pyfunc(store, dicom_folder, tmp_path):
+def test_csv_equals_in_process_pyfunc(store, dicom_folder, tmp_path, monkeypatch):
     output = tmp_path / "out" / "predictions.csv"
     table = predict_files(PredictConfig(model_uri=PRODUCTION, input=str(dicom_folder),
                                         output=str(output), batch_size=3), progress=False)
@@ -44,6 +45,7 @@ def test_csv_equals_in_process_pyfunc(store, dicom_folder, tmp_path):
     paths = find_dicoms(dicom_folder)
     assert written.path.tolist() == [str(path) for path in paths]
 
+    monkeypatch.setenv("COVID_XRAY_PATH_ROOT", str(dicom_folder))
     expected = load(PRODUCTION).predict(None, pd.DataFrame({"path": written.path}))
     ok = written.error == ""
     np.testing.assert_allclose(written.loc[ok, ["prob_negative", "prob_positive"]].astype(float),
@@ -82,8 +84,9 @@ def test_worker_count():
     assert worker_count(4, 1) == worker_count(0, 50) == 0  # one file, or asked for none
 
 
-def test_base64_input_matches_paths(store, tiny_dataset):
+def test_base64_input_matches_paths(store, tiny_dataset, monkeypatch):
     model = load(PRODUCTION)
+    monkeypatch.setenv("COVID_XRAY_PATH_ROOT", str(tiny_dataset))
     paths = [str(path) for path in sorted(tiny_dataset.glob("train/*/*/*.dcm"))[:4]]
     by_path = model.predict(None, pd.DataFrame({"path": paths}))
     by_bytes = model.predict(None, pd.DataFrame({"dicom_base64": [encode_dicom(p) for p in paths]
@@ -134,6 +137,72 @@ def test_predict_cli_and_bad_inputs(store, dicom_folder, tmp_path):
         lines = failed.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(message), failed.stderr
     assert not (tmp_path / "never.csv").exists()
+
+
+def test_hostile_files_are_rows_and_the_good_rows_survive(store, dicom_folder, tmp_path):
+    """A text WindowCenter, an empty VOILUTSequence, a decompression bomb, a blank film and a
+    *.dcm link in a loop, among good films, decoded by worker processes: every file is a row,
+    the bad ones with their error, the good ones with the same answer as alone."""
+    from tests.test_dicom import with_header
+
+    folder = tmp_path / "hostile"
+    shutil.copytree(dicom_folder, folder)
+    good = folder / "loose.dcm"
+    with_header(good, folder / "text-window.dcm", WindowCenter="abc", WindowWidth="400")
+    with_header(good, folder / "empty-voi.dcm", VOILUTSequence=pydicom.Sequence([]))
+    with_header(good, folder / "bomb.dcm", Rows=60000, Columns=60000)
+    with_header(good, folder / "blank.dcm", RescaleSlope="0", RescaleIntercept="5")
+    (folder / "loop-a.dcm").symlink_to(folder / "loop-b.dcm")
+    (folder / "loop-b.dcm").symlink_to(folder / "loop-a.dcm")
+    output = tmp_path / "hostile.csv"
+    predict_files(PredictConfig(model_uri=PRODUCTION, input=str(folder), output=str(output),
+                                batch_size=4, num_workers=2), progress=False)
+    written = pd.read_csv(output, keep_default_na=False).set_index("path")
+    errors = {name: written.loc[str(folder / name), "error"] for name in (
+        "text-window.dcm", "empty-voi.dcm", "bomb.dcm", "blank.dcm", "loop-a.dcm", "loop-b.dcm")}
+    assert "malformed DICOM header (ValueError" in errors["text-window.dcm"]
+    assert "malformed DICOM header" in errors["empty-voi.dcm"]
+    assert "header claims 60000 x 60000 pixels" in errors["bomb.dcm"]
+    assert "blank image" in errors["blank.dcm"]
+    assert "cannot open (Too many levels of symbolic links)" in errors["loop-a.dcm"]
+    for name, error in errors.items():
+        assert error.startswith(f"{folder / name}: ") and "\n" not in error
+        assert written.loc[str(folder / name), "label"] == ""
+    alone = predict_files(PredictConfig(model_uri=PRODUCTION, input=str(dicom_folder),
+                                        output=str(tmp_path / "alone.csv")), progress=False)
+    for row in alone.itertuples():
+        twin = written.loc[str(folder / Path(row.path).relative_to(dicom_folder))]
+        assert twin.error == row.error.replace(str(dicom_folder), str(folder))
+        if not row.error:
+            assert float(twin.prob_positive) == pytest.approx(row.prob_positive, abs=1e-6)
+
+
+def test_paths_are_read_only_under_the_folder_the_operator_names(store, tmp_path, monkeypatch):
+    """In every host (a notebook here), a `path` column is refused until COVID_XRAY_PATH_ROOT
+    names the folder it may point into; outside it, the refusal is the same whether or not
+    the file exists; a NUL byte in a path is that row's error, not an exception."""
+    model = load(PRODUCTION)
+    monkeypatch.delenv("COVID_XRAY_PATH_ROOT", raising=False)
+    with pytest.raises(UserError, match=r"input needs a column named dicom_base64 with at least "
+                                        r"one DICOM, got columns \['path'\]; paths are read "
+                                        r"only under a folder the operator names in "
+                                        r"COVID_XRAY_PATH_ROOT"):
+        model.predict(None, pd.DataFrame({"path": [str(REAL_DICOM)]}))
+    root = tmp_path / "films"
+    root.mkdir()
+    shutil.copy(REAL_DICOM, root / "chest.dcm")
+    monkeypatch.setenv("COVID_XRAY_PATH_ROOT", str(root))
+    answer = model.predict(None, pd.DataFrame({"path": [
+        "chest.dcm", str(root / "chest.dcm"), "/etc/passwd", "/no/such/file.dcm",
+        "../films/../../x.dcm", "bad\x00name.dcm", "absent.dcm"]}))
+    assert answer.error.tolist() == [
+        "", "",
+        "row 2: path is outside the folder this model reads",
+        "row 3: path is outside the folder this model reads",
+        "row 4: path is outside the folder this model reads",
+        "row 5: path is outside the folder this model reads",
+        "row 6: file not found"]
+    assert answer.prob_positive[0] == answer.prob_positive[1]
 
 
 def test_siim_ids():

@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 
 from covid_xray.config import AugmentConfig
 from covid_xray.dataset import XrayDataset, build_augmentation, init_worker
+from covid_xray.decoding import worker_context
 from covid_xray.dicom import write_dicom
 from covid_xray.errors import UserError
 from covid_xray.preprocess import (
@@ -101,8 +102,10 @@ def augmented_epochs(entries, seed: int, num_workers: int, epochs: int = 2) -> l
     augmentation = build_augmentation(AugmentConfig(rotation=20, translation=0.2, hflip=True),
                                       seed=seed)
     dataset = XrayDataset(entries, [0] * len(entries), augmentation=augmentation)
+    # As training starts its workers: from the forkserver, not forked from this process.
     loader = DataLoader(dataset, batch_size=2, shuffle=True, num_workers=num_workers,
                         persistent_workers=num_workers > 0, worker_init_fn=init_worker,
+                        multiprocessing_context=worker_context() if num_workers else None,
                         generator=torch.Generator().manual_seed(seed))
     return [torch.cat([images for images, _ in loader]).numpy() for _ in range(epochs)]
 

@@ -158,7 +158,7 @@ def test_load_by_stage_alias_and_version(store):
         assert model.preprocessing.img_size == 32
 
 
-def test_code_model_has_no_pickle_and_pickled_models_still_load(store):
+def test_code_model_has_no_pickle_and_pickled_models_still_load(store, monkeypatch):
     """Train logs code + weights + model.json; a model logged whole (cloudpickle, as before
     models-from-code) still loads and answers exactly the same."""
     current = load("models:/covid-xray-densenet@champion")
@@ -175,6 +175,7 @@ def test_code_model_has_no_pickle_and_pickled_models_still_load(store):
                                           code_paths=[str(mlflow_run.PACKAGE_DIR)])
     old = load(pickled.model_uri)
     frame = pd.DataFrame({"path": [str(REAL_DICOM)]})
+    monkeypatch.setenv("COVID_XRAY_PATH_ROOT", str(REAL_DICOM.parent))
     pd.testing.assert_frame_equal(old.predict(None, frame), current.predict(None, frame))
 
 

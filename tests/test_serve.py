@@ -81,30 +81,47 @@ def test_serve_answers_a_real_dicom(served_model, tmp_path):
      "input needs a column named dicom_base64 with at least one DICOM, got no rows"),
     ({"dataframe_split": {"columns": ["path"], "data": [["/etc/passwd"]]}},
      "input needs a column named dicom_base64 with at least one DICOM, got columns ['path']; "
-     "this server reads files only under a root folder its operator sets in "
-     "COVID_XRAY_SERVE_PATH_ROOT"),
+     "paths are read only under a folder the operator names in COVID_XRAY_PATH_ROOT"),
 ])
 def test_bad_requests_are_400_saying_why(served_model, body, message):
     response = requests.post(f"{served_model}/invocations", json=body, timeout=60)
     assert response.status_code == 400, response.text
     assert message in strict_json(response)["message"]
     assert "passwd" not in response.text.replace("/etc/passwd", "")  # nothing about the file
+    assert "stack_trace" not in response.json() and "Traceback" not in response.text
 
 
-def test_paths_only_under_the_operators_root(store, tmp_path):
+def test_paths_only_under_the_operators_root_and_no_stack_trace_ever(store, tmp_path):
+    """Paths only under COVID_XRAY_PATH_ROOT, refused alike whether or not the file exists;
+    a NUL byte in a path and a file whose header breaks the windowing code are their rows'
+    errors: the reply is 200 with the good rows, and no stack trace reaches the client."""
+    from tests.test_dicom import with_header
+
     root = tmp_path / "films"
     root.mkdir()
     shutil.copy(REAL_DICOM, root / "chest.dcm")
-    env = clean_env(MLFLOW_TRACKING_URI=store["uri"], COVID_XRAY_SERVE_PATH_ROOT=str(root))
+    with_header(REAL_DICOM, root / "text-window.dcm", WindowCenter="abc", WindowWidth="400")
+    env = clean_env(MLFLOW_TRACKING_URI=store["uri"], COVID_XRAY_PATH_ROOT=str(root))
     with serve(store, tmp_path / "serve.log", env=env) as url:
         body = {"dataframe_split": {"columns": ["path"], "data": [
-            ["chest.dcm"], [str(root / "chest.dcm")], ["/etc/passwd"], ["../films/../../x.dcm"]]}}
+            ["chest.dcm"], [str(root / "chest.dcm")], ["/etc/passwd"], ["../films/../../x.dcm"],
+            ["/no/such/file.dcm"], ["bad\u0000name.dcm"], ["text-window.dcm"]]}}
         response = requests.post(f"{url}/invocations", json=body, timeout=60)
+        as_bytes = requests.post(f"{url}/invocations", timeout=60, json={"dataframe_split": {
+            "columns": ["dicom_base64"], "data": [[encode_dicom(str(root / "text-window.dcm"))],
+                                                  [encode_dicom(str(REAL_DICOM))]]}})
     assert response.status_code == 200, response.text
     rows = strict_json(response)["predictions"]
     assert [row["error"] for row in rows[:2]] == ["", ""]
-    assert rows[2]["error"] == "row 2: path is outside the folder this server reads"
-    assert rows[3]["error"] == "row 3: path is outside the folder this server reads"
+    for row in (2, 3, 4, 5):
+        assert rows[row]["error"] == f"row {row}: path is outside the folder this model reads"
+    assert rows[6]["error"].startswith("row 6: malformed DICOM header (ValueError")
+    assert str(root) not in response.text  # the server's own paths stay on the server
+    assert as_bytes.status_code == 200, as_bytes.text
+    bad, good = strict_json(as_bytes)["predictions"]
+    assert bad["error"].startswith("row 0: malformed DICOM header") and good["error"] == ""
+    for reply in (response, as_bytes):
+        assert "stack_trace" not in reply.text and "Traceback" not in reply.text
 
 
 def test_served_from_a_virtualenv_holding_only_the_models_requirements(store, tmp_path):
@@ -142,6 +159,7 @@ def test_served_from_a_virtualenv_holding_only_the_models_requirements(store, tm
         response = requests.post(f"{url}/invocations", json=body, timeout=60)
     assert response.status_code == 200, response.text
     [row] = strict_json(response)["predictions"]
-    expected = load(uri).predict(None, pd.DataFrame({"path": [str(REAL_DICOM)]}))
+    expected = load(uri).predict(None, pd.DataFrame({"dicom_base64": [encode_dicom(
+        str(REAL_DICOM))]}))
     assert row["error"] == "" and row["label"] == expected.label[0]
     assert row["prob_positive"] == pytest.approx(expected.prob_positive[0], abs=1e-6)

@@ -22,6 +22,14 @@ def as_alice(server: dict, **extra: str) -> dict[str, str]:
                         "MLFLOW_TRACKING_PASSWORD": TEAM_SECRETS["alice"], **extra})
 
 
+def alice_in_the_uri(server: dict, **extra: str) -> dict[str, str]:
+    """The login written into the URI, as people do: MLflow would print it in every "View
+    run ... at:" line; the project moves it into MLflow's login variables first."""
+    uri = server["url"].replace("http://", f"http://alice:{TEAM_SECRETS['alice']}@")
+    return {key: value for key, value in clean_env(MLFLOW_TRACKING_URI=uri, **extra).items()
+            if key not in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+
+
 def test_train_and_tune_through_the_team_server(team_server, demo_dataset, tmp_path,
                                                 monkeypatch):
     trained = subprocess.run(
@@ -38,8 +46,11 @@ def test_train_and_tune_through_the_team_server(team_server, demo_dataset, tmp_p
          "--cache-dir", str(tmp_path / "cache"), *TINY, "--n-trials", "2",
          "--study-name", "team", "--experiment-name", "team"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
-        env=as_alice(team_server, OPTUNA_STORAGE=team_server["optuna_url"]))
+        env=alice_in_the_uri(team_server, OPTUNA_STORAGE=team_server["optuna_url"]))
     assert tuned.returncode == 0, tuned.stderr[-3000:]
+    # Every "View run ... at:" line names the server without the login it was given in.
+    views = [line for line in tuned.stdout.splitlines() if "View run" in line]
+    assert views and all(f"at: {team_server['url']}/#/experiments/" in line for line in views)
 
     for name, value in (("MLFLOW_TRACKING_USERNAME", "alice"),
                         ("MLFLOW_TRACKING_PASSWORD", TEAM_SECRETS["alice"])):

@@ -114,8 +114,12 @@ def test_train_logs_registers_and_reloads(demo_dataset, tmp_path, tracking_uri, 
     assert len(version.tags["git_commit"]) in (40, 7) or version.tags["git_commit"] == "unknown"
     assert client.get_model_version_by_alias(name, "champion").version == version.version
 
-    # Loading by stage and by alias gives the in-run probabilities on the test split's DICOMs.
+    assert version.tags["git_dirty"] in ("true", "false", "unknown")
+
+    # Loading by stage and by alias gives the in-run probabilities on the test split's DICOMs
+    # (read by path: the operator names the folder paths may point into).
     frame = pd.DataFrame({"path": [str(path) for path in outcome.test_paths]})
+    monkeypatch.setenv("COVID_XRAY_PATH_ROOT", str(outcome.test_paths[0].parents[3]))
     for uri in (f"models:/{name}/Staging", f"models:/{name}@champion"):
         predictions = mlflow.pyfunc.load_model(uri).predict(frame)
         np.testing.assert_allclose(predictions[["prob_negative", "prob_positive"]].to_numpy(),
@@ -242,7 +246,7 @@ def test_mlflow_run_logs_into_its_own_run(demo_dataset, tmp_path):
          "--experiment-name", "via-mlflow-run",
          "-P", f"data_dir={demo_dataset}", "-P", f"cache_dir={tmp_path / 'cache'}",
          "-P", "model=none", "-P", "img_size=32", "-P", "epochs=1", "-P", "num_workers=0",
-         "-P", "registered_model_name=via-run"],
+         "-P", "registered_model_name=via-run", "-P", "hflip=true", "-P", "lr=1e-3"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
         env=clean_env(MLFLOW_TRACKING_URI=db))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -251,6 +255,9 @@ def test_mlflow_run_logs_into_its_own_run(demo_dataset, tmp_path):
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.params["model"] == "none"
+    # -P values as typed (true, 1e-3) are the values the run used: no `<name>_effective` twin.
+    assert (runs[0].data.params["hflip"], runs[0].data.params["lr"]) == ("true", "1e-3")
+    assert not [key for key in runs[0].data.params if key.endswith("_effective")]
     assert "train_loss" in runs[0].data.metrics
     assert [str(v.version) for v in client.search_model_versions("name='via-run'")] == ["1"]
 
@@ -267,3 +274,49 @@ def test_missing_pretrained_weights_stop_before_data_work(demo_dataset, tmp_path
     assert "note: torchxrayvision weights 'chex' need 224 px" in result.stdout
     assert not (tmp_path / "cache").exists()
     assert not (tmp_path / "weights" / "chex-densenet121-d121-tw-lr001-rot45-tr15-sc15-seed0-best.pt").exists()
+
+
+@pytest.mark.parametrize("tracking_uri", ["sqlite"], indirect=True)
+def test_a_last_training_batch_of_one_film_is_dropped(demo_dataset, tmp_path, tracking_uri):
+    """At 32 px a DenseNet's last feature map is 1 x 1, and BatchNorm in train mode cannot
+    normalise a batch of one such map: a training split of n studies with batch_size n - 1
+    must not end an epoch on a batch of one."""
+    from covid_xray.experiment import prepare
+
+    config = TrainConfig(data_dir=str(demo_dataset), cache_dir=str(tmp_path / "cache"),
+                         model="none", img_size=32, epochs=1, num_workers=0, device="cpu",
+                         registered_model_name="", system_metrics=False)
+    studies = len(prepare(config, progress=False).loaders["train"].dataset)
+    config = dataclasses.replace(config, batch_size=studies - 1)
+    outcome = run_training(config, progress=False)
+    assert len(outcome.history) == 1 and np.isfinite(outcome.history[0]["train_loss"])
+
+
+class OpenCVThreads(torch.utils.data.Dataset):
+    """Each item: how many threads OpenCV uses in the worker that loads it."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> int:
+        import cv2
+
+        return cv2.getNumThreads()
+
+
+def test_training_workers_are_forkserver_children_on_one_thread(demo_dataset, tmp_path):
+    """Training's loaders start workers after MLflow's threads run: forked from a clean
+    server, not from this process, and each worker keeps OpenCV to one thread."""
+    from torch.utils.data import DataLoader
+
+    from covid_xray.dataset import init_worker
+    from covid_xray.experiment import prepare
+
+    config = TrainConfig(data_dir=str(demo_dataset), cache_dir=str(tmp_path / "cache"),
+                         model="none", img_size=32, num_workers=2, device="cpu")
+    loaders = prepare(config, progress=False).loaders
+    assert {loader.multiprocessing_context.get_start_method() for loader in loaders.values()} == {
+        "forkserver"}
+    counts = DataLoader(OpenCVThreads(), batch_size=None, num_workers=2, worker_init_fn=init_worker,
+                        multiprocessing_context=loaders["train"].multiprocessing_context)
+    assert list(counts) == [1, 1, 1, 1]

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
@@ -260,6 +261,33 @@ def test_bad_tune_input_is_one_line(demo_dataset, tmp_path, args, message):
     assert "hunter2" not in out + err
 
 
+def test_a_password_in_storage_given_to_mlflow_run_is_not_kept(demo_dataset, tmp_path):
+    """`mlflow run -P storage=postgresql://u:password@...` logs the URL as a param before the
+    project sees it: the refusal deletes that run (MLflow cannot delete one param) and says
+    how to purge it and where the URL belongs instead."""
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("mlflow")), "run", str(ROOT), "-e", "tune",
+         "--env-manager", "local", "--experiment-name", "secrets",
+         "-P", "storage=postgresql://u:hunter2@127.0.0.1:1/db", "-P", f"data_dir={demo_dataset}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=clean_env(
+            MLFLOW_TRACKING_URI=db))
+    assert done.returncode != 0
+    client = MlflowClient(tracking_uri=db)
+    experiment = client.get_experiment_by_name("secrets")
+    assert client.search_runs([experiment.experiment_id]) == []  # nothing left to see
+    [run] = client.search_runs([experiment.experiment_id],
+                               run_view_type=mlflow.entities.ViewType.DELETED_ONLY)
+    assert run.info.status == "FAILED"
+    [error] = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert error == (
+        "error: storage must not contain a password (mlflow run logs parameters); pass the "
+        "whole URL in the OPTUNA_STORAGE environment variable, or put the password in "
+        f"PGPASSWORD or ~/.pgpass; run {run.info.run_id}, which `mlflow run` logged it in, is "
+        f"deleted: `mlflow gc --run-ids {run.info.run_id}` on the tracking store removes it "
+        "for good")
+
+
 def test_unknown_search_space_parameter(demo_dataset, tmp_path):
     space = tmp_path / "space.json"
     space.write_text('{"lr": {"type": "float", "low": 0.001, "high": 0.01}, '
@@ -322,15 +350,22 @@ def test_pruned_runs_end_killed(tmp_path, monkeypatch):
 
 def test_workers_from_one_command(demo_dataset, tmp_path):
     """-P workers=2: n_trials counts for the whole command; one nested run per trial, under
-    one run per worker, under the command's run; nothing left RUNNING."""
+    one run per worker, under the command's run; nothing left RUNNING. Started as `mlflow run
+    --experiment-name team` starts it (the run made in `team`, its id in MLFLOW_RUN_ID), every
+    run lands in `team`, and no other experiment is created."""
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    team = client.create_experiment("team")
+    started = client.create_run(team, run_name="as-mlflow-run-made-it")
     finish(tune_worker(tmp_path, demo_dataset, "--n-trials", "3", "--workers", "2",
-                       "--study-name", "pair"))
+                       "--study-name", "pair", env={"MLFLOW_RUN_ID": started.info.run_id,
+                                                   "MLFLOW_EXPERIMENT_ID": team}))
     study = optuna.load_study(study_name="pair", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     assert len(study.trials) == 3
-    runs = runs_of(tmp_path)
+    assert sorted(e.name for e in client.search_experiments()) == ["Default", "team"]
+    runs = runs_of(tmp_path, "team")
     check_one_run_per_trial(runs, study)
     by_id = {run.info.run_id: run for run in runs}
-    (command,) = [run for run in runs if run.data.tags["mlflow.runName"] == "study-pair-x2"]
+    (command,) = [run for run in runs if run.info.run_id == started.info.run_id]
     workers = [run for run in runs if run.data.tags["mlflow.runName"] == "study-pair"]
     assert len(workers) == 2
     assert {run.data.tags["mlflow.parentRunId"] for run in workers} == {command.info.run_id}
