@@ -177,10 +177,13 @@ class PromoteConfig:
     if_better: str = option("", "Only if it beats every current holder on this evaluation "
                             "metric (roc_auc, accuracy, balanced_accuracy, map, sensitivity, "
                             "specificity: higher wins; ece, brier: lower wins), measured on "
-                            "the same data for both.")
+                            "the same studies for both and compared pairwise.")
     evaluate_on: str = option("", "with if_better: a labelled SIIM-layout set to evaluate "
                               "the candidate and the holders on first (existing evaluations "
                               "of the same files are reused). '' = use existing evaluations.")
+    min_delta: float = option(0.0, "with if_better: promote only when the paired 95% interval "
+                              "of (candidate - holder) lies above this (for ece and brier: "
+                              "below minus this).")
 
 
 @dataclass(frozen=True)

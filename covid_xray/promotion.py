@@ -1,16 +1,24 @@
 """Promotion on comparable evidence: a candidate replaces the holders of a stage or alias only
-when it beats each of them on an evaluation of the same files, for the same task.
+when it beats each of them on the same studies, for the same task, by more than chance.
 
 Each version's own test split is different data (other studies, another seed, maybe another
 task), so comparing those numbers compares luck. Here the evidence is `evaluate` runs (see
-external.py) that share a data fingerprint; `evaluate_on` makes that evidence first, reusing
-any evaluation of the same version on the same files. Without comparable evidence nothing
-moves, and the one-line error says how to get it.
+external.py) that share a data fingerprint, each with its per-study predictions;
+`evaluate_on` makes that evidence first, reusing any evaluation of the same version on the
+same files. The decision is paired: the same bootstrap resamples of the studies score both
+models, and the candidate wins only when the 95% interval of the difference clears
+`min_delta`. Two separate intervals would treat two answers to the same films as independent,
+and a bare point difference promotes on noise. Without comparable evidence nothing moves, and
+the one-line error says how to get it. Each decision is a run of its own holding the evidence.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlflow
+import numpy as np
+import pandas as pd
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -18,7 +26,7 @@ from mlflow.tracking import MlflowClient
 from covid_xray import mlflow_run, registry
 from covid_xray.config import EvaluateConfig, PromoteConfig
 from covid_xray.errors import UserError
-from covid_xray.evaluation import overlap
+from covid_xray.evaluation import PairedDifference, paired_difference
 from covid_xray.external import (
     FINGERPRINT_TAG,
     MODEL_NAME_TAG,
@@ -64,33 +72,78 @@ def promote(config: PromoteConfig, progress: bool = True) -> Promotion:
         return registry.promote(config.name, config.version, stage=config.stage,
                                 alias=config.alias)
     versions = [str(candidate.version), *dict.fromkeys(str(holder.version) for holder in holders)]
-    _check_same_task(config.name, versions)
-    if config.evaluate_on:
-        evidence = _evaluate_all(config, versions, progress)
-    else:
-        evidence = _existing_evidence(config.name, versions)
+    class_names = _check_same_task(config.name, versions)
+    defaults = EvaluateConfig()
+    with mlflow_run.tracked_run(defaults.experiment_name,
+                                run_name=f"promote-{config.name}-v{config.version}"):
+        if config.evaluate_on:
+            evidence = _evaluate_all(config, versions, progress)
+        else:
+            evidence = _existing_evidence(config.name, versions)
+        fingerprint = next(iter(evidence.values())).data.tags[FINGERPRINT_TAG]
+        mlflow.set_tags({FINGERPRINT_TAG: fingerprint, "promote_candidate": config.version,
+                         "promote_against": ",".join(versions[1:])})
+        mlflow_run.log_params({"if_better": config.if_better, "min_delta": config.min_delta,
+                               "resamples": defaults.resamples})
+        answers = {version: _predictions(run, version) for version, run in evidence.items()}
+        comparisons = []
+        for version in versions[1:]:
+            paired = _compare(answers[versions[0]], answers[version], class_names,
+                              config.if_better, defaults)
+            mlflow.log_metrics({f"delta_{paired.metric}_vs_v{version}": paired.difference,
+                                f"delta_{paired.metric}_vs_v{version}_ci_low": paired.ci_low,
+                                f"delta_{paired.metric}_vs_v{version}_ci_high":
+                                    paired.ci_high})
+            comparison = (f"version {versions[0]} vs version {version}: {paired.line()} of the "
+                          f"same data ({fingerprint[:12]})")
+            bound = paired.ci_low if sign > 0 else -paired.ci_high
+            if not bound > config.min_delta:
+                why = ("the interval includes 0, so the difference may be chance"
+                       if paired.ci_low <= 0 <= paired.ci_high else
+                       f"the interval does not clear min_delta {config.min_delta:g}"
+                       if sign * paired.difference > 0 else
+                       f"version {versions[0]} is not better")
+                decision = f"not promoted: {comparison}; {why}"
+                mlflow.set_tag("promote_decision", "not promoted")
+                mlflow.log_text(decision + "\n", "decision.txt")
+                return Promotion(False, decision)
+            comparisons.append(comparison)
+        moved = registry.promote(config.name, config.version, stage=config.stage,
+                                 alias=config.alias)
+        decision = f"{moved.message} ({'; '.join(comparisons)})"
+        mlflow.set_tag("promote_decision", "promoted")
+        mlflow.log_text(decision + "\n", "decision.txt")
+    return Promotion(True, decision)
 
-    metric = f"eval_{config.if_better}"
-    scores = {version: _score(run, metric, version) for version, run in evidence.items()}
-    fingerprint = next(iter(evidence.values())).data.tags[FINGERPRINT_TAG]
-    mine = scores[versions[0]]
-    comparisons = []
-    for version in versions[1:]:
-        theirs = scores[version]
-        note = ("; the 95% intervals overlap, so the difference may be chance"
-                if overlap(mine[1], theirs[1]) else "")
-        comparison = (f"version {versions[0]} has {config.if_better} {_show(mine)}, "
-                      f"version {version} has {_show(theirs)} on the same data "
-                      f"({fingerprint[:12]}){note}")
-        if not sign * (mine[0] - theirs[0]) > 0:
-            return Promotion(False, f"not promoted: {comparison}")
-        comparisons.append(comparison)
-    moved = registry.promote(config.name, config.version, stage=config.stage,
-                             alias=config.alias)
-    return Promotion(True, f"{moved.message} ({'; '.join(comparisons)})")
+
+def _predictions(run: Run, version: str) -> pd.DataFrame:
+    """The per-study answers an evaluation run logged (predictions.csv)."""
+    try:
+        path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
+                                                   artifact_path="predictions.csv")
+    except (MlflowException, OSError):
+        raise UserError(f"version {version}'s evaluation run {run.info.run_id} has no "
+                        "predictions.csv (it predates paired promotion); add -P "
+                        "evaluate_on=PATH to evaluate the versions again") from None
+    return pd.read_csv(Path(path), dtype={"study_id": str}, keep_default_na=False)
 
 
-def _check_same_task(name: str, versions: list[str]) -> None:
+def _compare(candidate: pd.DataFrame, holder: pd.DataFrame, class_names: tuple[str, ...],
+             metric: str, defaults: EvaluateConfig) -> PairedDifference:
+    """The candidate's metric minus the holder's, on the studies both could score."""
+    both = candidate.merge(holder, on=["study_id", "truth"], suffixes=("", "_holder"))
+    both = both[(both.error == "") & (both.error_holder == "")]
+    if both.empty:
+        raise UserError("not comparable: the two evaluations share no scored study")
+    columns = [f"prob_{name}" for name in class_names]
+    labels = both.truth.map({name: index for index, name in enumerate(class_names)})
+    return paired_difference(
+        labels.to_numpy(), both[columns].to_numpy(dtype=np.float64),
+        both[[f"{column}_holder" for column in columns]].to_numpy(dtype=np.float64),
+        class_names, metric, resamples=defaults.resamples, seed=defaults.seed)
+
+
+def _check_same_task(name: str, versions: list[str]) -> tuple[str, ...]:
     """A 2-class and a 4-class model answer different questions: no number compares them."""
     tasks = {}
     for version in versions:
@@ -105,29 +158,25 @@ def _check_same_task(name: str, versions: list[str]) -> None:
                               for version, task in tasks.items())
         raise UserError(f"not comparable: the versions solve different tasks ({described}); "
                         "promote without if_better, or compare models of one task")
+    return tasks[versions[0]]
 
 
 def _evaluate_all(config: PromoteConfig, versions: list[str], progress: bool) -> dict[str, Run]:
     """Evaluate each version on `evaluate_on` (reusing finished evaluations of the same files),
-    as child runs of one promote run that records the decision's evidence."""
+    as child runs of the promote run that records the decision's evidence."""
     defaults = EvaluateConfig()
     labelled = read_labelled_set(config.evaluate_on, defaults.cache_dir, progress)
     evidence = {}
-    with mlflow_run.tracked_run(defaults.experiment_name,
-                                run_name=f"promote-{config.name}-v{config.version}"):
-        for version in versions:
-            found = find_evaluations(config.name, version, labelled.fingerprint)
-            if found:
-                print(f"version {version}: reusing evaluation run {found[0].info.run_id}")
-                evidence[version] = found[0]
-                continue
-            outcome = evaluate_model(
-                EvaluateConfig(model_uri=f"models:/{config.name}/{version}",
-                               data_dir=config.evaluate_on), progress, labelled, nested=True)
-            evidence[version] = MlflowClient().get_run(outcome.run_id)
-        mlflow.set_tags({FINGERPRINT_TAG: labelled.fingerprint,
-                         "promote_candidate": config.version,
-                         "promote_against": ",".join(versions[1:])})
+    for version in versions:
+        found = find_evaluations(config.name, version, labelled.fingerprint)
+        if found:
+            print(f"version {version}: reusing evaluation run {found[0].info.run_id}")
+            evidence[version] = found[0]
+            continue
+        outcome = evaluate_model(
+            EvaluateConfig(model_uri=f"models:/{config.name}/{version}",
+                           data_dir=config.evaluate_on), progress, labelled, nested=True)
+        evidence[version] = MlflowClient().get_run(outcome.run_id)
     return evidence
 
 
@@ -157,20 +206,3 @@ def find_evaluations(name: str, version: str, fingerprint: str | None = None) ->
     return mlflow.search_runs(filter_string=" and ".join(conditions), output_format="list",
                               search_all_experiments=True,
                               order_by=["attributes.start_time DESC"])
-
-
-def _score(run: Run, metric: str, version: str) -> tuple[float, tuple[float, float]]:
-    """(value, (ci_low, ci_high)) of `metric` in an evaluation run."""
-    values = run.data.metrics
-    if metric not in values:
-        known = sorted(key.removeprefix("eval_") for key in values
-                       if key.startswith("eval_") and "_ci_" not in key)
-        raise UserError(f"version {version}'s evaluation has no {metric} "
-                        f"(it has {', '.join(known) or 'none'})")
-    value = values[metric]
-    return value, (values.get(f"{metric}_ci_low", value), values.get(f"{metric}_ci_high", value))
-
-
-def _show(score: tuple[float, tuple[float, float]]) -> str:
-    value, (low, high) = score
-    return f"{value:.4f} (95% CI {low:.4f}-{high:.4f})"

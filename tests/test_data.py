@@ -357,3 +357,25 @@ def test_the_data_step_says_what_it_left_out(tiny_dataset, tmp_path, capsys, mon
             "as their own patients this run, and are read again next run") in lines
     counts = manifest.counts()
     assert counts["unlabelled_folders"] == 1 and counts["patient_id_read_errors"] == 1
+
+
+def test_a_malformed_header_is_skipped_like_any_unreadable_file(tiny_dataset, tmp_path):
+    """A text WindowCenter raised ValueError in the cache builder, which caught only
+    DicomError: training stopped even with skip_unreadable=true. It is now that file's
+    reason in the unreadable list, and the study is dropped like any unreadable one."""
+    from tests.test_dicom import with_header
+
+    data_dir = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data_dir)
+    victim = find_studies(data_dir).studies.iloc[0]
+    path = data_dir / victim.path
+    with_header(path, path, WindowCenter="abc", WindowWidth="400")
+    cache = ImageCache(tmp_path / "cache", CacheParams(16))
+    with pytest.raises(UserError, match=r"1 of \d+ DICOMs could not be read .*malformed DICOM "
+                                        r"header \(ValueError"):
+        build_manifest(data_dir, cache, num_classes=4, progress=False)
+    manifest = build_manifest(data_dir, cache, num_classes=4, skip_unreadable=True,
+                              progress=False)
+    assert manifest.unreadable == [victim.study_id]
+    assert manifest.counts()["dropped_unreadable"] == 1
+    assert victim.study_id not in set(manifest.table.study_id)

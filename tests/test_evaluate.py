@@ -121,9 +121,10 @@ def test_promote_evaluates_on_one_set_and_reuses_evaluations(store, hospital):
                            evaluate_on=str(hospital))
     refused = promote(config, progress=False)
     assert not refused.promoted
-    assert refused.message.startswith("not promoted: version 2 has roc_auc ")
-    assert refused.message.endswith("; the 95% intervals overlap, so the difference may be "
-                                    "chance")
+    assert refused.message.startswith("not promoted: version 2 vs version 1: roc_auc "
+                                      "difference +0.0000 (95% CI +0.0000 to +0.0000, paired "
+                                      "over ")
+    assert refused.message.endswith("; the interval includes 0, so the difference may be chance")
     evaluations = {version: find_evaluations(name, version) for version in ("1", "2")}
     assert [len(found) for found in evaluations.values()] == [1, 1]
     first, second = (found[0] for found in evaluations.values())

@@ -14,7 +14,12 @@ from sklearn.metrics import (
 )
 
 from covid_xray import metrics
-from covid_xray.evaluation import bootstrap_indices, confidence_intervals, evaluate, overlap
+from covid_xray.evaluation import (
+    bootstrap_indices,
+    confidence_intervals,
+    evaluate,
+    paired_difference,
+)
 
 BINARY = ("negative", "positive")
 
@@ -164,6 +169,20 @@ def test_evaluation_figures_are_drawn():
     assert "ECE" in figures["reliability"].axes[0].get_title()
 
 
-def test_intervals_overlap():
-    assert overlap((0.80, 0.90), (0.85, 0.95))
-    assert not overlap((0.70, 0.79), (0.80, 0.95))
+def test_paired_difference_is_the_bootstrap_of_differences_on_shared_resamples():
+    """Each resample scores both models on the same studies: the interval is the percentile
+    interval of the per-resample differences, computed here study by study with sklearn."""
+    labels, first = random_predictions(2, 120, seed=8)
+    second = np.clip(first + np.random.default_rng(9).normal(0, 0.15, first.shape), 0, 1)
+    second /= second.sum(axis=1, keepdims=True)
+    paired = paired_difference(labels, first, second, BINARY, "roc_auc", resamples=150, seed=4)
+    deltas = [roc_auc_score(labels[rows], first[rows, 1]) - roc_auc_score(labels[rows],
+                                                                          second[rows, 1])
+              for rows in bootstrap_indices(labels, 150, 4)]
+    assert paired.difference == pytest.approx(roc_auc_score(labels, first[:, 1])
+                                              - roc_auc_score(labels, second[:, 1]), abs=1e-12)
+    assert (paired.ci_low, paired.ci_high) == pytest.approx(
+        tuple(np.percentile(deltas, [2.5, 97.5])), abs=1e-12)
+    assert paired.count == 120
+    same = paired_difference(labels, first, first, BINARY, "ece", resamples=50)
+    assert (same.difference, same.ci_low, same.ci_high) == (0.0, 0.0, 0.0)

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import uuid
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 from sklearn.dummy import DummyClassifier
 
-from covid_xray import mlflow_run
+from covid_xray import metrics, mlflow_run
 from covid_xray.config import PromoteConfig
 from covid_xray.errors import UserError
 from covid_xray.external import FINGERPRINT_TAG, MODEL_NAME_TAG, MODEL_VERSION_TAG
@@ -61,49 +63,108 @@ def test_alias_moves(store):
     assert str(MlflowClient().get_model_version_by_alias(name, "champion").version) == "2"
 
 
-def evaluated(name: str, version: str, fingerprint: str, **values: float) -> None:
-    """An evaluation run as `evaluate` logs it: tags naming the version and the data, and
-    eval_<metric> with a 95% interval of +-0.02."""
+STUDIES = 120
+TRUTH = np.repeat([0, 1], STUDIES // 2)
+
+
+def answers(skill: float, wobble: int = 0, confidence: float = 1.0) -> np.ndarray:
+    """Binary probabilities for TRUTH from a model whose scores separate the classes by
+    `skill`, over noise every such model shares (they read the same films); `wobble` seeds a
+    little noise of its own (another training of nearly the same model); `confidence` scales
+    the logits (above 1: overconfident, the same ranking)."""
+    shared = np.random.default_rng(0).normal(size=STUDIES)
+    own = np.random.default_rng(wobble).normal(scale=0.3, size=STUDIES) if wobble else 0.0
+    logits = confidence * (skill * (2 * TRUTH - 1) + shared + own)
+    positive = 1 / (1 + np.exp(-logits))
+    return np.stack([1 - positive, positive], axis=1)
+
+
+def evaluated(name: str, version: str, fingerprint: str, probabilities: np.ndarray) -> None:
+    """An evaluation run as `evaluate` logs it: tags naming the version and the data, the
+    eval_<metric> point estimates, and the per-study predictions.csv."""
     tags = {MODEL_NAME_TAG: name, MODEL_VERSION_TAG: version, FINGERPRINT_TAG: fingerprint}
+    names = ("negative", "positive")
+    values = metrics.batched(TRUTH[None], probabilities[None], names)
+    predictions = pd.DataFrame({"study_id": [f"{i:012x}" for i in range(STUDIES)],
+                                "truth": [names[label] for label in TRUTH],
+                                "prob_negative": probabilities[:, 0],
+                                "prob_positive": probabilities[:, 1], "error": ""})
     with mlflow.start_run(tags=tags):
-        for metric, value in values.items():
-            mlflow.log_metrics({f"eval_{metric}": value, f"eval_{metric}_ci_low": value - 0.02,
-                                f"eval_{metric}_ci_high": value + 0.02})
+        mlflow.log_metrics({f"eval_{metric}": float(value[0]) for metric, value in values.items()})
+        mlflow.log_text(predictions.to_csv(index=False), "predictions.csv")
 
 
 def test_if_better_promotes_only_a_better_candidate(store):
     name = new_versions(store, [0.9, 0.85, 0.95])
-    for version, auc in (("1", 0.90), ("2", 0.85), ("3", 0.95)):
-        evaluated(name, version, "fingerprint-a", roc_auc=auc)
+    for version, skill in (("1", 1.0), ("2", 0.5), ("3", 2.0)):
+        evaluated(name, version, "fingerprint-a", answers(skill))
     assert promote(PromoteConfig(name, "1", stage="Production", alias="champion")).promoted
     worse = promote(PromoteConfig(name, "2", stage="Production", alias="champion",
                                   if_better="roc_auc"))
     assert not worse.promoted
-    assert worse.message == (
-        "not promoted: version 2 has roc_auc 0.8500 (95% CI 0.8300-0.8700), version 1 has "
-        "0.9000 (95% CI 0.8800-0.9200) on the same data (fingerprint-)")
+    assert re.fullmatch(r"not promoted: version 2 vs version 1: roc_auc difference -0\.\d{4} "
+                        r"\(95% CI -0\.\d{4} to -0\.\d{4}, paired over 120 studies\) of the "
+                        r"same data \(fingerprint-\); version 2 is not better", worse.message)
     assert stages(name) == {"1": "Production", "2": "None", "3": "None"}
     better = promote(PromoteConfig(name, "3", stage="Production", alias="champion",
                                    if_better="roc_auc"))
     assert better.promoted
-    assert better.message.endswith(
-        "version 3 has roc_auc 0.9500 (95% CI 0.9300-0.9700), version 1 has 0.9000 (95% CI "
-        "0.8800-0.9200) on the same data (fingerprint-))")
+    assert re.search(r"\(version 3 vs version 1: roc_auc difference \+0\.\d{4} \(95% CI "
+                     r"\+0\.\d{4} to \+0\.\d{4}, paired over 120 studies\) of the same data "
+                     r"\(fingerprint-\)\)$", better.message)
     assert stages(name) == {"1": "Archived", "2": "None", "3": "Production"}
     assert str(MlflowClient().get_model_version_by_alias(name, "champion").version) == "3"
     # With no current holder there is nothing to beat.
     assert promote(PromoteConfig(name, "2", stage="Staging", if_better="roc_auc")).promoted
 
 
+def test_a_point_difference_inside_the_paired_interval_does_not_promote(store):
+    """The candidate's AUC is higher, but by less than chance explains: it stays where it is,
+    and the promote run holds the paired difference and its interval. min_delta asks for a
+    margin on top."""
+    name = new_versions(store, [0.9, 0.9, 0.9])
+    holder = answers(1.0)
+    candidate = next(answers(1.0, wobble=seed) for seed in range(1, 100)
+                     if metrics.batched(TRUTH[None], answers(1.0, wobble=seed)[None],
+                                        ("negative", "positive"))["roc_auc"][0]
+                     > metrics.batched(TRUTH[None], holder[None],
+                                       ("negative", "positive"))["roc_auc"][0])
+    evaluated(name, "1", "same-studies", holder)
+    evaluated(name, "2", "same-studies", candidate)
+    evaluated(name, "3", "same-studies", answers(2.0))
+    promote(PromoteConfig(name, "1", alias="champion"))
+    refused = promote(PromoteConfig(name, "2", alias="champion", if_better="roc_auc"))
+    assert not refused.promoted
+    assert refused.message.startswith("not promoted: version 2 vs version 1: roc_auc difference +")
+    assert refused.message.endswith("; the interval includes 0, so the difference may be chance")
+    [run] = mlflow.search_runs(filter_string=f"attributes.run_name = 'promote-{name}-v2'",
+                               search_all_experiments=True, output_format="list")
+    assert run.data.tags["promote_candidate"] == "2"
+    assert run.data.tags["promote_decision"] == "not promoted"
+    delta = run.data.metrics
+    assert delta["delta_roc_auc_vs_v1_ci_low"] < 0 < delta["delta_roc_auc_vs_v1"] < delta[
+        "delta_roc_auc_vs_v1_ci_high"]
+    assert str(MlflowClient().get_model_version_by_alias(name, "champion").version) == "1"
+
+    demanding = promote(PromoteConfig(name, "3", alias="champion", if_better="roc_auc",
+                                      min_delta=0.5))
+    assert not demanding.promoted
+    assert demanding.message.endswith("; the interval does not clear min_delta 0.5")
+    assert promote(PromoteConfig(name, "3", alias="champion", if_better="roc_auc",
+                                 min_delta=0.01)).promoted
+
+
 def test_if_better_knows_which_way_is_better(store):
     name = new_versions(store, [0.9, 0.9])
-    evaluated(name, "1", "same-data", ece=0.10, roc_auc=0.90)
-    evaluated(name, "2", "same-data", ece=0.30, roc_auc=0.92)
+    evaluated(name, "1", "same-data", answers(1.0))
+    evaluated(name, "2", "same-data", answers(1.0, confidence=0.2))  # same ranking, timid
     promote(PromoteConfig(name, "1", alias="champion"))
-    # A higher ECE is worse calibration: version 2 loses on it, though its AUC is higher.
-    assert not promote(PromoteConfig(name, "2", alias="champion", if_better="ece")).promoted
-    overlapping = promote(PromoteConfig(name, "2", alias="champion", if_better="roc_auc"))
-    assert overlapping.promoted and "the 95% intervals overlap" in overlapping.message
+    # A higher ECE is worse calibration: version 2 loses on it; on AUC the two are one model.
+    worse = promote(PromoteConfig(name, "2", alias="champion", if_better="ece"))
+    assert not worse.promoted and worse.message.endswith("version 2 is not better")
+    same = promote(PromoteConfig(name, "2", alias="champion", if_better="roc_auc"))
+    assert not same.promoted and "roc_auc difference +0.0000 (95% CI +0.0000 to +0.0000" in (
+        same.message)
     with pytest.raises(UserError, match="'val_loss' is not an evaluation metric"):
         promote(PromoteConfig(name, "1", alias="champion", if_better="val_loss"))
 
@@ -114,8 +175,8 @@ def test_if_better_refuses_evidence_that_is_not_comparable(store):
     with pytest.raises(UserError, match=r"^not comparable: versions 2 and 1 of .* have no "
                                         r"evaluation on the same data .* -P evaluate_on=PATH"):
         promote(PromoteConfig(name, "2", stage="Production", if_better="roc_auc"))
-    evaluated(name, "1", "hospital-a", roc_auc=0.8)
-    evaluated(name, "2", "hospital-b", roc_auc=0.9)
+    evaluated(name, "1", "hospital-a", answers(1.0))
+    evaluated(name, "2", "hospital-b", answers(2.0))
     with pytest.raises(UserError, match="not comparable: versions 2 and 1"):
         promote(PromoteConfig(name, "2", stage="Production", if_better="roc_auc"))
     assert stages(name) == {"1": "Production", "2": "None"}
@@ -128,8 +189,8 @@ def test_if_better_refuses_a_model_of_another_task(store):
     with mlflow.start_run():
         info = mlflow_run.log_model(DicomClassifier(four, binary.preprocessing))
     MlflowClient().create_model_version(name, info.model_uri)
-    evaluated(name, "1", "same-data", roc_auc=0.8)
-    evaluated(name, "2", "same-data", roc_auc=0.9)
+    evaluated(name, "1", "same-data", answers(1.0))
+    evaluated(name, "2", "same-data", answers(2.0))
     promote(PromoteConfig(name, "1", alias="champion"))
     with pytest.raises(UserError, match=r"not comparable: the versions solve different tasks "
                                         r"\(version 2: negative/typical/indeterminate/atypical, "
