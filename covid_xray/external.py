@@ -87,8 +87,11 @@ def evaluate_model(config: EvaluateConfig, progress: bool = True,
     """Score `config.model_uri` on `config.data_dir`; log one MLflow run (a child of the
     active run when `nested`: promote's evidence); return it all."""
     mlflow_run.check_tracking_server()
-    model = registry.load(config.model_uri)
+    # The alias (or stage) is resolved once, and that exact version is loaded: resolved twice,
+    # a move in between would tag the run with a version it never scored.
     version = registry.resolve_version(config.model_uri)
+    model = registry.load(f"models:/{version.name}/{version.version}" if version
+                          else config.model_uri)
     class_names = tuple(model.class_names)
     labelled = labelled or read_labelled_set(config.data_dir, config.cache_dir, progress)
     studies = labelled.studies

@@ -161,3 +161,20 @@ def test_evaluate_cli_through_mlflow_run(store, hospital, tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [bad.stderr.strip()]
     assert bad.stderr.startswith("error: cannot load model 'models:/covid-xray-densenet@nobody'")
+
+
+def test_the_alias_is_resolved_once_and_that_version_is_scored(store, hospital, tmp_path,
+                                                                monkeypatch):
+    """If @champion moved between loading the model and naming its version, the run would be
+    tagged with a version it never scored: the alias is resolved once, and the model loaded
+    is that version by number."""
+    from covid_xray import registry
+
+    loaded = []
+    real_load = registry.load
+    monkeypatch.setattr(registry, "load", lambda uri: loaded.append(uri) or real_load(uri))
+    outcome = evaluate_model(EvaluateConfig(model_uri=CHAMPION, data_dir=str(hospital),
+                                            resamples=0, cache_dir=str(tmp_path / "cache")),
+                             progress=False)
+    version = MlflowClient().get_run(outcome.run_id).data.tags["eval_model_version"]
+    assert loaded == [f"models:/covid-xray-densenet/{version}"]
