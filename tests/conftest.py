@@ -64,6 +64,15 @@ def clean_env(**overrides: str) -> dict[str, str]:
     return env | overrides
 
 
+def no_internet() -> dict[str, str]:
+    """Environment that makes every download fail at once, as it does on these machines,
+    whether or not the machine running the tests has internet: all traffic to other hosts goes
+    through a proxy on a closed local port (requests and urllib both honour these)."""
+    proxy = f"http://127.0.0.1:{free_port()}"
+    return {"HTTPS_PROXY": proxy, "HTTP_PROXY": proxy, "https_proxy": proxy,
+            "http_proxy": proxy, "NO_PROXY": "", "no_proxy": ""}
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -8,6 +8,7 @@ import torchxrayvision as xrv
 
 from covid_xray.errors import UserError
 from covid_xray.model import Classifier, architecture, build, xrv_weights_path
+from tests.conftest import no_internet
 
 
 def test_xrv_weights_are_read_from_weights_dir(tmp_path):
@@ -31,7 +32,9 @@ def test_xrv_weights_are_read_from_weights_dir(tmp_path):
     torch.testing.assert_close(probabilities.sum(dim=1), torch.ones(3))
 
 
-def test_missing_weights_say_where_to_put_them(tmp_path):
+def test_missing_weights_say_where_to_put_them(tmp_path, monkeypatch):
+    for name, value in no_internet().items():  # the download fails, with internet or not
+        monkeypatch.setenv(name, value)
     url, path = xrv_weights_path("rsna", str(tmp_path))
     with pytest.raises(UserError) as caught:
         build("rsna", num_classes=2, weights_dir=str(tmp_path))
@@ -54,7 +57,9 @@ def test_random_init_and_unknown_names():
         build("resnet50", num_classes=2)
 
 
-def test_torchvision_weights_missing_offline(tmp_path):
+def test_torchvision_weights_missing_offline(tmp_path, monkeypatch):
+    for name, value in no_internet().items():
+        monkeypatch.setenv(name, value)
     with pytest.raises(UserError, match=r"torchvision weights for densenet121 are not at .*checkpoints/densenet121-"):
         build("densenet121", num_classes=2, weights_dir=str(tmp_path))
 

@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from covid_xray.config import TrainConfig
 from covid_xray.experiment import run_training
 from covid_xray.registry import logged_model_id
-from tests.conftest import ROOT, clean_env, free_port
+from tests.conftest import ROOT, clean_env, free_port, no_internet
 
 TINY = dict(model="none", img_size=32, epochs=2, patience=5, batch_size=16, num_workers=0,
             dataset_size=0, device="cpu")
@@ -266,7 +266,8 @@ def test_missing_pretrained_weights_stop_before_data_work(demo_dataset, tmp_path
     result = train_cli("--data-dir", str(demo_dataset), "--model", "chex",
                        "--weights-dir", str(tmp_path / "weights"),
                        "--cache-dir", str(tmp_path / "cache"), cwd=tmp_path,
-                       env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+                       env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                            **no_internet()})
     assert result.returncode == 2
     error = result.stderr.strip().splitlines()[-1]
     assert error.startswith("error: torchxrayvision weights 'chex' are not at ")
