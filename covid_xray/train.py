@@ -184,6 +184,36 @@ class Recipe:
                    grad_clip=config.grad_clip)
 
 
+class BestEpoch:
+    """Which epoch's weights training keeps, and when it gives up.
+
+    Better = higher val AUC, or the same AUC at a lower val loss (AUC saturates at 1.0 on easy
+    data while calibration still improves). A NaN AUC (a val split missing a class) ranks
+    below any AUC; the first epoch is always the starting reference. After `patience` epochs
+    in a row without a better one, training stops."""
+
+    def __init__(self, patience: int):
+        self.patience = patience
+        self.epoch = 0  # the best so far (0: none yet)
+        self.val_auc = -math.inf
+        self._score = (-math.inf, -math.inf)
+        self.epochs_without_gain = 0
+
+    def better(self, epoch: int, val_auc: float, val_loss: float) -> bool:
+        """Record one epoch's validation; True when it is the new best."""
+        score = (-math.inf if math.isnan(val_auc) else val_auc, -val_loss)
+        if self.epoch == 0 or score > self._score:
+            self.epoch, self.val_auc, self._score = epoch, val_auc, score
+            self.epochs_without_gain = 0
+            return True
+        self.epochs_without_gain += 1
+        return False
+
+    @property
+    def patience_spent(self) -> bool:
+        return self.epochs_without_gain >= self.patience
+
+
 @dataclass
 class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)  # one row per epoch
@@ -218,9 +248,8 @@ def fit(
     average = WeightAverage(model, recipe.ema_decay) if recipe.ema_decay > 0 else None
     evaluated = average.module if average is not None else model
     result = FitResult()
+    best = BestEpoch(patience)
     best_state = copy.deepcopy(evaluated.state_dict())
-    best_score = (-math.inf, -math.inf)
-    epochs_without_gain = 0
 
     for epoch in range(1, epochs + 1):
         bar = tqdm(train_loader, desc=f"epoch {epoch}/{epochs}", unit="batch",
@@ -238,26 +267,19 @@ def fit(
         row |= {f"val_{k}": v for k, v in epoch_metrics(val_labels, val_probabilities).items()}
         result.history.append(row)
 
-        # Better = higher val AUC, or the same AUC at a lower val loss (AUC saturates at 1.0 on
-        # easy data while calibration still improves). NaN (a val split missing a class)
-        # ranks below any AUC; the first epoch is always the starting reference.
-        val_auc = row["val_auc"]
-        score = (-math.inf if math.isnan(val_auc) else val_auc, -val_loss)
-        if result.best_epoch == 0 or score > best_score:
-            result.best_epoch, result.best_val_auc, best_score = epoch, val_auc, score
+        if best.better(epoch, row["val_auc"], val_loss):
             best_state = copy.deepcopy(evaluated.state_dict())
-            epochs_without_gain = 0
-        else:
-            epochs_without_gain += 1
         if progress:
             tqdm.write(f"epoch {epoch}: train loss {row['train_loss']:.4f} auc "
-                       f"{row['train_auc']:.3f} | val loss {val_loss:.4f} auc {val_auc:.3f}")
+                       f"{row['train_auc']:.3f} | val loss {val_loss:.4f} auc "
+                       f"{row['val_auc']:.3f}")
         if on_epoch is not None:
             on_epoch(row)
-        if epochs_without_gain >= patience:
+        if best.patience_spent:
             result.stopped_early = True
             break
 
+    result.best_epoch, result.best_val_auc = best.epoch, best.val_auc
     model.load_state_dict(best_state)  # the average has the model's own keys
     return result
 

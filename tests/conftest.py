@@ -22,6 +22,17 @@ import requests
 from covid_xray import synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
+# `pytest -m "not slow"` is the quick check while editing: a test is slow when it trains a
+# model, starts a server or a database, or runs an entry point in a new interpreter (those
+# are marked by hand, @pytest.mark.slow), and every test using one of these fixtures is.
+SLOW_FIXTURES = {"demo_dataset", "trained_store", "store", "mlflow_server", "team_server",
+                 "postgres"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 TEST_DATA = ROOT / "tests" / "data"
 REAL_DICOM = TEST_DATA / "siim-acr-sample-cr-jpeg-baseline.dcm"
 # The real SIIM label file may not be redistributed (tests/data/README.md): the one test that
