@@ -82,6 +82,7 @@ def test_download_bad_input_is_one_line(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # six fresh interpreters, each importing torch and MLflow
 @pytest.mark.parametrize(("name", "args"), [
     ("train", ["--data-dir", "DATA", "--model", "none"]),
     ("tune", ["--data-dir", "DATA", "--model", "none", "--n-trials", "1"]),

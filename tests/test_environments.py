@@ -8,10 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import ROOT, clean_env
+
+pytestmark = pytest.mark.slow  # mlflow run, installs and trains
 
 
 def uv_sources_like_pip() -> dict[str, str]:

@@ -12,9 +12,12 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import ROOT, clean_env
+
+pytestmark = pytest.mark.slow  # mlflow run, installs and trains
 
 SMALLER = {"download": ["-P", "num_studies=60", "-P", "image_size=64"],
            "train": ["-P", "epochs=1", "-P", "img_size=32", "-P", "num_workers=0"]}

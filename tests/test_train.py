@@ -190,6 +190,7 @@ def test_unreachable_server_fails_before_training(demo_dataset, tmp_path):
     assert not (tmp_path / "cache").exists()  # nothing was decoded
 
 
+@pytest.mark.slow  # the train entry point in a fresh interpreter
 def test_missing_data_dir_says_to_download(tmp_path):
     result = train_cli("--data-dir", str(tmp_path / "nothing"), "--model", "none",
                        cwd=tmp_path, env={"MLFLOW_TRACKING_URI": ""})
