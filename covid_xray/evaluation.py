@@ -13,7 +13,7 @@ resamples cost about what one sklearn call per resample would cost for ten.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -52,25 +52,35 @@ def bootstrap_indices(labels: np.ndarray, resamples: int, seed: int) -> np.ndarr
     return np.concatenate(parts, axis=1)
 
 
+def resample_chunks(labels: np.ndarray, resamples: int, seed: int) -> Iterator[np.ndarray]:
+    """The stratified resamples' row indices, CHUNK resamples at a time (bounds memory)."""
+    indices = bootstrap_indices(labels, resamples, seed)
+    for start in range(0, resamples, CHUNK):
+        yield indices[start : start + CHUNK]
+
+
+def percentile_interval(samples: np.ndarray) -> tuple[float, float]:
+    """The central 95% of bootstrap samples (NaN ones, undefined on a resample, left out)."""
+    tail = (1 - CONFIDENCE) / 2 * 100
+    low, high = np.nanpercentile(samples, [tail, 100 - tail])
+    return float(low), float(high)
+
+
 def confidence_intervals(labels: np.ndarray, probabilities: np.ndarray,
                          class_names: Sequence[str], resamples: int = RESAMPLES,
                          seed: int = 0) -> dict[str, tuple[float, float]]:
     """Percentile intervals of every `metrics.batched` metric over stratified resamples."""
-    indices = bootstrap_indices(labels, resamples, seed)
     values: dict[str, list[np.ndarray]] = {}
-    for start in range(0, resamples, CHUNK):
-        rows = indices[start : start + CHUNK]
+    for rows in resample_chunks(labels, resamples, seed):
         for name, batch in metrics.batched(labels[rows], probabilities[rows],
                                            class_names).items():
             values.setdefault(name, []).append(batch)
-    tail = (1 - CONFIDENCE) / 2 * 100
     intervals = {}
     for name, parts in values.items():
         samples = np.concatenate(parts)
         if np.isnan(samples).all():
             continue  # undefined on this set (a class missing): no interval either
-        low, high = np.nanpercentile(samples, [tail, 100 - tail])
-        intervals[name] = (float(low), float(high))
+        intervals[name] = percentile_interval(samples)
     return intervals
 
 
@@ -133,9 +143,6 @@ def paired_difference(labels: Sequence[int], first: np.ndarray, second: np.ndarr
 
     everything = np.arange(len(labels))[None]
     difference = float(score(everything, first)[0] - score(everything, second)[0])
-    indices = bootstrap_indices(labels, resamples, seed)
-    samples = np.concatenate([score(rows, first) - score(rows, second) for rows in (
-        indices[start : start + CHUNK] for start in range(0, resamples, CHUNK))])
-    tail = (1 - CONFIDENCE) / 2 * 100
-    low, high = np.nanpercentile(samples, [tail, 100 - tail])
-    return PairedDifference(metric, difference, float(low), float(high), len(labels))
+    samples = np.concatenate([score(rows, first) - score(rows, second)
+                              for rows in resample_chunks(labels, resamples, seed)])
+    return PairedDifference(metric, difference, *percentile_interval(samples), len(labels))

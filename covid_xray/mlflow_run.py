@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import click
 import matplotlib.pyplot as plt
 import mlflow
 import pandas as pd
@@ -225,14 +226,13 @@ def _same_value(logged: str, value: Any) -> bool:
     """Whether a param `mlflow run` logged as typed means `value`: `-P hflip=true` is True,
     `-P lr=1e-3` is 0.001."""
     text = logged.strip("'\"")
-    if isinstance(value, bool):
-        return text.lower() in (("true", "1", "yes", "y") if value else ("false", "0", "no",
-                                                                          "n"))
-    if isinstance(value, int | float):
-        try:
+    try:
+        if isinstance(value, bool):  # parsed as the option was: every spelling Click takes
+            return click.BOOL.convert(text, None, None) == value
+        if isinstance(value, int | float):
             return float(text) == float(value)
-        except ValueError:
-            return False
+    except (click.BadParameter, ValueError):
+        return False
     return text == str(value)
 
 
