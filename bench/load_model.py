@@ -46,7 +46,7 @@ def main(img_size: int, rounds: int) -> None:
     from covid_xray.preprocess import Preprocessing
     from covid_xray.pyfunc import DicomClassifier
 
-    model = DicomClassifier(Classifier(build("none", 2), ("negative", "positive")),
+    model = DicomClassifier(Classifier(build("none", 2), ("negative", "opacity")),
                             Preprocessing(img_size))
     with tempfile.TemporaryDirectory() as scratch:
         uri = f"sqlite:///{Path(scratch) / 'mlflow.db'}"

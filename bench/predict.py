@@ -52,7 +52,7 @@ def main(studies: int, size: int, img_size: int, batch_size: int, workers: str, 
          rounds: int, device: str) -> None:
     torch.manual_seed(0)
     stepper = Stepper(torch.device(device))
-    model = stepper.prepare(Classifier(build("none", 2), ("negative", "positive")).eval())
+    model = stepper.prepare(Classifier(build("none", 2), ("negative", "opacity")).eval())
     preprocessing = Preprocessing(img_size)
 
     @torch.no_grad()

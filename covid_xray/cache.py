@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import multiprocessing
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -24,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from covid_xray import lifecycle
-from covid_xray.dicom import error_line, read_patient_id
+from covid_xray.dicom import HEADER_FIELDS, error_line, read_header
 from covid_xray.errors import DicomError, UserError
 from covid_xray.fast_decoders import decode_on_one_thread
 from covid_xray.files import atomic_write
@@ -69,25 +70,32 @@ class ImageCache:
         """BLAKE2 of the file's bytes (remembered)."""
         return self._remembered("digests", Path(dicom_path), _file_digest)
 
-    def patient_ids(self, dicom_paths: Sequence[str | os.PathLike],
-                    progress: bool = True) -> tuple[list[str], int]:
-        """Each file's PatientID, read from its header only (a few KB, not the pixels) and
-        remembered like the content digests, so a 6,000-study set is read once; and how many
-        headers could not be read.
+    def headers(self, dicom_paths: Sequence[str | os.PathLike], progress: bool = True
+                ) -> tuple[list[dict[str, str]], int]:
+        """Each file's `dicom.HEADER_FIELDS` (PatientID, sex, age, view, manufacturer), read
+        from its header only (a few KB, not the pixels) and remembered like the content
+        digests, so a 6,000-study set is read once; and how many headers could not be read.
 
-        A failed read gives "" (that study is its own patient this time) and is not
+        A failed read gives empty fields (that study is its own patient this time) and is not
         remembered: one transient I/O error must not make a study its own patient for good.
         The next run reads it again."""
-        ids, failures = [], 0
+        found, failures = [], 0
         with self.writing():
-            for path in tqdm(dicom_paths, desc="reading patient ids", disable=not progress,
+            for path in tqdm(dicom_paths, desc="reading headers", disable=not progress,
                              leave=False):
                 try:
-                    ids.append(self._remembered("patients", Path(path), read_patient_id))
+                    found.append(json.loads(self._remembered("headers", Path(path),
+                                                             _header_json)))
                 except DicomError:
-                    ids.append("")
+                    found.append(dict.fromkeys(HEADER_FIELDS, ""))
                     failures += 1
-        return ids, failures
+        return found, failures
+
+    def patient_ids(self, dicom_paths: Sequence[str | os.PathLike],
+                    progress: bool = True) -> tuple[list[str], int]:
+        """Each file's PatientID ("" when unreadable, see `headers`) and the failure count."""
+        found, failures = self.headers(dicom_paths, progress)
+        return [fields["PatientID"] for fields in found], failures
 
     def build(
         self, dicom_paths: Sequence[str | os.PathLike], num_workers: int = 0,
@@ -168,6 +176,10 @@ class ImageCache:
         value = compute(path)
         atomic_write(memo, lambda file: file.write(value.encode()))
         return value
+
+
+def _header_json(path: Path) -> str:
+    return json.dumps(read_header(path), sort_keys=True)
 
 
 def _file_digest(path: Path) -> str:

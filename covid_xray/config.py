@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+BALANCES = ("undersample", "weights", "none")
+
 
 def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
     """A dataclass field carrying its CLI help (and allowed values)."""
@@ -77,7 +79,12 @@ class DownloadConfig:
 class TrainConfig:
     # --- data ---
     data_dir: str = option("data", "SIIM-layout dataset (see data/README.md).")
-    num_classes: int = option(2, "2: negative vs non-negative (balanced); 4: SIIM's classes.")
+    num_classes: int = option(2, "2: negative vs opacity (SIIM's typical, indeterminate and "
+                              "atypical appearances together); 4: SIIM's classes.")
+    balance: str = option("undersample", "Class balance: undersample (binary: as many opacity "
+                          "studies as negatives, drawn at random), weights (every study, loss "
+                          "weighted by inverse class frequency) or none (every study, plain "
+                          "loss).", BALANCES)
     dataset_size: int = option(0, "Cap on the number of studies, stratified (0 = all).")
     split: str = option("60,20,20", "train,val,test proportions, stratified by label, split "
                        "by patient.")
@@ -124,6 +131,11 @@ class TrainConfig:
     ema_decay: float = option(0.99, "Exponential moving average of the weights, per step (0 = "
                               "off): the average is what is validated, tested and logged.")
     label_smoothing: float = option(0.1, "Label smoothing of the training loss.")
+    operating_point: str = option("youden", "Binary: how the decision threshold on calibrated "
+                                  "P(opacity) is chosen on the val split: youden (max "
+                                  "sensitivity + specificity), sensitivity=0.95 or "
+                                  "specificity=0.95 (any target in 0..1). Stored in the model; "
+                                  "4-class models call the most probable class.")
     batch_size: int = option(32, "Images per step.")
     epochs: int = option(20, "Epochs (the LR schedule spans them all).")
     patience: int = option(10, "Stop after this many epochs without a better val AUC.")
@@ -181,6 +193,10 @@ class PromoteConfig:
     evaluate_on: str = option("", "with if_better: a labelled SIIM-layout set to evaluate "
                               "the candidate and the holders on first (existing evaluations "
                               "of the same files are reused). '' = use existing evaluations.")
+    overlap: str = option("refuse", "with evaluate_on: studies a compared version was "
+                          "trained or validated on are refused, or with drop left out of "
+                          "that version's evaluation (the comparison uses studies both "
+                          "scored).", ("refuse", "drop"))
     min_delta: float = option(0.0, "with if_better: promote only when the paired 95% interval "
                               "of (candidate - holder) lies above this (for ece and brier: "
                               "below minus this).")
@@ -191,16 +207,23 @@ class EvaluateConfig:
     model_uri: str = option("models:/covid-xray-densenet@champion", "The model to score: "
                             "models:/<name>@<alias>, models:/<name>/<version or stage>, "
                             "runs:/...")
-    data_dir: str = option("data", "A labelled SIIM-layout set: train/ and "
-                           "train_study_level.csv. Every usable study is scored.")
+    data_dir: str = option("", "A labelled SIIM-layout set: train/ and "
+                           "train_study_level.csv; every usable study the model never learned "
+                           "from is scored. '' = the model's own logged test split.")
+    overlap: str = option("refuse", "Studies of data_dir that the model was trained or "
+                          "validated on (same study id, image id, file or pixels): refuse "
+                          "(stop, nothing logged) or drop (score the others; counted as "
+                          "count/dropped_overlap).", ("refuse", "drop"))
     output: str = option("", "Also write the per-study predictions CSV here (it is always "
                          "logged to the run).")
     batch_size: int = option(16, "DICOMs per forward pass.")
     num_workers: int = option(-1, "Processes decoding DICOMs while the model runs (-1 = one "
                               "per available core, 0 = decode in this process).")
     resamples: int = option(1000, "Stratified bootstrap resamples for the 95% CIs.")
-    seed: int = option(0, "Seeds the bootstrap.")
-    cache_dir: str = option("cache", "Where file digests are remembered (shared with train).")
+    seed: int = option(-1, "Seeds the bootstrap (-1: the training run's seed when rescoring "
+                       "its test split, else 0).")
+    cache_dir: str = option("cache", "Where file digests and decoded squares are remembered "
+                            "(shared with train).")
     experiment_name: str = option("covid-xray", "MLflow experiment (a run started by "
                                   "`mlflow run` keeps its own).")
 

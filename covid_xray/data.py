@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from covid_xray.cache import ImageCache, pixel_digest
+from covid_xray.config import BALANCES
 from covid_xray.errors import UserError
 
 STUDY_CSV = "train_study_level.csv"
@@ -31,7 +32,9 @@ CLASS_COLUMNS = (
     "Atypical Appearance",
 )
 CLASS_NAMES = {
-    2: ("negative", "positive"),
+    # The binary task is "any pneumonia-type opacity vs none": SIIM's typical, indeterminate
+    # and atypical (for COVID-19) appearances together. It is not a COVID-19 test.
+    2: ("negative", "opacity"),
     4: ("negative", "typical", "indeterminate", "atypical"),
 }
 SPLITS = ("train", "val", "test")
@@ -216,13 +219,16 @@ def drop_repeated_films(studies: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]
 
 
 def select_studies(
-    studies: pd.DataFrame, num_classes: int, dataset_size: int, seed: int
+    studies: pd.DataFrame, num_classes: int, dataset_size: int, seed: int,
+    balance: str = "undersample",
 ) -> pd.DataFrame:
     """Add `label`/`class_name` for the task and draw the studies it uses, whole groups at a
     time (a patient's studies are all in or all out).
 
-    Binary: negative = 0, the other three = 1, balanced: as many non-negatives as negatives
-    (drawn at random across the three classes). 4-class: SIIM's classes, all studies.
+    Binary: negative = 0, opacity (the other three) = 1; with balance=undersample as many
+    opacity studies as negatives (drawn at random across the three classes), else all.
+    4-class: SIIM's classes, all studies (undersampling to the rarest, atypical, would throw
+    away most of the data; use balance=weights there).
     `dataset_size` > 0 then caps the count, keeping the label mix. Groups are visited in a
     seeded random order and taken while they fit every label's quota; with mostly one-study
     patients the quotas fill exactly, else to within a patient's studies.
@@ -236,7 +242,10 @@ def select_studies(
     if "group_id" not in studies:
         studies = studies.assign(group_id=studies.study_id)
     available = np.bincount(studies.label, minlength=num_classes)
-    quota = np.full(2, available.min()) if num_classes == 2 else available
+    if balance not in BALANCES:
+        raise UserError(f"balance must be {', '.join(BALANCES)}, got {balance!r}")
+    undersample = num_classes == 2 and balance == "undersample"
+    quota = np.full(2, available.min()) if undersample else available
     if 0 < dataset_size < quota.sum():
         quota = np.round(quota * dataset_size / quota.sum()).astype(int)
 
@@ -304,8 +313,10 @@ def _label_counts_by_group(studies: pd.DataFrame, num_classes: int) -> pd.DataFr
             .reindex(columns=range(num_classes), fill_value=0).sort_index())
 
 
+# file_digest (of the DICOM's bytes) and pixel_digest (of the decoded square) let a later
+# evaluation find the model's own studies in another folder, renamed or re-exported.
 MANIFEST_COLUMNS = ["study_id", "image_id", "path", "patient_id", "group_id", "siim_class",
-                    "label", "class_name", "split"]
+                    "label", "class_name", "split", "file_digest", "pixel_digest"]
 
 
 @dataclass
@@ -376,6 +387,7 @@ def build_manifest(
     cache: ImageCache,
     *,
     num_classes: int = 2,
+    balance: str = "undersample",
     dataset_size: int = 0,
     split: str = "60,20,20",
     seed: int = 0,
@@ -398,7 +410,7 @@ def build_manifest(
         key = pseudonym_key(cache.root)
     studies = studies.assign(patient_id=[pseudonym(pid, key) for pid in patient_ids])
     selected = select_studies(studies.assign(group_id=assign_groups(studies)), num_classes,
-                              dataset_size, seed)
+                              dataset_size, seed, balance)
 
     paths = [data_dir / path for path in selected.path]
     entries, stats = cache.build(paths, num_workers=num_workers, progress=progress)
@@ -415,7 +427,8 @@ def build_manifest(
     dropped_unreadable = sorted(selected.study_id[unreadable])
     entries = [entry for entry, bad in zip(entries, unreadable, strict=True) if not bad]
     selected = selected[[not bad for bad in unreadable]]
-    selected = selected.assign(entry=entries, pixel_digest=[pixel_digest(e) for e in entries])
+    selected = selected.assign(entry=entries, file_digest=[entry.stem for entry in entries],
+                               pixel_digest=[pixel_digest(entry) for entry in entries])
     selected = selected.assign(group_id=assign_groups(selected))
     selected, repeated = drop_repeated_films(selected)
     table = split_studies(selected, split, seed)

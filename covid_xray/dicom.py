@@ -132,15 +132,31 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
 
 
-def read_patient_id(path: str | PathLike) -> str:
-    """PatientID (0010,0020) from the header alone, without touching the pixel data; "" when
-    the tag is missing or blank. A file whose header cannot be read at all raises
+# Read from every header once (with the PatientID that groups studies by patient) and kept
+# in the cache's memo: the subgroup tables of every evaluation come from them.
+HEADER_FIELDS = ("PatientID", "PatientSex", "PatientAge", "ViewPosition", "Manufacturer")
+
+
+def read_header(path: str | PathLike) -> dict[str, str]:
+    """HEADER_FIELDS from the header alone, without touching the pixel data, each stripped
+    ("" when missing, blank or malformed). A file whose header cannot be read at all raises
     `DicomError`: the caller must not take a failed read for "no patient" and remember it."""
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
-        return str(ds.get("PatientID", "") or "").strip()
-    except Exception as error:  # I/O errors, garbage, a malformed tag
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(HEADER_FIELDS))
+    except Exception as error:  # I/O errors, garbage
         raise DicomError(f"{path}: cannot read the header ({_one_line(error)})") from None
+    fields = {}
+    for name in HEADER_FIELDS:
+        try:
+            fields[name] = str(ds.get(name, "") or "").strip()
+        except Exception:  # one malformed tag is that field missing, not the file unreadable
+            fields[name] = ""
+    return fields
+
+
+def read_patient_id(path: str | PathLike) -> str:
+    """PatientID (0010,0020) from the header alone; "" when the tag is missing or blank."""
+    return read_header(path)["PatientID"]
 
 
 def _read_dataset(path: str | PathLike | BinaryIO, name: object) -> pydicom.Dataset:
@@ -275,6 +291,7 @@ def write_dicom(
     signed: bool = False,
     patient_id: str = "",
     modality: str = "CR",
+    header: dict[str, str] | None = None,
 ) -> None:
     """Write `stored` (the stored pixel values, 2-D or frames x rows x cols) as a CR DICOM.
 
@@ -293,6 +310,8 @@ def write_dicom(
     ds.Modality = modality
     ds.BodyPartExamined = "CHEST"
     ds.PatientID = patient_id
+    for keyword, value in (header or {}).items():  # PatientSex, PatientAge, ViewPosition...
+        setattr(ds, keyword, value)
 
     if stored.ndim == 3:
         ds.NumberOfFrames = stored.shape[0]

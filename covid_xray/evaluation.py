@@ -17,9 +17,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 from matplotlib.figure import Figure
 
 from covid_xray import metrics
+from covid_xray.calibration import uncalibrated
 
 RESAMPLES = 1000
 CONFIDENCE = 0.95
@@ -33,6 +35,7 @@ class Evaluation:
     metrics: dict[str, float]
     figures: dict[str, Figure] = field(default_factory=dict)
     count: int = 0
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)  # logged as <name>.csv
 
     def line(self, name: str) -> str:
         """'roc_auc 0.912 (95% CI 0.874-0.945)', for printing."""
@@ -68,12 +71,13 @@ def percentile_interval(samples: np.ndarray) -> tuple[float, float]:
 
 def confidence_intervals(labels: np.ndarray, probabilities: np.ndarray,
                          class_names: Sequence[str], resamples: int = RESAMPLES,
-                         seed: int = 0) -> dict[str, tuple[float, float]]:
+                         seed: int = 0, threshold: float | None = None
+                         ) -> dict[str, tuple[float, float]]:
     """Percentile intervals of every `metrics.batched` metric over stratified resamples."""
     values: dict[str, list[np.ndarray]] = {}
     for rows in resample_chunks(labels, resamples, seed):
-        for name, batch in metrics.batched(labels[rows], probabilities[rows],
-                                           class_names).items():
+        for name, batch in metrics.batched(labels[rows], probabilities[rows], class_names,
+                                           threshold).items():
             values.setdefault(name, []).append(batch)
     intervals = {}
     for name, parts in values.items():
@@ -85,26 +89,34 @@ def confidence_intervals(labels: np.ndarray, probabilities: np.ndarray,
 
 
 def evaluate(labels: Sequence[int], probabilities: np.ndarray, class_names: Sequence[str], *,
-             resamples: int = RESAMPLES, seed: int = 0, title: str = "test") -> Evaluation:
-    """All numbers and figures for one labelled set.
+             resamples: int = RESAMPLES, seed: int = 0, title: str = "test",
+             threshold: float | None = None, temperature: float = 1.0) -> Evaluation:
+    """All numbers and figures for one labelled set, from the probabilities the model answers
+    (calibrated by its `temperature`).
 
     Metrics: accuracy, balanced_accuracy, roc_auc (macro one-vs-rest for 4 classes), ap_<class>
     and map (their mean: SIIM's study-level metric), sensitivity and specificity at the
-    operating point (argmax, i.e. P(positive) > 0.5) for binary models, ece and brier
-    (calibration), per-class precision / recall / F1; CIs for every metric that has one.
+    model's operating point (P(opacity) >= `threshold`; argmax without one) for binary models,
+    ece and brier (calibration) and the same two before temperature scaling
+    (ece_uncalibrated, brier_uncalibrated), per-class precision / recall / F1; CIs for every
+    metric that has one.
     """
     labels = np.asarray(labels)
     probabilities = np.asarray(probabilities, dtype=np.float64)
-    report = metrics.per_class_metrics(labels, probabilities, class_names)
-    point = metrics.batched(labels[None], probabilities[None], class_names)
+    report = metrics.per_class_metrics(labels, probabilities, class_names, threshold)
+    point = metrics.batched(labels[None], probabilities[None], class_names, threshold)
     report |= {name: float(values[0]) for name, values in point.items()}
+    raw = uncalibrated(probabilities, temperature)[None]
+    report["ece_uncalibrated"] = float(metrics.batched_ece(labels[None], raw)[0])
+    report["brier_uncalibrated"] = float(metrics.batched_brier(labels[None], raw)[0])
     if resamples > 0:
         for name, (low, high) in confidence_intervals(labels, probabilities, class_names,
-                                                      resamples, seed).items():
+                                                      resamples, seed, threshold).items():
             report[f"{name}_ci_low"], report[f"{name}_ci_high"] = low, high
     band_rows = bootstrap_indices(labels, min(resamples, 200), seed + 1) if resamples else None
     figures = {
-        "confusion_matrix": metrics.confusion_figure(labels, probabilities, class_names),
+        "confusion_matrix": metrics.confusion_figure(labels, probabilities, class_names,
+                                                     threshold),
         "per_class_prf1": metrics.per_class_figure(report, class_names, title),
         "roc_curves": metrics.roc_figure(labels, probabilities, class_names, band_rows, title),
         "reliability": metrics.reliability_figure(labels, probabilities, class_names, title),
@@ -129,20 +141,26 @@ class PairedDifference:
 
 def paired_difference(labels: Sequence[int], first: np.ndarray, second: np.ndarray,
                       class_names: Sequence[str], metric: str, *,
-                      resamples: int = RESAMPLES, seed: int = 0) -> PairedDifference:
+                      resamples: int = RESAMPLES, seed: int = 0,
+                      thresholds: tuple[float | None, float | None] = (None, None)
+                      ) -> PairedDifference:
     """first's `metric` minus second's, both scored on the same studies, with a percentile
     interval from a paired stratified bootstrap: every resample draws the same studies for
     both models. Two models answer alike on most films, so their errors are correlated, and
     the interval of the difference is much narrower (and honest) than two separate
-    intervals that merely overlap or not."""
+    intervals that merely overlap or not. Each model calls classes at its own threshold."""
     labels = np.asarray(labels)
     first, second = (np.asarray(p, dtype=np.float64) for p in (first, second))
 
-    def score(rows: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
-        return metrics.batched(labels[rows], probabilities[rows], class_names)[metric]
+    def score(rows: np.ndarray, probabilities: np.ndarray, threshold: float | None
+              ) -> np.ndarray:
+        return metrics.batched(labels[rows], probabilities[rows], class_names,
+                               threshold)[metric]
 
-    everything = np.arange(len(labels))[None]
-    difference = float(score(everything, first)[0] - score(everything, second)[0])
-    samples = np.concatenate([score(rows, first) - score(rows, second)
+    def difference_on(rows: np.ndarray) -> np.ndarray:
+        return score(rows, first, thresholds[0]) - score(rows, second, thresholds[1])
+
+    difference = float(difference_on(np.arange(len(labels))[None])[0])
+    samples = np.concatenate([difference_on(rows)
                               for rows in resample_chunks(labels, resamples, seed)])
     return PairedDifference(metric, difference, *percentile_interval(samples), len(labels))

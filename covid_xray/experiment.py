@@ -20,15 +20,22 @@ from torch.utils.data import DataLoader
 
 from covid_xray import lifecycle, metrics, mlflow_run
 from covid_xray.cache import CacheParams, ImageCache
+from covid_xray.calibration import (
+    OperatingPoint,
+    fit_operating_point,
+    fit_temperature,
+    parse_rule,
+)
 from covid_xray.config import TrainConfig
 from covid_xray.data import CLASS_NAMES, Manifest, build_manifest
 from covid_xray.dataset import XrayDataset, build_augmentation, init_worker
 from covid_xray.decoding import worker_context
 from covid_xray.errors import UserError
-from covid_xray.evaluation import evaluate
+from covid_xray.evaluation import RESAMPLES, evaluate
 from covid_xray.model import Classifier, build
 from covid_xray.preprocess import Preprocessing
 from covid_xray.pyfunc import DicomClassifier
+from covid_xray.subgroups import add_subgroups
 from covid_xray.train import Recipe, fit, make_optimizer, resolve_device, seed_everything
 
 
@@ -61,8 +68,8 @@ def prepare_data(config: TrainConfig, progress: bool = True) -> Manifest:
     """The manifest: studies selected and split by patient, each with its cached image."""
     cache = ImageCache(config.cache_dir, CacheParams(config.img_size, config.apply_voi_lut))
     return build_manifest(config.data_dir, cache, num_classes=config.num_classes,
-                          dataset_size=config.dataset_size, split=config.split,
-                          seed=config.seed, num_workers=config.num_workers,
+                          balance=config.balance, dataset_size=config.dataset_size,
+                          split=config.split, seed=config.seed, num_workers=config.num_workers,
                           skip_unreadable=config.skip_unreadable, progress=progress)
 
 
@@ -93,6 +100,7 @@ def prepare(config: TrainConfig, progress: bool = True) -> Prepared:
     data: every way to fail before an MLflow run exists."""
     mlflow_run.check_tracking_server()
     config = effective_config(config)
+    parse_rule(config.operating_point)  # a typo should cost nothing
     device = resolve_device(config.device)
     seed_everything(config.seed)
     network = build(config.model, config.num_classes, config.drop_rate, config.weights_dir)
@@ -142,20 +150,29 @@ def train_in_run(prepared: Prepared, *, progress: bool = True,
     network = prepared.network
     optimizer = make_optimizer(network, config.optimizer, config.lr, config.weight_decay,
                                config.momentum, config.amsgrad)
+    train_labels = np.array(loaders["train"].dataset.labels)
     result = fit(network, loaders["train"], loaders["val"], optimizer=optimizer,
                  epochs=config.epochs, patience=config.patience, device=prepared.device,
-                 recipe=Recipe.of(config), on_epoch=after_epoch, progress=progress)
+                 recipe=Recipe.of(config, train_labels), on_epoch=after_epoch,
+                 progress=progress)
     mlflow.log_metrics({"best_epoch": result.best_epoch,
                         "stopped_early": float(result.stopped_early)})
 
-    # The logged model runs on CPU in float32; evaluate exactly that (its own forward), so
-    # what the registry serves reproduces these numbers.
+    # The logged model runs on CPU in float32; calibrate and evaluate exactly that (its own
+    # forward), so what the registry serves reproduces these numbers.
     logged = DicomClassifier(Classifier(network.cpu().float(), class_names, tta=config.tta),
                              Preprocessing.of(config), config.batch_size, config.model)
+    operating = calibrate_on_val(logged, loaders["val"], config.operating_point, train_labels)
     test_set: XrayDataset = loaders["test"].dataset
-    probabilities = np.concatenate([logged.forward(images) for images, _ in loaders["test"]])
+    probabilities = answers(logged, loaders["test"])
     test_labels = np.array(test_set.labels)
-    evaluation = evaluate(test_labels, probabilities, class_names, seed=config.seed)
+    evaluation = evaluate(test_labels, probabilities, class_names, seed=config.seed,
+                          threshold=operating.threshold, temperature=operating.temperature)
+    test_paths = [manifest.data_dir / path for path in manifest.split("test").path]
+    headers, _ = ImageCache(config.cache_dir, CacheParams(0)).headers(test_paths, progress)
+    add_subgroups(evaluation, test_labels, probabilities, class_names, headers,
+                  threshold=operating.threshold, resamples=RESAMPLES, seed=config.seed,
+                  title="test")
 
     model_info = mlflow_run.log_model(logged)
     # Linked to the logged model and the test split (MLflow 3): the model's page shows the
@@ -165,9 +182,35 @@ def train_in_run(prepared: Prepared, *, progress: bool = True,
     mlflow_run.log_figure(metrics.learning_curves_figure(result.history), "learning_curves")
     print(f"run {run_id}: test ({len(test_labels)} studies) " + ", ".join(
         evaluation.line(key) for key in ("roc_auc", "accuracy", "balanced_accuracy", "ece")))
-    test_paths = [manifest.data_dir / path for path in manifest.split("test").path]
     return TrainOutcome(run_id, logged.model, result.history, test_set, test_paths, probabilities,
                         evaluation.metrics, result.best_epoch, model_info.model_uri, provenance)
+
+
+def answers(model: DicomClassifier, loader: DataLoader) -> np.ndarray:
+    """The model's probabilities for every film of a split, in order."""
+    return np.concatenate([model.forward(images) for images, _ in loader])
+
+
+def calibrate_on_val(model: DicomClassifier, val_loader: DataLoader, rule: str,
+                     train_labels: np.ndarray) -> OperatingPoint:
+    """Fit the temperature and choose the threshold on the val split (the data that already
+    chose the epoch; never test), set them in `model`, log and print them."""
+    val_labels = np.array(val_loader.dataset.labels)
+    temperature = fit_temperature(val_labels, answers(model, val_loader))
+    model.set_operating_point(OperatingPoint(temperature))
+    # The threshold is chosen on the calibrated answers exactly as the model gives them.
+    operating = fit_operating_point(val_labels, answers(model, val_loader), temperature, rule,
+                                    train_labels)
+    model.set_operating_point(operating)
+    mlflow.log_metrics({"calibration_temperature": temperature}
+                       | ({"threshold": operating.threshold}
+                          if operating.threshold is not None else {}))
+    called = (f"opacity when P(opacity) >= {operating.threshold:.4f} ({rule} on val)"
+              if operating.threshold is not None else "the most probable class")
+    if operating.threshold is not None and len(np.unique(val_labels)) < 2:
+        called += "; the val split lacks a class, so 0.5 was kept"
+    print(f"calibration: temperature {temperature:.3f}; the model calls {called}")
+    return operating
 
 
 def register(outcome: TrainOutcome, config: TrainConfig) -> None:

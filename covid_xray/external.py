@@ -1,11 +1,13 @@
 """External validation: a registered model scored on any labelled SIIM-layout set (another
 hospital's data, say), the way medical-imaging papers report it.
 
-Every usable study counts (no split): the model's own task decides the labels (binary or
-4-class), its own stored preprocessing reads the films, and the numbers come with 95%
-bootstrap intervals and calibration (`evaluation.evaluate`, the code train uses for its test
-split). Each evaluation is its own MLflow run, tagged with the model version and the data's
-fingerprint, so `promote` can later find evidence that is comparable.
+Every usable study counts (no split), except those the model was trained or validated on
+(training_manifest.py): those are refused, or left out with overlap=drop. Without a data_dir
+the model's own logged test split is scored again. The model's own task decides the labels
+(binary or 4-class), its own stored preprocessing reads the films, and the numbers come with
+95% bootstrap intervals and calibration (`evaluation.evaluate`, the code train uses for its
+test split). Each evaluation is its own MLflow run, tagged with the model version and the
+data's fingerprint, so `promote` can later find evidence that is comparable.
 """
 
 from __future__ import annotations
@@ -17,17 +19,24 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.tracking import MlflowClient
 from tqdm import tqdm
 
 from covid_xray import mlflow_run, registry
-from covid_xray.cache import CacheParams, ImageCache
+from covid_xray.cache import CacheParams, ImageCache, pixel_digest
 from covid_xray.config import EvaluateConfig
 from covid_xray.data import CLASS_NAMES, DOWNLOAD_HINT, find_studies
-from covid_xray.decoding import decoded_batches
+from covid_xray.decoding import decoded_batches, worker_count
 from covid_xray.errors import UserError
 from covid_xray.evaluation import Evaluation, evaluate
 from covid_xray.files import atomic_write
+from covid_xray.pyfunc import DicomClassifier
+from covid_xray.subgroups import add_subgroups
+from covid_xray.training_manifest import learned_from, logged_data_dir, logged_manifest
 
+OVERLAP_RULES = ("refuse", "drop")
+# What the binary classes were called before they were named for what they are.
+LEGACY_BINARY = ("negative", "positive")
 # Tags that make an evaluation findable: which model, which data.
 MODEL_NAME_TAG, MODEL_VERSION_TAG = "eval_model_name", "eval_model_version"
 FINGERPRINT_TAG, TASK_TAG = "eval_data_fingerprint", "eval_task"
@@ -43,37 +52,53 @@ class ExternalEvaluation:
 
 @dataclass
 class LabelledSet:
-    """A labelled SIIM-layout folder: its usable studies and the fingerprint of them."""
+    """Labelled SIIM-layout studies: the usable ones of a folder (or a chosen part of them)
+    and the fingerprint of exactly those."""
 
     data_dir: Path
-    studies: pd.DataFrame  # study_id, siim_class, image_id, path
+    studies: pd.DataFrame  # study_id, siim_class, image_id, path, file_digest
     fingerprint: str
-    dropped_multi_image: int
-    dropped_missing_file: int
+    dropped_multi_image: int = 0
+    dropped_missing_file: int = 0
+
+    def without(self, drop: np.ndarray) -> LabelledSet:
+        """The same set less the studies marked in `drop`, fingerprinted anew."""
+        kept = self.studies[~drop].reset_index(drop=True)
+        return LabelledSet(self.data_dir, kept, fingerprint_of(kept),
+                           self.dropped_multi_image, self.dropped_missing_file)
 
 
-def read_labelled_set(data_dir: str | Path, cache_dir: str | Path,
-                      progress: bool = True) -> LabelledSet:
-    """Find the set's usable studies and fingerprint them: a hash of every study id, its SIIM
-    class and its file's bytes. It does not depend on any model, so two models scored on the
-    same files share it, which is what makes their numbers comparable."""
-    found = find_studies(data_dir)
-    if found.studies.empty:
-        raise UserError(f"{data_dir}: no labelled study has exactly one DICOM; {DOWNLOAD_HINT}")
-    studies = found.studies.sort_values("study_id", ignore_index=True)
-    memo = ImageCache(cache_dir, CacheParams(0))  # only its remembered file digests are used
+def fingerprint_of(studies: pd.DataFrame) -> str:
+    """A hash of every study id, its SIIM class and its file's bytes. It does not depend on
+    any model, so two models scored on the same files share it, which is what makes their
+    numbers comparable."""
     hasher = hashlib.blake2b(digest_size=16)
-    for row in tqdm(studies.itertuples(index=False), total=len(studies), disable=not progress,
-                    desc="fingerprinting", leave=False):
-        digest = memo.content_digest(Path(data_dir) / row.path)
-        hasher.update(f"{row.study_id},{row.siim_class},{digest}\n".encode())
-    return LabelledSet(Path(data_dir), studies, hasher.hexdigest(), len(found.multi_image),
-                       len(found.missing_files))
+    for row in studies.itertuples(index=False):
+        hasher.update(f"{row.study_id},{row.siim_class},{row.file_digest}\n".encode())
+    return hasher.hexdigest()
+
+
+def read_labelled_set(data_dir: str | Path, cache_dir: str | Path, progress: bool = True,
+                      study_ids: pd.Series | None = None) -> LabelledSet:
+    """Find the set's usable studies (only `study_ids`, when given), digest their files and
+    fingerprint them."""
+    found = find_studies(data_dir)
+    studies = found.studies.sort_values("study_id", ignore_index=True)
+    if study_ids is not None:
+        studies = studies[studies.study_id.isin(study_ids)].reset_index(drop=True)
+    if studies.empty:
+        raise UserError(f"{data_dir}: no labelled study has exactly one DICOM; {DOWNLOAD_HINT}")
+    memo = ImageCache(cache_dir, CacheParams(0))  # only its remembered file digests are used
+    digests = [memo.content_digest(Path(data_dir) / path) for path in
+               tqdm(studies.path, disable=not progress, desc="fingerprinting", leave=False)]
+    studies = studies.assign(file_digest=digests)
+    return LabelledSet(Path(data_dir), studies, fingerprint_of(studies),
+                       len(found.multi_image), len(found.missing_files))
 
 
 def task_labels(siim_class: pd.Series, class_names: tuple[str, ...]) -> np.ndarray:
     """SIIM's classes as the model's task sees them."""
-    if class_names == CLASS_NAMES[2]:
+    if class_names in (CLASS_NAMES[2], LEGACY_BINARY):
         return (siim_class > 0).astype(int).to_numpy()
     if class_names == CLASS_NAMES[4]:
         return siim_class.to_numpy()
@@ -81,11 +106,69 @@ def task_labels(siim_class: pd.Series, class_names: tuple[str, ...]) -> np.ndarr
                     f"({list(CLASS_NAMES[2])} or {list(CLASS_NAMES[4])})")
 
 
+def own_test_split(run_id: str, manifest: pd.DataFrame | None, cache_dir: str,
+                   progress: bool) -> LabelledSet:
+    """The test split the model's training run logged, read from the folder it trained on."""
+    data_dir = logged_data_dir(run_id)
+    if manifest is None or data_dir is None:
+        raise UserError(f"the model's run {run_id} logged no manifest of its splits, so its "
+                        "test split is unknown; give data_dir (a labelled SIIM-layout set it "
+                        "never saw)")
+    test = manifest[manifest.split == "test"]
+    if not data_dir.is_dir():
+        raise UserError(f"the model was trained on {data_dir}, which is not on this machine; "
+                        "give data_dir (a labelled SIIM-layout set it never saw)")
+    labelled = read_labelled_set(data_dir, cache_dir, progress, study_ids=test.study_id)
+    missing = len(test) - len(labelled.studies)
+    if missing:
+        raise UserError(f"{missing} of the {len(test)} test studies of run {run_id} are no "
+                        f"longer in {data_dir}; give data_dir instead")
+    return labelled
+
+
+def check_overlap(labelled: LabelledSet, manifest: pd.DataFrame | None, model: DicomClassifier,
+                  config: EvaluateConfig, progress: bool) -> tuple[LabelledSet, int]:
+    """Refuse (or with overlap=drop, leave out) studies the model was trained or validated
+    on; returns the set to score and how many were dropped."""
+    if config.overlap not in OVERLAP_RULES:
+        raise UserError(f"overlap must be {' or '.join(OVERLAP_RULES)}, got {config.overlap!r}")
+    if manifest is None:
+        print("warning: the model's run logged no manifest of its training data, so overlap "
+              "with it cannot be checked")
+        return labelled, 0
+    pixels = None
+    if "pixel_digest" in manifest:
+        # The training cache's squares (same size and VOI rule): decoded once, then reused.
+        cache = ImageCache(config.cache_dir, CacheParams(model.preprocessing.img_size,
+                                                         model.preprocessing.apply_voi_lut))
+        paths = [labelled.data_dir / path for path in labelled.studies.path]
+        entries, stats = cache.build(paths, num_workers=worker_count(config.num_workers,
+                                                                     len(paths)),
+                                     progress=progress)
+        pixels = ["" if str(path) in stats.unreadable else pixel_digest(entry)
+                  for path, entry in zip(paths, entries, strict=True)]
+    learned = learned_from(labelled.studies, manifest, pixels)
+    count = int(learned.sum())
+    if not count:
+        return labelled, 0
+    total = len(learned)
+    if config.overlap == "refuse":
+        raise UserError(
+            f"{count} of the {total} studies in {labelled.data_dir} are ones the model was "
+            "trained or validated on (same study id, image id, file or pixels): scores on "
+            f"them would flatter it; evaluate on other studies, set overlap=drop to score the "
+            f"{total - count} others, or leave data_dir empty to rescore its own test split")
+    print(f"overlap=drop: left out {count} of {total} studies the model was trained or "
+          "validated on")
+    return labelled.without(learned), count
+
+
 def evaluate_model(config: EvaluateConfig, progress: bool = True,
                    labelled: LabelledSet | None = None, nested: bool = False
                    ) -> ExternalEvaluation:
-    """Score `config.model_uri` on `config.data_dir`; log one MLflow run (a child of the
-    active run when `nested`: promote's evidence); return it all."""
+    """Score `config.model_uri` on `config.data_dir` (none: on the model's own logged test
+    split); log one MLflow run (a child of the active run when `nested`: promote's
+    evidence); return it all. Studies the model learned from are never scored."""
     mlflow_run.check_tracking_server()
     # The alias (or stage) is resolved once, and that exact version is loaded: resolved twice,
     # a move in between would tag the run with a version it never scored.
@@ -93,7 +176,20 @@ def evaluate_model(config: EvaluateConfig, progress: bool = True,
     model = registry.load(f"models:/{version.name}/{version.version}" if version
                           else config.model_uri)
     class_names = tuple(model.class_names)
-    labelled = labelled or read_labelled_set(config.data_dir, config.cache_dir, progress)
+    run_id = version.run_id if version else registry.run_id_of(config.model_uri)
+    manifest = logged_manifest(run_id) if run_id else None
+    seed = config.seed
+    if not config.data_dir:
+        labelled = own_test_split(run_id, manifest, config.cache_dir, progress)
+        if seed < 0:  # the seed its training run bootstrapped the test split with
+            seed = int(float(MlflowClient().get_run(run_id).data.params.get("seed", 0)))
+        print(f"no data_dir: rescoring the model's own test split ({len(labelled.studies)} "
+              f"studies of {labelled.data_dir}, as logged by run {run_id})")
+        dropped_overlap = 0
+    else:
+        labelled = labelled or read_labelled_set(config.data_dir, config.cache_dir, progress)
+        labelled, dropped_overlap = check_overlap(labelled, manifest, model, config, progress)
+    seed = max(seed, 0)
     studies = labelled.studies
     truth = task_labels(studies.siim_class, class_names)
 
@@ -115,8 +211,14 @@ def evaluate_model(config: EvaluateConfig, progress: bool = True,
                         f"read; first error: {predictions.error.iloc[0]}")
     probability_columns = [f"prob_{name}" for name in class_names]
     evaluation = evaluate(truth[scored], predictions.loc[scored, probability_columns].to_numpy(),
-                          class_names, resamples=config.resamples, seed=config.seed,
-                          title="external")
+                          class_names, resamples=config.resamples, seed=seed,
+                          title="external", threshold=model.threshold,
+                          temperature=model.operating.temperature)
+    headers, _ = ImageCache(config.cache_dir, CacheParams(0)).headers(
+        [labelled.data_dir / path for path in studies.path[scored]], progress)
+    add_subgroups(evaluation, truth[scored], predictions.loc[scored, probability_columns]
+                  .to_numpy(), class_names, headers, threshold=model.threshold,
+                  resamples=config.resamples, seed=seed, title="external")
 
     model_name = version.name if version else ""
     model_version = str(version.version) if version else ""
@@ -129,11 +231,14 @@ def evaluate_model(config: EvaluateConfig, progress: bool = True,
         counts = {"count/studies": len(studies), "count/scored": int(scored.sum()),
                   "count/unreadable": int((~scored).sum()),
                   "count/dropped_multi_image": labelled.dropped_multi_image,
-                  "count/dropped_missing_file": labelled.dropped_missing_file}
+                  "count/dropped_missing_file": labelled.dropped_missing_file,
+                  "count/dropped_overlap": dropped_overlap}
         counts |= {f"count/{name}": int((truth[scored] == index).sum())
                    for index, name in enumerate(class_names)}
         mlflow_run.log_params({"model_uri": config.model_uri, "data_dir": str(config.data_dir),
-                               "resamples": config.resamples, "seed": config.seed,
+                               "scored_data_dir": str(labelled.data_dir.resolve()),
+                               "overlap": config.overlap, "resamples": config.resamples,
+                               "seed": seed,
                                "data_fingerprint": labelled.fingerprint} | counts)
         dataset = mlflow_run.log_dataset(predictions[["study_id", "image_id", "path", "truth"]],
                                          labelled.data_dir, labelled.fingerprint,
@@ -151,7 +256,8 @@ def evaluate_model(config: EvaluateConfig, progress: bool = True,
     print(f"evaluated {described} on {int(scored.sum())} studies of {labelled.data_dir}"
           + (f" ({unreadable} unreadable, listed in predictions.csv)" if unreadable else "")
           + f": run {run.info.run_id}")
-    keys = ["roc_auc", "accuracy", "balanced_accuracy", "map", "ece", "brier"]
+    keys = ["roc_auc", "accuracy", "balanced_accuracy", "map", "ece", "ece_uncalibrated",
+            "brier"]
     keys += ["sensitivity", "specificity"] if len(class_names) == 2 else []
     for key in keys:
         print(f"  {evaluation.line(key)}")

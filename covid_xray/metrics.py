@@ -21,6 +21,8 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from covid_xray.calibration import predicted_classes
+
 CALIBRATION_BINS = 10
 
 
@@ -43,11 +45,13 @@ def epoch_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, fl
 
 
 def per_class_metrics(labels: np.ndarray, probabilities: np.ndarray,
-                      class_names: Sequence[str]) -> dict[str, float]:
-    """precision_<class>, recall_<class>, f1_<class> at the operating point (argmax)."""
+                      class_names: Sequence[str], threshold: float | None = None
+                      ) -> dict[str, float]:
+    """precision_<class>, recall_<class>, f1_<class> at the operating point (the threshold,
+    else argmax)."""
     precision, recall, f1, _ = precision_recall_fscore_support(
-        labels, probabilities.argmax(axis=1), labels=list(range(len(class_names))),
-        zero_division=0)
+        labels, predicted_classes(probabilities, threshold),
+        labels=list(range(len(class_names))), zero_division=0)
     report = {}
     for index, name in enumerate(class_names):
         report[f"precision_{name}"] = float(precision[index])
@@ -60,12 +64,13 @@ def per_class_metrics(labels: np.ndarray, probabilities: np.ndarray,
 # --- probabilities, one value per resample. The bootstrap scores 1000 resamples in a few  ---
 # --- array operations instead of thousands of sklearn calls.                              ---
 
-def batched(labels: np.ndarray, probabilities: np.ndarray,
-            class_names: Sequence[str]) -> dict[str, np.ndarray]:
+def batched(labels: np.ndarray, probabilities: np.ndarray, class_names: Sequence[str],
+            threshold: float | None = None) -> dict[str, np.ndarray]:
     """Every summary metric, one value per row: accuracy, balanced_accuracy, roc_auc,
-    ap_<class>, map, (binary) sensitivity and specificity, ece, brier."""
+    ap_<class>, map, (binary) sensitivity and specificity, ece, brier. Calls are made at the
+    binary `threshold` on P(class 1) when given, else by argmax."""
     num_classes = len(class_names)
-    correct = probabilities.argmax(axis=-1) == labels
+    correct = predicted_classes(probabilities, threshold) == labels
     present = np.stack([(labels == c).sum(axis=1) for c in range(num_classes)], axis=1)
     hits = np.stack([(correct & (labels == c)).sum(axis=1) for c in range(num_classes)], axis=1)
     recalls = hits / np.maximum(present, 1)
@@ -129,7 +134,7 @@ def calibration_target(labels: np.ndarray, probabilities: np.ndarray
                        ) -> tuple[np.ndarray, np.ndarray]:
     """What calibration compares: (predicted probability, observed outcome as 0/1).
 
-    Binary: P(positive) against being positive, the risk score a reader acts on. More
+    Binary: P(class 1) against being class 1, the risk score a reader acts on. More
     classes: the top class's probability against being right (top-label calibration).
     """
     if probabilities.shape[-1] == 2:
@@ -152,7 +157,7 @@ def batched_ece(labels: np.ndarray, probabilities: np.ndarray,
 
 
 def batched_brier(labels: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
-    """Brier score per row. Binary: mean (P(positive) - outcome)^2. More classes: mean over
+    """Brier score per row. Binary: mean (P(class 1) - outcome)^2. More classes: mean over
     studies of the squared distance to the one-hot truth (summed over classes)."""
     if probabilities.shape[-1] == 2:
         return ((probabilities[..., 1] - (labels == 1)) ** 2).mean(axis=1)
@@ -161,9 +166,10 @@ def batched_brier(labels: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
 
 
 def confusion_figure(labels: np.ndarray, probabilities: np.ndarray,
-                     class_names: Sequence[str]) -> Figure:
-    """Counts and row-normalised rates side by side, class names on both axes."""
-    counts = confusion_matrix(labels, probabilities.argmax(axis=1),
+                     class_names: Sequence[str], threshold: float | None = None) -> Figure:
+    """Counts and row-normalised rates side by side, class names on both axes, at the
+    operating point (the threshold, else argmax)."""
+    counts = confusion_matrix(labels, predicted_classes(probabilities, threshold),
                               labels=list(range(len(class_names))))
     with np.errstate(invalid="ignore", divide="ignore"):
         rates = np.nan_to_num(counts / counts.sum(axis=1, keepdims=True))
@@ -192,7 +198,7 @@ def per_class_figure(report: dict[str, float], class_names: Sequence[str],
 
 def roc_figure(labels: np.ndarray, probabilities: np.ndarray, class_names: Sequence[str],
                band_rows: np.ndarray | None = None, title: str = "test") -> Figure:
-    """One-vs-rest ROC curve per class (just the positive class when binary), each with its
+    """One-vs-rest ROC curve per class (just class 1 when binary), each with its
     95% bootstrap band when `band_rows` (resampled row indices, one resample a row) are given."""
     figure, axis = plt.subplots(figsize=(5.5, 5.5))
     grid = np.linspace(0, 1, 101)

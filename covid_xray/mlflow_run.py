@@ -249,11 +249,14 @@ def log_figure(figure: Figure, name: str) -> None:
 def log_evaluation(evaluation: Evaluation, prefix: str, *, model_id: str | None = None,
                    dataset: mlflow.data.dataset.Dataset | None = None) -> None:
     """An evaluation's numbers as `<prefix>_<metric>` (CIs as `_ci_low` / `_ci_high`), linked
-    to a logged model and dataset when given, and its figures under figures/."""
+    to a logged model and dataset when given, its figures under figures/ and its tables
+    (subgroups) as CSVs."""
     mlflow.log_metrics({f"{prefix}_{key}": value for key, value in evaluation.metrics.items()},
                        model_id=model_id, dataset=dataset)
     for name, figure in evaluation.figures.items():
         log_figure(figure, name)
+    for name, table in evaluation.tables.items():
+        mlflow.log_text(table.to_csv(index=False), f"{name}.csv")
 
 
 def log_manifest(table: pd.DataFrame, data_dir: Path, fingerprint: str
@@ -297,7 +300,7 @@ def log_model(python_model: DicomClassifier) -> mlflow.models.model.ModelInfo:
     MLmodel metadata, for people reading the registry). bench/load_model.py times loading."""
     metadata = python_model.preprocessing.as_dict() | {
         "class_names": list(python_model.class_names),
-        "architecture": python_model.architecture}
+        "architecture": python_model.architecture} | python_model.operating.as_dict()
     with tempfile.TemporaryDirectory() as folder, _quiet_logger("mlflow.pyfunc"):
         return mlflow.pyfunc.log_model(
             name="model",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -19,28 +20,34 @@ TTA_MODES = ("none", "flip")
 class Classifier(nn.Module):
     """The network plus the softmax: what we log, register and serve returns probabilities.
 
-    `tta="flip"` averages the probabilities of each film and its mirror image. It lives here,
-    inside the logged model, so train's test split, predict and serve all apply it alike.
+    `tta="flip"` averages the probabilities of each film and its mirror image. `temperature`
+    (fitted on validation after training, calibration.py) divides the log-probabilities before
+    the final softmax. Both live here, inside the logged model, so train's test split,
+    predict and serve all apply them alike.
     """
 
-    def __init__(self, network: nn.Module, class_names: tuple[str, ...], tta: str = "none"):
+    def __init__(self, network: nn.Module, class_names: tuple[str, ...], tta: str = "none",
+                 temperature: float = 1.0):
         super().__init__()
         if tta not in TTA_MODES:
             raise UserError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
         self.network = network
         self.class_names = tuple(class_names)
         self.tta = tta
+        self.temperature = float(temperature)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probabilities = torch.softmax(self.network(x).float(), dim=1)
+        log_probabilities = torch.log_softmax(self.network(x).float(), dim=1)
         if self.tta == "flip":
-            mirrored = torch.softmax(self.network(x.flip(-1)).float(), dim=1)
-            probabilities = (probabilities + mirrored) / 2
-        return probabilities
+            mirrored = torch.log_softmax(self.network(x.flip(-1)).float(), dim=1)
+            # log of the mean of the two probabilities, computed stably in log space
+            log_probabilities = torch.logaddexp(log_probabilities, mirrored) - math.log(2)
+        return torch.softmax(log_probabilities / self.temperature, dim=1)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("tta", "none")  # models pickled before TTA existed
+        self.__dict__.setdefault("temperature", 1.0)
 
 
 def build(name: str, num_classes: int, drop_rate: float = 0.0, weights_dir: str = "") -> nn.Module:

@@ -72,7 +72,7 @@ def promote(config: PromoteConfig, progress: bool = True) -> Promotion:
         return registry.promote(config.name, config.version, stage=config.stage,
                                 alias=config.alias)
     versions = [str(candidate.version), *dict.fromkeys(str(holder.version) for holder in holders)]
-    class_names = _check_same_task(config.name, versions)
+    class_names, thresholds = _check_same_task(config.name, versions)
     defaults = EvaluateConfig()
     with mlflow_run.tracked_run(defaults.experiment_name,
                                 run_name=f"promote-{config.name}-v{config.version}"):
@@ -89,7 +89,8 @@ def promote(config: PromoteConfig, progress: bool = True) -> Promotion:
         comparisons = []
         for version in versions[1:]:
             paired = _compare(answers[versions[0]], answers[version], class_names,
-                              config.if_better, defaults)
+                              config.if_better, defaults,
+                              (thresholds[versions[0]], thresholds[version]))
             mlflow.log_metrics({f"delta_{paired.metric}_vs_v{version}": paired.difference,
                                 f"delta_{paired.metric}_vs_v{version}_ci_low": paired.ci_low,
                                 f"delta_{paired.metric}_vs_v{version}_ci_high":
@@ -129,8 +130,10 @@ def _predictions(run: Run, version: str) -> pd.DataFrame:
 
 
 def _compare(candidate: pd.DataFrame, holder: pd.DataFrame, class_names: tuple[str, ...],
-             metric: str, defaults: EvaluateConfig) -> PairedDifference:
-    """The candidate's metric minus the holder's, on the studies both could score."""
+             metric: str, defaults: EvaluateConfig,
+             thresholds: tuple[float | None, float | None]) -> PairedDifference:
+    """The candidate's metric minus the holder's, on the studies both could score, each
+    calling classes at its own stored threshold."""
     both = candidate.merge(holder, on=["study_id", "truth"], suffixes=("", "_holder"))
     both = both[(both.error == "") & (both.error_holder == "")]
     if both.empty:
@@ -140,12 +143,15 @@ def _compare(candidate: pd.DataFrame, holder: pd.DataFrame, class_names: tuple[s
     return paired_difference(
         labels.to_numpy(), both[columns].to_numpy(dtype=np.float64),
         both[[f"{column}_holder" for column in columns]].to_numpy(dtype=np.float64),
-        class_names, metric, resamples=defaults.resamples, seed=defaults.seed)
+        class_names, metric, resamples=defaults.resamples, seed=0,
+        thresholds=thresholds)
 
 
-def _check_same_task(name: str, versions: list[str]) -> tuple[str, ...]:
-    """A 2-class and a 4-class model answer different questions: no number compares them."""
-    tasks = {}
+def _check_same_task(name: str, versions: list[str]
+                     ) -> tuple[tuple[str, ...], dict[str, float | None]]:
+    """A 2-class and a 4-class model answer different questions: no number compares them.
+    Returns the task's classes and each version's stored threshold."""
+    tasks, thresholds = {}, {}
     for version in versions:
         try:
             metadata = mlflow.models.get_model_info(f"models:/{name}/{version}").metadata
@@ -153,12 +159,13 @@ def _check_same_task(name: str, versions: list[str]) -> tuple[str, ...]:
             raise UserError(f"cannot read version {version} of {name}: "
                             f"{str(error.message).splitlines()[0]}") from None
         tasks[version] = tuple((metadata or {}).get("class_names", ()))
+        thresholds[version] = (metadata or {}).get("threshold")
     if len(set(tasks.values())) > 1:
         described = ", ".join(f"version {version}: {'/'.join(task) or 'unknown classes'}"
                               for version, task in tasks.items())
         raise UserError(f"not comparable: the versions solve different tasks ({described}); "
                         "promote without if_better, or compare models of one task")
-    return tasks[versions[0]]
+    return tasks[versions[0]], thresholds
 
 
 def _evaluate_all(config: PromoteConfig, versions: list[str], progress: bool) -> dict[str, Run]:
@@ -175,7 +182,8 @@ def _evaluate_all(config: PromoteConfig, versions: list[str], progress: bool) ->
             continue
         outcome = evaluate_model(
             EvaluateConfig(model_uri=f"models:/{config.name}/{version}",
-                           data_dir=config.evaluate_on), progress, labelled, nested=True)
+                           data_dir=config.evaluate_on, overlap=config.overlap), progress,
+            labelled, nested=True)
         evidence[version] = MlflowClient().get_run(outcome.run_id)
     return evidence
 

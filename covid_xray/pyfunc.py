@@ -3,8 +3,10 @@
 `mlflow.pyfunc.load_model("models:/covid-xray-densenet/Production").predict(frame)` takes a
 DataFrame with a `path` column (DICOM files on disk) or a `dicom_base64` column (the file's
 bytes, base64: what REST clients send to `mlflow models serve`). It returns one row per input
-with `prob_<class>` columns, `label` (the most probable class) and `error` (empty when fine): a
-file that cannot be read becomes a row with its error, not a failed request.
+with `prob_<class>` columns (calibrated: temperature scaling fitted on validation), `label`
+(binary: `opacity` when P(opacity) reaches the model's stored threshold; 4-class: the most
+probable class) and `error` (empty when fine): a file that cannot be read becomes a row with
+its error, not a failed request.
 
 It reads `dicom_base64` only, in every host (a REST server, a notebook, Spark, a custom
 server): a `path` would let whoever sends the input open any file the host can read, and an
@@ -17,8 +19,9 @@ request without any DICOM is an HTTP 400 that says so.
 
 Logged as code, not as a pickle (MLflow's models-from-code): `served_model.py` is the model's
 code, and two artifacts hold its state: `weights.pt` (the network's state_dict, read with
-`weights_only=True`) and `model.json` (architecture, classes, TTA, and the
-`preprocess.Preprocessing` training used, so predictions see images exactly as training did).
+`weights_only=True`) and `model.json` (architecture, classes, TTA, the
+`preprocess.Preprocessing` training used, so predictions see images exactly as training did,
+and the operating point: temperature, threshold, the rule that chose it, training prevalence).
 Nothing is unpickled. The torch module stays reachable:
 `mlflow.pyfunc.load_model(uri).unwrap_python_model().model`.
 """
@@ -44,6 +47,7 @@ from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, Schema
 
+from covid_xray.calibration import ARGMAX, OperatingPoint, predicted_classes
 from covid_xray.decoding import decode
 from covid_xray.dicom import write_dicom
 from covid_xray.errors import DicomError, UserError
@@ -74,21 +78,35 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
 
     def __init__(self, model: Classifier | None = None,
                  preprocessing: Preprocessing | None = None, batch_size: int = 16,
-                 architecture: str = "none"):
+                 architecture: str = "none", operating: OperatingPoint | None = None):
         # channels_last (NHWC): oneDNN's CPU convolutions run a DenseNet121 ~1.4x faster so.
         self.model = (model.eval().to(memory_format=torch.channels_last) if model is not None
                       else None)
         self.preprocessing = preprocessing
         self.batch_size = batch_size
         self.architecture = architecture  # a `config.MODEL_FAMILIES` name
+        self.set_operating_point(operating or OperatingPoint())
+
+    def set_operating_point(self, operating: OperatingPoint) -> None:
+        """Answer with this temperature and call classes at this threshold from now on."""
+        self.operating = operating
+        if self.model is not None:
+            self.model.temperature = operating.temperature
+
+    @property
+    def threshold(self) -> float | None:
+        return self.operating.threshold
+
+    def spec(self) -> dict[str, Any]:
+        """model.json: everything but the weights that the model needs to answer."""
+        return {"architecture": self.architecture, "class_names": list(self.class_names),
+                "tta": self.model.tta, "batch_size": self.batch_size,
+                "preprocessing": self.preprocessing.as_dict()} | self.operating.as_dict()
 
     def save_artifacts(self, folder: Path) -> dict[str, str]:
         """Write the state a logged model is loaded from; returns MLflow's `artifacts`."""
         torch.save(self.model.network.state_dict(), folder / self.ARTIFACTS["weights"])
-        spec = {"architecture": self.architecture, "class_names": list(self.class_names),
-                "tta": self.model.tta, "batch_size": self.batch_size,
-                "preprocessing": self.preprocessing.as_dict()}
-        (folder / self.ARTIFACTS["spec"]).write_text(json.dumps(spec, indent=2) + "\n")
+        (folder / self.ARTIFACTS["spec"]).write_text(json.dumps(self.spec(), indent=2) + "\n")
         return {key: str(folder / name) for key, name in self.ARTIFACTS.items()}
 
     def load_context(self, context: Any) -> None:
@@ -102,9 +120,14 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
             network = architecture(spec["architecture"], len(spec["class_names"]))
         state = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
         network.load_state_dict(state, assign=True)
+        # Models logged before calibration existed answer as they did: T = 1, argmax.
+        operating = OperatingPoint(
+            temperature=spec.get("temperature", 1.0), threshold=spec.get("threshold"),
+            operating_point=spec.get("operating_point", ARGMAX),
+            training_prevalence=tuple(spec.get("training_prevalence", ())))
         self.__init__(Classifier(network, tuple(spec["class_names"]), tta=spec["tta"]),
                       Preprocessing(**spec["preprocessing"]), spec["batch_size"],
-                      spec["architecture"])
+                      spec["architecture"], operating)
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -168,8 +191,8 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
     def result_frame(self, probabilities: np.ndarray, errors: list[str]) -> pd.DataFrame:
         frame = pd.DataFrame(probabilities.astype(np.float64),
                              columns=[f"prob_{name}" for name in self.class_names])
-        labels = [self.class_names[index] for index in np.nan_to_num(probabilities, nan=-1)
-                  .argmax(axis=1)]
+        called = predicted_classes(np.nan_to_num(probabilities, nan=-1), self.threshold)
+        labels = [self.class_names[index] for index in called]
         frame["label"] = [label if not error else "" for label, error in
                           zip(labels, errors, strict=True)]
         frame["error"] = errors

@@ -63,6 +63,19 @@ def resolve_version(model_uri: str):
         return None
 
 
+def run_id_of(model_uri: str) -> str | None:
+    """The run that logged the model at a `runs:/<id>/...` or `models:/m-...` URI (None for
+    anything else: a folder knows no run)."""
+    if model_uri.startswith("runs:/"):
+        return model_uri.removeprefix("runs:/").split("/", 1)[0] or None
+    if model_uri.startswith("models:/m-"):
+        try:
+            return mlflow.get_logged_model(model_uri.removeprefix("models:/")).source_run_id
+        except MlflowException:
+            return None
+    return None
+
+
 def logged_model_id(version) -> str | None:
     """The MLflow 3 logged model behind a registered version (`m-...`), so evaluations can be
     linked to it. The registry does not always fill `model_id`; its `source` names it."""

@@ -173,7 +173,8 @@ def make_dataset(
                         films[index] = (image, encoding, label)
                 path = work / "train" / study_id / series_id / f"{image_id}.dcm"
                 path.parent.mkdir(parents=True, exist_ok=True)
-                _write_encoded(path, image, encoding, study_uid, patient)
+                _write_encoded(path, image, encoding, study_uid, patient,
+                               _demographics(patient, study_id))
                 label_text = " ".join(
                     f"opacity 1 {b['x']:.1f} {b['y']:.1f} {b['x'] + b['width']:.1f} "
                     f"{b['y'] + b['height']:.1f}" for b in boxes) or "none 1 0 0 1 1"
@@ -188,8 +189,24 @@ def make_dataset(
     return data_dir
 
 
+MANUFACTURERS = ("Acme Radiography", "Fuji", "GE Healthcare", "Philips")
+
+
+def _demographics(patient: str, study_id: str) -> dict[str, str]:
+    """Header fields for the subgroup tables, from the ids alone (the image stream stays as it
+    was): a patient keeps one sex and age; view and device vary by study. Ages span every band
+    (and one study in 16 has none); 'O' and 'LL' views stand for other and lateral."""
+    patient_bits, study_bits = int(patient, 16), int(study_id, 16)
+    age = 5 + patient_bits % 90
+    view = ("PA", "AP", "AP", "PA", "AP", "LL")[study_bits % 6]
+    return {"PatientSex": "FM"[patient_bits % 2] if patient_bits % 11 else "O",
+            "PatientAge": f"{age:03d}Y" if study_bits % 16 else "",
+            "ViewPosition": view,
+            "Manufacturer": MANUFACTURERS[(study_bits // 6) % len(MANUFACTURERS)]}
+
+
 def _write_encoded(path: Path, image: np.ndarray, encoding: Encoding, study_uid: str,
-                   patient_id: str = "") -> None:
+                   patient_id: str = "", header: dict[str, str] | None = None) -> None:
     """Quantise `image` to the encoding's bits and write it the way that encoding says."""
     max_value = 2**encoding.bits_stored - 1
     stored = np.round(image * max_value)
@@ -201,7 +218,7 @@ def _write_encoded(path: Path, image: np.ndarray, encoding: Encoding, study_uid:
         kwargs = {"rescale": (1.0, -1024.0), "window": (max_value / 2 - 1024, max_value + 1)}
     write_dicom(path, stored, syntax=encoding.syntax, bits_stored=encoding.bits_stored,
                 photometric="MONOCHROME1" if encoding.monochrome1 else "MONOCHROME2",
-                study_uid=study_uid, patient_id=patient_id, **kwargs)
+                study_uid=study_uid, patient_id=patient_id, header=header, **kwargs)
 
 
 def _new_id(rng: np.random.Generator, used: set[str]) -> str:

@@ -17,7 +17,7 @@ import copy
 import itertools
 import math
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -175,13 +175,20 @@ class Recipe:
     ema_decay: float = 0.0
     label_smoothing: float = 0.0
     grad_clip: float = 1.0
+    class_weights: tuple[float, ...] | None = None  # of the training loss (balance=weights)
 
     @classmethod
-    def of(cls, config: TrainConfig) -> Recipe:
-        """The recipe a training config asks for."""
+    def of(cls, config: TrainConfig, train_labels: Sequence[int] = ()) -> Recipe:
+        """The recipe a training config asks for (balance=weights: inverse class frequencies
+        of `train_labels`, so every class carries the same total weight)."""
+        weights = None
+        if config.balance == "weights" and len(train_labels):
+            counts = np.bincount(train_labels, minlength=config.num_classes)
+            weights = tuple(float(len(train_labels) / (config.num_classes * max(count, 1)))
+                            for count in counts)
         return cls(schedule=config.schedule, warmup_epochs=config.warmup_epochs,
                    ema_decay=config.ema_decay, label_smoothing=config.label_smoothing,
-                   grad_clip=config.grad_clip)
+                   grad_clip=config.grad_clip, class_weights=weights)
 
 
 class BestEpoch:
@@ -257,7 +264,8 @@ def fit(
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
         train_loss, train_labels, train_probabilities = train_one_epoch(
             model, bar, optimizer, stepper, recipe.grad_clip, epoch, scheduler=scheduler,
-            average=average, label_smoothing=recipe.label_smoothing)
+            average=average, label_smoothing=recipe.label_smoothing,
+            class_weights=recipe.class_weights)
         row["train_loss"] = train_loss
         row |= {f"train_{k}": v for k, v in
                 epoch_metrics(train_labels, train_probabilities).items()}
@@ -295,10 +303,14 @@ def train_one_epoch(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     average: WeightAverage | None = None,
     label_smoothing: float = 0.0,
+    class_weights: tuple[float, ...] | None = None,
 ) -> tuple[float, np.ndarray, np.ndarray]:
-    """One pass of optimisation; returns mean (smoothed) loss, labels and softmax outputs."""
+    """One pass of optimisation; returns mean (smoothed, weighted) loss, labels and softmax
+    outputs."""
     model.train()
     device = stepper.device
+    weight = (torch.tensor(class_weights, dtype=torch.float32, device=device)
+              if class_weights is not None else None)
     sync_every = SYNC_EVERY if stepper.cuda else 1
     loss_sum = torch.zeros((), device=device)
     labels, outputs = [], []
@@ -306,7 +318,7 @@ def train_one_epoch(
         targets = targets.to(device, non_blocking=True)
         with stepper.autocast():
             logits = model(stepper.inputs(images))
-            loss = nn.functional.cross_entropy(logits.float(), targets,
+            loss = nn.functional.cross_entropy(logits.float(), targets, weight=weight,
                                                label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         stepper.scaler.scale(loss).backward()

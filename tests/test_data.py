@@ -62,6 +62,19 @@ def test_siim_sized_labels_balance_to_twice_the_negatives():
     assert four.class_name.iloc[0] in ("negative", "typical", "indeterminate", "atypical")
 
 
+@pytest.mark.parametrize("balance", ["weights", "none"])
+def test_without_undersampling_every_study_is_kept(balance):
+    labels = siim_sized_labels()
+    binary = select_studies(labels, num_classes=2, dataset_size=0, seed=0, balance=balance)
+    assert binary.label.value_counts().to_dict() == {1: 6054 - 1676, 0: 1676}
+    assert set(binary.class_name) == {"negative", "opacity"}
+
+
+def test_an_unknown_balance_is_refused():
+    with pytest.raises(UserError, match="balance must be undersample, weights, none"):
+        select_studies(siim_sized_labels(), 2, 0, 0, balance="oversample")
+
+
 def test_split_sizes_are_exact_stratified_and_seeded():
     labels = siim_sized_labels()
     studies = select_studies(labels, num_classes=2, dataset_size=1000, seed=3)

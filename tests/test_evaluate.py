@@ -16,10 +16,14 @@ import pytest
 from mlflow.tracking import MlflowClient
 from sklearn.metrics import roc_auc_score
 
-from covid_xray.config import EvaluateConfig, PromoteConfig
+from covid_xray.calibration import uncalibrated
+from covid_xray.config import EvaluateConfig, PromoteConfig, TrainConfig
 from covid_xray.data import STUDY_CSV
 from covid_xray.dicom import write_dicom
+from covid_xray.errors import UserError
+from covid_xray.experiment import run_training
 from covid_xray.external import FINGERPRINT_TAG, evaluate_model, read_labelled_set
+from covid_xray.metrics import batched_ece
 from covid_xray.promotion import find_evaluations, promote
 from covid_xray.registry import logged_model_id
 from covid_xray.synthetic import chest_image
@@ -68,21 +72,37 @@ def test_evaluate_logs_cis_calibration_figures_and_links_to_the_model(store, hos
     assert "modality MR is not a radiograph" in errors["00000000000a"]
     assert "not a DICOM file" in errors["00000000000d"]
     scored = predictions[predictions.error == ""]
-    truth = (scored.truth == "positive").to_numpy()
-    expected_auc = roc_auc_score(truth, scored.prob_positive.astype(float))
+    truth = (scored.truth == "opacity").to_numpy()
+    expected_auc = roc_auc_score(truth, scored.prob_opacity.astype(float))
     metrics = run.data.metrics
     assert metrics["eval_roc_auc"] == pytest.approx(expected_auc)
     for name in ("roc_auc", "accuracy", "balanced_accuracy", "map", "sensitivity",
                  "specificity", "ece", "brier"):
         assert 0 <= metrics[f"eval_{name}_ci_low"] <= metrics[f"eval_{name}_ci_high"] <= (
             2 if name == "brier" else 1), name
-    assert {"eval_ap_negative", "eval_ap_positive"} <= set(metrics)
+    assert {"eval_ap_negative", "eval_ap_opacity"} <= set(metrics)
     assert metrics["eval_map"] == pytest.approx(
-        (metrics["eval_ap_negative"] + metrics["eval_ap_positive"]) / 2)
+        (metrics["eval_ap_negative"] + metrics["eval_ap_opacity"]) / 2)
+
+    # Calibration before and after the model's temperature, both from the same answers.
+    temperature = store["outcome"].model.temperature
+    raw = uncalibrated(scored[["prob_negative", "prob_opacity"]].astype(float).to_numpy(),
+                       temperature)
+    assert metrics["eval_ece_uncalibrated"] == pytest.approx(
+        batched_ece(truth.astype(int)[None], raw[None])[0], abs=1e-6)
 
     artifacts = {item.path for item in client.list_artifacts(outcome.run_id, "figures")}
     assert artifacts == {f"figures/{name}.png" for name in
-                         ("confusion_matrix", "per_class_prf1", "roc_curves", "reliability")}
+                         ("confusion_matrix", "per_class_prf1", "roc_curves", "reliability",
+                          "subgroups")}
+    subgroups = pd.read_csv(client.download_artifacts(outcome.run_id, "subgroups.csv"))
+    assert list(subgroups.columns[:9]) == ["attribute", "value", "n", "prevalence", "roc_auc",
+                                           "roc_auc_ci_low", "roc_auc_ci_high", "sensitivity",
+                                           "specificity"]
+    assert set(subgroups.attribute) == {"PatientSex", "age_band", "ViewPosition",
+                                        "Manufacturer"}
+    for attribute, rows in subgroups.groupby("attribute"):
+        assert rows.n.sum() == 44, attribute  # every scored study in one group of each
     logged = pd.read_csv(client.download_artifacts(outcome.run_id, "predictions.csv"), dtype=str,
                          keep_default_na=False)
     pd.testing.assert_frame_equal(logged, predictions)
@@ -178,3 +198,122 @@ def test_the_alias_is_resolved_once_and_that_version_is_scored(store, hospital, 
                              progress=False)
     version = MlflowClient().get_run(outcome.run_id).data.tags["eval_model_version"]
     assert loaded == [f"models:/covid-xray-densenet/{version}"]
+
+
+def learned_studies(run_id: str) -> pd.DataFrame:
+    manifest = pd.read_csv(MlflowClient().download_artifacts(run_id, "data/manifest.csv"),
+                           dtype=str, keep_default_na=False)
+    return manifest[manifest.split.isin(["train", "val"])]
+
+
+def runs_in_store() -> int:
+    return len(mlflow.search_runs(search_all_experiments=True, output_format="list"))
+
+
+def test_the_training_folder_is_refused_and_overlap_drop_scores_only_unseen_studies(
+        store, demo_dataset, tmp_path):
+    outcome = store["outcome"]
+    learned = learned_studies(outcome.run_id)
+    usable = read_labelled_set(demo_dataset, tmp_path / "cache", progress=False).studies
+    before = runs_in_store()
+    config = EvaluateConfig(model_uri=CHAMPION, data_dir=str(demo_dataset), resamples=50,
+                            cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(UserError, match=rf"^{len(learned)} of the {len(usable)} studies in "
+                       rf"{demo_dataset} are ones the model was trained or validated on"):
+        evaluate_model(config, progress=False)
+    assert runs_in_store() == before  # refused before anything was logged
+
+    dropped = evaluate_model(EvaluateConfig(**vars(config) | {"overlap": "drop"}),
+                             progress=False)
+    run = MlflowClient().get_run(dropped.run_id)
+    assert run.data.params["count/dropped_overlap"] == str(len(learned))
+    assert set(dropped.predictions.study_id) == set(usable.study_id) - set(learned.study_id)
+
+
+def test_a_renamed_copy_and_a_re_exported_film_of_a_training_study_are_found(store, tmp_path):
+    """Overlap is found by content too: the same file under new ids, and the same pixels in a
+    new file (new UIDs, other bytes)."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    outcome = store["outcome"]
+    learned = learned_studies(outcome.run_id).iloc[:2]
+    data_dir = tmp_path / "elsewhere"
+    source_dir = Path(outcome.test_paths[0]).parents[3]
+    rows = ["id,Negative for Pneumonia,Typical Appearance,Indeterminate Appearance,"
+            "Atypical Appearance"]
+    for index, study in enumerate(learned.itertuples()):
+        study_id, image_id = f"{index + 1:012x}", f"{index + 11:012x}"
+        target = data_dir / "train" / study_id / f"{index + 21:012x}" / f"{image_id}.dcm"
+        target.parent.mkdir(parents=True)
+        if index == 0:
+            shutil.copy(source_dir / study.path, target)  # the same bytes
+        else:
+            dataset = pydicom.dcmread(source_dir / study.path)
+            dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            dataset.StudyInstanceUID = generate_uid()
+            dataset.save_as(target)
+            assert target.read_bytes() != (source_dir / study.path).read_bytes()
+        onehot = ["0"] * 4
+        onehot[int(study.siim_class)] = "1"
+        rows.append(f"{study_id}_study,{','.join(onehot)}")
+    (data_dir / STUDY_CSV).write_text("\n".join(rows) + "\n")
+    with pytest.raises(UserError, match=r"^2 of the 2 studies in .* trained or validated on"):
+        evaluate_model(EvaluateConfig(model_uri=CHAMPION, data_dir=str(data_dir),
+                                      cache_dir=str(tmp_path / "cache")), progress=False)
+
+
+def test_without_data_dir_the_models_own_test_split_is_rescored_exactly(store, tmp_path,
+                                                                       capsys):
+    outcome = store["outcome"]
+    rescored = evaluate_model(EvaluateConfig(model_uri=CHAMPION,
+                                             cache_dir=str(tmp_path / "cache")),
+                              progress=False)
+    said = capsys.readouterr().out.splitlines()
+    assert said[0].startswith(f"no data_dir: rescoring the model's own test split "
+                              f"({len(outcome.test_paths)} studies of ")
+    training = MlflowClient().get_run(outcome.run_id).data.metrics
+    evaluated = MlflowClient().get_run(rescored.run_id).data.metrics
+    tested = {key.removeprefix("test_"): value for key, value in training.items()
+              if key.startswith("test_")}
+    assert len(tested) > 40
+    for key, value in tested.items():
+        assert evaluated[f"eval_{key}"] == pytest.approx(value, abs=1e-6), key
+    logged = MlflowClient().download_artifacts
+    pd.testing.assert_frame_equal(pd.read_csv(logged(rescored.run_id, "subgroups.csv")),
+                                  pd.read_csv(logged(outcome.run_id, "subgroups.csv")))
+
+
+def test_four_class_models_evaluate_and_promote_end_to_end(store, demo_dataset, hospital,
+                                                           tmp_path):
+    name = f"four-{uuid.uuid4().hex[:8]}"
+    run_training(TrainConfig(
+        data_dir=str(demo_dataset), cache_dir=str(tmp_path / "cache"), num_classes=4,
+        balance="weights", split="50,25,25", model="none", img_size=32, epochs=1,
+        batch_size=16, num_workers=0, device="cpu", registered_model_name=name,
+        experiment_name=name), progress=False)
+    client = MlflowClient()
+    info = mlflow.models.get_model_info(f"models:/{name}/1")
+    assert info.metadata["threshold"] is None and info.metadata["operating_point"] == "argmax"
+
+    evaluated = evaluate_model(EvaluateConfig(model_uri=f"models:/{name}/1",
+                                              data_dir=str(hospital), resamples=100,
+                                              cache_dir=str(tmp_path / "cache")),
+                               progress=False)
+    metrics = client.get_run(evaluated.run_id).data.metrics
+    classes = ("negative", "typical", "indeterminate", "atypical")
+    assert {f"eval_ap_{name}" for name in classes} <= set(metrics)
+    assert "eval_sensitivity" not in metrics
+    scored = evaluated.predictions[evaluated.predictions.error == ""]
+    # 4-class calls are the most probable class (after temperature scaling).
+    probabilities = scored[[f"prob_{name}" for name in classes]].to_numpy(dtype=float)
+    assert scored.predicted.tolist() == [classes[i] for i in probabilities.argmax(axis=1)]
+
+    client.create_model_version(name, client.get_model_version(name, "1").source)
+    promote(PromoteConfig(name, "1", alias="champion"))
+    refused = promote(PromoteConfig(name, "2", alias="champion", if_better="map",
+                                    evaluate_on=str(hospital)), progress=False)
+    assert not refused.promoted
+    assert refused.message.startswith("not promoted: version 2 vs version 1: map difference "
+                                      "+0.0000 (95% CI +0.0000 to +0.0000")
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"

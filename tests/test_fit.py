@@ -83,3 +83,14 @@ def test_fit_restores_exactly_the_weights_of_the_epoch_it_reports():
         assert len(history) == result.best_epoch + 3
     else:
         assert len(history) == 12
+
+
+def test_balance_weights_give_every_class_the_same_total_weight():
+    from covid_xray.config import TrainConfig
+
+    labels = [0] * 30 + [1] * 10  # weights n / (k * count): 40/60 and 40/20
+    recipe = Recipe.of(TrainConfig(balance="weights"), labels)
+    assert recipe.class_weights == pytest.approx((2 / 3, 2.0))
+    assert 30 * recipe.class_weights[0] == pytest.approx(10 * recipe.class_weights[1])
+    assert Recipe.of(TrainConfig(balance="none"), labels).class_weights is None
+    assert Recipe.of(TrainConfig(), labels).class_weights is None  # undersample: equal already

@@ -21,7 +21,7 @@ from covid_xray.evaluation import (
     paired_difference,
 )
 
-BINARY = ("negative", "positive")
+BINARY = ("negative", "opacity")
 
 
 @pytest.fixture(autouse=True)

@@ -28,7 +28,7 @@ def test_xrv_weights_are_read_from_weights_dir(tmp_path):
     # Raw logits out (no sigmoid / op_threshs calibration), any input size accepted as is.
     logits = model.eval()(torch.full((2, 1, 64, 64), 500.0))
     assert logits.shape == (2, 2)
-    probabilities = Classifier(model, ("negative", "positive"))(torch.zeros(3, 1, 64, 64))
+    probabilities = Classifier(model, ("negative", "opacity"))(torch.zeros(3, 1, 64, 64))
     torch.testing.assert_close(probabilities.sum(dim=1), torch.ones(3))
 
 

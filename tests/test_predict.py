@@ -41,15 +41,15 @@ def test_csv_equals_in_process_pyfunc(store, dicom_folder, tmp_path, monkeypatch
                                         output=str(output), batch_size=3), progress=False)
     written = pd.read_csv(output, keep_default_na=False, dtype={"study_id": str})
     assert list(written.columns) == ["path", "study_id", "image_id", "label", "prob_negative",
-                                     "prob_positive", "error"]
+                                     "prob_opacity", "error"]
     paths = find_dicoms(dicom_folder)
     assert written.path.tolist() == [str(path) for path in paths]
 
     monkeypatch.setenv("COVID_XRAY_PATH_ROOT", str(dicom_folder))
     expected = load(PRODUCTION).predict(None, pd.DataFrame({"path": written.path}))
     ok = written.error == ""
-    np.testing.assert_allclose(written.loc[ok, ["prob_negative", "prob_positive"]].astype(float),
-                               expected.loc[ok, ["prob_negative", "prob_positive"]], rtol=1e-6)
+    np.testing.assert_allclose(written.loc[ok, ["prob_negative", "prob_opacity"]].astype(float),
+                               expected.loc[ok, ["prob_negative", "prob_opacity"]], rtol=1e-6)
     assert written.label.tolist() == expected.label.tolist()
 
     broken = written[written.path.str.endswith("broken.dcm")].iloc[0]
@@ -174,7 +174,7 @@ def test_hostile_files_are_rows_and_the_good_rows_survive(store, dicom_folder, t
         twin = written.loc[str(folder / Path(row.path).relative_to(dicom_folder))]
         assert twin.error == row.error.replace(str(dicom_folder), str(folder))
         if not row.error:
-            assert float(twin.prob_positive) == pytest.approx(row.prob_positive, abs=1e-6)
+            assert float(twin.prob_opacity) == pytest.approx(row.prob_opacity, abs=1e-6)
 
 
 def test_paths_are_read_only_under_the_folder_the_operator_names(store, tmp_path, monkeypatch):
@@ -202,7 +202,7 @@ def test_paths_are_read_only_under_the_folder_the_operator_names(store, tmp_path
         "row 4: path is outside the folder this model reads",
         "row 5: path is outside the folder this model reads",
         "row 6: file not found"]
-    assert answer.prob_positive[0] == answer.prob_positive[1]
+    assert answer.prob_opacity[0] == answer.prob_opacity[1]
 
 
 def test_siim_ids():

@@ -98,9 +98,9 @@ class Asymmetric(nn.Module):
 def test_flip_tta_averages_the_film_and_its_mirror():
     x = torch.zeros(1, 1, 4, 4)
     x[..., :2] = 1.0  # left half bright: logits (8, 0), mirrored (0, 8)
-    plain = Classifier(Asymmetric(), ("negative", "positive"))(x)
+    plain = Classifier(Asymmetric(), ("negative", "opacity"))(x)
     assert plain[0, 0].item() == pytest.approx(1 / (1 + math.exp(-8)))
-    averaged = Classifier(Asymmetric(), ("negative", "positive"), tta="flip")(x)
+    averaged = Classifier(Asymmetric(), ("negative", "opacity"), tta="flip")(x)
     torch.testing.assert_close(averaged, torch.tensor([[0.5, 0.5]]))
 
 

@@ -83,12 +83,12 @@ def evaluated(name: str, version: str, fingerprint: str, probabilities: np.ndarr
     """An evaluation run as `evaluate` logs it: tags naming the version and the data, the
     eval_<metric> point estimates, and the per-study predictions.csv."""
     tags = {MODEL_NAME_TAG: name, MODEL_VERSION_TAG: version, FINGERPRINT_TAG: fingerprint}
-    names = ("negative", "positive")
+    names = ("negative", "opacity")
     values = metrics.batched(TRUTH[None], probabilities[None], names)
     predictions = pd.DataFrame({"study_id": [f"{i:012x}" for i in range(STUDIES)],
                                 "truth": [names[label] for label in TRUTH],
                                 "prob_negative": probabilities[:, 0],
-                                "prob_positive": probabilities[:, 1], "error": ""})
+                                "prob_opacity": probabilities[:, 1], "error": ""})
     with mlflow.start_run(tags=tags):
         mlflow.log_metrics({f"eval_{metric}": float(value[0]) for metric, value in values.items()})
         mlflow.log_text(predictions.to_csv(index=False), "predictions.csv")
@@ -126,9 +126,9 @@ def test_a_point_difference_inside_the_paired_interval_does_not_promote(store):
     holder = answers(1.0)
     candidate = next(answers(1.0, wobble=seed) for seed in range(1, 100)
                      if metrics.batched(TRUTH[None], answers(1.0, wobble=seed)[None],
-                                        ("negative", "positive"))["roc_auc"][0]
+                                        ("negative", "opacity"))["roc_auc"][0]
                      > metrics.batched(TRUTH[None], holder[None],
-                                       ("negative", "positive"))["roc_auc"][0])
+                                       ("negative", "opacity"))["roc_auc"][0])
     evaluated(name, "1", "same-studies", holder)
     evaluated(name, "2", "same-studies", candidate)
     evaluated(name, "3", "same-studies", answers(2.0))
@@ -194,7 +194,7 @@ def test_if_better_refuses_a_model_of_another_task(store):
     promote(PromoteConfig(name, "1", alias="champion"))
     with pytest.raises(UserError, match=r"not comparable: the versions solve different tasks "
                                         r"\(version 2: negative/typical/indeterminate/atypical, "
-                                        r"version 1: negative/positive\)"):
+                                        r"version 1: negative/opacity\)"):
         promote(PromoteConfig(name, "2", alias="champion", if_better="roc_auc"))
 
 
@@ -215,7 +215,7 @@ def test_load_by_stage_alias_and_version(store):
                 "models:/covid-xray-densenet/1"):
         model = load(uri)
         assert isinstance(model, DicomClassifier)
-        assert model.class_names == ("negative", "positive")
+        assert model.class_names == ("negative", "opacity")
         assert model.preprocessing.img_size == 32
 
 
@@ -227,10 +227,18 @@ def test_code_model_has_no_pickle_and_pickled_models_still_load(store, monkeypat
     folder = Path(mlflow.artifacts.download_artifacts(source))
     assert not list(folder.rglob("*.pkl"))
     spec = json.loads((folder / "artifacts" / "model.json").read_text())
-    assert spec == {"architecture": "none", "class_names": ["negative", "positive"],
+    operating = {key: spec.pop(key) for key in ("temperature", "threshold", "operating_point",
+                                                "training_prevalence")}
+    assert spec == {"architecture": "none", "class_names": ["negative", "opacity"],
                     "tta": "flip", "batch_size": 16,
                     "preprocessing": {"img_size": 32, "normalization": "minmax",
                                       "apply_voi_lut": True, "input_kind": "xrv"}}
+    # Fitted on the val split after training; the model answers with them.
+    assert operating["operating_point"] == "youden"
+    assert 0.05 <= operating["temperature"] <= 20
+    assert current.model.temperature == operating["temperature"]
+    assert 0 < operating["threshold"] < 1 and current.threshold == operating["threshold"]
+    assert sum(operating["training_prevalence"]) == pytest.approx(1, abs=1e-5)
     with mlflow.start_run():
         pickled = mlflow.pyfunc.log_model(name="pickled", python_model=current,
                                           code_paths=[str(mlflow_run.PACKAGE_DIR)])

@@ -53,13 +53,13 @@ def test_serve_answers_a_real_dicom(served_model, tmp_path):
     rows = strict_json(response)["predictions"]  # failed rows carry null, never NaN
     assert len(rows) == 3
     good, bad, mr = rows
-    assert good["error"] == "" and good["label"] in ("negative", "positive")
-    assert abs(good["prob_negative"] + good["prob_positive"] - 1) < 1e-5
+    assert good["error"] == "" and good["label"] in ("negative", "opacity")
+    assert abs(good["prob_negative"] + good["prob_opacity"] - 1) < 1e-5
     assert bad["error"] == "row 1: not a DICOM file (no 'DICM' marker)" and bad["label"] == ""
     # A chest X-ray model refuses an MR image, naming its modality, instead of scoring it.
     assert mr["error"] == ("row 2: modality MR is not a radiograph (CR, DX); this model reads "
                            "chest X-rays only") and mr["label"] == ""
-    assert bad["prob_negative"] is None and bad["prob_positive"] is None
+    assert bad["prob_negative"] is None and bad["prob_opacity"] is None
 
     # The stored model's test-time augmentation runs in the server: the answer is the mean of
     # the network on the film and on its mirror image.
@@ -70,7 +70,7 @@ def test_serve_answers_a_real_dicom(served_model, tmp_path):
         network = stored.model.network.eval()
         plain = torch.softmax(network(film), dim=1)
         expected = (plain + torch.softmax(network(film.flip(-1)), dim=1)) / 2
-    assert good["prob_positive"] == pytest.approx(expected[0, 1].item(), abs=1e-5)
+    assert good["prob_opacity"] == pytest.approx(expected[0, 1].item(), abs=1e-5)
     assert not torch.allclose(plain, expected)  # the mirror changed something
 
 
@@ -162,4 +162,4 @@ def test_served_from_a_virtualenv_holding_only_the_models_requirements(store, tm
     expected = load(uri).predict(None, pd.DataFrame({"dicom_base64": [encode_dicom(
         str(REAL_DICOM))]}))
     assert row["error"] == "" and row["label"] == expected.label[0]
-    assert row["prob_positive"] == pytest.approx(expected.prob_positive[0], abs=1e-6)
+    assert row["prob_opacity"] == pytest.approx(expected.prob_opacity[0], abs=1e-6)

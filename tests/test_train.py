@@ -58,7 +58,7 @@ def test_train_logs_registers_and_reloads(demo_dataset, tmp_path, tracking_uri, 
         assert run.data.params[field.name] == str(getattr(config, field.name))
     assert len(run.data.params["data_fingerprint"]) == 32
     assert int(run.data.params["count/dropped_multi_image"]) == 2
-    assert int(run.data.params["count/train/negative"]) == int(run.data.params["count/train/positive"])
+    assert int(run.data.params["count/train/negative"]) == int(run.data.params["count/train/opacity"])
     studies = sum(int(value) for key, value in run.data.params.items()
                   if key.count("/") == 2 and key.startswith("count/"))
     assert 0 < int(run.data.params["count/patients"]) < studies  # patients come back
@@ -74,7 +74,7 @@ def test_train_logs_registers_and_reloads(demo_dataset, tmp_path, tracking_uri, 
             history = client.get_metric_history(outcome.run_id, f"{split}_{metric}")
             assert [point.step for point in history] == [1, 2]
     for metric in ("accuracy", "balanced_accuracy", "roc_auc", "precision_negative",
-                   "recall_positive", "f1_positive"):
+                   "recall_opacity", "f1_opacity"):
         assert f"test_{metric}" in run.data.metrics
     assert run.data.metrics["test_roc_auc"] == pytest.approx(outcome.test_metrics["roc_auc"])
     # System metrics (on by default): what the machine did while it trained.
@@ -83,7 +83,14 @@ def test_train_logs_registers_and_reloads(demo_dataset, tmp_path, tracking_uri, 
     for metric in ("roc_auc", "accuracy", "balanced_accuracy", "map", "sensitivity",
                    "specificity", "ece", "brier"):
         low, high = (run.data.metrics[f"test_{metric}_ci_{end}"] for end in ("low", "high"))
-        assert low <= run.data.metrics[f"test_{metric}"] <= high, metric
+        assert 0 <= low <= high <= (2 if metric == "brier" else 1), metric
+    # Calibrated on val after training: the model's temperature and threshold are logged,
+    # and test calibration is reported as the model answers and as the network alone did.
+    assert run.data.metrics["calibration_temperature"] == outcome.model.temperature
+    assert {"test_ece_uncalibrated", "test_brier_uncalibrated", "threshold"} <= set(
+        run.data.metrics)
+    assert manifest.file_digest.str.fullmatch("[0-9a-f]{40}").all()
+    assert manifest.pixel_digest.str.fullmatch("[0-9a-f]{32}").all()
     # MLflow 3: the test numbers are linked to the logged model, so its page shows them.
     model_id = logged_model_id(client.get_model_version(name, outcome.registered_version))
     linked = {metric.key: metric for metric in client.get_logged_model(model_id).metrics}
@@ -97,7 +104,9 @@ def test_train_logs_registers_and_reloads(demo_dataset, tmp_path, tracking_uri, 
     figures = {item.path for item in client.list_artifacts(outcome.run_id, "figures")}
     assert figures == {f"figures/{name}.png" for name in
                        ("confusion_matrix", "per_class_prf1", "roc_curves", "reliability",
-                        "learning_curves")}
+                        "learning_curves", "subgroups")}
+    subgroups = pd.read_csv(client.download_artifacts(outcome.run_id, "subgroups.csv"))
+    assert set(subgroups.attribute) == {"PatientSex", "age_band", "ViewPosition", "Manufacturer"}
     # Each split is a dataset input of its own, named and tagged by its context.
     inputs = {item.dataset.name: {tag.value for tag in item.tags if tag.key == "mlflow.data.context"}
               for item in run.inputs.dataset_inputs}
@@ -122,10 +131,13 @@ def test_train_logs_registers_and_reloads(demo_dataset, tmp_path, tracking_uri, 
     monkeypatch.setenv("COVID_XRAY_PATH_ROOT", str(outcome.test_paths[0].parents[3]))
     for uri in (f"models:/{name}/Staging", f"models:/{name}@champion"):
         predictions = mlflow.pyfunc.load_model(uri).predict(frame)
-        np.testing.assert_allclose(predictions[["prob_negative", "prob_positive"]].to_numpy(),
+        np.testing.assert_allclose(predictions[["prob_negative", "prob_opacity"]].to_numpy(),
                                    outcome.test_probabilities, rtol=1e-5, atol=1e-6)
         assert (predictions.error == "").all()
-        expected = np.array(["negative", "positive"])[outcome.test_probabilities.argmax(axis=1)]
+        # The label follows the stored threshold, not argmax.
+        threshold = run.data.metrics["threshold"]
+        expected = np.where(outcome.test_probabilities[:, 1] >= threshold, "opacity",
+                            "negative")
         assert predictions.label.tolist() == expected.tolist()
     # The torch module is still there.
     torch_model = mlflow.pyfunc.load_model(f"models:/{name}@champion").unwrap_python_model().model

@@ -393,3 +393,25 @@ def test_ctrl_c_stops_every_worker(demo_dataset, tmp_path):
     assert worker.returncode != 0, out + err[-3000:]
     runs = runs_of(tmp_path)
     assert runs and {run.info.status for run in runs} == {"KILLED"}
+
+
+def test_the_median_pruner_stops_a_trial_worse_than_the_studys_median(demo_dataset, tmp_path):
+    """A real pruning decision: two finished trials whose val loss was 0 at every epoch make
+    the median 0, so Optuna's MedianPruner (after its warm-up epoch) must stop any real
+    trial at epoch 2; the trial is PRUNED in the study and its run KILLED, tagged PRUNED."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="pruning", storage=storage, direction="minimize")
+    for _ in range(2):
+        study.add_trial(optuna.trial.create_trial(
+            params={}, distributions={}, value=0.0, intermediate_values={1: 0.0, 2: 0.0,
+                                                                         3: 0.0}))
+    space = tmp_path / "space.yaml"
+    space.write_text("label_smoothing: {type: float, low: 0.0, high: 0.1}\n")
+    finish(tune_worker(tmp_path, demo_dataset, "--n-trials", "1", "--metric", "val_loss", "--epochs", "3", "--space", str(space),
+                                "--study-name", "pruning", "--storage", storage))
+    trial = optuna.load_study(study_name="pruning", storage=storage).trials[-1]
+    assert trial.state == optuna.trial.TrialState.PRUNED
+    assert sorted(trial.intermediate_values) == [1, 2]  # reported twice, stopped at the second
+    (run,) = [run for run in runs_of(tmp_path) if run.data.tags.get("mlflow.runName")
+              == f"trial-{trial.number}"]
+    assert run.info.status == "KILLED" and run.data.tags["trial_state"] == "PRUNED"

@@ -1,0 +1,100 @@
+"""Subgroup tables against a hand computation: sklearn's AUC on each subgroup, and the
+percentile interval of the same stratified resamples scored one by one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from covid_xray.evaluation import bootstrap_indices
+from covid_xray.subgroups import COLUMNS, MIN_STUDIES, age_band, attributes, subgroup_table
+
+BINARY = ("negative", "opacity")
+
+
+def by_hand(labels: np.ndarray, scores: np.ndarray, threshold: float, resamples: int,
+            seed: int) -> dict[str, float]:
+    """AUC, sensitivity and specificity, and the 2.5/97.5 percentiles of each over stratified
+    resamples, one sklearn call at a time."""
+    called = scores >= threshold
+    values = {"roc_auc": roc_auc_score(labels, scores),
+              "sensitivity": called[labels == 1].mean(),
+              "specificity": (~called[labels == 0]).mean()}
+    samples: dict[str, list[float]] = {name: [] for name in values}
+    for rows in bootstrap_indices(labels, resamples, seed):
+        truth, score, call = labels[rows], scores[rows], called[rows]
+        samples["roc_auc"].append(roc_auc_score(truth, score))
+        samples["sensitivity"].append(call[truth == 1].mean())
+        samples["specificity"].append((~call[truth == 0]).mean())
+    for name, drawn in samples.items():
+        values[f"{name}_ci_low"], values[f"{name}_ci_high"] = np.percentile(drawn, [2.5, 97.5])
+    return values
+
+
+def test_rows_and_intervals_match_a_hand_computation():
+    rng = np.random.default_rng(3)
+    n = 100
+    labels = rng.integers(0, 2, size=n)
+    # Women's films are scored well, men's barely better than chance.
+    sex = np.where(np.arange(n) < 60, "F", "M")
+    scores = np.where(sex == "F", labels * 0.6 + rng.uniform(0, 0.5, n), rng.uniform(0, 1, n))
+    scores = np.clip(scores, 0, 1)
+    view = np.array(["AP"] * 95 + ["PA"] * 5)  # a group of 5: listed with n only
+    groups = pd.DataFrame({"PatientSex": sex, "ViewPosition": view})
+    probabilities = np.stack([1 - scores, scores], axis=1)
+
+    table = subgroup_table(labels, probabilities, BINARY, groups, threshold=0.5,
+                           resamples=300, seed=4)
+
+    assert list(table.columns[: len(COLUMNS)]) == COLUMNS == [
+        "attribute", "value", "n", "prevalence", "roc_auc", "roc_auc_ci_low",
+        "roc_auc_ci_high", "sensitivity", "specificity"]
+    assert table[["attribute", "value", "n"]].values.tolist() == [
+        ["PatientSex", "F", 60], ["PatientSex", "M", 40], ["ViewPosition", "AP", 95],
+        ["ViewPosition", "PA", 5]]
+    overall = roc_auc_score(labels, scores)
+    for row in table.itertuples(index=False):
+        members = (groups[row.attribute] == row.value).to_numpy()
+        if members.sum() < MIN_STUDIES:
+            assert np.isnan([row.prevalence, row.roc_auc, row.roc_auc_ci_low,
+                             row.sensitivity]).all()
+            continue
+        expected = by_hand(labels[members], scores[members], 0.5, 300, 4)
+        assert row.prevalence == pytest.approx(labels[members].mean())
+        for name, value in expected.items():
+            assert getattr(row, name) == pytest.approx(value, abs=1e-12), (row.value, name)
+        assert row.auc_below_overall == (expected["roc_auc_ci_high"] < overall)
+    flagged = table.set_index("value").auc_below_overall
+    assert flagged["M"] and not flagged["F"]
+
+
+def test_a_subgroup_with_one_class_gets_n_only():
+    labels = np.array([0] * 40 + [1] * 40)
+    probabilities = np.full((80, 2), 0.5)
+    groups = pd.DataFrame({"Manufacturer": ["A"] * 40 + ["B"] * 40})
+    table = subgroup_table(labels, probabilities, BINARY, groups, resamples=50)
+    assert table.n.tolist() == [40, 40] and table.roc_auc.isna().all()
+
+
+@pytest.mark.parametrize(("age", "band"), [
+    ("017Y", "<18"), ("018Y", "18-39"), ("039Y", "18-39"), ("040Y", "40-64"), ("064Y", "40-64"),
+    ("065Y", ">=65"), ("090Y", ">=65"), ("006M", "<18"), ("030W", "<18"), ("200D", "<18"),
+    ("", "missing"), ("45", "missing"), ("045y", "missing"), ("0X5Y", "missing"),
+])
+def test_age_bands_from_dicom_age_strings(age, band):
+    assert age_band(age) == band
+
+
+def test_attributes_name_missing_and_other_values():
+    found = attributes([
+        {"PatientSex": "F", "PatientAge": "070Y", "ViewPosition": "PA", "Manufacturer": "GE"},
+        {"PatientSex": "", "PatientAge": "", "ViewPosition": "LL", "Manufacturer": ""},
+        {"PatientSex": "X", "PatientAge": "bad", "ViewPosition": "", "Manufacturer": " "},
+    ])
+    assert found.values.tolist() == [
+        ["F", ">=65", "PA", "GE"],
+        ["missing", "missing", "other/missing", "missing"],
+        ["missing", "missing", "other/missing", "missing"],
+    ]
