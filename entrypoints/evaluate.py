@@ -11,11 +11,13 @@ from covid_xray.config import EvaluateConfig
 @options_from(EvaluateConfig)
 @user_errors_as_one_line
 def main(**options: object) -> None:
-    """Score MODEL_URI on every usable study of DATA_DIR (train/ + train_study_level.csv).
+    """Score MODEL_URI on every usable study of DATA_DIR (train/ + train_study_level.csv)
+    that it was not trained or validated on; without DATA_DIR, on its own logged test split.
 
     Logs eval_roc_auc, eval_accuracy, eval_balanced_accuracy, eval_map and per-class AP,
-    sensitivity / specificity (binary), eval_ece and eval_brier, each with its 95% bootstrap
-    interval (eval_<metric>_ci_low / _ci_high), the figures and a per-study predictions CSV.
+    sensitivity / specificity at the model's stored threshold (binary), eval_ece and
+    eval_brier (and their _uncalibrated twins), each with its 95% bootstrap interval, the
+    figures, subgroups.csv and a per-study predictions CSV.
     """
     from covid_xray.external import evaluate_model  # torch + mlflow: ~5 s, not for --help
 

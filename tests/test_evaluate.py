@@ -276,7 +276,7 @@ def test_without_data_dir_the_models_own_test_split_is_rescored_exactly(store, t
     evaluated = MlflowClient().get_run(rescored.run_id).data.metrics
     tested = {key.removeprefix("test_"): value for key, value in training.items()
               if key.startswith("test_")}
-    assert len(tested) > 40
+    assert len(tested) >= 30  # every metric with its CI, per-class P/R/F1 and AP
     for key, value in tested.items():
         assert evaluated[f"eval_{key}"] == pytest.approx(value, abs=1e-6), key
     logged = MlflowClient().download_artifacts
