@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 
 import pydicom
 
-from covid_xray import dicom
+from covid_xray.imaging import dicom
 
 
 def describe(paths: Sequence[object]) -> str:
@@ -27,7 +27,7 @@ def describe(paths: Sequence[object]) -> str:
 
 @contextlib.contextmanager
 def pydicom_plugins_only() -> Iterator[None]:
-    """read_xray as it was before fast_decoders.py: pydicom's plugins in pydicom's order (GDCM
+    """read_xray as it was before imaging/decoders.py: pydicom's plugins in pydicom's order (GDCM
     first). In this process only (decoding workers are not affected)."""
     original = dicom._decode_fast
     dicom._decode_fast = lambda ds, first: None

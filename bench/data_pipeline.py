@@ -1,7 +1,7 @@
 """Data pipeline throughput: decode-every-epoch (the original project) vs our decode-once cache.
 
 Writes synthetic SIIM studies at realistic size (2048 px; 8-, 12- and 16-bit; every encoding
-in covid_xray.synthetic.ENCODINGS), then measures images/s, all in one process, side by side:
+in covid_xray.data.synthetic.ENCODINGS), then measures images/s, all in one process, side by side:
   (a) decode (pydicom's own plugins, GDCM first) + skimage anti-aliased resize every epoch,
       as the original project did;
   (b) our first epoch: hash, decode (our imagecodecs plugin first), crop, cv2 area resize,
@@ -23,11 +23,11 @@ import numpy as np
 from common import describe, pydicom_plugins_only  # bench/common.py
 from skimage.transform import resize as skimage_resize
 
-from covid_xray.cache import CacheParams, ImageCache
-from covid_xray.dataset import XrayDataset
-from covid_xray.dicom import read_xray
-from covid_xray.preprocess import crop_square, normalize, to_model_input
-from covid_xray.synthetic import ENCODINGS, make_dataset
+from covid_xray.data.dataset import XrayDataset
+from covid_xray.data.synthetic import ENCODINGS, make_dataset
+from covid_xray.imaging.cache import CacheParams, ImageCache
+from covid_xray.imaging.dicom import read_xray
+from covid_xray.imaging.preprocess import crop_square, normalize, to_model_input
 
 
 def original_epoch(paths: list[Path], img_size: int) -> None:

@@ -1,10 +1,10 @@
 """Decoding one film: every pydicom plugin installed, per transfer syntax, side by side.
 
-One synthetic 2048 px film per encoding of the synthetic mix (covid_xray.synthetic.ENCODINGS).
+One synthetic 2048 px film per encoding of the synthetic mix (covid_xray.data.synthetic.ENCODINGS).
 Each available plugin decodes it --rounds times, alternating, so drift on a noisy machine hits
 all alike; the median wall and CPU times are printed with the plugin's speed relative to
 GDCM (pydicom's first choice) and whether its pixels equal GDCM's bit for bit. `covid_xray`
-is our imagecodecs plugin (covid_xray/fast_decoders.py), the one read_xray asks first.
+is our imagecodecs plugin (covid_xray/decoders.py), the one read_xray asks first.
 
     python bench/decoders.py [--size 2048] [--rounds 5]
 """
@@ -21,9 +21,9 @@ import numpy as np
 import pydicom
 from pydicom.pixels import get_decoder, pixel_array
 
-from covid_xray import fast_decoders
-from covid_xray.fast_decoders import available_cores
-from covid_xray.synthetic import ENCODINGS, make_dataset
+from covid_xray.data.synthetic import ENCODINGS, make_dataset
+from covid_xray.imaging import decoders
+from covid_xray.imaging.decoders import available_cores
 
 
 @click.command()
@@ -59,7 +59,7 @@ def main(size: int, rounds: int) -> None:
                     cpus[name].append(time.process_time() - cpu)
             reference = pixels.get("gdcm")
             gdcm_wall = statistics.median(walls["gdcm"]) if "gdcm" in walls else None
-            for name in sorted(walls, key=lambda n: (n != fast_decoders.LABEL, n)):
+            for name in sorted(walls, key=lambda n: (n != decoders.LABEL, n)):
                 wall = statistics.median(walls[name])
                 ratio = f"{gdcm_wall / wall:6.2f}" if gdcm_wall else "     -"
                 same = ("-" if reference is None else

@@ -20,8 +20,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from covid_xray.config import TrainConfig
-from covid_xray.model import build
-from covid_xray.train import (
+from covid_xray.model.networks import build
+from covid_xray.training.loop import (
     SYNC_EVERY,
     Recipe,
     Stepper,

@@ -41,10 +41,10 @@ print(json.dumps({"cold": cold, "warm": warm}))
 def main(img_size: int, rounds: int) -> None:
     import mlflow
 
-    from covid_xray import mlflow_run
-    from covid_xray.model import Classifier, build
-    from covid_xray.preprocess import Preprocessing
-    from covid_xray.pyfunc import DicomClassifier
+    from covid_xray.imaging.preprocess import Preprocessing
+    from covid_xray.model.networks import Classifier, build
+    from covid_xray.model.pyfunc import DicomClassifier
+    from covid_xray.tracking import mlflow_run
 
     model = DicomClassifier(Classifier(build("none", 2), ("negative", "opacity")),
                             Preprocessing(img_size))

@@ -29,11 +29,11 @@ import numpy as np
 import torch
 from common import describe, pydicom_plugins_only  # bench/common.py
 
-from covid_xray.decoding import available_cores, decode, decoded_batches
-from covid_xray.model import Classifier, build
-from covid_xray.preprocess import Preprocessing
-from covid_xray.synthetic import ENCODINGS, make_dataset
-from covid_xray.train import Stepper
+from covid_xray.data.synthetic import ENCODINGS, make_dataset
+from covid_xray.imaging.preprocess import Preprocessing
+from covid_xray.imaging.workers import available_cores, decode, decoded_batches
+from covid_xray.model.networks import Classifier, build
+from covid_xray.training.loop import Stepper
 
 
 @click.command()

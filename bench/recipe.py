@@ -32,11 +32,11 @@ from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
 from covid_xray.config import TrainConfig
-from covid_xray.data import CLASS_COLUMNS, STUDY_CSV
-from covid_xray.dicom import write_dicom
-from covid_xray.experiment import run_training
-from covid_xray.preprocess import Preprocessing
-from covid_xray.pyfunc import DicomClassifier
+from covid_xray.data.studies import CLASS_COLUMNS, STUDY_CSV
+from covid_xray.imaging.preprocess import Preprocessing
+from covid_xray.imaging.writer import write_dicom
+from covid_xray.model.pyfunc import DicomClassifier
+from covid_xray.training.run import run_training
 
 # Recipes are overrides of TrainConfig's defaults; "default" is whatever the defaults are now.
 # "before" is the recipe before issue #11 (no schedule, no averaging, no augmentation).

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from covid_xray.config import TrainConfig
-from covid_xray.model import build
-from covid_xray.train import (
+from covid_xray.model.networks import build
+from covid_xray.training.loop import (
     Stepper,
     WeightAverage,
     make_optimizer,

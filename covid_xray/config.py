@@ -38,8 +38,8 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class ModelFamily:
-    """What the code knows about a `model` name, in one torch-free table (model.py builds the
-    network from it; preprocessing and the 224 px rule read it)."""
+    """What the code knows about a `model` name, in one torch-free table (model/networks.py
+    builds the network from it; preprocessing and the 224 px rule read it)."""
 
     source: str  # torchxrayvision, torchvision, or random (DenseNet121, random init)
     weights: str  # the weights' name in their library ('' for random init)

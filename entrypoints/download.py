@@ -4,7 +4,7 @@ import click
 
 from covid_xray.cli import options_from, user_errors_as_one_line
 from covid_xray.config import DownloadConfig
-from covid_xray.download import download
+from covid_xray.data.download import download
 
 
 @click.command()

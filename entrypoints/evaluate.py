@@ -19,7 +19,7 @@ def main(**options: object) -> None:
     eval_brier (and their _uncalibrated twins), each with its 95% bootstrap interval, the
     figures, subgroups.csv and a per-study predictions CSV.
     """
-    from covid_xray.external import evaluate_model  # torch + mlflow: ~5 s, not for --help
+    from covid_xray.serving.evaluate import evaluate_model  # torch + mlflow: ~5 s, not for --help
 
     evaluate_model(EvaluateConfig(**options))
 

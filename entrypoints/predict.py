@@ -14,7 +14,7 @@ def main(**options: object) -> None:
 
     Columns: path, study_id, image_id, label, prob_<class>..., error (empty when fine).
     """
-    from covid_xray.predict import predict_files  # torch + mlflow: ~5 s, not for --help
+    from covid_xray.serving.predict import predict_files  # torch + mlflow: ~5 s, not for --help
 
     predict_files(PredictConfig(**options))
 

@@ -12,7 +12,7 @@ from covid_xray.config import PromoteConfig
 def main(**options: object) -> None:
     """Promote VERSION of NAME to STAGE and/or ALIAS; with IF_BETTER, only if it beats every
     current holder on an evaluation of the same data (EVALUATE_ON makes that evaluation)."""
-    from covid_xray.promotion import promote
+    from covid_xray.serving.promotion import promote
 
     config = PromoteConfig(**options)
     if not config.version:

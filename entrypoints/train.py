@@ -16,7 +16,7 @@ def main(**options: object) -> None:
     manifest as the dataset input, and the model, which is registered as
     registered_model_name (moved to `stage` / given `alias` when asked).
     """
-    from covid_xray.experiment import run_training  # torch + mlflow: ~5 s, not for --help
+    from covid_xray.training.run import run_training  # torch + mlflow: ~5 s, not for --help
 
     run_training(TrainConfig(**options))
 

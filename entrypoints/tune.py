@@ -16,8 +16,10 @@ def main(**options: str) -> None:
     Train options given here are fixed for every trial and leave the search space; the rest
     of the space (tune.DEFAULT_SPACE, or --space FILE) is searched.
     """
-    from covid_xray.parallel import run_workers  # torch + mlflow + optuna: not for --help
-    from covid_xray.tune import run_study
+    from covid_xray.training.tune import run_study
+    from covid_xray.training.tune_workers import (
+        run_workers,  # torch + mlflow + optuna: not for --help
+    )
 
     tune_names = TuneConfig.__dataclass_fields__
     tune_config = TuneConfig(**{k: v for k, v in options.items() if k in tune_names})

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from covid_xray import synthetic
+from covid_xray.data import synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 # `pytest -m "not slow"` is the quick check while editing: a test is slow when it trains a
@@ -144,7 +144,7 @@ def trained_store(demo_dataset: Path, tmp_path_factory: pytest.TempPathFactory) 
     import mlflow
 
     from covid_xray.config import TrainConfig
-    from covid_xray.experiment import run_training
+    from covid_xray.training.run import run_training
 
     root = tmp_path_factory.mktemp("store")
     uri = f"sqlite:///{root / 'mlflow.db'}"

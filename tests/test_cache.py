@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from covid_xray.cache import CacheParams, ImageCache, load_entry
 from covid_xray.errors import UserError
 from covid_xray.files import atomic_write
-from covid_xray.preprocess import load_square
+from covid_xray.imaging.cache import CacheParams, ImageCache, load_entry
+from covid_xray.imaging.preprocess import load_square
 from tests.conftest import ROOT
 
 
@@ -112,7 +112,7 @@ def test_an_unwritable_cache_is_one_line(tiny_dataset, tmp_path):
             path.chmod(0o755 if path.is_dir() else 0o644)  # readable by all, writable by root
         script = textwrap.dedent(f"""
             import os, pwd, tempfile
-            from covid_xray.cache import CacheParams, ImageCache
+            from covid_xray.imaging.cache import CacheParams, ImageCache
             from covid_xray.cli import user_errors_as_one_line
             film = {str(shared / "film.dcm")!r}
             ImageCache(tempfile.mkdtemp(), CacheParams(16)).build([film], progress=False)
@@ -137,7 +137,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tiny_dataset, tmp_path, monk
     """ENOSPC mid-write: the temporary file goes, the error names the folder."""
     import errno
 
-    import covid_xray.cache as cache_module
+    import covid_xray.imaging.cache as cache_module
 
     def full(path, image):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
@@ -155,7 +155,7 @@ def test_two_processes_share_one_cache_dir(tiny_dataset, tmp_path):
     script = textwrap.dedent(f"""
         import sys
         from pathlib import Path
-        from covid_xray.cache import CacheParams, ImageCache
+        from covid_xray.imaging.cache import CacheParams, ImageCache
         paths = sorted(Path({str(tiny_dataset)!r}).glob("train/*/*/*.dcm"))
         ImageCache({str(tmp_path)!r}, CacheParams(img_size=40)).build(paths, progress=False)
     """)
@@ -174,7 +174,7 @@ def test_a_failed_patient_id_read_is_not_remembered(tiny_dataset, tmp_path, monk
     patient for good: the failure is counted, and the next read asks the file again."""
     import errno
 
-    import covid_xray.dicom as dicom_module
+    import covid_xray.imaging.dicom as dicom_module
 
     paths = dicoms(tiny_dataset)[:3]
     cache = ImageCache(tmp_path / "cache", CacheParams(img_size=16))

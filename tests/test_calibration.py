@@ -9,8 +9,9 @@ import torch
 from scipy.special import softmax
 from torch import nn
 
-from covid_xray import metrics
-from covid_xray.calibration import (
+from covid_xray.errors import UserError
+from covid_xray.evaluation import metrics
+from covid_xray.evaluation.calibration import (
     OperatingPoint,
     calibrate,
     choose_threshold,
@@ -21,11 +22,10 @@ from covid_xray.calibration import (
     prior_shift,
     uncalibrated,
 )
-from covid_xray.errors import UserError
-from covid_xray.evaluation import evaluate
-from covid_xray.model import Classifier
-from covid_xray.preprocess import Preprocessing
-from covid_xray.pyfunc import DicomClassifier
+from covid_xray.evaluation.report import evaluate
+from covid_xray.imaging.preprocess import Preprocessing
+from covid_xray.model.networks import Classifier
+from covid_xray.model.pyfunc import DicomClassifier
 
 # Six validation studies by score: negatives at 0.1, 0.3, 0.6; opacities at 0.4, 0.8, 0.9.
 SCORES = np.array([0.1, 0.3, 0.4, 0.6, 0.8, 0.9])

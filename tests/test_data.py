@@ -10,8 +10,7 @@ import pandas as pd
 import pydicom
 import pytest
 
-from covid_xray.cache import CacheParams, ImageCache
-from covid_xray.data import (
+from covid_xray.data.studies import (
     CLASS_COLUMNS,
     MANIFEST_COLUMNS,
     STUDY_CSV,
@@ -26,10 +25,11 @@ from covid_xray.data import (
     select_studies,
     split_studies,
 )
-from covid_xray.dicom import write_dicom
+from covid_xray.data.synthetic import make_dataset
 from covid_xray.errors import UserError
-from covid_xray.preprocess import load_square
-from covid_xray.synthetic import make_dataset
+from covid_xray.imaging.cache import CacheParams, ImageCache
+from covid_xray.imaging.preprocess import load_square
+from covid_xray.imaging.writer import write_dicom
 
 HEADER = "id," + ",".join(CLASS_COLUMNS) + "\n"
 SIIM_CLASS_COUNTS = [1676, 2855, 1049, 474]  # the real file's, per SIIM class
@@ -341,7 +341,7 @@ def test_the_data_step_says_what_it_left_out(tiny_dataset, tmp_path, capsys, mon
     that could not be read are printed, not only logged as params."""
     import errno
 
-    import covid_xray.dicom as dicom_module
+    import covid_xray.imaging.dicom as dicom_module
 
     data_dir = tmp_path / "data"
     shutil.copytree(tiny_dataset, data_dir)

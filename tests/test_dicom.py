@@ -21,16 +21,10 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from covid_xray import fast_decoders
-from covid_xray.dicom import (
-    LOSSY_SYNTAXES,
-    MAX_PIXEL_BYTES,
-    _decode_fast,
-    read_patient_id,
-    read_xray,
-    write_dicom,
-)
 from covid_xray.errors import DicomError
+from covid_xray.imaging import decoders
+from covid_xray.imaging.dicom import MAX_PIXEL_BYTES, _decode_fast, read_patient_id, read_xray
+from covid_xray.imaging.writer import LOSSY_SYNTAXES, write_dicom
 from tests.conftest import REAL_DICOM
 
 RNG = np.random.default_rng(0)
@@ -100,7 +94,7 @@ def test_fast_decoder_gives_the_pixels_gdcm_gives(tmp_path, syntax, bits, signed
         stored = (stored.astype(np.int32) - 2 ** (bits - 1)).astype(np.int16)
     path = tmp_path / "x.dcm"
     write_dicom(path, stored, syntax=syntax, bits_stored=bits, signed=signed)
-    fast = pixel_array(path, decoding_plugin=fast_decoders.LABEL)
+    fast = pixel_array(path, decoding_plugin=decoders.LABEL)
     np.testing.assert_array_equal(fast, pixel_array(path, decoding_plugin="gdcm"))
     assert fast.dtype == stored.dtype
     if syntax in LOSSY_SYNTAXES:
@@ -111,7 +105,7 @@ def test_fast_decoder_gives_the_pixels_gdcm_gives(tmp_path, syntax, bits, signed
 
 
 def test_fast_decoder_reads_the_real_radiograph_as_gdcm_does():
-    np.testing.assert_array_equal(pixel_array(REAL_DICOM, decoding_plugin=fast_decoders.LABEL),
+    np.testing.assert_array_equal(pixel_array(REAL_DICOM, decoding_plugin=decoders.LABEL),
                                   pixel_array(REAL_DICOM, decoding_plugin="gdcm"))
 
 
@@ -337,7 +331,7 @@ def test_a_symlink_loop_is_an_error_not_a_crash(tmp_path):
 # by fork + exec inherits from the parent it was forked from (pytest's, here).
 BOMB_CHECK = """
 import sys
-from covid_xray.dicom import read_xray
+from covid_xray.imaging.dicom import read_xray
 from covid_xray.errors import DicomError
 try:
     read_xray(sys.argv[1])

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from kagglesdk import kaggle_env
 
-from covid_xray import download as download_module
 from covid_xray.config import DownloadConfig
-from covid_xray.data import STUDY_CSV, find_studies, read_study_labels
-from covid_xray.download import download, extract_archive
+from covid_xray.data import download as download_module
+from covid_xray.data.download import download, extract_archive
+from covid_xray.data.studies import STUDY_CSV, find_studies, read_study_labels
 from covid_xray.errors import UserError
 from tests.conftest import ROOT, clean_env
 from tests.kaggle_stub import KaggleStub

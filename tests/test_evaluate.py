@@ -16,17 +16,17 @@ import pytest
 from mlflow.tracking import MlflowClient
 from sklearn.metrics import roc_auc_score
 
-from covid_xray.calibration import uncalibrated
 from covid_xray.config import EvaluateConfig, PromoteConfig, TrainConfig
-from covid_xray.data import STUDY_CSV
-from covid_xray.dicom import write_dicom
+from covid_xray.data.studies import STUDY_CSV
+from covid_xray.data.synthetic import chest_image
 from covid_xray.errors import UserError
-from covid_xray.experiment import run_training
-from covid_xray.external import FINGERPRINT_TAG, evaluate_model, read_labelled_set
-from covid_xray.metrics import batched_ece
-from covid_xray.promotion import find_evaluations, promote
-from covid_xray.registry import logged_model_id
-from covid_xray.synthetic import chest_image
+from covid_xray.evaluation.calibration import uncalibrated
+from covid_xray.evaluation.metrics import batched_ece
+from covid_xray.imaging.writer import write_dicom
+from covid_xray.serving.evaluate import FINGERPRINT_TAG, evaluate_model, read_labelled_set
+from covid_xray.serving.promotion import find_evaluations, promote
+from covid_xray.tracking.registry import logged_model_id
+from covid_xray.training.run import run_training
 from tests.conftest import ROOT, clean_env
 
 CHAMPION = "models:/covid-xray-densenet@champion"
@@ -188,7 +188,7 @@ def test_the_alias_is_resolved_once_and_that_version_is_scored(store, hospital, 
     """If @champion moved between loading the model and naming its version, the run would be
     tagged with a version it never scored: the alias is resolved once, and the model loaded
     is that version by number."""
-    from covid_xray import registry
+    from covid_xray.tracking import registry
 
     loaded = []
     real_load = registry.load

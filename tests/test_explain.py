@@ -13,8 +13,8 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from covid_xray.explain import grad_cam
-from covid_xray.model import build
+from covid_xray.evaluation.gradcam import grad_cam
+from covid_xray.model.networks import build
 
 SIZE = 128
 RADIUS = 12

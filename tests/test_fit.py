@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from covid_xray.train import BestEpoch, Recipe, fit
+from covid_xray.training.loop import BestEpoch, Recipe, fit
 
 
 def choices(patience: int, epochs: list[tuple[float, float]]) -> tuple[list[bool], int, bool]:

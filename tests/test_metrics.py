@@ -13,11 +13,11 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from covid_xray import metrics
-from covid_xray.evaluation import (
+from covid_xray.evaluation.report import (
     bootstrap_indices,
     confidence_intervals,
     evaluate,
+    metrics,
     paired_difference,
 )
 
@@ -26,7 +26,7 @@ BINARY = ("negative", "opacity")
 
 @pytest.fixture(autouse=True)
 def close_figures():
-    """evaluate() draws figures that mlflow_run.py would log and close; here nobody logs them."""
+    """evaluate() draws figures that tracking/mlflow_run.py would log and close; here nobody logs them."""
     yield
     plt.close("all")
 

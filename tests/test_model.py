@@ -7,7 +7,7 @@ import torch
 import torchxrayvision as xrv
 
 from covid_xray.errors import UserError
-from covid_xray.model import Classifier, architecture, build, xrv_weights_path
+from covid_xray.model.networks import Classifier, architecture, build, xrv_weights_path
 from tests.conftest import no_internet
 
 

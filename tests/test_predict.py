@@ -14,11 +14,11 @@ import pydicom
 import pytest
 
 from covid_xray.config import PredictConfig
-from covid_xray.decoding import available_cores, worker_count
 from covid_xray.errors import UserError
-from covid_xray.predict import find_dicoms, predict_files, siim_ids
-from covid_xray.pyfunc import encode_dicom
-from covid_xray.registry import load
+from covid_xray.imaging.workers import available_cores, worker_count
+from covid_xray.model.pyfunc import encode_dicom
+from covid_xray.serving.predict import find_dicoms, predict_files, siim_ids
+from covid_xray.tracking.registry import load
 from tests.conftest import REAL_DICOM, ROOT, clean_env
 
 PRODUCTION = "models:/covid-xray-densenet/Production"

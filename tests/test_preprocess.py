@@ -8,17 +8,17 @@ import torch
 from torch.utils.data import DataLoader
 
 from covid_xray.config import AugmentConfig
-from covid_xray.dataset import XrayDataset, build_augmentation, init_worker
-from covid_xray.decoding import worker_context
-from covid_xray.dicom import write_dicom
+from covid_xray.data.dataset import XrayDataset, build_augmentation, init_worker
 from covid_xray.errors import UserError
-from covid_xray.preprocess import (
+from covid_xray.imaging.preprocess import (
     crop_square,
     load_square,
     normalize,
     resize,
     to_model_input,
 )
+from covid_xray.imaging.workers import worker_context
+from covid_xray.imaging.writer import write_dicom
 
 
 def test_crop_square_takes_the_centre():

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from covid_xray.model import Classifier
-from covid_xray.train import (
+from covid_xray.model.networks import Classifier
+from covid_xray.training.loop import (
     Stepper,
     WeightAverage,
     lr_factor,

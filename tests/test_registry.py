@@ -16,14 +16,15 @@ import pytest
 from mlflow.tracking import MlflowClient
 from sklearn.dummy import DummyClassifier
 
-from covid_xray import metrics, mlflow_run
 from covid_xray.config import PromoteConfig
 from covid_xray.errors import UserError
-from covid_xray.external import FINGERPRINT_TAG, MODEL_NAME_TAG, MODEL_VERSION_TAG
-from covid_xray.model import Classifier, build
-from covid_xray.promotion import promote
-from covid_xray.pyfunc import DicomClassifier
-from covid_xray.registry import load
+from covid_xray.evaluation import metrics
+from covid_xray.model.networks import Classifier, build
+from covid_xray.model.pyfunc import DicomClassifier
+from covid_xray.serving.evaluate import FINGERPRINT_TAG, MODEL_NAME_TAG, MODEL_VERSION_TAG
+from covid_xray.serving.promotion import promote
+from covid_xray.tracking import mlflow_run
+from covid_xray.tracking.registry import load
 from tests.conftest import REAL_DICOM, ROOT, clean_env
 
 

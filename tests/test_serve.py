@@ -15,9 +15,9 @@ import pytest
 import requests
 import torch
 
-from covid_xray.dicom import write_dicom
-from covid_xray.pyfunc import encode_dicom
-from covid_xray.registry import load
+from covid_xray.imaging.writer import write_dicom
+from covid_xray.model.pyfunc import encode_dicom
+from covid_xray.tracking.registry import load
 from tests.conftest import REAL_DICOM, clean_env, free_port, serving
 
 

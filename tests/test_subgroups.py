@@ -8,8 +8,14 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from covid_xray.evaluation import bootstrap_indices
-from covid_xray.subgroups import COLUMNS, MIN_STUDIES, age_band, attributes, subgroup_table
+from covid_xray.evaluation.report import bootstrap_indices
+from covid_xray.evaluation.subgroups import (
+    COLUMNS,
+    MIN_STUDIES,
+    age_band,
+    attributes,
+    subgroup_table,
+)
 
 BINARY = ("negative", "opacity")
 

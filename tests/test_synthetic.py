@@ -11,11 +11,11 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from covid_xray.cache import CacheParams, ImageCache
-from covid_xray.data import build_manifest, read_study_labels
-from covid_xray.dicom import read_xray
-from covid_xray.preprocess import load_square, normalize
-from covid_xray.synthetic import ENCODINGS, make_dataset
+from covid_xray.data.studies import build_manifest, read_study_labels
+from covid_xray.data.synthetic import ENCODINGS, make_dataset
+from covid_xray.imaging.cache import CacheParams, ImageCache
+from covid_xray.imaging.dicom import read_xray
+from covid_xray.imaging.preprocess import load_square, normalize
 
 HEX12 = re.compile(r"[0-9a-f]{12}")
 

@@ -20,7 +20,7 @@ import requests
 from mlflow.tracking import MlflowClient
 
 from covid_xray.errors import UserError
-from covid_xray.mlflow_run import check_tracking_server
+from covid_xray.tracking.mlflow_run import check_tracking_server
 from tests.conftest import ROOT, clean_env
 
 TINY = ["--model", "none", "--img-size", "32", "--epochs", "1", "--num-workers", "0",

@@ -18,8 +18,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from covid_xray.config import TrainConfig
-from covid_xray.experiment import run_training
-from covid_xray.registry import logged_model_id
+from covid_xray.tracking.registry import logged_model_id
+from covid_xray.training.run import run_training
 from tests.conftest import ROOT, clean_env, free_port, no_internet
 
 TINY = dict(model="none", img_size=32, epochs=2, patience=5, batch_size=16, num_workers=0,
@@ -295,7 +295,7 @@ def test_a_last_training_batch_of_one_film_is_dropped(demo_dataset, tmp_path, tr
     """At 32 px a DenseNet's last feature map is 1 x 1, and BatchNorm in train mode cannot
     normalise a batch of one such map: a training split of n studies with batch_size n - 1
     must not end an epoch on a batch of one."""
-    from covid_xray.experiment import prepare
+    from covid_xray.training.run import prepare
 
     config = TrainConfig(data_dir=str(demo_dataset), cache_dir=str(tmp_path / "cache"),
                          model="none", img_size=32, epochs=1, num_workers=0, device="cpu",
@@ -323,8 +323,8 @@ def test_training_workers_are_forkserver_children_on_one_thread(demo_dataset, tm
     server, not from this process, and each worker keeps OpenCV to one thread."""
     from torch.utils.data import DataLoader
 
-    from covid_xray.dataset import init_worker
-    from covid_xray.experiment import prepare
+    from covid_xray.data.dataset import init_worker
+    from covid_xray.training.run import prepare
 
     config = TrainConfig(data_dir=str(demo_dataset), cache_dir=str(tmp_path / "cache"),
                          model="none", img_size=32, num_workers=2, device="cpu")

@@ -17,7 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from covid_xray.errors import UserError
-from covid_xray.tune import DEFAULT_SPACE, check_space, load_space
+from covid_xray.training.tune import DEFAULT_SPACE, check_space, load_space
 from tests.conftest import ROOT, clean_env
 
 # Small and quiet: 60 studies at 32 px, and no system-metrics thread writing to the shared
@@ -212,7 +212,7 @@ def test_orphan_cleanup_survives_an_unknown_run(tmp_path, monkeypatch, capsys):
     or the server may blink: one line, and the study carries on."""
     import mlflow
 
-    from covid_xray.tune import _end_orphaned_runs
+    from covid_xray.training.tune import _end_orphaned_runs
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'm.db'}")
@@ -337,8 +337,8 @@ def test_pruned_runs_end_killed(tmp_path, monkeypatch):
     """A pruning decision ends the trial's run KILLED (tagged PRUNED by tune), not FAILED."""
     import mlflow
 
-    from covid_xray.mlflow_run import tracked_run
-    from covid_xray.tune import TrialPruned
+    from covid_xray.tracking.mlflow_run import tracked_run
+    from covid_xray.training.tune import TrialPruned
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'm.db'}")

@@ -15,7 +15,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from covid_xray.errors import UserError
-from covid_xray.pyfunc import DicomClassifier
+from covid_xray.model.pyfunc import DicomClassifier
 
 STAGES = ("None", "Staging", "Production", "Archived")
 
@@ -101,7 +101,7 @@ def check_move(stage: str, alias: str) -> None:
 
 def promote(name: str, version: str, *, stage: str = "None", alias: str = "") -> Promotion:
     """Move `version` to `stage` (archiving the previous holders) and/or give it `alias`.
-    Whether it should move is promotion.py's question; this only moves it."""
+    Whether it should move is serving/promotion.py's question; this only moves it."""
     check_move(stage, alias)
     client = MlflowClient()
     candidate = get_version(client, name, version)

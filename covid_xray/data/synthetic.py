@@ -31,8 +31,8 @@ from pydicom.uid import (
 )
 from tqdm import tqdm
 
-from covid_xray.data import CLASS_COLUMNS, IMAGE_CSV, STUDY_CSV
-from covid_xray.dicom import write_dicom
+from covid_xray.data.studies import CLASS_COLUMNS, IMAGE_CSV, STUDY_CSV
+from covid_xray.imaging.writer import write_dicom
 
 # SIIM's class mix (1676 / 2855 / 1049 / 474 studies): negative, typical, indeterminate, atypical.
 SIIM_CLASS_FREQUENCIES = np.array([1676, 2855, 1049, 474]) / 6054
@@ -167,7 +167,8 @@ def make_dataset(
                     cols = int(image_size * rng.uniform(0.8, 1.2))
                     image, boxes = chest_image(rng, label, rows, cols)
                     if view == 1:
-                        image = image[:, ::-1]  # stands in for the lateral view data.py drops
+                        # stands in for the lateral view data/studies.py drops
+                        image = image[:, ::-1]
                     encoding = ENCODINGS[(index + view) % len(ENCODINGS)]
                     if index in copied:
                         films[index] = (image, encoding, label)

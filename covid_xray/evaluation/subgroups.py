@@ -20,8 +20,8 @@ import pandas as pd
 from matplotlib import pyplot as plt
 from matplotlib.figure import Figure
 
-from covid_xray import metrics
-from covid_xray.evaluation import Evaluation, confidence_intervals
+from covid_xray.evaluation import metrics
+from covid_xray.evaluation.report import Evaluation, confidence_intervals
 
 MIN_STUDIES = 30
 AGE_BANDS = ((18, "<18"), (40, "18-39"), (65, "40-64"), (np.inf, ">=65"))

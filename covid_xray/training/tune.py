@@ -29,10 +29,10 @@ import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from covid_xray import mlflow_run
 from covid_xray.config import TrainConfig, TuneConfig
 from covid_xray.errors import RunStopped, UserError
-from covid_xray.experiment import effective_config, prepare, prepare_data, register, train_in_run
+from covid_xray.tracking import mlflow_run
+from covid_xray.training.run import effective_config, prepare, prepare_data, register, train_in_run
 
 # The original project's search space (less vertical flips, which real frontal films never
 # show) plus the optimiser's and the recipe's knobs. Each entry is an Optuna distribution:
@@ -53,7 +53,8 @@ DEFAULT_SPACE: dict[str, dict[str, Any]] = {
     "batch_size": {"type": "categorical", "choices": [16, 32, 64]},
 }
 TRAIN_FIELDS = {field.name for field in dataclasses.fields(TrainConfig)}
-# Set by `-P workers=N` (parallel.py) for its workers: nest each worker's run under the command's.
+# Set by `-P workers=N` (training/tune_workers.py) for its workers: nest each worker's run
+# under the command's.
 PARENT_RUN_VARIABLE = "COVID_XRAY_PARENT_RUN_ID"
 
 

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, BinaryIO
 import cv2
 import numpy as np
 
-from covid_xray.dicom import read_xray
 from covid_xray.errors import UserError
+from covid_xray.imaging.dicom import read_xray
 
 if TYPE_CHECKING:
     from covid_xray.config import TrainConfig

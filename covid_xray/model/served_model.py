@@ -5,6 +5,6 @@ version or on how our classes were laid out when the model was logged."""
 
 from mlflow.models import set_model
 
-from covid_xray.pyfunc import DicomClassifier
+from covid_xray.model.pyfunc import DicomClassifier
 
 set_model(DicomClassifier())

@@ -8,7 +8,7 @@ JPEG-LS 65 vs 115, JPEG 2000 239 vs 294 and less CPU). Lossy 12-bit JPEG stays w
 (GDCM cannot read it; libjpeg-turbo's inverse DCT rounds otherwise than pylibjpeg's, which
 reads it now, so the pixels would change).
 
-`dicom.py` asks for this plugin first and falls back to pydicom's own order when it declines
+`imaging/dicom.py` asks for this plugin first and falls back to pydicom's own order when it declines
 (signed JPEG, colour) or fails, so a file that decoded before still decodes.
 """
 

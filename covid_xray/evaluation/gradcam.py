@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from covid_xray.dicom import read_xray
-from covid_xray.preprocess import Preprocessing, square_box
+from covid_xray.imaging.dicom import read_xray
+from covid_xray.imaging.preprocess import Preprocessing, square_box
 
 
 def grad_cam(network: nn.Module, model_input: np.ndarray, class_index: int) -> np.ndarray:

@@ -25,11 +25,11 @@ import numpy as np
 from tqdm import tqdm
 
 from covid_xray import lifecycle
-from covid_xray.dicom import HEADER_FIELDS, error_line, read_header
 from covid_xray.errors import DicomError, UserError
-from covid_xray.fast_decoders import decode_on_one_thread
 from covid_xray.files import atomic_write
-from covid_xray.preprocess import load_square
+from covid_xray.imaging.decoders import decode_on_one_thread
+from covid_xray.imaging.dicom import HEADER_FIELDS, error_line, read_header
+from covid_xray.imaging.preprocess import load_square
 
 # Bump when load_square's output changes for the same input, so old entries are not served.
 FORMAT_VERSION = 1

@@ -2,7 +2,7 @@
 hospital's data, say), the way medical-imaging papers report it.
 
 Every usable study counts (no split), except those the model was trained or validated on
-(training_manifest.py): those are refused, or left out with overlap=drop. Without a data_dir
+(tracking/manifests.py): those are refused, or left out with overlap=drop. Without a data_dir
 the model's own logged test split is scored again. The model's own task decides the labels
 (binary or 4-class), its own stored preprocessing reads the films, and the numbers come with
 95% bootstrap intervals and calibration (`evaluation.evaluate`, the code train uses for its
@@ -22,17 +22,17 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 from tqdm import tqdm
 
-from covid_xray import mlflow_run, registry
-from covid_xray.cache import CacheParams, ImageCache, pixel_digest
 from covid_xray.config import EvaluateConfig
-from covid_xray.data import CLASS_NAMES, DOWNLOAD_HINT, find_studies
-from covid_xray.decoding import decoded_batches, worker_count
+from covid_xray.data.studies import CLASS_NAMES, DOWNLOAD_HINT, find_studies
 from covid_xray.errors import UserError
-from covid_xray.evaluation import Evaluation, evaluate
+from covid_xray.evaluation.report import Evaluation, evaluate
+from covid_xray.evaluation.subgroups import add_subgroups
 from covid_xray.files import atomic_write
-from covid_xray.pyfunc import DicomClassifier
-from covid_xray.subgroups import add_subgroups
-from covid_xray.training_manifest import learned_from, logged_data_dir, logged_manifest
+from covid_xray.imaging.cache import CacheParams, ImageCache, pixel_digest
+from covid_xray.imaging.workers import decoded_batches, worker_count
+from covid_xray.model.pyfunc import DicomClassifier
+from covid_xray.tracking import mlflow_run, registry
+from covid_xray.tracking.manifests import learned_from, logged_data_dir, logged_manifest
 
 OVERLAP_RULES = ("refuse", "drop")
 # What the binary classes were called before they were named for what they are.

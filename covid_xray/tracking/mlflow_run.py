@@ -2,9 +2,9 @@
 status, log into it (params, metrics, figures, the splits as dataset inputs, the model) and
 register its model. Train's runs, tune's and evaluate's are all made here.
 
-Other modules use MLflow for their own job (registry.py and promotion.py the registry, pyfunc.py
-the model format, tune.py the study's bookkeeping); train.py, evaluation.py, metrics.py and the
-data modules never import it.
+Other modules use MLflow for their own job (registry.py beside it and serving/promotion.py the
+registry, model/pyfunc.py the model format, training/tune.py the study's bookkeeping); the
+imaging, data and evaluation layers and training/loop.py never import it.
 
 The tracking URI is MLflow's own choice: `MLFLOW_TRACKING_URI` when set, else the sqlite store
 `mlflow.db` in the working directory (MLflow 3's default), which `mlflow ui` there reads and
@@ -41,12 +41,14 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.credentials import get_default_host_creds
 from mlflow.utils.rest_utils import http_request
 
-from covid_xray import lifecycle, pyfunc, registry
+from covid_xray import lifecycle
 from covid_xray.errors import RunStopped, UserError
-from covid_xray.evaluation import Evaluation
-from covid_xray.pyfunc import DicomClassifier
+from covid_xray.evaluation.report import Evaluation
+from covid_xray.model import pyfunc
+from covid_xray.model.pyfunc import DicomClassifier
+from covid_xray.tracking import registry
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # covid_xray/: logged whole with each model
 # What a logged model imports to load and predict (pinned to what trained it; MLflow adds
 # itself). tests/test_serve.py serves a model from a virtualenv holding only these.
 MODEL_REQUIREMENTS = ("torch", "torchvision", "torchxrayvision", "numpy", "pandas", "pydicom",
@@ -304,7 +306,7 @@ def log_model(python_model: DicomClassifier) -> mlflow.models.model.ModelInfo:
     with tempfile.TemporaryDirectory() as folder, _quiet_logger("mlflow.pyfunc"):
         return mlflow.pyfunc.log_model(
             name="model",
-            python_model=str(PACKAGE_DIR / "served_model.py"),
+            python_model=str(PACKAGE_DIR / "model" / "served_model.py"),
             artifacts=python_model.save_artifacts(Path(folder)),
             signature=pyfunc.signature(python_model.class_names),
             input_example=pyfunc.example_input(),

@@ -21,8 +21,8 @@ class Classifier(nn.Module):
     """The network plus the softmax: what we log, register and serve returns probabilities.
 
     `tta="flip"` averages the probabilities of each film and its mirror image. `temperature`
-    (fitted on validation after training, calibration.py) divides the log-probabilities before
-    the final softmax. Both live here, inside the logged model, so train's test split,
+    (fitted on validation after training, evaluation/calibration.py) divides the
+    log-probabilities before the final softmax. Both live here, inside the logged model, so train's test split,
     predict and serve all apply them alike.
     """
 

@@ -47,13 +47,13 @@ from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, Schema
 
-from covid_xray.calibration import ARGMAX, OperatingPoint, predicted_classes
-from covid_xray.decoding import decode
-from covid_xray.dicom import write_dicom
+from covid_xray.data.synthetic import chest_image
 from covid_xray.errors import DicomError, UserError
-from covid_xray.model import Classifier, architecture
-from covid_xray.preprocess import Preprocessing
-from covid_xray.synthetic import chest_image
+from covid_xray.evaluation.calibration import ARGMAX, OperatingPoint, predicted_classes
+from covid_xray.imaging.preprocess import Preprocessing
+from covid_xray.imaging.workers import decode
+from covid_xray.imaging.writer import write_dicom
+from covid_xray.model.networks import Classifier, architecture
 
 INPUT_COLUMNS = ("path", "dicom_base64")
 # `path` is accepted only when the operator names a folder here (paths inside it only).

@@ -18,25 +18,27 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from covid_xray import lifecycle, metrics, mlflow_run
-from covid_xray.cache import CacheParams, ImageCache
-from covid_xray.calibration import (
+from covid_xray import lifecycle
+from covid_xray.config import TrainConfig
+from covid_xray.data.dataset import XrayDataset, build_augmentation, init_worker
+from covid_xray.data.studies import CLASS_NAMES, Manifest, build_manifest
+from covid_xray.errors import UserError
+from covid_xray.evaluation import metrics
+from covid_xray.evaluation.calibration import (
     OperatingPoint,
     fit_operating_point,
     fit_temperature,
     parse_rule,
 )
-from covid_xray.config import TrainConfig
-from covid_xray.data import CLASS_NAMES, Manifest, build_manifest
-from covid_xray.dataset import XrayDataset, build_augmentation, init_worker
-from covid_xray.decoding import worker_context
-from covid_xray.errors import UserError
-from covid_xray.evaluation import RESAMPLES, evaluate
-from covid_xray.model import Classifier, build
-from covid_xray.preprocess import Preprocessing
-from covid_xray.pyfunc import DicomClassifier
-from covid_xray.subgroups import add_subgroups
-from covid_xray.train import Recipe, fit, make_optimizer, resolve_device, seed_everything
+from covid_xray.evaluation.report import RESAMPLES, evaluate
+from covid_xray.evaluation.subgroups import add_subgroups
+from covid_xray.imaging.cache import CacheParams, ImageCache
+from covid_xray.imaging.preprocess import Preprocessing
+from covid_xray.imaging.workers import worker_context
+from covid_xray.model.networks import Classifier, build
+from covid_xray.model.pyfunc import DicomClassifier
+from covid_xray.tracking import mlflow_run
+from covid_xray.training.loop import Recipe, fit, make_optimizer, resolve_device, seed_everything
 
 
 @dataclass

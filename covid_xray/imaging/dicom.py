@@ -2,7 +2,7 @@
 
 The order follows the DICOM grayscale pipeline (PS3.4 N.2): stored values -> modality LUT
 (rescale slope/intercept) -> VOI LUT or window -> presentation (MONOCHROME1 is inverted).
-Decoding is pydicom's. It first asks our imagecodecs plugin (fast_decoders.py: the same
+Decoding is pydicom's. It first asks our imagecodecs plugin (decoders.py: the same
 pixels, faster), then every installed plugin (GDCM, pylibjpeg, Pillow) in turn, so RLE, JPEG
 Baseline/Extended/Lossless, JPEG-LS and JPEG 2000 all work.
 """
@@ -13,46 +13,26 @@ import warnings
 from os import PathLike
 from typing import BinaryIO
 
-import imagecodecs
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import encapsulate
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi, get_decoder
-from pydicom.uid import (
-    JPEG2000,
-    UID,
-    ExplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    RLELossless,
-    generate_uid,
-)
 
-from covid_xray import fast_decoders
 from covid_xray.errors import DicomError
+from covid_xray.imaging import decoders
 
 GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
 # Projection radiography: computed (CR), digital (DX) and the retired RG. A file without a
 # Modality tag is accepted too (old exports drop it). BodyPartExamined is not checked: SIIM
 # writes CHEST, TORAX, PECHO, THORAX or nothing.
 RADIOGRAPHY = ("CR", "DX", "RG")
-CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 # The most pixel data a header may claim (Rows x Columns x frames x bytes per sample): 100
 # megapixels at 16 bits. The largest chest detectors give about 4300 x 4300 (37 MB); a header
 # claiming more is refused before any pixel is decoded, so a few KB of RLE that would unpack
 # to gigabytes (a decompression bomb) costs nothing.
 MAX_PIXEL_BYTES = 200_000_000
-# What write_dicom encodes with loss (and marks so, as PS3.3 C.7.6.1.1.5 asks).
-LOSSY_SYNTAXES = (JPEGBaseline8Bit, JPEGExtended12Bit, JPEG2000, JPEGLSNearLossless)
 
-fast_decoders.register()
+decoders.register()
 
 
 def read_xray(path: str | PathLike | BinaryIO, *, apply_voi_lut: bool = True) -> np.ndarray:
@@ -210,7 +190,7 @@ def _decode_first_frame(ds: pydicom.Dataset, name: object) -> np.ndarray:
         warnings.warn(f"{name}: {frames} frames, using the first", stacklevel=3)
     # index=0 decodes only the first frame instead of the whole cine loop.
     first = 0 if frames > 1 else None
-    pixels = _decode_fast(ds, first) if syntax in fast_decoders.SYNTAXES else None
+    pixels = _decode_fast(ds, first) if syntax in decoders.SYNTAXES else None
     if pixels is None:
         try:
             ds.pixel_array_options(index=first)  # every plugin pydicom has, in its order
@@ -230,7 +210,7 @@ def _decode_fast(ds: pydicom.Dataset, first: int | None) -> np.ndarray | None:
     """The pixels from our imagecodecs plugin, or None when it declines the file or fails on
     it: pydicom's own plugins then try, and word the error of a file none can read."""
     try:
-        ds.pixel_array_options(index=first, decoding_plugin=fast_decoders.LABEL)
+        ds.pixel_array_options(index=first, decoding_plugin=decoders.LABEL)
         return ds.pixel_array
     except Exception:
         return None
@@ -273,98 +253,3 @@ def _apply_voi_lut_sequence(values: np.ndarray, ds: pydicom.Dataset) -> np.ndarr
 def _first(value: object) -> object:
     """Window tags may hold several values; the first is the default view."""
     return value[0] if isinstance(value, pydicom.multival.MultiValue) else value
-
-
-# --- writing: the fixtures, the demo data and the stored example request use this ---
-
-def write_dicom(
-    path: str | PathLike,
-    stored: np.ndarray,
-    *,
-    syntax: UID = ExplicitVRLittleEndian,
-    bits_stored: int = 12,
-    photometric: str = "MONOCHROME2",
-    rescale: tuple[float, float] | None = None,
-    window: tuple[float, float] | None = None,
-    study_uid: str | None = None,
-    series_uid: str | None = None,
-    signed: bool = False,
-    patient_id: str = "",
-    modality: str = "CR",
-    header: dict[str, str] | None = None,
-) -> None:
-    """Write `stored` (the stored pixel values, 2-D or frames x rows x cols) as a CR DICOM.
-
-    `rescale` is (slope, intercept); `window` is (center, width) in rescaled units.
-    Lossless syntaxes give back exactly `stored`; Baseline and Extended are lossy JPEG.
-    """
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = CR_IMAGE_STORAGE
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = CR_IMAGE_STORAGE
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = study_uid or generate_uid()
-    ds.SeriesInstanceUID = series_uid or generate_uid()
-    ds.Modality = modality
-    ds.BodyPartExamined = "CHEST"
-    ds.PatientID = patient_id
-    for keyword, value in (header or {}).items():  # PatientSex, PatientAge, ViewPosition...
-        setattr(ds, keyword, value)
-
-    if stored.ndim == 3:
-        ds.NumberOfFrames = stored.shape[0]
-    ds.Rows, ds.Columns = stored.shape[-2:]
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated = 8 if bits_stored <= 8 else 16
-    ds.BitsStored = bits_stored
-    ds.HighBit = bits_stored - 1
-    ds.PixelRepresentation = 1 if signed else 0
-    if rescale is not None:
-        ds.RescaleSlope, ds.RescaleIntercept = (f"{v:g}" for v in rescale)
-        ds.RescaleType = "US"
-    if window is not None:
-        ds.WindowCenter, ds.WindowWidth = (f"{v:g}" for v in window)
-
-    dtype = {(8, False): np.uint8, (16, False): np.uint16, (16, True): np.int16}
-    stored = np.ascontiguousarray(stored, dtype=dtype[(ds.BitsAllocated, signed)])
-    if syntax == ExplicitVRLittleEndian:
-        ds.PixelData = stored.tobytes()
-    elif syntax == RLELossless:
-        ds.compress(syntax, stored)  # pydicom's own numpy RLE encoder
-    else:
-        # pydicom cannot write the JPEG family and its JPEG 2000 encoder refuses images under
-        # 32 px; imagecodecs (libjpeg-turbo, CharLS, OpenJPEG) writes all of them.
-        ds.PixelData = encapsulate([_encode_jpeg(frame, syntax, bits_stored) for frame in
-                                    stored.reshape(-1, *stored.shape[-2:])])
-        ds["PixelData"].VR = "OB"
-        ds.file_meta.TransferSyntaxUID = syntax
-        if syntax in LOSSY_SYNTAXES:  # readers must be able to tell
-            ds.LossyImageCompression = "01"
-    ds.save_as(path, enforce_file_format=True)
-
-
-def _encode_jpeg(frame: np.ndarray, syntax: UID, bits_stored: int) -> bytes:
-    if syntax in (JPEG2000Lossless, JPEG2000):
-        levels = max(1, min(6, int(np.log2(min(frame.shape))) - 1))  # small images, fewer levels
-        lossless = syntax == JPEG2000Lossless  # else the 9/7 wavelet, at quality level 50
-        return imagecodecs.jpeg2k_encode(frame, codecformat="J2K", reversible=lossless,
-                                         level=None if lossless else 50,
-                                         bitspersample=bits_stored, resolutions=levels)
-    if syntax in (JPEGLSLossless, JPEGLSNearLossless):
-        if frame.dtype.kind == "i":  # JPEG-LS has no sign: it carries the two's complement bits
-            frame = frame.view(np.uint16)
-        # near-lossless: every sample within 3 of the original
-        return imagecodecs.jpegls_encode(frame, level=0 if syntax == JPEGLSLossless else 3)
-    if syntax in (JPEGLosslessSV1, JPEGLossless):
-        # Process 14 allows predictors 1-7; SV1 is the one with predictor 1.
-        return imagecodecs.jpeg8_encode(frame, lossless=True,
-                                        predictor=1 if syntax == JPEGLosslessSV1 else 7,
-                                        bitspersample=bits_stored)
-    if syntax == JPEGBaseline8Bit:
-        return imagecodecs.jpeg8_encode(frame, level=95)
-    if syntax == JPEGExtended12Bit:
-        return imagecodecs.jpeg8_encode(frame, level=95, bitspersample=12)
-    raise ValueError(f"no encoder for {syntax.name}")

@@ -3,7 +3,7 @@ interval, calibration beside discrimination, and the pictures that show both.
 
 One function serves train's test split and the evaluate entry point (any labelled set):
 labels and probabilities in, an `Evaluation` (numbers and figures) out. No MLflow in here;
-mlflow_run.py logs what it returns.
+tracking/mlflow_run.py logs what it returns.
 
 Confidence intervals come from a stratified bootstrap: each resample draws, with replacement,
 as many studies of each class as the set holds, so the class mix (and every AUC) stays defined.
@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from covid_xray import metrics
-from covid_xray.calibration import uncalibrated
+from covid_xray.evaluation import metrics
+from covid_xray.evaluation.calibration import uncalibrated
 
 RESAMPLES = 1000
 CONFIDENCE = 0.95

@@ -9,12 +9,12 @@ import cv2
 import pandas as pd
 from tqdm import tqdm
 
-from covid_xray import mlflow_run, registry
 from covid_xray.config import PredictConfig
-from covid_xray.decoding import decoded_batches, start_workers_early
 from covid_xray.errors import UserError
-from covid_xray.explain import grad_cam, overlay
+from covid_xray.evaluation.gradcam import grad_cam, overlay
 from covid_xray.files import atomic_write
+from covid_xray.imaging.workers import decoded_batches, start_workers_early
+from covid_xray.tracking import mlflow_run, registry
 
 HEX12 = re.compile(r"[0-9a-f]{12}")
 

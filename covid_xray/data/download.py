@@ -1,6 +1,6 @@
 """Get the SIIM data into `data_dir`: from Kaggle, from a zip or folder you have, or synthetic.
 
-Whatever the source, the result is the layout `data.py` reads (both CSVs + train/ DICOMs),
+Whatever the source, the result is the layout `data/studies.py` reads (both CSVs + train/ DICOMs),
 and it appears only when complete: work happens in hidden folders inside `data_dir` and is
 renamed into place at the end, so an interrupted run leaves nothing half-done (and the next run
 resumes from the files already finished). Archive entries that would land outside `data_dir`
@@ -27,9 +27,9 @@ import pandas as pd
 import requests
 from tqdm import tqdm
 
-from covid_xray import synthetic
 from covid_xray.config import DownloadConfig
-from covid_xray.data import IMAGE_CSV, STUDY_CSV, find_studies, read_study_labels
+from covid_xray.data import synthetic
+from covid_xray.data.studies import IMAGE_CSV, STUDY_CSV, find_studies, read_study_labels
 from covid_xray.errors import UserError
 from covid_xray.files import atomic_write
 

@@ -12,10 +12,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from covid_xray.cache import load_entry
 from covid_xray.config import AugmentConfig
-from covid_xray.decoding import one_thread_per_worker
-from covid_xray.preprocess import normalize, to_model_input
+from covid_xray.imaging.cache import load_entry
+from covid_xray.imaging.preprocess import normalize, to_model_input
+from covid_xray.imaging.workers import one_thread_per_worker
 
 
 def build_augmentation(config: AugmentConfig, seed: int) -> A.Compose | None:

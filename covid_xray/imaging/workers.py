@@ -17,10 +17,10 @@ import cv2
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
-from covid_xray.dicom import error_line
 from covid_xray.errors import DicomError
-from covid_xray.fast_decoders import available_cores, decode_on_one_thread
-from covid_xray.preprocess import Preprocessing
+from covid_xray.imaging.decoders import available_cores, decode_on_one_thread
+from covid_xray.imaging.dicom import error_line
+from covid_xray.imaging.preprocess import Preprocessing
 
 Decoded = tuple[np.ndarray | None, str]  # (model input, "") or (None, the error)
 

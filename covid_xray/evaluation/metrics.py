@@ -21,7 +21,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from covid_xray.calibration import predicted_classes
+from covid_xray.evaluation.calibration import predicted_classes
 
 CALIBRATION_BINS = 10
 

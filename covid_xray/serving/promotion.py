@@ -3,7 +3,7 @@ when it beats each of them on the same studies, for the same task, by more than 
 
 Each version's own test split is different data (other studies, another seed, maybe another
 task), so comparing those numbers compares luck. Here the evidence is `evaluate` runs (see
-external.py) that share a data fingerprint, each with its per-study predictions;
+serving/evaluate.py) that share a data fingerprint, each with its per-study predictions;
 `evaluate_on` makes that evidence first, reusing any evaluation of the same version on the
 same files. The decision is paired: the same bootstrap resamples of the studies score both
 models, and the candidate wins only when the 95% interval of the difference clears
@@ -23,18 +23,18 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from covid_xray import mlflow_run, registry
 from covid_xray.config import EvaluateConfig, PromoteConfig
 from covid_xray.errors import UserError
-from covid_xray.evaluation import PairedDifference, paired_difference
-from covid_xray.external import (
+from covid_xray.evaluation.report import PairedDifference, paired_difference
+from covid_xray.serving.evaluate import (
     FINGERPRINT_TAG,
     MODEL_NAME_TAG,
     MODEL_VERSION_TAG,
     evaluate_model,
     read_labelled_set,
 )
-from covid_xray.registry import Promotion
+from covid_xray.tracking import mlflow_run, registry
+from covid_xray.tracking.registry import Promotion
 
 HIGHER_IS_BETTER = ("roc_auc", "accuracy", "balanced_accuracy", "map", "sensitivity",
                     "specificity")

@@ -23,12 +23,13 @@ import optuna
 import torch
 from mlflow.tracking import MlflowClient
 
-from covid_xray import mlflow_run, tune
 from covid_xray.config import TrainConfig, TuneConfig
 from covid_xray.errors import UserError
-from covid_xray.experiment import effective_config, prepare_data
+from covid_xray.tracking import mlflow_run
+from covid_xray.training import tune
+from covid_xray.training.run import effective_config, prepare_data
 
-PROJECT_DIR = Path(__file__).resolve().parents[1]
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 
 
 def run_workers(config: TuneConfig, fixed: dict[str, Any]) -> optuna.Study:

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from covid_xray.cache import ImageCache, pixel_digest
 from covid_xray.config import BALANCES
 from covid_xray.errors import UserError
+from covid_xray.imaging.cache import ImageCache, pixel_digest
 
 STUDY_CSV = "train_study_level.csv"
 IMAGE_CSV = "train_image_level.csv"

@@ -8,7 +8,7 @@ accumulated on the device and read once per epoch (and every `SYNC_EVERY` steps 
 progress bar and the divergence check).
 
 It knows nothing of MLflow: each finished epoch is handed to an `on_epoch` callback, which the
-caller uses to log (mlflow_run.py) or to report to Optuna (tune.py).
+caller uses to log (tracking/mlflow_run.py) or to report to Optuna (training/tune.py).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from tqdm import tqdm
 from covid_xray import lifecycle
 from covid_xray.config import TrainConfig
 from covid_xray.errors import UserError
-from covid_xray.metrics import epoch_metrics
+from covid_xray.evaluation.metrics import epoch_metrics
 
 
 def seed_everything(seed: int) -> None:
