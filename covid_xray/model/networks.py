@@ -22,8 +22,8 @@ class Classifier(nn.Module):
 
     `tta="flip"` averages the probabilities of each film and its mirror image. `temperature`
     (fitted on validation after training, evaluation/calibration.py) divides the
-    log-probabilities before the final softmax. Both live here, inside the logged model, so train's test split,
-    predict and serve all apply them alike.
+    log-probabilities before the final softmax. Both live here, inside the logged model, so
+    train's test split, predict and serve all apply them alike.
     """
 
     def __init__(self, network: nn.Module, class_names: tuple[str, ...], tta: str = "none",
