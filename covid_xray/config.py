@@ -10,7 +10,20 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+# Every option's allowed values, written once: the options below, the modules that implement
+# them (preprocess, networks, the loop, the registry, tune's search space) and MLproject read
+# these. tests/test_entrypoints.py fails when a list of them is written out anywhere else.
 BALANCES = ("undersample", "weights", "none")
+NORMALIZATIONS = ("minmax", "histeq", "clahe")
+INPUT_KINDS = ("xrv", "imagenet")  # what a model family's weights expect (ModelFamily)
+TTA_MODES = ("none", "flip")
+OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop")
+SCHEDULES = ("cosine", "constant")
+DEVICES = ("auto", "cpu", "cuda")
+STAGES = ("None", "Staging", "Production", "Archived")
+HELD_STAGES = STAGES[1:3]  # the stages a version holds (None and Archived are no one's)
+OVERLAP_RULES = ("refuse", "drop")
+TUNE_METRICS = ("val_auc", "val_accuracy", "val_f1", "val_loss")
 
 
 def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -20,8 +33,9 @@ def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> A
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Random geometric changes for training; all off by default (the original's search space:
-    rotation 0-20 deg, scale 0-0.3, shear 0-20 deg, translation 0-0.4, flips)."""
+    """Random geometric changes for training. Off when built bare (what evaluation and a bare
+    dataset want); training's own defaults are TrainConfig's (a small affine), and tune
+    searches rotation 0-20 deg, scale 0-0.3, shear 0-20 deg, translation 0-0.4, hflip."""
 
     rotation: float = 0.0  # up to +- this many degrees
     scale: float = 0.0  # zoom by a factor in 1 +- scale
@@ -93,8 +107,7 @@ class TrainConfig:
     # --- preprocessing (one path for training and prediction) ---
     img_size: int = option(128, "Square side in pixels (torchxrayvision weights need 224, and "
                         "get it).")
-    normalization: str = option("minmax", "Contrast normalisation.", ("minmax", "histeq",
-                                                                       "clahe"))
+    normalization: str = option("minmax", "Contrast normalisation.", NORMALIZATIONS)
     apply_voi_lut: bool = option(True, "Apply each file's VOI LUT / window when present.")
     cache_dir: str = option("cache", "Decoded-image cache, shared by runs.")
     skip_unreadable: bool = option(False, "Train without the studies whose DICOM cannot be "
@@ -116,13 +129,13 @@ class TrainConfig:
                               "~/.torchxrayvision/models_data).")
     tta: str = option("none", "Test-time augmentation, stored in the logged model so predict "
                       "and serve apply it too: none, or flip (average the film and its mirror "
-                      "image).", ("none", "flip"))
+                      "image).", TTA_MODES)
     # --- optimisation ---
     optimizer: str = option("adamw", "Optimiser (adamw: decoupled weight decay).",
-                            ("adamw", "adam", "sgd", "rmsprop"))
+                            OPTIMIZERS)
     lr: float = option(3e-4, "Peak learning rate.")
     schedule: str = option("cosine", "LR schedule, stepped every batch: cosine decay to 0 "
-                           "after a linear warmup, or constant.", ("cosine", "constant"))
+                           "after a linear warmup, or constant.", SCHEDULES)
     warmup_epochs: float = option(1.0, "cosine: linear warmup length, in epochs.")
     amsgrad: bool = option(False, "adam, adamw: use the AMSGrad variant.")
     weight_decay: float = option(0.05, "Weight decay (decoupled for adamw, an L2 term for the "
@@ -142,7 +155,7 @@ class TrainConfig:
     grad_clip: float = option(1.0, "Clip the gradient norm to this (0 = off).")
     num_workers: int = option(2, "Processes decoding DICOMs and loading batches.")
     device: str = option("auto", "auto picks CUDA when available (then AMP and pinned "
-                        "memory; both devices run channels_last).", ("auto", "cpu", "cuda"))
+                        "memory; both devices run channels_last).", DEVICES)
     # --- tracking ---
     experiment_name: str = option("covid-xray", "MLflow experiment (a run started by "
                                   "`mlflow run` keeps its own).")
@@ -155,7 +168,7 @@ class TrainConfig:
                         "evaluate and serve load by default; challenger marks a candidate.")
     stage: str = option("None", "Deprecated by MLflow since 2.9 (use alias): move the new "
                         "version to this stage, archiving the previous holders.",
-                        ("None", "Staging", "Production"))
+                        STAGES[:3])
 
     def augment(self) -> AugmentConfig:
         return AugmentConfig(rotation=self.rotation, scale=self.scale, shear=self.shear,
@@ -185,7 +198,7 @@ class PromoteConfig:
                         "that held it.")
     stage: str = option("None", "Deprecated by MLflow since 2.9 (use alias): move it to this "
                         "stage, archiving the previous holders.",
-                        ("None", "Staging", "Production", "Archived"))
+                        STAGES)
     if_better: str = option("", "Only if it beats every current holder on this evaluation "
                             "metric (roc_auc, accuracy, balanced_accuracy, map, sensitivity, "
                             "specificity: higher wins; ece, brier: lower wins), measured on "
@@ -196,7 +209,7 @@ class PromoteConfig:
     overlap: str = option("refuse", "with evaluate_on: studies a compared version was "
                           "trained or validated on are refused, or with drop left out of "
                           "that version's evaluation (the comparison uses studies both "
-                          "scored).", ("refuse", "drop"))
+                          "scored).", OVERLAP_RULES)
     min_delta: float = option(0.0, "with if_better: promote only when the paired 95% interval "
                               "of (candidate - holder) lies above this (for ece and brier: "
                               "below minus this).")
@@ -213,7 +226,7 @@ class EvaluateConfig:
     overlap: str = option("refuse", "Studies of data_dir that the model was trained or "
                           "validated on (same study id, image id, file or pixels): refuse "
                           "(stop, nothing logged) or drop (score the others; counted as "
-                          "count/dropped_overlap).", ("refuse", "drop"))
+                          "count/dropped_overlap).", OVERLAP_RULES)
     output: str = option("", "Also write the per-study predictions CSV here (it is always "
                          "logged to the run).")
     batch_size: int = option(16, "DICOMs per forward pass.")
@@ -241,15 +254,34 @@ class PredictConfig:
                            "('' = none).")
 
 
+# The original project's search space (less vertical flips, which real frontal films never
+# show) plus the optimiser's and the recipe's knobs. Each entry is an Optuna distribution:
+# float/int with low, high (and log), or categorical with choices.
+DEFAULT_SPACE: dict[str, dict[str, Any]] = {  # docs/options.md shows it (generated)
+    "scale": {"type": "float", "low": 0.0, "high": 0.3},
+    "shear": {"type": "float", "low": 0.0, "high": 20.0},
+    "translation": {"type": "float", "low": 0.0, "high": 0.4},
+    "rotation": {"type": "float", "low": 0.0, "high": 20.0},
+    "hflip": {"type": "categorical", "choices": [True, False]},
+    "lr": {"type": "float", "low": 1e-5, "high": 1e-2, "log": True},
+    "weight_decay": {"type": "float", "low": 1e-4, "high": 0.3, "log": True},
+    "label_smoothing": {"type": "float", "low": 0.0, "high": 0.2},
+    "drop_rate": {"type": "float", "low": 0.0, "high": 0.5},
+    "optimizer": {"type": "categorical", "choices": list(OPTIMIZERS)},
+    "amsgrad": {"type": "categorical", "choices": [True, False]},
+    "normalization": {"type": "categorical", "choices": list(NORMALIZATIONS)},
+    "batch_size": {"type": "categorical", "choices": [16, 32, 64]},
+}
+
 @dataclass(frozen=True)
 class TuneConfig:
     n_trials: int = option(30, "Trials this worker runs.")
     timeout: float = option(0.0, "Start no new trial after this many seconds (0 = no limit).")
     metric: str = option("val_auc", "Objective: this validation metric at the restored best "
                          "epoch; maximised (val_loss is minimised).",
-                         ("val_auc", "val_accuracy", "val_f1", "val_loss"))
+                         TUNE_METRICS)
     space: str = option("", "YAML/JSON file replacing the search space ('' = the built-in "
-                        "one, see tune.DEFAULT_SPACE).")
+                        "one, config.DEFAULT_SPACE: docs/options.md).")
     storage: str = option("", "Optuna RDB URL, e.g. postgresql://user@host/db, shared by "
                           "workers on several machines; no password here (use PGPASSWORD, "
                           "~/.pgpass or $OPTUNA_STORAGE). '' = $OPTUNA_STORAGE, else "

@@ -1,10 +1,14 @@
-"""Writing files so that readers never see half of one."""
+"""Files shared safely between processes: writes readers never see half of, and one
+process at a time on a new sqlite store. Every layer that writes files uses these, so they
+sit below all of them, at the top level."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -20,3 +24,17 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def sqlite_turn(url: str) -> Iterator[None]:
+    """For a `sqlite:///` URL, one process at a time inside the block (a file lock beside the
+    database, `<db>.init-lock`): MLflow and Optuna create and migrate a new sqlite store on
+    first use, and two processes doing that at once collide ("duplicate column name").
+    Other URLs: no lock."""
+    if not url.startswith("sqlite:///"):
+        yield
+        return
+    with open(Path(url.removeprefix("sqlite:///")).with_suffix(".init-lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield

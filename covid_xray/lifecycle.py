@@ -19,7 +19,8 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # Test hook: a process started with COVID_XRAY_PAUSE_AT=<point> says "paused at <point>" there
@@ -37,12 +38,57 @@ def handle_stops() -> None:
     # Remember the run `mlflow run` made for us now: mlflow.start_run() removes MLFLOW_RUN_ID
     # from the environment when it resumes that run.
     _started_run[:] = [os.environ.get("MLFLOW_RUN_ID", "")]
-    for number in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(number, raise_stop)
+    _install_stop_handlers()
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         pr_set_pdeathsig = 1
         libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+
+
+def _install_stop_handlers() -> dict[int, Any]:
+    """The one place SIGTERM and SIGHUP are made to raise a stop; returns what they did
+    before."""
+    return {number: signal.signal(number, raise_stop) for number in (signal.SIGTERM,
+                                                                      signal.SIGHUP)}
+
+
+@contextlib.contextmanager
+def stops_raise() -> Iterator[None]:
+    """Inside the block, SIGTERM and SIGHUP raise like Ctrl-C (then restored), so a run
+    started by library code (a notebook, a test) also ends KILLED on a stop. Entry points have
+    installed this for the whole process already (`handle_stops`). Only the main thread may
+    set signal handlers; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = _install_stop_handlers()
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def end_if_running(run_ids: Iterable[str], status: str, tags: dict[str, str] | None = None
+                   ) -> list[str]:
+    """End each of these MLflow runs that is still RUNNING with `status` (tagged `tags`):
+    the one way a stopped, failed or orphaned run is closed by id (the command's own run, a
+    lost tune worker's trial, stopped workers' runs). Never raises, since the tracking server
+    may be what went away: returns one line per run it could not end."""
+    from mlflow.tracking import MlflowClient  # here: download never imports MLflow
+
+    problems = []
+    client = MlflowClient()
+    for run_id in run_ids:
+        try:
+            if client.get_run(run_id).info.status == "RUNNING":
+                for key, value in (tags or {}).items():
+                    client.set_tag(run_id, key, value)
+                client.set_terminated(run_id, status)
+        except Exception as error:  # stopping must not fail on a tracking hiccup
+            reason = str(getattr(error, "message", error)).strip().splitlines()[0]
+            problems.append(f"could not end MLflow run {run_id} as {status} ({reason})")
+    return problems
 
 
 def exit_code() -> int:
@@ -70,26 +116,18 @@ def end_started_run(status: str = "KILLED") -> str | None:
             signal.signal(number, signal.SIG_IGN)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     run_ids = [run_id for run_id in [started_run_id()] if run_id]
-    try:
-        if "mlflow" in sys.modules:  # else nothing of MLflow ran here (download)
-            import mlflow
+    if "mlflow" in sys.modules:  # else nothing of MLflow ran here (download)
+        import mlflow
 
-            # A run whose own ending was cut short is still on MLflow's active-run stack.
-            active = mlflow.active_run()
-            if active is not None and active.info.run_id not in run_ids:
-                run_ids.append(active.info.run_id)
-        if not run_ids:
-            return None  # no run to end: the tracking store is not touched
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient()
-        for run_id in run_ids:
-            if client.get_run(run_id).info.status == "RUNNING":
-                client.set_terminated(run_id, status)
-    except Exception as error:  # stopping must not fail on a tracking hiccup
-        print(f"could not mark run {' '.join(run_ids)} {status}: {type(error).__name__}: "
-              f"{error}", file=sys.stderr)
-    return run_ids[0] if run_ids else None
+        # A run whose own ending was cut short is still on MLflow's active-run stack.
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id not in run_ids:
+            run_ids.append(active.info.run_id)
+    if not run_ids:
+        return None  # no run to end: the tracking store is not touched
+    for problem in end_if_running(run_ids, status):
+        print(problem, file=sys.stderr)
+    return run_ids[0]
 
 
 def stopping() -> bool:

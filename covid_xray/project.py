@@ -1,8 +1,9 @@
-"""`MLproject`, the environment files and the README's option table, written from their one
-source each.
+"""`MLproject`, the environment files and the option tables of docs/options.md, written from
+their one source each.
 
 The options exist once, in config.py; the dependencies once, in pyproject.toml. This module
-renders the MLproject entry points and the README's "Training options" table from the first,
+renders the MLproject entry points and every option table (and tune's search space) in
+docs/options.md from the first,
 `python_env.yaml` (uv / virtualenv) and `conda.yaml` from the second; `python -m
 covid_xray.project` rewrites all four, and a test fails when any is stale. MLflow passes a
 `-P name=value` that an entry point does not declare on to its command as `--name value`: tune
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from covid_xray.config import (
+    DEFAULT_SPACE,
     DownloadConfig,
     EvaluateConfig,
     PredictConfig,
@@ -40,7 +42,7 @@ ENTRY_POINTS: dict[str, type] = {
     "promote": PromoteConfig,
     "predict": PredictConfig,
 }
-README_TABLES = {"train": TrainConfig}
+OPTIONS_DOC = ROOT / "docs" / "options.md"
 PYTHON = "3.11"
 HEADER = """\
 # Written by `python -m covid_xray.project` from covid_xray/config.py: edit the config, not
@@ -121,24 +123,41 @@ def options_table(config: type) -> str:
     return "\n".join(rows) + "\n"
 
 
-def readme(text: str) -> str:
+def space_table() -> str:
+    """tune's built-in search space, one row per searched option."""
+    rows = ["| option | searched over |", "|---|---|"]
+    for name, spec in DEFAULT_SPACE.items():
+        if spec["type"] == "categorical":
+            values = ", ".join(f"`{json.dumps(choice)}`" for choice in spec["choices"])
+        else:
+            values = f"{spec['low']:g} to {spec['high']:g}" + (" (log)" if spec.get("log")
+                                                                else "")
+        rows.append(f"| `{name}` | {values} |")
+    return "\n".join(rows) + "\n"
+
+
+def tables() -> dict[str, str]:
+    """Marker name -> the table written between its markers in docs/options.md."""
+    return {name: options_table(config) for name, config in ENTRY_POINTS.items()} | {
+        "space": space_table()}
+
+
+def options_doc(text: str) -> str:
     """`text` with each generated table (between its two markers) written afresh."""
-    for name, config in README_TABLES.items():
+    for name, table in tables().items():
         pattern = re.compile(rf"(<!-- options:{name} -->\n).*?(<!-- /options:{name} -->)",
                              re.DOTALL)
         if not pattern.search(text):
-            raise ValueError(f"README.md lacks the <!-- options:{name} --> markers")
-        text = pattern.sub(lambda match, c=config: match.group(1) + options_table(c)
-                           + match.group(2), text)
+            raise ValueError(f"{OPTIONS_DOC.name} lacks the <!-- options:{name} --> markers")
+        text = pattern.sub(lambda match, t=table: match.group(1) + t + match.group(2), text)
     return text
 
 
 def main() -> None:
     for name, render in GENERATED.items():
         (ROOT / name).write_text(render())
-    path = ROOT / "README.md"
-    path.write_text(readme(path.read_text()))
-    print(f"wrote {', '.join(GENERATED)} and README.md's option table", file=sys.stderr)
+    OPTIONS_DOC.write_text(options_doc(OPTIONS_DOC.read_text()))
+    print(f"wrote {', '.join(GENERATED)} and the tables of docs/options.md", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,8 @@ def run_script(name: str, *args: str, cwd=ROOT) -> subprocess.CompletedProcess:
 
 
 def test_generated_files_are_fresh():
-    """One source of truth: `python -m covid_xray.project` writes MLproject and the README's
-    table from config.py, the environment files from pyproject.toml's dependencies."""
+    """One source of truth: `python -m covid_xray.project` writes MLproject and the tables of
+    docs/options.md from config.py, the environment files from pyproject.toml's dependencies."""
     for name, render in project.GENERATED.items():
         assert (ROOT / name).read_text() == render(), (
             f"{name} is stale: run `python -m covid_xray.project`")
@@ -37,9 +37,9 @@ def test_generated_files_are_fresh():
     assert "torch==2.14.1" in environment["dependencies"]
     conda = yaml.safe_load((ROOT / "conda.yaml").read_text())
     assert conda["dependencies"][-1]["pip"] == project.dependencies()
-    readme = (ROOT / "README.md").read_text()
-    assert project.readme(readme) == readme, (
-        "README.md's option table is stale: run `python -m covid_xray.project`")
+    options = project.OPTIONS_DOC.read_text()
+    assert project.options_doc(options) == options, (
+        "docs/options.md's tables are stale: run `python -m covid_xray.project`")
 
 
 @pytest.mark.parametrize(("entry_point", "config"), [
@@ -135,3 +135,28 @@ def test_a_login_in_the_tracking_uri_moves_to_mlflows_login_variables(monkeypatc
     assert "secret" not in err and err.startswith("warning: MLFLOW_TRACKING_URI holds a login")
     credentials_out_of_uri()  # nothing left to move: a no-op
     assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "secret"
+
+
+def test_allowed_values_are_written_once_in_config():
+    """No module but config.py spells out a list of an option's allowed values (two of them or
+    more in one tuple, list or set): modules read them from config, so a new value cannot
+    reach the option and miss its implementation, or the other way round."""
+    import ast
+
+    from covid_xray import config
+
+    choices = {item.metadata["choices"] for config_class in project.ENTRY_POINTS.values()
+               for item in dataclasses.fields(config_class) if item.metadata.get("choices")}
+    choices |= {config.BALANCES, config.OVERLAP_RULES, config.INPUT_KINDS}
+    written = []
+    for path in sorted((ROOT / "covid_xray").rglob("*.py")):
+        if path.name == "config.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Tuple | ast.List | ast.Set):
+                continue
+            values = {element.value for element in node.elts
+                      if isinstance(element, ast.Constant) and isinstance(element.value, str)}
+            if len(values) >= 2 and any(values <= set(allowed) for allowed in choices):
+                written.append(f"{path.relative_to(ROOT)}:{node.lineno} {sorted(values)}")
+    assert not written, "\n".join(written)

@@ -65,7 +65,10 @@ def test_fit_restores_exactly_the_weights_of_the_epoch_it_reports():
                           nn.Linear(4, 2))
     snapshots = []
     result = fit(model, train, val, optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
-                 epochs=12, patience=3, device=torch.device("cpu"), recipe=Recipe(),
+                 epochs=12, patience=3, device=torch.device("cpu"),
+                 # plain SGD: the weights kept are the model's own (no moving average)
+                 recipe=Recipe(schedule="constant", warmup_epochs=0, ema_decay=0,
+                               label_smoothing=0),
                  on_epoch=lambda row: snapshots.append(copy.deepcopy(model.state_dict())),
                  progress=False)
     history = result.history
@@ -94,3 +97,9 @@ def test_balance_weights_give_every_class_the_same_total_weight():
     assert 30 * recipe.class_weights[0] == pytest.approx(10 * recipe.class_weights[1])
     assert Recipe.of(TrainConfig(balance="none"), labels).class_weights is None
     assert Recipe.of(TrainConfig(), labels).class_weights is None  # undersample: equal already
+
+
+def test_fit_called_directly_trains_the_train_commands_recipe():
+    from covid_xray.config import TrainConfig
+
+    assert Recipe() == Recipe.of(TrainConfig())

@@ -15,6 +15,7 @@ import pytest
 import requests
 import torch
 
+from covid_xray.evaluation.calibration import calibrate
 from covid_xray.imaging.writer import write_dicom
 from covid_xray.model.pyfunc import encode_dicom
 from covid_xray.tracking.registry import load
@@ -61,17 +62,21 @@ def test_serve_answers_a_real_dicom(served_model, tmp_path):
                            "chest X-rays only") and mr["label"] == ""
     assert bad["prob_negative"] is None and bad["prob_opacity"] is None
 
-    # The stored model's test-time augmentation runs in the server: the answer is the mean of
-    # the network on the film and on its mirror image.
+    # The stored model's test-time augmentation and temperature run in the server: the answer
+    # is the mean of the network on the film and on its mirror image, calibrated.
     stored = load("models:/covid-xray-densenet@champion")  # the DicomClassifier itself
-    assert stored.model.tta == "flip"
+    assert stored.model.tta == "flip" and stored.model.temperature != 1.0
     film = torch.from_numpy(stored.preprocessing.model_input(str(REAL_DICOM)))[None]
     with torch.no_grad():
         network = stored.model.network.eval()
         plain = torch.softmax(network(film), dim=1)
-        expected = (plain + torch.softmax(network(film.flip(-1)), dim=1)) / 2
-    assert good["prob_opacity"] == pytest.approx(expected[0, 1].item(), abs=1e-5)
-    assert not torch.allclose(plain, expected)  # the mirror changed something
+        mean = (plain + torch.softmax(network(film.flip(-1)), dim=1)) / 2
+    expected = calibrate(mean.numpy(), stored.model.temperature)
+    assert good["prob_opacity"] == pytest.approx(expected[0, 1], abs=1e-5)
+    assert not torch.allclose(plain, mean)  # the mirror changed something
+    # and the label is called at the stored threshold
+    assert good["label"] == ("opacity" if good["prob_opacity"] >= stored.threshold
+                             else "negative")
 
 
 @pytest.mark.parametrize(("body", "message"), [

@@ -16,8 +16,9 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
+from covid_xray.config import DEFAULT_SPACE
 from covid_xray.errors import UserError
-from covid_xray.training.tune import DEFAULT_SPACE, check_space, load_space
+from covid_xray.training.tune import check_space, load_space
 from tests.conftest import ROOT, clean_env
 
 # Small and quiet: 60 studies at 32 px, and no system-metrics thread writing to the shared
@@ -221,9 +222,9 @@ def test_orphan_cleanup_survives_an_unknown_run(tmp_path, monkeypatch, capsys):
                                           "mlflow_run_id": "0123456789abcdef0123456789abcdef"})
     _end_orphaned_runs(None, trial)
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == (f"trial {trial.number}: could not end its MLflow run "
-                      "0123456789abcdef0123456789abcdef (Run with id=0123456789abcdef0123456789abcdef "
-                      "not found); carrying on")
+    assert out[0] == (f"trial {trial.number}: could not end MLflow run "
+                      "0123456789abcdef0123456789abcdef as KILLED (Run with id="
+                      "0123456789abcdef0123456789abcdef not found); carrying on")
     mlflow.set_tracking_uri(None)
 
 

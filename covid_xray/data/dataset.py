@@ -12,11 +12,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from covid_xray.config import AugmentConfig
+from covid_xray.config import AugmentConfig, TrainConfig
 from covid_xray.imaging.cache import load_entry
 from covid_xray.imaging.preprocess import normalize, to_model_input
 from covid_xray.imaging.workers import one_thread_per_worker
 
+DEFAULTS = TrainConfig()
 
 def build_augmentation(config: AugmentConfig, seed: int) -> A.Compose | None:
     """albumentations pipeline for `config`, or None when everything is off.
@@ -84,8 +85,8 @@ class XrayDataset(Dataset):
         entries: Sequence[str | os.PathLike],
         labels: Sequence[int],
         *,
-        normalization: str = "minmax",
-        input_kind: str = "xrv",
+        normalization: str = DEFAULTS.normalization,
+        input_kind: str = DEFAULTS.input_kind,
         augmentation: A.Compose | None = None,
     ):
         if len(entries) != len(labels):

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from covid_xray.config import BALANCES
+from covid_xray.config import BALANCES, TrainConfig
 from covid_xray.errors import UserError
 from covid_xray.imaging.cache import ImageCache, pixel_digest
 
@@ -38,6 +38,7 @@ CLASS_NAMES = {
     4: ("negative", "typical", "indeterminate", "atypical"),
 }
 SPLITS = ("train", "val", "test")
+DEFAULTS = TrainConfig()
 DOWNLOAD_HINT = "run `mlflow run . -e download` (or `-P source=synthetic` for demo data) first"
 
 
@@ -220,7 +221,7 @@ def drop_repeated_films(studies: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]
 
 def select_studies(
     studies: pd.DataFrame, num_classes: int, dataset_size: int, seed: int,
-    balance: str = "undersample",
+    balance: str = DEFAULTS.balance,
 ) -> pd.DataFrame:
     """Add `label`/`class_name` for the task and draw the studies it uses, whole groups at a
     time (a patient's studies are all in or all out).
@@ -387,7 +388,7 @@ def build_manifest(
     cache: ImageCache,
     *,
     num_classes: int = 2,
-    balance: str = "undersample",
+    balance: str = DEFAULTS.balance,
     dataset_size: int = 0,
     split: str = "60,20,20",
     seed: int = 0,

@@ -11,19 +11,19 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from os import PathLike
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO
 
 import cv2
 import numpy as np
 
+from covid_xray.config import INPUT_KINDS, NORMALIZATIONS, TrainConfig
 from covid_xray.errors import UserError
 from covid_xray.imaging.dicom import read_xray
 
-if TYPE_CHECKING:
-    from covid_xray.config import TrainConfig
+# Defaults are training's (TrainConfig), so a Preprocessing made by hand sees what training
+# sees unless told otherwise.
+DEFAULTS = TrainConfig()
 
-NORMALIZATIONS = ("minmax", "histeq", "clahe")
-INPUT_KINDS = ("xrv", "imagenet")
 UINT16_MAX = 65535
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -62,7 +62,7 @@ def load_square(path: str | PathLike | BinaryIO, size: int, *,
     return np.round(np.clip(image, 0, 1) * UINT16_MAX).astype(np.uint16)
 
 
-def normalize(image: np.ndarray, method: str = "minmax") -> np.ndarray:
+def normalize(image: np.ndarray, method: str = DEFAULTS.normalization) -> np.ndarray:
     """uint16 square -> float32 in [0, 1] with the contrast `method` asks for.
 
     minmax stretches the darkest pixel to 0 and the brightest to 1 (the original project's
@@ -97,9 +97,9 @@ class Preprocessing:
     """What a trained model needs to see its inputs as in training; logged with the model."""
 
     img_size: int
-    normalization: str = "minmax"
-    apply_voi_lut: bool = True
-    input_kind: str = "xrv"
+    normalization: str = DEFAULTS.normalization
+    apply_voi_lut: bool = DEFAULTS.apply_voi_lut
+    input_kind: str = DEFAULTS.input_kind
 
     @classmethod
     def of(cls, config: TrainConfig) -> Preprocessing:

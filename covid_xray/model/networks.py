@@ -11,10 +11,8 @@ import torchvision
 import torchxrayvision as xrv
 from torch import nn
 
-from covid_xray.config import MODEL_FAMILIES
+from covid_xray.config import MODEL_FAMILIES, TTA_MODES
 from covid_xray.errors import UserError
-
-TTA_MODES = ("none", "flip")
 
 
 class Classifier(nn.Module):

@@ -34,7 +34,7 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -47,11 +47,10 @@ from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, Schema
 
-from covid_xray.data.synthetic import chest_image
 from covid_xray.errors import DicomError, UserError
 from covid_xray.evaluation.calibration import ARGMAX, OperatingPoint, predicted_classes
 from covid_xray.imaging.preprocess import Preprocessing
-from covid_xray.imaging.workers import decode
+from covid_xray.imaging.workers import decode, decoded_batches
 from covid_xray.imaging.writer import write_dicom
 from covid_xray.model.networks import Classifier, architecture
 
@@ -167,6 +166,14 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
                 result[f"prob_{name}"] = values.astype(object).where(values.notna(), None)
         return result
 
+    def answer_files(self, paths: Sequence[str], batch_size: int, num_workers: int
+                     ) -> Iterator[tuple[list[np.ndarray | None], pd.DataFrame]]:
+        """(model inputs, answers) for consecutive `batch_size` slices of DICOM `paths`,
+        decoded in worker processes: the one batch loop of predict and evaluate."""
+        for inputs, errors in decoded_batches(paths, self.preprocessing, batch_size,
+                                              num_workers):
+            yield inputs, self.result_frame(self.probabilities(inputs), errors)
+
     def prepare(self, sources: Iterable) -> tuple[list[np.ndarray | None], list[str]]:
         """Model inputs for DICOM sources (paths, binary files, or a DicomError already
         found); None and the error message for those that fail."""
@@ -214,13 +221,16 @@ def encode_dicom(path: str) -> str:
 
 
 def example_input() -> pd.DataFrame:
-    """A one-row input holding a small synthetic chest film: the documented request shape,
-    light enough to store with every model."""
-    rng = np.random.default_rng(0)
-    image, _ = chest_image(rng, label=1, rows=64, cols=64)
+    """A one-row input holding a small made-up film (64 px: a bright body, two dark lung
+    fields): the documented request shape, light enough to store with every model. Drawn
+    here rather than by the demo-data generator, which a deployment need not carry."""
+    rows, cols = np.mgrid[0:64, 0:64] / 63.0
+    film = 0.7 - 0.3 * ((cols - 0.5) ** 2 + (rows - 0.5) ** 2)
+    for centre in (0.3, 0.7):  # the lungs: ellipses darker than the mediastinum between them
+        film -= 0.4 * (((cols - centre) / 0.15) ** 2 + ((rows - 0.5) / 0.3) ** 2 < 1)
     with tempfile.TemporaryDirectory() as folder:
         path = f"{folder}/example.dcm"
-        write_dicom(path, np.round(image * 4095))
+        write_dicom(path, np.round(np.clip(film, 0, 1) * 4095))
         return pd.DataFrame({"dicom_base64": [encode_dicom(path)]})
 
 

@@ -22,19 +22,18 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 from tqdm import tqdm
 
-from covid_xray.config import EvaluateConfig
+from covid_xray.config import OVERLAP_RULES, EvaluateConfig
 from covid_xray.data.studies import CLASS_NAMES, DOWNLOAD_HINT, find_studies
 from covid_xray.errors import UserError
 from covid_xray.evaluation.report import Evaluation, evaluate
 from covid_xray.evaluation.subgroups import add_subgroups
 from covid_xray.files import atomic_write
 from covid_xray.imaging.cache import CacheParams, ImageCache, pixel_digest
-from covid_xray.imaging.workers import decoded_batches, worker_count
+from covid_xray.imaging.workers import worker_count
 from covid_xray.model.pyfunc import DicomClassifier
 from covid_xray.tracking import mlflow_run, registry
 from covid_xray.tracking.manifests import learned_from, logged_data_dir, logged_manifest
 
-OVERLAP_RULES = ("refuse", "drop")
 # What the binary classes were called before they were named for what they are.
 LEGACY_BINARY = ("negative", "positive")
 # Tags that make an evaluation findable: which model, which data.
@@ -195,11 +194,10 @@ def evaluate_model(config: EvaluateConfig, progress: bool = True,
 
     frames = []
     paths = [str(labelled.data_dir / path) for path in studies.path]
-    batches = decoded_batches(paths, model.preprocessing, config.batch_size,
-                              config.num_workers)
-    for inputs, errors in tqdm(batches, total=-(-len(paths) // config.batch_size),
-                               desc="evaluating", unit="batch", disable=not progress):
-        frames.append(model.result_frame(model.probabilities(inputs), errors))
+    for _, frame in tqdm(model.answer_files(paths, config.batch_size, config.num_workers),
+                         total=-(-len(paths) // config.batch_size), desc="evaluating",
+                         unit="batch", disable=not progress):
+        frames.append(frame)
     predictions = pd.concat(frames, ignore_index=True).rename(columns={"label": "predicted"})
     predictions.insert(0, "study_id", studies.study_id)
     predictions.insert(1, "image_id", studies.image_id)

@@ -13,7 +13,7 @@ from covid_xray.config import PredictConfig
 from covid_xray.errors import UserError
 from covid_xray.evaluation.gradcam import grad_cam, overlay
 from covid_xray.files import atomic_write
-from covid_xray.imaging.workers import decoded_batches, start_workers_early
+from covid_xray.imaging.workers import start_workers_early
 from covid_xray.tracking import mlflow_run, registry
 
 HEX12 = re.compile(r"[0-9a-f]{12}")
@@ -54,13 +54,12 @@ def predict_files(config: PredictConfig, progress: bool = True) -> pd.DataFrame:
     model = registry.load(config.model_uri)
     root = Path(config.input) if Path(config.input).is_dir() else Path(config.input).parent
     frames = []
-    batches = decoded_batches([str(path) for path in paths], model.preprocessing,
-                              config.batch_size, config.num_workers)
-    for start, (inputs, errors) in zip(
+    batches = model.answer_files([str(path) for path in paths], config.batch_size,
+                                 config.num_workers)
+    for start, (inputs, frame) in zip(
             tqdm(range(0, len(paths), config.batch_size), desc="predicting", unit="batch",
                  disable=not progress), batches, strict=True):
         batch = paths[start : start + config.batch_size]
-        frame = model.result_frame(model.probabilities(inputs), errors)
         ids = [siim_ids(path) for path in batch]
         frame.insert(0, "path", [str(path) for path in batch])
         frame.insert(1, "study_id", [study for study, _ in ids])

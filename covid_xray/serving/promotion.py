@@ -41,7 +41,7 @@ HIGHER_IS_BETTER = ("roc_auc", "accuracy", "balanced_accuracy", "map", "sensitiv
 LOWER_IS_BETTER = ("ece", "brier")
 
 
-def direction(metric: str) -> int:
+def better_sign(metric: str) -> int:
     """+1 when a higher value is better, -1 when lower is; unknown names are refused rather
     than guessed (a loss compared upwards promotes the worst model)."""
     if metric in HIGHER_IS_BETTER or metric.startswith("ap_"):
@@ -62,7 +62,7 @@ def promote(config: PromoteConfig, progress: bool = True) -> Promotion:
             raise UserError("evaluate_on goes with if_better (the metric to compare on)")
         return registry.promote(config.name, config.version, stage=config.stage,
                                 alias=config.alias)
-    sign = direction(config.if_better)
+    sign = better_sign(config.if_better)
     client = MlflowClient()
     candidate = registry.get_version(client, config.name, config.version)
     holders = [holder for holder in registry.holders(client, config.name, config.stage,

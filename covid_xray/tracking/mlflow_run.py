@@ -15,16 +15,14 @@ into it rather than starting a second one.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import importlib.metadata
 import logging
 import os
-import signal
 import sqlite3
 import subprocess
+import sys
 import tempfile
-import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,6 +42,7 @@ from mlflow.utils.rest_utils import http_request
 from covid_xray import lifecycle
 from covid_xray.errors import RunStopped, UserError
 from covid_xray.evaluation.report import Evaluation
+from covid_xray.files import sqlite_turn
 from covid_xray.model import pyfunc
 from covid_xray.model.pyfunc import DicomClassifier
 from covid_xray.tracking import registry
@@ -158,28 +157,23 @@ def tracked_run(experiment_name: str, run_name: str | None = None, nested: bool 
             experiment_id=MlflowClient().get_run(parent_run_id).info.experiment_id)
     elif "MLFLOW_RUN_ID" not in os.environ and not nested:
         mlflow.set_experiment(experiment_name)
-    previous_handler = None
-    if not nested and _in_main_thread():
-        previous_handler = signal.signal(signal.SIGTERM, lifecycle.raise_stop)
     run = mlflow.start_run(run_name=run_name, nested=nested, parent_run_id=parent_run_id,
                            log_system_metrics=system_metrics)
-    try:
-        yield run
-    except KeyboardInterrupt:
-        with lifecycle.stops_quieted():
+    with lifecycle.stops_raise() if not nested else contextlib.nullcontext():
+        try:
+            yield run
+        except KeyboardInterrupt:
+            with lifecycle.stops_quieted():
+                end_run(run.info.run_id, "KILLED")
+            raise
+        except RunStopped:
             end_run(run.info.run_id, "KILLED")
-        raise
-    except RunStopped:
-        end_run(run.info.run_id, "KILLED")
-        raise
-    except BaseException:
-        end_run(run.info.run_id, "KILLED" if lifecycle.stopping() else "FAILED")
-        raise
-    else:
-        end_run(run.info.run_id, "FINISHED")
-    finally:
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
+            raise
+        except BaseException:
+            end_run(run.info.run_id, "KILLED" if lifecycle.stopping() else "FAILED")
+            raise
+        else:
+            end_run(run.info.run_id, "FINISHED")
 
 
 def end_run(run_id: str, status: str) -> None:
@@ -189,7 +183,8 @@ def end_run(run_id: str, status: str) -> None:
     try:
         mlflow.end_run(status)
     except BaseException:
-        MlflowClient().set_terminated(run_id, status)
+        for problem in lifecycle.end_if_running([run_id], status):
+            print(problem, file=sys.stderr)
         active = mlflow.active_run()
         if active is not None and active.info.run_id == run_id:
             with contextlib.suppress(BaseException):
@@ -200,11 +195,9 @@ def create_store_once() -> None:
     """MLflow creates and migrates a new sqlite store on first use; two workers doing that at
     once collide ("duplicate column name"). Let one at a time do it, under a file lock."""
     uri = mlflow.get_tracking_uri()
-    if not uri.startswith("sqlite:///"):
-        return
-    with open(Path(uri.removeprefix("sqlite:///")).with_suffix(".init-lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        MlflowClient().search_experiments(max_results=1)
+    if uri.startswith("sqlite:///"):
+        with sqlite_turn(uri):
+            MlflowClient().search_experiments(max_results=1)
 
 
 def log_params(params: dict[str, Any]) -> None:
@@ -366,7 +359,3 @@ def _quiet_logger(name: str) -> Iterator[None]:
         yield
     finally:
         logger.setLevel(previous_level)
-
-
-def _in_main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()

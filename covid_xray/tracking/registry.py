@@ -14,10 +14,9 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from covid_xray.config import HELD_STAGES, STAGES
 from covid_xray.errors import UserError
 from covid_xray.model.pyfunc import DicomClassifier
-
-STAGES = ("None", "Staging", "Production", "Archived")
 
 
 def load(model_uri: str) -> DicomClassifier:
@@ -128,7 +127,7 @@ def get_version(client: MlflowClient, name: str, version: str):
 def holders(client: MlflowClient, name: str, stage: str, alias: str) -> list:
     """The versions that hold `stage` (unless None or Archived) or `alias` now."""
     found = []
-    if stage not in ("None", "Archived"):
+    if stage in HELD_STAGES:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             found += client.get_latest_versions(name, [stage])

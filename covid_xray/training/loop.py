@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from covid_xray import lifecycle
-from covid_xray.config import TrainConfig
+from covid_xray.config import OPTIMIZERS, SCHEDULES, TrainConfig
 from covid_xray.errors import UserError
 from covid_xray.evaluation.metrics import epoch_metrics
 
@@ -59,7 +59,7 @@ def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float =
     if name == "rmsprop":
         return torch.optim.RMSprop(parameters, lr=lr, weight_decay=weight_decay,
                                    momentum=momentum)
-    raise UserError(f"optimizer must be adamw, adam, sgd or rmsprop, got {name!r}")
+    raise UserError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
@@ -69,7 +69,7 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> 
     if schedule == "constant":
         return 1.0
     if schedule != "cosine":
-        raise UserError(f"schedule must be cosine or constant, got {schedule!r}")
+        raise UserError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
@@ -166,15 +166,19 @@ class Stepper:
 SYNC_EVERY = 25
 
 
+DEFAULTS = TrainConfig()
+
+
 @dataclass(frozen=True)
 class Recipe:
-    """How `fit` optimises, beyond the optimiser itself (see TrainConfig for each)."""
+    """How `fit` optimises, beyond the optimiser itself. The defaults are training's
+    (TrainConfig), so `fit` called directly trains what the train command trains."""
 
-    schedule: str = "constant"
-    warmup_epochs: float = 0.0
-    ema_decay: float = 0.0
-    label_smoothing: float = 0.0
-    grad_clip: float = 1.0
+    schedule: str = DEFAULTS.schedule
+    warmup_epochs: float = DEFAULTS.warmup_epochs
+    ema_decay: float = DEFAULTS.ema_decay
+    label_smoothing: float = DEFAULTS.label_smoothing
+    grad_clip: float = DEFAULTS.grad_clip
     class_weights: tuple[float, ...] | None = None  # of the training loss (balance=weights)
 
     @classmethod

@@ -9,56 +9,35 @@ trial marks that trial FAIL and its MLflow runs KILLED, so nothing is left RUNNI
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import math
 import os
 import secrets
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import optuna
-import requests
 import sqlalchemy
 import yaml
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from covid_xray.config import TrainConfig, TuneConfig
+from covid_xray import lifecycle
+from covid_xray.config import DEFAULT_SPACE, TrainConfig, TuneConfig
 from covid_xray.errors import RunStopped, UserError
+from covid_xray.files import sqlite_turn
 from covid_xray.tracking import mlflow_run
 from covid_xray.training.run import effective_config, prepare, prepare_data, register, train_in_run
 
-# The original project's search space (less vertical flips, which real frontal films never
-# show) plus the optimiser's and the recipe's knobs. Each entry is an Optuna distribution:
-# float/int with low, high (and log), or categorical with choices.
-DEFAULT_SPACE: dict[str, dict[str, Any]] = {
-    "scale": {"type": "float", "low": 0.0, "high": 0.3},
-    "shear": {"type": "float", "low": 0.0, "high": 20.0},
-    "translation": {"type": "float", "low": 0.0, "high": 0.4},
-    "rotation": {"type": "float", "low": 0.0, "high": 20.0},
-    "hflip": {"type": "categorical", "choices": [True, False]},
-    "lr": {"type": "float", "low": 1e-5, "high": 1e-2, "log": True},
-    "weight_decay": {"type": "float", "low": 1e-4, "high": 0.3, "log": True},
-    "label_smoothing": {"type": "float", "low": 0.0, "high": 0.2},
-    "drop_rate": {"type": "float", "low": 0.0, "high": 0.5},
-    "optimizer": {"type": "categorical", "choices": ["adamw", "adam", "sgd", "rmsprop"]},
-    "amsgrad": {"type": "categorical", "choices": [True, False]},
-    "normalization": {"type": "categorical", "choices": ["minmax", "histeq", "clahe"]},
-    "batch_size": {"type": "categorical", "choices": [16, 32, 64]},
-}
 TRAIN_FIELDS = {field.name for field in dataclasses.fields(TrainConfig)}
 # Set by `-P workers=N` (training/tune_workers.py) for its workers: nest each worker's run
 # under the command's.
 PARENT_RUN_VARIABLE = "COVID_XRAY_PARENT_RUN_ID"
 
 
-def direction(metric: str) -> str:
+def optuna_direction(metric: str) -> str:
     """Optuna's direction for a validation metric: losses go down, the rest up."""
     return "minimize" if metric.endswith("loss") else "maximize"
 
@@ -186,7 +165,7 @@ def open_study(config: TuneConfig, direction: str,
     url = storage_url(config)
     for attempt in range(1, attempts + 1):
         try:
-            with _sqlite_turn(url):
+            with sqlite_turn(url):
                 return _create_or_load_study(config, url, direction)
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError,
                 sqlalchemy.exc.OperationalError) as error:
@@ -201,17 +180,6 @@ def open_study(config: TuneConfig, direction: str,
         reason = str(failure).strip().splitlines()[0] if str(failure).strip() else \
             type(failure).__name__
         raise UserError(f"cannot open Optuna storage {safe_url(url)}: {reason}") from None
-
-
-@contextlib.contextmanager
-def _sqlite_turn(url: str) -> Iterator[None]:
-    """For a sqlite storage, one process at a time (file lock `<db>.init-lock`)."""
-    if not url.startswith("sqlite:///"):
-        yield
-        return
-    with open(Path(url.removeprefix("sqlite:///")).with_suffix(".init-lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
 
 
 def _create_or_load_study(config: TuneConfig, url: str,
@@ -263,7 +231,7 @@ def run_study(config: TuneConfig, fixed: dict[str, Any]) -> optuna.Study:
     # We print one line per trial, failures included (Optuna's own carry a traceback).
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     mlflow_run.check_tracking_server()  # before open_study: a failed start creates no files
-    study, seed = open_study(config, direction(config.metric))
+    study, seed = open_study(config, optuna_direction(config.metric))
     print(f"study {config.study_name}: this worker's sampler seed is {seed}")
     # Data problems are the user's to fix once, not a failure per trial; this also fills the
     # cache, so trials only read it (unless img_size or apply_voi_lut are searched).
@@ -411,18 +379,9 @@ def _end_orphaned_runs(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> 
     Runs on whichever worker notices, inside Optuna's bookkeeping: anything the tracking side
     throws (a run this worker's store does not know, a server briefly down) is one line, and
     the study carries on."""
-    client = MlflowClient()
-    for key in ("mlflow_run_id", "mlflow_parent_run_id"):
-        run_id = trial.user_attrs.get(key)
-        if not run_id:
-            continue
-        try:
-            if client.get_run(run_id).info.status == "RUNNING":
-                client.set_tag(run_id, "trial_state", "FAIL (worker lost)")
-                client.set_terminated(run_id, "KILLED")
-        except (MlflowException, requests.RequestException, OSError) as error:
-            reason = str(getattr(error, "message", error)).strip().splitlines()[0]
-            print(f"trial {trial.number}: could not end its MLflow run {run_id} ({reason}); "
-                  "carrying on")
+    run_ids = [trial.user_attrs.get(key) for key in ("mlflow_run_id", "mlflow_parent_run_id")]
+    for problem in lifecycle.end_if_running([run_id for run_id in run_ids if run_id], "KILLED",
+                                            {"trial_state": "FAIL (worker lost)"}):
+        print(f"trial {trial.number}: {problem}; carrying on")
     print(f"trial {trial.number} lost its worker: marked FAIL, its MLflow runs KILLED, "
           "its configuration queued once more")

@@ -23,6 +23,7 @@ import optuna
 import torch
 from mlflow.tracking import MlflowClient
 
+from covid_xray import lifecycle
 from covid_xray.config import TrainConfig, TuneConfig
 from covid_xray.errors import UserError
 from covid_xray.tracking import mlflow_run
@@ -41,7 +42,7 @@ def run_workers(config: TuneConfig, fixed: dict[str, Any]) -> optuna.Study:
     base = dataclasses.replace(TrainConfig(), **fixed)
     mlflow_run.check_tracking_server()
     mlflow_run.create_store_once()  # before the workers: several creating it at once collide
-    study, _ = tune.open_study(config, tune.direction(config.metric))  # Optuna's tables too
+    study, _ = tune.open_study(config, tune.optuna_direction(config.metric))  # Optuna's tables too
     prepare_data(effective_config(base))  # the cache, filled once instead of N times over
 
     with mlflow_run.tracked_run(base.experiment_name,
@@ -110,7 +111,7 @@ def _stop_workers(processes: list[subprocess.Popen], parent_run_id: str,
     while pending:  # the workers' runs, then their trials' runs
         children = client.search_runs([experiment_id],
                                       f"tags.mlflow.parentRunId = '{pending.pop()}'")
-        for child in children:
-            if child.info.status == "RUNNING":
-                client.set_terminated(child.info.run_id, "KILLED")
-            pending.append(child.info.run_id)
+        for problem in lifecycle.end_if_running([child.info.run_id for child in children],
+                                                "KILLED"):
+            print(problem, file=sys.stderr)
+        pending += [child.info.run_id for child in children]

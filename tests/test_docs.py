@@ -1,0 +1,45 @@
+"""The documentation holds together: a README that fits on a screen or two, and every
+relative link resolving to a file (and heading) inside the repository."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+DOCS = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md"), ROOT / "bench" / "README.md",
+               ROOT / "data" / "README.md", ROOT / "tests" / "data" / "README.md"])
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def anchors(path: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.DOTALL)
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+            for heading in re.findall(r"^#+ (.*)$", text, flags=re.MULTILINE)}
+
+
+def test_the_readme_fits_in_15_kb():
+    assert len((ROOT / "README.md").read_bytes()) <= 15_000
+
+
+@pytest.mark.parametrize("document", DOCS, ids=lambda path: str(path.relative_to(ROOT)))
+def test_every_relative_link_resolves_inside_the_repository(document):
+    text = re.sub(r"```.*?```", "", document.read_text(), flags=re.DOTALL)
+    for target in LINK.findall(text):
+        if re.match(r"[a-z]+:", target):
+            continue  # https:, mailto:
+        name, _, anchor = target.partition("#")
+        path = (document.parent / name).resolve() if name else document
+        assert path.is_relative_to(ROOT), f"{document.name}: {target} leaves the repository"
+        assert path.exists(), f"{document.name}: {target} does not exist"
+        if anchor and path.suffix == ".md":
+            assert anchor in anchors(path), f"{document.name}: no heading #{anchor} in {name}"
+
+
+def test_no_document_points_outside_the_repository():
+    for document in DOCS:
+        assert "../shared" not in document.read_text(), document
