@@ -252,6 +252,9 @@ class PredictConfig:
                               "per available core, 0 = decode in this process).")
     heatmaps: str = option("", "Folder for Grad-CAM overlay PNGs of the predicted class "
                            "('' = none).")
+    experiment_name: str = option("covid-xray", "MLflow experiment of the run that records "
+                                  "what was predicted (a run started by `mlflow run` keeps "
+                                  "its own).")
 
 
 # The original project's search space (less vertical flips, which real frontal films never

@@ -8,10 +8,12 @@ import sys
 from pathlib import Path
 
 import cv2
+import mlflow
 import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+from mlflow.tracking import MlflowClient
 
 from covid_xray.config import PredictConfig
 from covid_xray.errors import UserError
@@ -58,6 +60,23 @@ def test_csv_equals_in_process_pyfunc(store, dicom_folder, tmp_path, monkeypatch
     siim = written[written.path.str.contains("/train/")]
     assert siim.study_id.str.fullmatch(r"[0-9a-f]{12}").all()
     assert written[written.path.str.endswith("loose.dcm")].study_id.iloc[0] == ""
+
+    # A run records what was predicted, named for the version that answered, in an
+    # experiment that opens on its runs (not MLflow 3's GenAI overview); no paths in it.
+    client = MlflowClient()
+    (run,) = [run for run in mlflow.search_runs(search_all_experiments=True,
+                                                output_format="list",
+                                                order_by=["attributes.start_time DESC"])
+              if run.info.run_name.startswith("predict-")][:1]
+    assert run.info.run_name == "predict-covid-xray-densenet-v1"
+    assert run.data.tags["model_version"] == "1"
+    params = run.data.params
+    assert (params["count/files"], params["count/unreadable"]) == (str(len(written)), "1")
+    assert int(params["count/negative"]) + int(params["count/opacity"]) == ok.sum()
+    assert not client.list_artifacts(run.info.run_id)
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.name == "covid-xray"
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert len(table) == len(written)
 
 

@@ -62,6 +62,12 @@ def test_alias_moves(store):
     assert str(MlflowClient().get_model_version_by_alias(name, "champion").version) == "1"
     promote(PromoteConfig(name, "2", alias="champion"))
     assert str(MlflowClient().get_model_version_by_alias(name, "champion").version) == "2"
+    # Each move is a named run holding what moved.
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                filter_string=f"attributes.run_name = 'promote-{name}-v2'")
+    assert run.data.tags["promote_decision"] == "promoted"
+    decision = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/decision.txt")
+    assert decision == f"{name} version 2 -> alias @champion\n"
 
 
 STUDIES = 120

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import cv2
+import mlflow
 import pandas as pd
 from tqdm import tqdm
 
@@ -47,11 +48,16 @@ def predict_files(config: PredictConfig, progress: bool = True) -> pd.DataFrame:
     """Predict every DICOM under `config.input`, write `config.output`, return the table.
 
     Unreadable files become rows with their `error`; the CSV appears whole or not at all.
+    An MLflow run records what was done: which version answered, and how many files got
+    which label (not the CSV: its paths are this machine's, and may name patients).
     """
     mlflow_run.check_tracking_server()
     paths = find_dicoms(config.input)
     start_workers_early(config.num_workers, len(paths))
-    model = registry.load(config.model_uri)
+    # Resolved once and loaded by number: the run names the version that answered.
+    version = registry.resolve_version(config.model_uri)
+    model = registry.load(f"models:/{version.name}/{version.version}" if version
+                          else config.model_uri)
     root = Path(config.input) if Path(config.input).is_dir() else Path(config.input).parent
     frames = []
     batches = model.answer_files([str(path) for path in paths], config.batch_size,
@@ -75,8 +81,18 @@ def predict_files(config: PredictConfig, progress: bool = True) -> pd.DataFrame:
     output = Path(config.output)
     atomic_write(output, lambda file: file.write(table.to_csv(index=False).encode()))
     failed = int((table.error != "").sum())
+    described = f"{version.name}-v{version.version}" if version else "model"
+    with mlflow_run.tracked_run(config.experiment_name, run_name=f"predict-{described}") as run:
+        mlflow.set_tags({"model_uri": config.model_uri,
+                         "model_name": version.name if version else "",
+                         "model_version": str(version.version) if version else ""})
+        labels = table.label[table.error == ""].value_counts()
+        mlflow_run.log_params({"model_uri": config.model_uri, "count/files": len(table),
+                               "count/unreadable": failed, "heatmaps": bool(config.heatmaps)}
+                              | {f"count/{name}": int(labels.get(name, 0))
+                                 for name in model.class_names})
     print(f"wrote {len(table)} predictions to {output}" + (f" ({failed} unreadable)" if failed
-                                                             else ""))
+                                                             else "") + f": run {run.info.run_id}")
     return table
 
 

@@ -60,8 +60,8 @@ def promote(config: PromoteConfig, progress: bool = True) -> Promotion:
     if not config.if_better:
         if config.evaluate_on:
             raise UserError("evaluate_on goes with if_better (the metric to compare on)")
-        return registry.promote(config.name, config.version, stage=config.stage,
-                                alias=config.alias)
+        return _recorded(config, registry.promote(config.name, config.version,
+                                                  stage=config.stage, alias=config.alias))
     sign = better_sign(config.if_better)
     client = MlflowClient()
     candidate = registry.get_version(client, config.name, config.version)
@@ -69,8 +69,8 @@ def promote(config: PromoteConfig, progress: bool = True) -> Promotion:
                                                      config.alias)
                if holder.version != candidate.version]
     if not holders:  # nothing to beat
-        return registry.promote(config.name, config.version, stage=config.stage,
-                                alias=config.alias)
+        return _recorded(config, registry.promote(config.name, config.version,
+                                                  stage=config.stage, alias=config.alias))
     versions = [str(candidate.version), *dict.fromkeys(str(holder.version) for holder in holders)]
     class_names, thresholds = _check_same_task(config.name, versions)
     defaults = EvaluateConfig()
@@ -115,6 +115,20 @@ def promote(config: PromoteConfig, progress: bool = True) -> Promotion:
         mlflow.set_tag("promote_decision", "promoted")
         mlflow.log_text(decision + "\n", "decision.txt")
     return Promotion(True, decision)
+
+
+def _recorded(config: PromoteConfig, promotion: Promotion) -> Promotion:
+    """A move made without a comparison, as a run of its own: what moved, and why no
+    evidence was asked for."""
+    with mlflow_run.tracked_run(EvaluateConfig().experiment_name,
+                                run_name=f"promote-{config.name}-v{config.version}"):
+        mlflow.set_tags({"promote_candidate": config.version,
+                         "promote_decision": "promoted" if promotion.promoted else "unchanged"})
+        mlflow_run.log_params({"name": config.name, "version": config.version,
+                               "alias": config.alias, "stage": config.stage,
+                               "if_better": config.if_better})
+        mlflow.log_text(promotion.message + "\n", "decision.txt")
+    return promotion
 
 
 def _predictions(run: Run, version: str) -> pd.DataFrame:

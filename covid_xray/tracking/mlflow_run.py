@@ -157,8 +157,12 @@ def tracked_run(experiment_name: str, run_name: str | None = None, nested: bool 
             experiment_id=MlflowClient().get_run(parent_run_id).info.experiment_id)
     elif "MLFLOW_RUN_ID" not in os.environ and not nested:
         mlflow.set_experiment(experiment_name)
+    resumed = "MLFLOW_RUN_ID" in os.environ and not nested and not parent_run_id
     run = mlflow.start_run(run_name=run_name, nested=nested, parent_run_id=parent_run_id,
                            log_system_metrics=system_metrics)
+    if resumed and run_name:  # `mlflow run` named it at random: say what ran
+        mlflow.set_tag("mlflow.runName", run_name)
+    mark_experiment_kind(run.info.experiment_id)
     with lifecycle.stops_raise() if not nested else contextlib.nullcontext():
         try:
             yield run
@@ -174,6 +178,19 @@ def tracked_run(experiment_name: str, run_name: str | None = None, nested: bool 
             raise
         else:
             end_run(run.info.run_id, "FINISHED")
+
+
+# MLflow 3's UI opens an experiment on its GenAI overview (traces, token usage) unless the
+# experiment says it holds model training: ours open on the runs.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def mark_experiment_kind(experiment_id: str) -> None:
+    """Tag the experiment as model development, once (a kind someone set is left alone)."""
+    client = MlflowClient()
+    (key, value), = EXPERIMENT_KIND.items()
+    if key not in client.get_experiment(experiment_id).tags:
+        client.set_experiment_tag(experiment_id, key, value)
 
 
 def end_run(run_id: str, status: str) -> None:
