@@ -13,7 +13,13 @@ class UserError(Exception):
 
 
 class DicomError(UserError):
-    """A DICOM file that cannot be turned into an image; the message names the file."""
+    """A DICOM file that cannot be turned into an image, or that the input gate refuses; the
+    message names the file, `reason` is a stable code for the output's `reason` column
+    (imaging/gate.py lists them)."""
+
+    def __init__(self, message: str, reason: str = "unreadable"):
+        super().__init__(message)
+        self.reason = reason
 
 
 class RunStopped(Exception):

@@ -363,7 +363,7 @@ def test_the_data_step_says_what_it_left_out(tiny_dataset, tmp_path, capsys, mon
                               num_classes=4, split="50,25,25", seed=1)
     lines = capsys.readouterr().out.splitlines()
     assert "studies left out: 4 with several images, 1 labelled without a file, 0 unreadable, " \
-           "0 repeated films" in lines
+           "0 refused by the input gate (not frontal, not chest), 0 repeated films" in lines
     assert ("1 folder(s) under train/ are not in train_study_level.csv and were ignored "
             "(first: abcdefabcdef)") in lines
     assert ("warning: 1 header(s) could not be read for their PatientID; those studies count "
@@ -392,3 +392,25 @@ def test_a_malformed_header_is_skipped_like_any_unreadable_file(tiny_dataset, tm
     assert manifest.unreadable == [victim.study_id]
     assert manifest.counts()["dropped_unreadable"] == 1
     assert victim.study_id not in set(manifest.table.study_id)
+
+
+def test_films_the_input_gate_refuses_are_not_trained_on(tiny_dataset, tmp_path):
+    """A lateral view and a film of another body part would be refused when the model is
+    asked about them; the data step leaves them out too (counted), so evaluation of the
+    model's own test split sees exactly what training tested."""
+    import pydicom
+
+    data_dir = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data_dir)
+    studies = find_studies(data_dir).studies
+    for path, field, value in ((studies.path.iloc[0], "ViewPosition", "LL"),
+                               (studies.path.iloc[1], "BodyPartExamined", "ABDOMEN"),
+                               (studies.path.iloc[2], "BodyPartExamined", "PORT CHEST")):
+        dataset = pydicom.dcmread(data_dir / path)
+        setattr(dataset, field, value)
+        dataset.save_as(data_dir / path)
+    manifest = build_manifest(data_dir, ImageCache(tmp_path / "cache", CacheParams(16)),
+                              num_classes=4, split="50,25,25", seed=1, progress=False)
+    assert manifest.refused_by_gate == sorted(studies.study_id.iloc[:2])
+    assert manifest.counts()["dropped_by_gate"] == 2
+    assert studies.study_id.iloc[2] in set(manifest.table.study_id)  # the chest, in words

@@ -42,8 +42,10 @@ def test_csv_equals_in_process_pyfunc(store, dicom_folder, tmp_path, monkeypatch
     table = predict_files(PredictConfig(model_uri=PRODUCTION, input=str(dicom_folder),
                                         output=str(output), batch_size=3), progress=False)
     written = pd.read_csv(output, keep_default_na=False, dtype={"study_id": str})
-    assert list(written.columns) == ["path", "study_id", "image_id", "label", "prob_negative",
-                                     "prob_opacity", "error"]
+    assert list(written.columns) == ["path", "study_id", "image_id", "study_instance_uid",
+                                     "series_instance_uid", "sop_instance_uid", "label",
+                                     "prob_negative", "prob_opacity", "reason", "flags",
+                                     "error"]
     paths = find_dicoms(dicom_folder)
     assert written.path.tolist() == [str(path) for path in paths]
 
@@ -56,6 +58,11 @@ def test_csv_equals_in_process_pyfunc(store, dicom_folder, tmp_path, monkeypatch
 
     broken = written[written.path.str.endswith("broken.dcm")].iloc[0]
     assert "not a DICOM file" in broken.error and broken.label == "" and broken.prob_negative == ""
+    assert broken.reason == "unreadable" and broken.sop_instance_uid == ""
+    # Scored rows are keyed by what DICOM knows: the film's own UIDs, read from its header.
+    loose = written[written.path.str.endswith("loose.dcm")].iloc[0]
+    assert loose.sop_instance_uid == "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819"
+    assert loose["reason"] == "" and loose["flags"] == ""  # a PA chest film: nothing to note
     assert ok.sum() == len(written) - 1
     siim = written[written.path.str.contains("/train/")]
     assert siim.study_id.str.fullmatch(r"[0-9a-f]{12}").all()

@@ -60,6 +60,7 @@ def test_serve_answers_a_real_dicom(served_model, tmp_path):
     # A chest X-ray model refuses an MR image, naming its modality, instead of scoring it.
     assert mr["error"] == ("row 2: modality MR is not a radiograph (CR, DX); this model reads "
                            "chest X-rays only") and mr["label"] == ""
+    assert (mr["reason"], bad["reason"], good["reason"]) == ("modality", "unreadable", "")
     assert bad["prob_negative"] is None and bad["prob_opacity"] is None
 
     # The stored model's test-time augmentation and temperature run in the server: the answer

@@ -20,8 +20,9 @@ import numpy as np
 import pandas as pd
 
 from covid_xray.config import BALANCES, TrainConfig
-from covid_xray.errors import UserError
+from covid_xray.errors import DicomError, UserError
 from covid_xray.imaging.cache import ImageCache, pixel_digest
+from covid_xray.imaging.gate import check
 
 STUDY_CSV = "train_study_level.csv"
 IMAGE_CSV = "train_image_level.csv"
@@ -334,6 +335,7 @@ class Manifest:
     unreadable: list[str] = field(default_factory=list)  # dropped by skip_unreadable
     unlabelled: list[str] = field(default_factory=list)  # folders absent from the CSV
     patient_id_read_errors: int = 0  # headers that could not be read (retried next run)
+    refused_by_gate: list[str] = field(default_factory=list)  # lateral views, other parts
 
     def counts(self) -> dict[str, int]:
         """Studies per split and class, e.g. {'train/negative': 120, ...}, patients, drops."""
@@ -348,6 +350,7 @@ class Manifest:
         counts["dropped_multi_image"] = len(self.multi_image)
         counts["dropped_missing_file"] = len(self.missing_files)
         counts["dropped_unreadable"] = len(self.unreadable)
+        counts["dropped_by_gate"] = len(self.refused_by_gate)
         counts["unlabelled_folders"] = len(self.unlabelled)
         counts["patient_id_read_errors"] = self.patient_id_read_errors
         return counts
@@ -359,6 +362,8 @@ class Manifest:
         left_out = {"with several images": counts["dropped_multi_image"],
                     "labelled without a file": counts["dropped_missing_file"],
                     "unreadable": counts["dropped_unreadable"],
+                    "refused by the input gate (not frontal, not chest)":
+                        counts["dropped_by_gate"],
                     "repeated films": counts["repeated_films"]}
         lines = [f"{len(self.table)} studies of {counts['patients']} patients "
                  f"({counts['patients_with_several_studies']} with several studies); split by "
@@ -404,8 +409,14 @@ def build_manifest(
     if found.studies.empty:
         raise UserError(f"{data_dir}: no labelled study has exactly one DICOM; {DOWNLOAD_HINT}")
     studies = found.studies
-    patient_ids, read_errors = cache.patient_ids([data_dir / path for path in studies.path],
-                                                 progress)
+    headers, read_errors = cache.headers([data_dir / path for path in studies.path], progress)
+    # What the input gate would refuse to answer about (a lateral view, another body part),
+    # the model does not learn from either: trained on, it would be scored on it.
+    refused = [not passes_gate(fields) for fields in headers]
+    gated = sorted(studies.study_id[refused])
+    studies = studies[[not bad for bad in refused]].reset_index(drop=True)
+    patient_ids = [fields["PatientID"] for fields, bad in zip(headers, refused, strict=True)
+                   if not bad]
     _refuse_placeholder_patients(patient_ids)
     with cache.writing():
         key = pseudonym_key(cache.root)
@@ -435,10 +446,19 @@ def build_manifest(
     table = split_studies(selected, split, seed)
     manifest = Manifest(table[MANIFEST_COLUMNS], list(table.entry), data_dir, num_classes,
                         found.multi_image, found.missing_files, repeated, dropped_unreadable,
-                        found.unlabelled, read_errors)
+                        found.unlabelled, read_errors, gated)
     if progress:
         print(manifest.summary())
     return manifest
+
+
+def passes_gate(fields: dict[str, str]) -> bool:
+    """Whether the input gate would let a film with these header fields through."""
+    try:
+        check(fields.get("ViewPosition", ""), fields.get("BodyPartExamined", ""), "")
+    except DicomError:
+        return False
+    return True
 
 
 def _refuse_placeholder_patients(patient_ids: list[str]) -> None:

@@ -196,10 +196,11 @@ MANUFACTURERS = ("Acme Radiography", "Fuji", "GE Healthcare", "Philips")
 def _demographics(patient: str, study_id: str) -> dict[str, str]:
     """Header fields for the subgroup tables, from the ids alone (the image stream stays as it
     was): a patient keeps one sex and age; view and device vary by study. Ages span every band
-    (and one study in 16 has none); 'O' and 'LL' views stand for other and lateral."""
+    (and one study in 16 has none); one study in 6 has no ViewPosition (the input gate flags
+    it view_unknown and lets it through), like many real exports."""
     patient_bits, study_bits = int(patient, 16), int(study_id, 16)
     age = 5 + patient_bits % 90
-    view = ("PA", "AP", "AP", "PA", "AP", "LL")[study_bits % 6]
+    view = ("PA", "AP", "AP", "PA", "AP", "")[study_bits % 6]
     return {"PatientSex": "FM"[patient_bits % 2] if patient_bits % 11 else "O",
             "PatientAge": f"{age:03d}Y" if study_bits % 16 else "",
             "ViewPosition": view,

@@ -31,6 +31,8 @@ from covid_xray.imaging.decoders import decode_on_one_thread
 from covid_xray.imaging.dicom import HEADER_FIELDS, error_line, read_header
 from covid_xray.imaging.preprocess import load_square
 
+# The header memo's folder; renamed when HEADER_FIELDS grows, so old memos are read afresh.
+HEADER_MEMO = "headers-v2"
 # Bump when load_square's output changes for the same input, so old entries are not served.
 FORMAT_VERSION = 1
 
@@ -84,7 +86,7 @@ class ImageCache:
             for path in tqdm(dicom_paths, desc="reading headers", disable=not progress,
                              leave=False):
                 try:
-                    found.append(json.loads(self._remembered("headers", Path(path),
+                    found.append(json.loads(self._remembered(HEADER_MEMO, Path(path),
                                                              _header_json)))
                 except DicomError:
                     found.append(dict.fromkeys(HEADER_FIELDS, ""))

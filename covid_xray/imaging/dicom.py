@@ -10,6 +10,7 @@ Baseline/Extended/Lossless, JPEG-LS and JPEG 2000 all work.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from os import PathLike
 from typing import BinaryIO
 
@@ -20,6 +21,7 @@ from pydicom.pixels import apply_modality_lut, apply_voi, get_decoder
 
 from covid_xray.errors import DicomError
 from covid_xray.imaging import decoders
+from covid_xray.imaging.gate import check
 
 GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
 # Projection radiography: computed (CR), digital (DX) and the retired RG. A file without a
@@ -35,6 +37,32 @@ MAX_PIXEL_BYTES = 200_000_000
 decoders.register()
 
 
+# What a result keeps of the source film's header: the UIDs results are keyed by in DICOM.
+UID_FIELDS = {"study_instance_uid": "StudyInstanceUID",
+              "series_instance_uid": "SeriesInstanceUID", "sop_instance_uid": "SOPInstanceUID"}
+
+
+@dataclass(frozen=True)
+class Film:
+    """A decoded film and what its header says about it."""
+
+    image: np.ndarray  # 2-D float32 in [0, 1], bone bright
+    uids: dict[str, str]  # UID_FIELDS' keys -> the header's values ("" when missing)
+    flags: tuple[str, ...] = ()  # the gate's notes on a film it let through (view_unknown)
+
+
+def read_film(path: str | PathLike | BinaryIO, *, apply_voi_lut: bool = True,
+              gate: bool = False) -> Film:
+    """`read_xray`, plus the film's UIDs, with `gate` the input gate first (imaging/gate.py:
+    lateral views and other body parts refused with their reason codes, before decoding)."""
+    name = path if isinstance(path, str | PathLike) else getattr(path, "name", "<stream>")
+    ds = _checked(path, name)
+    flags = check(_text(ds, "ViewPosition"), _text(ds, "BodyPartExamined"), name) if gate \
+        else ()
+    uids = {key: _text(ds, keyword) for key, keyword in UID_FIELDS.items()}
+    return Film(_image(ds, name, apply_voi_lut), uids, flags)
+
+
 def read_xray(path: str | PathLike | BinaryIO, *, apply_voi_lut: bool = True) -> np.ndarray:
     """Decode `path` (or an open binary file; its `name` is used in errors) into a 2-D float32
     array in [0, 1] where bone is bright.
@@ -48,8 +76,31 @@ def read_xray(path: str | PathLike | BinaryIO, *, apply_voi_lut: bool = True) ->
     """
     # What error messages call the input: the path as given, or an open file's name.
     name = path if isinstance(path, str | PathLike) else getattr(path, "name", "<stream>")
+    return _image(_checked(path, name), name, apply_voi_lut)
+
+
+def _checked(path: str | PathLike | BinaryIO, name: object) -> pydicom.Dataset:
+    """`_read_dataset`, with anything it raises besides a DicomError (a malformed tag while
+    checking modality or colour) worded as one."""
     try:
-        ds = _read_dataset(path, name)
+        return _read_dataset(path, name)
+    except DicomError:
+        raise
+    except Exception as error:
+        raise DicomError(f"{name}: malformed DICOM header ({_one_line(error)})") from None
+
+
+def _text(ds: pydicom.Dataset, keyword: str) -> str:
+    """A header field as stripped text; "" when missing or malformed."""
+    try:
+        return str(ds.get(keyword, "") or "").strip()
+    except Exception:
+        return ""
+
+
+def _image(ds: pydicom.Dataset, name: object, apply_voi_lut: bool) -> np.ndarray:
+    """The film of a dataset `_read_dataset` accepted (see `read_xray`)."""
+    try:
         _refuse_oversized(ds, name)
         image = _grayscale(_decode_first_frame(ds, name), ds, apply_voi_lut, name)
     except DicomError:
@@ -114,7 +165,8 @@ def _one_line(error: BaseException) -> str:
 
 # Read from every header once (with the PatientID that groups studies by patient) and kept
 # in the cache's memo: the subgroup tables of every evaluation come from them.
-HEADER_FIELDS = ("PatientID", "PatientSex", "PatientAge", "ViewPosition", "Manufacturer")
+HEADER_FIELDS = ("PatientID", "PatientSex", "PatientAge", "ViewPosition", "Manufacturer",
+                 "BodyPartExamined")
 
 
 def read_header(path: str | PathLike) -> dict[str, str]:
@@ -125,13 +177,8 @@ def read_header(path: str | PathLike) -> dict[str, str]:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(HEADER_FIELDS))
     except Exception as error:  # I/O errors, garbage
         raise DicomError(f"{path}: cannot read the header ({_one_line(error)})") from None
-    fields = {}
-    for name in HEADER_FIELDS:
-        try:
-            fields[name] = str(ds.get(name, "") or "").strip()
-        except Exception:  # one malformed tag is that field missing, not the file unreadable
-            fields[name] = ""
-    return fields
+    # One malformed tag is that field missing, not the file unreadable.
+    return {name: _text(ds, name) for name in HEADER_FIELDS}
 
 
 def read_patient_id(path: str | PathLike) -> str:
@@ -165,13 +212,13 @@ def _read_dataset(path: str | PathLike | BinaryIO, name: object) -> pydicom.Data
     modality = str(ds.get("Modality", "") or "").strip().upper()
     if modality and modality not in RADIOGRAPHY:
         raise DicomError(f"{name}: modality {modality} is not a radiograph (CR, DX); this "
-                         "model reads chest X-rays only")
+                         "model reads chest X-rays only", reason="modality")
     photometric = ds.get("PhotometricInterpretation", "")
     if ds.get("SamplesPerPixel", 1) != 1 or photometric not in GRAYSCALE:
         raise DicomError(
             f"{name}: colour image ({photometric or 'no PhotometricInterpretation'}, "
-            f"{ds.get('SamplesPerPixel', '?')} samples per pixel); chest X-rays must be grayscale"
-        )
+            f"{ds.get('SamplesPerPixel', '?')} samples per pixel); chest X-rays must be "
+            "grayscale", reason="photometric")
     return ds
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from covid_xray.config import INPUT_KINDS, NORMALIZATIONS, TrainConfig
 from covid_xray.errors import UserError
-from covid_xray.imaging.dicom import read_xray
+from covid_xray.imaging.dicom import read_film, read_xray
 
 # Defaults are training's (TrainConfig), so a Preprocessing made by hand sees what training
 # sees unless told otherwise.
@@ -58,8 +58,13 @@ def load_square(path: str | PathLike | BinaryIO, size: int, *,
     uint16 keeps 12-bit films' full depth at a quarter of float32's bytes (float64 ->
     uint16 rounding error is below 1e-5, far under any detector's noise).
     """
-    image = resize(crop_square(read_xray(path, apply_voi_lut=apply_voi_lut)), size)
-    return np.round(np.clip(image, 0, 1) * UINT16_MAX).astype(np.uint16)
+    return square_of(read_xray(path, apply_voi_lut=apply_voi_lut), size)
+
+
+def square_of(image: np.ndarray, size: int) -> np.ndarray:
+    """A decoded film -> its centre square at `size` px as uint16 (see `load_square`)."""
+    square = resize(crop_square(image), size)
+    return np.round(np.clip(square, 0, 1) * UINT16_MAX).astype(np.uint16)
 
 
 def normalize(image: np.ndarray, method: str = DEFAULTS.normalization) -> np.ndarray:
@@ -107,11 +112,19 @@ class Preprocessing:
         return cls(config.img_size, config.normalization, config.apply_voi_lut,
                    config.input_kind)
 
+    def read(self, source: str | PathLike | BinaryIO
+             ) -> tuple[np.ndarray, dict[str, str], tuple[str, ...]]:
+        """A DICOM (path or binary file) the input gate lets through -> the float32 C x H x W
+        array the model takes (the same steps training runs, cache and dataset included,
+        minus augmentation), the film's UIDs and the gate's flags. Refused: DicomError."""
+        film = read_film(source, apply_voi_lut=self.apply_voi_lut, gate=True)
+        square = square_of(film.image, self.img_size)
+        model_input = to_model_input(normalize(square, self.normalization), self.input_kind)
+        return model_input, film.uids, film.flags
+
     def model_input(self, source: str | PathLike | BinaryIO) -> np.ndarray:
-        """A DICOM (path or binary file) -> the float32 C x H x W array the model takes: the
-        same steps training runs, cache and dataset included, minus augmentation."""
-        square = load_square(source, self.img_size, apply_voi_lut=self.apply_voi_lut)
-        return to_model_input(normalize(square, self.normalization), self.input_kind)
+        """Just the model input of `read`."""
+        return self.read(source)[0]
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.forkserver
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import cv2
@@ -22,20 +23,32 @@ from covid_xray.imaging.decoders import available_cores, decode_on_one_thread
 from covid_xray.imaging.dicom import error_line
 from covid_xray.imaging.preprocess import Preprocessing
 
-Decoded = tuple[np.ndarray | None, str]  # (model input, "") or (None, the error)
+
+@dataclass
+class Decoded:
+    """One input file, decoded or refused: what its output row needs besides the answer."""
+
+    model_input: np.ndarray | None  # None when refused or unreadable
+    error: str = ""  # one line naming the file ("" when read)
+    reason: str = ""  # the stable code of a refusal (imaging/gate.py; "" when read)
+    uids: dict[str, str] = field(default_factory=dict)  # dicom.UID_FIELDS of the film
+    flags: tuple[str, ...] = ()  # the gate's notes on a film it let through
 
 
 def decode(preprocessing: Preprocessing, source: Any) -> Decoded:
-    """One model input, or None and the one-line error of a file that cannot be read.
+    """One model input, or the one-line error and reason code of a file that cannot be read
+    or that the gate refuses.
 
     Never raises for one file's sake: whatever goes wrong with it is its row's error, so the
     other files of a folder or a request keep their answers."""
     try:
         if isinstance(source, DicomError):
             raise source  # found while opening the input: reported like the rest
-        return preprocessing.model_input(source), ""
+        model_input, uids, flags = preprocessing.read(source)
+        return Decoded(model_input, uids=uids, flags=flags)
     except Exception as error:
-        return None, error_line(getattr(source, "name", source), error)
+        return Decoded(None, error_line(getattr(source, "name", source), error),
+                       getattr(error, "reason", "unreadable"))
 
 
 class DicomFiles(Dataset):
@@ -93,8 +106,8 @@ def one_thread_per_worker(worker_id: int = 0) -> None:
 
 
 def decoded_batches(paths: Sequence[str], preprocessing: Preprocessing, batch_size: int,
-                    num_workers: int) -> Iterator[tuple[list[np.ndarray | None], list[str]]]:
-    """(inputs, errors) for consecutive `batch_size` slices of `paths`, in order.
+                    num_workers: int) -> Iterator[list[Decoded]]:
+    """The decoded files of consecutive `batch_size` slices of `paths`, in order.
 
     Workers take one file at a time (not one batch each: a folder of five batches would keep
     five cores busy however many there are) and the batches are put together here.
@@ -105,13 +118,11 @@ def decoded_batches(paths: Sequence[str], preprocessing: Preprocessing, batch_si
                         prefetch_factor=4 if num_workers else None,
                         multiprocessing_context=worker_context() if num_workers else None,
                         worker_init_fn=one_thread_per_worker if num_workers else None)
-    inputs: list[np.ndarray | None] = []
-    errors: list[str] = []
-    for model_input, error in loader:
-        inputs.append(model_input)
-        errors.append(error)
-        if len(inputs) == batch_size:
-            yield inputs, errors
-            inputs, errors = [], []
-    if inputs:
-        yield inputs, errors
+    batch: list[Decoded] = []
+    for decoded in loader:
+        batch.append(decoded)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

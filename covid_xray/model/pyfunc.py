@@ -34,7 +34,7 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -49,12 +49,15 @@ from mlflow.types import ColSpec, Schema
 
 from covid_xray.errors import DicomError, UserError
 from covid_xray.evaluation.calibration import ARGMAX, OperatingPoint, predicted_classes
+from covid_xray.imaging.dicom import UID_FIELDS
 from covid_xray.imaging.preprocess import Preprocessing
-from covid_xray.imaging.workers import decode, decoded_batches
+from covid_xray.imaging.workers import Decoded, decode, decoded_batches
 from covid_xray.imaging.writer import write_dicom
 from covid_xray.model.networks import Classifier, architecture
 
 INPUT_COLUMNS = ("path", "dicom_base64")
+# What every answer row carries besides prob_<class>, in this order.
+TEXT_COLUMNS = ("label", "error", "reason", "flags", *UID_FIELDS)
 # `path` is accepted only when the operator names a folder here (paths inside it only).
 PATH_ROOT_VARIABLE = "COVID_XRAY_PATH_ROOT"
 
@@ -149,15 +152,18 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
                     f"{PATH_ROOT_VARIABLE}" if column == "path" else "")
             raise BadInput(f"input needs a column named {' or '.join(allowed)} with at least "
                            f"one DICOM, got {found}{hint}")
-        inputs, errors = self.prepare(_open(column, value, row, root)
-                                      for row, value in enumerate(frame[column]))
+        decoded = [decode(self.preprocessing, _open(column, value, row, root))
+                   for row, value in enumerate(frame[column])]
         try:
-            probabilities = self.probabilities(inputs)
+            probabilities = self.probabilities(decoded)
         except Exception as error:  # the network itself failed (out of memory, say)
-            probabilities = np.full((len(inputs), len(self.class_names)), np.nan)
-            errors = [message or f"row {row}: the model could not score this input "
-                      f"({type(error).__name__})" for row, message in enumerate(errors)]
-        result = self.result_frame(probabilities, errors)
+            probabilities = np.full((len(decoded), len(self.class_names)), np.nan)
+            for row, item in enumerate(decoded):
+                if not item.error:
+                    item.error = (f"row {row}: the model could not score this input "
+                                  f"({type(error).__name__})")
+                    item.reason = "model_error"
+        result = self.result_frame(probabilities, decoded)
         if _served():
             # JSON has no NaN (browsers' JSON.parse rejects the whole reply): failed rows get
             # null probabilities. In process they stay NaN, pandas' missing value.
@@ -167,26 +173,20 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
         return result
 
     def answer_files(self, paths: Sequence[str], batch_size: int, num_workers: int
-                     ) -> Iterator[tuple[list[np.ndarray | None], pd.DataFrame]]:
-        """(model inputs, answers) for consecutive `batch_size` slices of DICOM `paths`,
+                     ) -> Iterator[tuple[list[Decoded], pd.DataFrame]]:
+        """(decoded files, answers) for consecutive `batch_size` slices of DICOM `paths`,
         decoded in worker processes: the one batch loop of predict and evaluate."""
-        for inputs, errors in decoded_batches(paths, self.preprocessing, batch_size,
-                                              num_workers):
-            yield inputs, self.result_frame(self.probabilities(inputs), errors)
+        for decoded in decoded_batches(paths, self.preprocessing, batch_size, num_workers):
+            yield decoded, self.result_frame(self.probabilities(decoded), decoded)
 
-    def prepare(self, sources: Iterable) -> tuple[list[np.ndarray | None], list[str]]:
-        """Model inputs for DICOM sources (paths, binary files, or a DicomError already
-        found); None and the error message for those that fail."""
-        decoded = [decode(self.preprocessing, source) for source in sources]
-        return [model_input for model_input, _ in decoded], [error for _, error in decoded]
-
-    def probabilities(self, inputs: list[np.ndarray | None]) -> np.ndarray:
-        """Batched forward over the inputs that decoded; NaN rows for those that did not."""
-        output = np.full((len(inputs), len(self.class_names)), np.nan, dtype=np.float32)
-        rows = [index for index, array in enumerate(inputs) if array is not None]
+    def probabilities(self, decoded: list[Decoded]) -> np.ndarray:
+        """Batched forward over the files that decoded; NaN rows for those that did not."""
+        output = np.full((len(decoded), len(self.class_names)), np.nan, dtype=np.float32)
+        rows = [index for index, item in enumerate(decoded) if item.model_input is not None]
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start : start + self.batch_size]
-            output[chunk] = self.forward(torch.from_numpy(np.stack([inputs[i] for i in chunk])))
+            output[chunk] = self.forward(torch.from_numpy(
+                np.stack([decoded[i].model_input for i in chunk])))
         return output
 
     @torch.no_grad()
@@ -195,22 +195,29 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
         this model runs (training's test split included)."""
         return self.model(batch.contiguous(memory_format=torch.channels_last)).numpy()
 
-    def result_frame(self, probabilities: np.ndarray, errors: list[str]) -> pd.DataFrame:
+    def result_frame(self, probabilities: np.ndarray, decoded: list[Decoded]) -> pd.DataFrame:
+        """One row per file: OUTPUT_COLUMNS. A refused or unreadable file has its error and
+        reason code, and no label or probabilities."""
         frame = pd.DataFrame(probabilities.astype(np.float64),
                              columns=[f"prob_{name}" for name in self.class_names])
         called = predicted_classes(np.nan_to_num(probabilities, nan=-1), self.threshold)
         labels = [self.class_names[index] for index in called]
-        frame["label"] = [label if not error else "" for label, error in
-                          zip(labels, errors, strict=True)]
-        frame["error"] = errors
+        frame["label"] = [label if not item.error else "" for label, item in
+                          zip(labels, decoded, strict=True)]
+        frame["error"] = [item.error for item in decoded]
+        frame["reason"] = [item.reason for item in decoded]
+        frame["flags"] = [" ".join(item.flags) for item in decoded]
+        for key in UID_FIELDS:
+            frame[key] = [item.uids.get(key, "") for item in decoded]
         return frame
 
 
 def signature(class_names: tuple[str, ...]) -> ModelSignature:
-    """Either input column may be given; outputs are per-class probabilities, label, error."""
+    """Either input column may be given; outputs are per-class probabilities, label, error,
+    the refusal's reason code, the gate's flags and the film's UIDs."""
     inputs = Schema([ColSpec("string", name, required=False) for name in INPUT_COLUMNS])
     outputs = Schema([*(ColSpec("double", f"prob_{name}") for name in class_names),
-                      ColSpec("string", "label"), ColSpec("string", "error")])
+                      *(ColSpec("string", name) for name in TEXT_COLUMNS)])
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 

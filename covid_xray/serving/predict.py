@@ -14,7 +14,8 @@ from covid_xray.config import PredictConfig
 from covid_xray.errors import UserError
 from covid_xray.evaluation.gradcam import grad_cam, overlay
 from covid_xray.files import atomic_write
-from covid_xray.imaging.workers import start_workers_early
+from covid_xray.imaging.dicom import UID_FIELDS
+from covid_xray.imaging.workers import Decoded, start_workers_early
 from covid_xray.tracking import mlflow_run, registry
 
 HEX12 = re.compile(r"[0-9a-f]{12}")
@@ -62,7 +63,7 @@ def predict_files(config: PredictConfig, progress: bool = True) -> pd.DataFrame:
     frames = []
     batches = model.answer_files([str(path) for path in paths], config.batch_size,
                                  config.num_workers)
-    for start, (inputs, frame) in zip(
+    for start, (decoded, frame) in zip(
             tqdm(range(0, len(paths), config.batch_size), desc="predicting", unit="batch",
                  disable=not progress), batches, strict=True):
         batch = paths[start : start + config.batch_size]
@@ -72,11 +73,11 @@ def predict_files(config: PredictConfig, progress: bool = True) -> pd.DataFrame:
         frame.insert(2, "image_id", [image for _, image in ids])
         frames.append(frame)
         if config.heatmaps:
-            _write_heatmaps(model, batch, inputs, frame.label, root, Path(config.heatmaps))
+            _write_heatmaps(model, batch, decoded, frame.label, root, Path(config.heatmaps))
 
     table = pd.concat(frames, ignore_index=True)
-    columns = ["path", "study_id", "image_id", "label",
-               *(f"prob_{name}" for name in model.class_names), "error"]
+    columns = ["path", "study_id", "image_id", *UID_FIELDS, "label",
+               *(f"prob_{name}" for name in model.class_names), "reason", "flags", "error"]
     table = table[columns]
     output = Path(config.output)
     atomic_write(output, lambda file: file.write(table.to_csv(index=False).encode()))
@@ -96,13 +97,14 @@ def predict_files(config: PredictConfig, progress: bool = True) -> pd.DataFrame:
     return table
 
 
-def _write_heatmaps(model, paths: list[Path], inputs: list, labels: pd.Series, root: Path,
-                    folder: Path) -> None:
-    """A Grad-CAM overlay PNG for each readable file, mirroring the input's folder layout."""
-    for path, model_input, label in zip(paths, inputs, labels, strict=True):
-        if model_input is None:
+def _write_heatmaps(model, paths: list[Path], decoded: list[Decoded], labels: pd.Series,
+                    root: Path, folder: Path) -> None:
+    """A Grad-CAM overlay PNG for each file that got a label, mirroring the input's folder
+    layout."""
+    for path, item, label in zip(paths, decoded, labels, strict=True):
+        if item.model_input is None or not label:
             continue
-        heatmap = grad_cam(model.model.network, model_input, model.class_names.index(label))
+        heatmap = grad_cam(model.model.network, item.model_input, model.class_names.index(label))
         target = folder / path.relative_to(root).with_suffix(".png")
         target.parent.mkdir(parents=True, exist_ok=True)
         picture = overlay(path, heatmap, model.preprocessing)
