@@ -51,6 +51,8 @@ def test_decode_gives_each_refused_file_its_reason(tmp_path, header, modality, p
     decoded = decode(Preprocessing(img_size=16), str(path))
     assert decoded.model_input is None and decoded.reason == reason
     assert decoded.error.startswith(str(path))
+    if reason in ("view", "body_part"):  # refused after reading: still keyed to its study
+        assert decoded.uids["study_instance_uid"].startswith("1.2.")
 
 
 def test_a_film_that_passes_carries_its_uids_and_flags(tmp_path):

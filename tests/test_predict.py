@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from covid_xray.config import PredictConfig
 from covid_xray.errors import UserError
 from covid_xray.imaging.workers import available_cores, worker_count
+from covid_xray.imaging.writer import write_dicom
 from covid_xray.model.pyfunc import encode_dicom
 from covid_xray.serving.predict import find_dicoms, predict_files, siim_ids
 from covid_xray.tracking.registry import load
@@ -237,3 +238,33 @@ def test_siim_ids():
     assert siim_ids(Path("/d/train/0123456789ab/aaaaaaaaaaaa/bbbbbbbbbbbb.dcm")) == (
         "0123456789ab", "bbbbbbbbbbbb")
     assert siim_ids(Path("/d/scans/x.dcm")) == ("", "x")
+
+
+def test_a_study_of_several_films_gets_one_answer(store, tmp_path):
+    """Two frontal films of one study (by StudyInstanceUID, whatever the folders) and its
+    lateral view: one study row, the mean of the two scored films' probabilities, called at
+    the model's threshold; the lateral is refused by the gate and named in `reasons`."""
+    folder = tmp_path / "pacs-export"
+    folder.mkdir()
+    rng = np.random.default_rng(5)
+    for name, header in (("pa.dcm", {"ViewPosition": "PA"}), ("ap.dcm", {"ViewPosition": "AP"}),
+                         ("lateral.dcm", {"ViewPosition": "LL"})):
+        write_dicom(folder / name, rng.integers(0, 4096, (48, 48)), study_uid="1.2.826.0.1.7",
+                    header=header)
+    write_dicom(folder / "other.dcm", rng.integers(0, 4096, (48, 48)), study_uid="1.2.826.0.1.8")
+    output = tmp_path / "out.csv"
+    files = predict_files(PredictConfig(model_uri=PRODUCTION, input=str(folder),
+                                        output=str(output), num_workers=0), progress=False)
+    studies = pd.read_csv(tmp_path / "out.studies.csv", keep_default_na=False,
+                          dtype={"study_instance_uid": str})
+    assert studies.study_instance_uid.tolist() == ["1.2.826.0.1.7", "1.2.826.0.1.8"]
+    first = studies.iloc[0]
+    assert (first.files, first.scored, first.reasons) == (3, 2, "view")
+    scored = files[(files.study_instance_uid == "1.2.826.0.1.7") & (files.error == "")]
+    mean = scored[["prob_negative", "prob_opacity"]].mean()
+    assert first.prob_opacity == pytest.approx(mean.prob_opacity, abs=1e-9)
+    threshold = load(PRODUCTION).threshold
+    assert first.label == ("opacity" if mean.prob_opacity >= threshold else "negative")
+    lateral = files[files.path.str.endswith("lateral.dcm")].iloc[0]
+    assert (lateral.reason, lateral.label) == ("view", "")
+    assert np.isnan(lateral.prob_opacity)

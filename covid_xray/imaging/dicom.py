@@ -57,10 +57,14 @@ def read_film(path: str | PathLike | BinaryIO, *, apply_voi_lut: bool = True,
     lateral views and other body parts refused with their reason codes, before decoding)."""
     name = path if isinstance(path, str | PathLike) else getattr(path, "name", "<stream>")
     ds = _checked(path, name)
-    flags = check(_text(ds, "ViewPosition"), _text(ds, "BodyPartExamined"), name) if gate \
-        else ()
     uids = {key: _text(ds, keyword) for key, keyword in UID_FIELDS.items()}
-    return Film(_image(ds, name, apply_voi_lut), uids, flags)
+    try:
+        flags = check(_text(ds, "ViewPosition"), _text(ds, "BodyPartExamined"), name) \
+            if gate else ()
+        return Film(_image(ds, name, apply_voi_lut), uids, flags)
+    except DicomError as error:
+        error.uids = uids  # a refused film still belongs to its study
+        raise
 
 
 def read_xray(path: str | PathLike | BinaryIO, *, apply_voi_lut: bool = True) -> np.ndarray:

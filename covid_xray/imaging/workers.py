@@ -48,7 +48,7 @@ def decode(preprocessing: Preprocessing, source: Any) -> Decoded:
         return Decoded(model_input, uids=uids, flags=flags)
     except Exception as error:
         return Decoded(None, error_line(getattr(source, "name", source), error),
-                       getattr(error, "reason", "unreadable"))
+                       getattr(error, "reason", "unreadable"), getattr(error, "uids", {}))
 
 
 class DicomFiles(Dataset):

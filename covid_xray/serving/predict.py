@@ -7,11 +7,13 @@ from pathlib import Path
 
 import cv2
 import mlflow
+import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
 from covid_xray.config import PredictConfig
 from covid_xray.errors import UserError
+from covid_xray.evaluation.calibration import predicted_classes
 from covid_xray.evaluation.gradcam import grad_cam, overlay
 from covid_xray.files import atomic_write
 from covid_xray.imaging.dicom import UID_FIELDS
@@ -80,7 +82,10 @@ def predict_files(config: PredictConfig, progress: bool = True) -> pd.DataFrame:
                *(f"prob_{name}" for name in model.class_names), "reason", "flags", "error"]
     table = table[columns]
     output = Path(config.output)
+    studies = study_answers(table, model)
+    study_output = output.with_name(f"{output.stem}.studies.csv")
     atomic_write(output, lambda file: file.write(table.to_csv(index=False).encode()))
+    atomic_write(study_output, lambda file: file.write(studies.to_csv(index=False).encode()))
     failed = int((table.error != "").sum())
     described = f"{version.name}-v{version.version}" if version else "model"
     with mlflow_run.tracked_run(config.experiment_name, run_name=f"predict-{described}") as run:
@@ -93,8 +98,35 @@ def predict_files(config: PredictConfig, progress: bool = True) -> pd.DataFrame:
                               | {f"count/{name}": int(labels.get(name, 0))
                                  for name in model.class_names})
     print(f"wrote {len(table)} predictions to {output}" + (f" ({failed} unreadable)" if failed
-                                                             else "") + f": run {run.info.run_id}")
+                                                             else "")
+          + f" and {len(studies)} study answers to {study_output}: run {run.info.run_id}")
     return table
+
+
+def study_answers(table: pd.DataFrame, model) -> pd.DataFrame:
+    """One row per study (its StudyInstanceUID; a file without one is a study of its own):
+    the mean of each class probability over the study's scored films, and the label the
+    model calls on that mean (at its threshold). A study of a PA and an AP film gets one
+    answer; one whose every film was refused gets none, and its files' reasons.
+
+    Why the mean: each film is the same question asked again, and averaging probabilities
+    is what the model's own test-time augmentation does with two views of one film."""
+    columns = [f"prob_{name}" for name in model.class_names]
+    keys = table.study_instance_uid.where(table.study_instance_uid != "", "file:" + table.path)
+    rows = []
+    for key, files in table.groupby(keys, sort=True):
+        scored = files[files.error == ""]
+        mean = scored[columns].astype(float).mean().to_numpy() if len(scored) else None
+        row = {"study_instance_uid": files.study_instance_uid.iloc[0], "files": len(files),
+               "scored": len(scored)}
+        row |= dict(zip(columns, mean if mean is not None else [np.nan] * len(columns),
+                        strict=True))
+        called = predicted_classes(mean[None], model.threshold)[0] if mean is not None else None
+        row["label"] = model.class_names[called] if called is not None else ""
+        row["reasons"] = " ".join(sorted(set(files.reason) - {""}))
+        row["paths"] = " ".join(files.path) if key.startswith("file:") else ""
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def _write_heatmaps(model, paths: list[Path], decoded: list[Decoded], labels: pd.Series,
