@@ -113,6 +113,10 @@ def test_evaluate_logs_cis_calibration_figures_and_links_to_the_model(store, hos
     model_id = logged_model_id(client.get_model_version("covid-xray-densenet", "1"))
     linked = {metric.key: metric.value for metric in client.get_logged_model(model_id).metrics}
     assert linked["eval_roc_auc"] == pytest.approx(expected_auc)
+    # The version's model card now lists this evaluation as external evidence.
+    card = client.get_model_version("covid-xray-densenet", "1").description
+    assert f"run `{outcome.run_id}`" in card and f"({44} studies)" in card
+    assert f"- roc_auc: {metrics['eval_roc_auc']:.3f} (95% CI" in card
 
 
 def test_fingerprint_follows_files_and_labels_not_the_model(hospital, tmp_path):

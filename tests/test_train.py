@@ -125,6 +125,17 @@ def test_train_logs_registers_and_reloads(demo_dataset, tmp_path, tracking_uri, 
 
     assert version.tags["git_dirty"] in ("true", "false", "unknown")
 
+    # Its model card is the version's description (what the registry UI shows) and an
+    # artifact of the run: the use it is not for, and the test AUC with its interval.
+    card = version.description
+    assert "**Not for diagnostic use.**" in card
+    metrics = run.data.metrics
+    assert (f"- roc_auc: {metrics['test_roc_auc']:.3f} (95% CI {metrics['test_roc_auc_ci_low']:.3f}"
+            f"-{metrics['test_roc_auc_ci_high']:.3f})") in card
+    assert f"opacity when P(opacity) >= {metrics['threshold']:.4f} (youden" in card
+    logged = mlflow.artifacts.load_text(f"runs:/{outcome.run_id}/model_card.md")
+    assert logged == card
+
     # Loading by stage and by alias gives the in-run probabilities on the test split's DICOMs
     # (read by path: the operator names the folder paths may point into).
     frame = pd.DataFrame({"path": [str(path) for path in outcome.test_paths]})

@@ -33,11 +33,13 @@ from covid_xray.imaging.workers import worker_count
 from covid_xray.model.pyfunc import DicomClassifier
 from covid_xray.tracking import mlflow_run, registry
 from covid_xray.tracking.manifests import learned_from, logged_data_dir, logged_manifest
+from covid_xray.tracking.model_card import write_model_card
 
 # What the binary classes were called before they were named for what they are.
 LEGACY_BINARY = ("negative", "positive")
 # Tags that make an evaluation findable: which model, which data.
-MODEL_NAME_TAG, MODEL_VERSION_TAG = "eval_model_name", "eval_model_version"
+MODEL_NAME_TAG = mlflow_run.EVALUATED_NAME_TAG
+MODEL_VERSION_TAG = mlflow_run.EVALUATED_VERSION_TAG
 FINGERPRINT_TAG, TASK_TAG = "eval_data_fingerprint", "eval_task"
 
 
@@ -249,6 +251,8 @@ def evaluate_model(config: EvaluateConfig, progress: bool = True,
         if config.output:
             atomic_write(Path(config.output), lambda file: file.write(csv.encode()))
 
+    if version:  # the version's model card now lists this evidence too
+        write_model_card(model_name, model_version, run_id=run.info.run_id)
     described = f"{model_name} version {model_version}" if version else config.model_uri
     unreadable = int((~scored).sum())
     print(f"evaluated {described} on {int(scored.sum())} studies of {labelled.data_dir}"

@@ -180,9 +180,26 @@ def tracked_run(experiment_name: str, run_name: str | None = None, nested: bool 
             end_run(run.info.run_id, "FINISHED")
 
 
+# Tags that tie an evaluation run to the registered version it scored (serving/evaluate.py
+# writes them; model cards and promotion find evaluations by them).
+EVALUATED_NAME_TAG, EVALUATED_VERSION_TAG = "eval_model_name", "eval_model_version"
 # MLflow 3's UI opens an experiment on its GenAI overview (traces, token usage) unless the
 # experiment says it holds model training: ours open on the runs.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def ui_link(run: mlflow.ActiveRun) -> str:
+    """Where the run's page is in the MLflow UI, in its model-training view (MLflow 3.17's UI
+    starts in its GenAI view, whatever the experiment's kind, until a user switches)."""
+    uri = mlflow.get_tracking_uri()
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else \
+        "http://127.0.0.1:5000 (after `mlflow ui`)"
+    page = (f"/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+            "?workflowType=machine_learning")
+    if " " in base:
+        address, note = base.split(" ", 1)
+        return f"{address}{page} {note}"
+    return base + page
 
 
 def mark_experiment_kind(experiment_id: str) -> None:

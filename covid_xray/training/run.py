@@ -38,6 +38,7 @@ from covid_xray.imaging.workers import worker_context
 from covid_xray.model.networks import Classifier, build
 from covid_xray.model.pyfunc import DicomClassifier
 from covid_xray.tracking import mlflow_run
+from covid_xray.tracking.model_card import write_model_card
 from covid_xray.training.loop import Recipe, fit, make_optimizer, resolve_device, seed_everything
 
 
@@ -123,9 +124,10 @@ def run_training(config: TrainConfig, progress: bool = True,
     # A name that says what ran (MLflow's random names repeat: seed_everything seeded them).
     run_name = f"train-{config.model}-{config.img_size}px-s{config.seed}"
     with mlflow_run.tracked_run(config.experiment_name, run_name=run_name,
-                                system_metrics=config.system_metrics):
+                                system_metrics=config.system_metrics) as run:
         outcome = train_in_run(prepared, progress=progress, tags=tags)
         register(outcome, config)
+    print(f"the run in the MLflow UI: {mlflow_run.ui_link(run)}")
     return outcome
 
 
@@ -224,7 +226,10 @@ def register(outcome: TrainOutcome, config: TrainConfig) -> None:
         outcome.model_uri, config.registered_model_name,
         tags=outcome.provenance | {"run_id": outcome.run_id}, stage=config.stage,
         alias=config.alias)
-    print(f"registered {config.registered_model_name} version {outcome.registered_version}")
+    write_model_card(config.registered_model_name, outcome.registered_version,
+                     run_id=outcome.run_id)
+    print(f"registered {config.registered_model_name} version {outcome.registered_version} "
+          "(its model card is the version's description)")
 
 
 def _loaders(config: TrainConfig, manifest: Manifest,
