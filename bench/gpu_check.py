@@ -20,14 +20,13 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from covid_xray.config import TrainConfig
-from covid_xray.model.networks import build
+from covid_xray.model.networks import build, resolve_device
 from covid_xray.training.loop import (
     SYNC_EVERY,
     Recipe,
     Stepper,
     fit,
     make_optimizer,
-    resolve_device,
     train_one_epoch,
 )
 

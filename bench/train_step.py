@@ -23,13 +23,12 @@ import torch
 from torch import nn
 
 from covid_xray.config import TrainConfig
-from covid_xray.model.networks import build
+from covid_xray.model.networks import build, resolve_device
 from covid_xray.training.loop import (
     Stepper,
     WeightAverage,
     make_optimizer,
     make_scheduler,
-    resolve_device,
     train_one_epoch,
 )
 

@@ -237,6 +237,8 @@ class EvaluateConfig:
                        "its test split, else 0).")
     cache_dir: str = option("cache", "Where file digests and decoded squares are remembered "
                             "(shared with train).")
+    device: str = option("auto", "Where the model answers: auto (CUDA when visible), cpu or "
+                         "cuda.", DEVICES)
     experiment_name: str = option("covid-xray", "MLflow experiment (a run started by "
                                   "`mlflow run` keeps its own).")
 
@@ -252,6 +254,9 @@ class PredictConfig:
                               "per available core, 0 = decode in this process).")
     heatmaps: str = option("", "Folder for Grad-CAM overlay PNGs of the predicted class "
                            "('' = none).")
+    device: str = option("auto", "Where the model answers: auto (CUDA when visible, bf16 "
+                         "autocast), cpu or cuda; DICOMs are decoded on the CPU either way.",
+                         DEVICES)
     experiment_name: str = option("covid-xray", "MLflow experiment of the run that records "
                                   "what was predicted (a run started by `mlflow run` keeps "
                                   "its own).")

@@ -152,3 +152,19 @@ def test_the_model_answers_calibrated_and_labels_at_its_threshold():
     model.set_operating_point(OperatingPoint(temperature=2.0, threshold=0.6))
     frame = model.result_frame(model.forward(torch.zeros(1, 1, 32, 32)), [Decoded(None)])
     pd.testing.assert_series_equal(frame.label, pd.Series(["opacity"], name="label"))
+
+
+def test_the_model_answers_on_the_device_it_is_given():
+    """CPU here; on CUDA the same call moves the network and runs bf16 autocast (not
+    testable without a GPU: bench/predict.py measures it when one is lent)."""
+    model = DicomClassifier(Classifier(Fixed([0.0, 1.0]), ("negative", "opacity")),
+                            Preprocessing(img_size=32))
+    assert model.to_device("auto").device.type == ("cuda" if torch.cuda.is_available()
+                                                   else "cpu")
+    answer = model.to_device("cpu").forward(torch.zeros(2, 1, 32, 32))
+    np.testing.assert_allclose(answer[:, 1], 1 / (1 + np.exp(-1.0)), rtol=1e-6)
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="device=cuda but no CUDA GPU is visible"):
+            model.to_device("cuda")
+    with pytest.raises(UserError, match="device must be one of auto, cpu, cuda, got 'gpu'"):
+        model.to_device("gpu")

@@ -11,7 +11,7 @@ import torchvision
 import torchxrayvision as xrv
 from torch import nn
 
-from covid_xray.config import MODEL_FAMILIES, TTA_MODES
+from covid_xray.config import DEVICES, MODEL_FAMILIES, TTA_MODES
 from covid_xray.errors import UserError
 
 
@@ -46,6 +46,17 @@ class Classifier(nn.Module):
         super().__setstate__(state)
         self.__dict__.setdefault("tta", "none")  # models pickled before TTA existed
         self.__dict__.setdefault("temperature", 1.0)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` (CUDA when a GPU is visible, else CPU), `cpu` or `cuda` (refused without one)."""
+    if name not in DEVICES:
+        raise UserError(f"device must be one of {', '.join(DEVICES)}, got {name!r}")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda but no CUDA GPU is visible; use device=auto or cpu")
+    return torch.device(name)
 
 
 def build(name: str, num_classes: int, drop_rate: float = 0.0, weights_dir: str = "") -> nn.Module:

@@ -53,13 +53,15 @@ from covid_xray.imaging.dicom import UID_FIELDS
 from covid_xray.imaging.preprocess import Preprocessing
 from covid_xray.imaging.workers import Decoded, decode, decoded_batches
 from covid_xray.imaging.writer import write_dicom
-from covid_xray.model.networks import Classifier, architecture
+from covid_xray.model.networks import Classifier, architecture, resolve_device
 
 INPUT_COLUMNS = ("path", "dicom_base64")
 # What every answer row carries besides prob_<class>, in this order.
 TEXT_COLUMNS = ("label", "error", "reason", "flags", *UID_FIELDS)
 # `path` is accepted only when the operator names a folder here (paths inside it only).
 PATH_ROOT_VARIABLE = "COVID_XRAY_PATH_ROOT"
+# The device a loaded model answers on: auto (CUDA when visible), cpu or cuda.
+DEVICE_VARIABLE = "COVID_XRAY_DEVICE"
 
 
 class BadInput(UserError, MlflowException):
@@ -87,7 +89,16 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
         self.preprocessing = preprocessing
         self.batch_size = batch_size
         self.architecture = architecture  # a `config.MODEL_FAMILIES` name
+        self.device = torch.device("cpu")
         self.set_operating_point(operating or OperatingPoint())
+
+    def to_device(self, name: str) -> DicomClassifier:
+        """Answer on `name` (auto, cpu, cuda) from now on. On CUDA the forward runs in bf16
+        autocast where the GPU has it (Ampere and later), float16 before; decoding stays in
+        the CPU workers either way."""
+        self.device = resolve_device(name)
+        self.model.to(self.device)
+        return self
 
     def set_operating_point(self, operating: OperatingPoint) -> None:
         """Answer with this temperature and call classes at this threshold from now on."""
@@ -130,6 +141,8 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
         self.__init__(Classifier(network, tuple(spec["class_names"]), tta=spec["tta"]),
                       Preprocessing(**spec["preprocessing"]), spec["batch_size"],
                       spec["architecture"], operating)
+        # Served (or loaded anywhere): the operator picks the device; CUDA when present.
+        self.to_device(os.environ.get(DEVICE_VARIABLE, "auto"))
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -193,7 +206,13 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
     def forward(self, batch: torch.Tensor) -> np.ndarray:
         """Class probabilities of a batch of model inputs: the one forward every prediction of
         this model runs (training's test split included)."""
-        return self.model(batch.contiguous(memory_format=torch.channels_last)).numpy()
+        batch = batch.to(self.device, non_blocking=True).contiguous(
+            memory_format=torch.channels_last)
+        if self.device.type != "cuda":
+            return self.model(batch).numpy()
+        half = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        with torch.autocast("cuda", dtype=half):
+            return self.model(batch).float().cpu().numpy()
 
     def result_frame(self, probabilities: np.ndarray, decoded: list[Decoded]) -> pd.DataFrame:
         """One row per file: OUTPUT_COLUMNS. A refused or unreadable file has its error and

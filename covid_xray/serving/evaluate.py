@@ -175,7 +175,7 @@ def evaluate_model(config: EvaluateConfig, progress: bool = True,
     # a move in between would tag the run with a version it never scored.
     version = registry.resolve_version(config.model_uri)
     model = registry.load(f"models:/{version.name}/{version.version}" if version
-                          else config.model_uri)
+                          else config.model_uri).to_device(config.device)
     class_names = tuple(model.class_names)
     run_id = version.run_id if version else registry.run_id_of(config.model_uri)
     manifest = logged_manifest(run_id) if run_id else None

@@ -60,7 +60,7 @@ def predict_files(config: PredictConfig, progress: bool = True) -> pd.DataFrame:
     # Resolved once and loaded by number: the run names the version that answered.
     version = registry.resolve_version(config.model_uri)
     model = registry.load(f"models:/{version.name}/{version.version}" if version
-                          else config.model_uri)
+                          else config.model_uri).to_device(config.device)
     root = Path(config.input) if Path(config.input).is_dir() else Path(config.input).parent
     frames = []
     batches = model.answer_files([str(path) for path in paths], config.batch_size,

@@ -35,11 +35,11 @@ from covid_xray.evaluation.subgroups import add_subgroups
 from covid_xray.imaging.cache import CacheParams, ImageCache
 from covid_xray.imaging.preprocess import Preprocessing
 from covid_xray.imaging.workers import worker_context
-from covid_xray.model.networks import Classifier, build
+from covid_xray.model.networks import Classifier, build, resolve_device
 from covid_xray.model.pyfunc import DicomClassifier
 from covid_xray.tracking import mlflow_run
 from covid_xray.tracking.model_card import write_model_card
-from covid_xray.training.loop import Recipe, fit, make_optimizer, resolve_device, seed_everything
+from covid_xray.training.loop import Recipe, fit, make_optimizer, seed_everything
 
 
 @dataclass
