@@ -1,14 +1,14 @@
 """`MLproject`, the environment files and the option tables of docs/options.md, written from
-their one source each.
+their one source each. It sits at the top level, beside config.py, because it serves the
+project (its files and docs), not any layer of the library.
 
 The options exist once, in config.py; the dependencies once, in pyproject.toml. This module
 renders the MLproject entry points and every option table (and tune's search space) in
-docs/options.md from the first,
-`python_env.yaml` (uv / virtualenv) and `conda.yaml` from the second; `python -m
-covid_xray.project` rewrites all four, and a test fails when any is stale. MLflow passes a
-`-P name=value` that an entry point does not declare on to its command as `--name value`: tune
-declares only its own options and takes train's that way, so it sees exactly the ones a user
-gave.
+docs/options.md from the first, `python_env.yaml` (uv / virtualenv) and `conda.yaml` from the
+second; `python -m covid_xray.project` rewrites all four, and a test fails when any is stale.
+MLflow passes a `-P name=value` that an entry point does not declare on to its command as
+`--name value`: tune declares only its own options and takes train's that way, so it sees
+exactly the ones a user gave.
 """
 
 from __future__ import annotations
