@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, clean_env
+from tests.conftest import REAL_DICOM, ROOT, clean_env
 
 PACKAGE = ROOT / "covid_xray"
 # Lowest first; a module may import its own layer and the ones before it. The top-level
@@ -114,5 +114,27 @@ def test_loading_the_logged_model_imports_no_data_or_training_code(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     loaded = done.stdout.split()
     assert "covid_xray.model.pyfunc" in loaded
+    assert not [name for name in loaded if name.split(".")[1] in
+                ("data", "training", "tracking", "serving")], loaded
+
+
+def test_the_registered_model_loads_and_answers_without_data_or_training_code(store):
+    """The registered model itself, loaded by MLflow in a fresh interpreter from the registry
+    and asked about a real film: no module of the data, training, tracking or serving layers
+    is imported on the way."""
+    probe = (
+        "import sys, mlflow, pandas as pd\n"
+        "from covid_xray.model.pyfunc import encode_dicom\n"
+        "model = mlflow.pyfunc.load_model('models:/covid-xray-densenet@champion')\n"
+        f"answer = model.predict(pd.DataFrame({{'dicom_base64': [encode_dicom({str(REAL_DICOM)!r})]}}))\n"
+        "assert answer.error[0] == '', answer.error[0]\n"
+        "print('\\n'.join(sorted(m for m in sys.modules if m.startswith('covid_xray.'))))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=store["root"],
+                          env=clean_env(MLFLOW_TRACKING_URI=store["uri"]), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    loaded = done.stdout.split()
+    assert "covid_xray.model.served_model" in loaded or "covid_xray.model.pyfunc" in loaded
     assert not [name for name in loaded if name.split(".")[1] in
                 ("data", "training", "tracking", "serving")], loaded
