@@ -34,6 +34,7 @@ from tqdm import tqdm
 from covid_xray.config import TrainConfig
 from covid_xray.data.studies import CLASS_COLUMNS, STUDY_CSV
 from covid_xray.imaging.preprocess import Preprocessing
+from covid_xray.imaging.workers import decode
 from covid_xray.imaging.writer import write_dicom
 from covid_xray.model.pyfunc import DicomClassifier
 from covid_xray.training.run import run_training
@@ -122,8 +123,8 @@ def compare(data: str, seeds: str, recipes: tuple[str, ...], cache_dir: str,
             outcome = run_training(config, progress=False, tags={"recipe": name})
             per_epoch = (time.perf_counter() - start) / len(outcome.history)
             classifier = DicomClassifier(outcome.model, Preprocessing.of(config), batch_size=64)
-            inputs, errors = classifier.prepare(unseen_paths)
-            assert not any(errors), errors
+            inputs = [decode(classifier.preprocessing, path) for path in unseen_paths]
+            assert not any(item.error for item in inputs), [item.error for item in inputs]
             # The same weights scored with and without flip TTA (the model applies it).
             unseen = {}
             for tta in ("none", "flip"):

@@ -147,10 +147,11 @@ def test_the_model_answers_calibrated_and_labels_at_its_threshold():
     answer = model.forward(torch.zeros(2, 1, 32, 32))
     expected = 1 / (1 + np.exp(-0.5))  # sigmoid(1 / T)
     np.testing.assert_allclose(answer[:, 1], expected, rtol=1e-6)
-    frame = model.result_frame(answer, [Decoded(None), Decoded(None)])
+    frame = model.result_frame(answer, decoded=[Decoded(None), Decoded(None)])
     assert frame.label.tolist() == ["negative", "negative"]  # 0.622 < 0.65, though > 0.5
     model.set_operating_point(OperatingPoint(temperature=2.0, threshold=0.6))
-    frame = model.result_frame(model.forward(torch.zeros(1, 1, 32, 32)), [Decoded(None)])
+    frame = model.result_frame(model.forward(torch.zeros(1, 1, 32, 32)),
+                                decoded=[Decoded(None)])
     pd.testing.assert_series_equal(frame.label, pd.Series(["opacity"], name="label"))
 
 

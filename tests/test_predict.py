@@ -16,6 +16,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from covid_xray.config import PredictConfig
+from covid_xray.data.synthetic import chest_image
 from covid_xray.errors import UserError
 from covid_xray.imaging.workers import available_cores, worker_count
 from covid_xray.imaging.writer import write_dicom
@@ -45,8 +46,8 @@ def test_csv_equals_in_process_pyfunc(store, dicom_folder, tmp_path, monkeypatch
     written = pd.read_csv(output, keep_default_na=False, dtype={"study_id": str})
     assert list(written.columns) == ["path", "study_id", "image_id", "study_instance_uid",
                                      "series_instance_uid", "sop_instance_uid", "label",
-                                     "prob_negative", "prob_opacity", "reason", "flags",
-                                     "error"]
+                                     "prob_negative", "prob_opacity", "ood_score",
+                                     "in_distribution", "reason", "flags", "error"]
     paths = find_dicoms(dicom_folder)
     assert written.path.tolist() == [str(path) for path in paths]
 
@@ -63,7 +64,11 @@ def test_csv_equals_in_process_pyfunc(store, dicom_folder, tmp_path, monkeypatch
     # Scored rows are keyed by what DICOM knows: the film's own UIDs, read from its header.
     loose = written[written.path.str.endswith("loose.dcm")].iloc[0]
     assert loose.sop_instance_uid == "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819"
-    assert loose["reason"] == "" and loose["flags"] == ""  # a PA chest film: nothing to note
+    assert loose["flags"] == ""  # a PA chest film: nothing for the gate to note, but a real
+    # film is far from the synthetic films this model learned from:
+    assert (loose["reason"], loose["label"], str(loose["in_distribution"])) == (
+        "out_of_distribution", "", "False")
+    assert broken.in_distribution == "" and broken.ood_score == ""  # not scored: unknown
     assert ok.sum() == len(written) - 1
     siim = written[written.path.str.contains("/train/")]
     assert siim.study_id.str.fullmatch(r"[0-9a-f]{12}").all()
@@ -80,7 +85,8 @@ def test_csv_equals_in_process_pyfunc(store, dicom_folder, tmp_path, monkeypatch
     assert run.data.tags["model_version"] == "1"
     params = run.data.params
     assert (params["count/files"], params["count/unreadable"]) == (str(len(written)), "1")
-    assert int(params["count/negative"]) + int(params["count/opacity"]) == ok.sum()
+    assert int(params["count/negative"]) + int(params["count/opacity"]) == (
+        written.label != "").sum() == ok.sum() - int(params["count/out_of_distribution"])
     assert not client.list_artifacts(run.info.run_id)
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.name == "covid-xray"
@@ -126,11 +132,13 @@ def test_base64_input_matches_paths(store, tiny_dataset, monkeypatch):
 
 def test_grad_cam_heatmaps(store, dicom_folder, tmp_path):
     heatmaps = tmp_path / "heatmaps"
-    predict_files(PredictConfig(model_uri=PRODUCTION, input=str(dicom_folder),
-                                output=str(tmp_path / "p.csv"), heatmaps=str(heatmaps)),
-                  progress=False)
+    table = predict_files(PredictConfig(model_uri=PRODUCTION, input=str(dicom_folder),
+                                        output=str(tmp_path / "p.csv"), heatmaps=str(heatmaps)),
+                          progress=False)
     written = sorted(heatmaps.rglob("*.png"))
-    assert len(written) == len(find_dicoms(dicom_folder)) - 1  # not for the broken file
+    # One per labelled file: not for the broken one, nor for the real film this model (trained
+    # on synthetic films) finds out of distribution.
+    assert len(written) == (table.label != "").sum() == len(find_dicoms(dicom_folder)) - 2
     for png in written:
         source = dicom_folder / png.relative_to(heatmaps).with_suffix(".dcm")
         ds = pydicom.dcmread(source, stop_before_pixels=True)
@@ -247,11 +255,14 @@ def test_a_study_of_several_films_gets_one_answer(store, tmp_path):
     folder = tmp_path / "pacs-export"
     folder.mkdir()
     rng = np.random.default_rng(5)
+
+    def film():  # drawn like the films this model was trained on
+        return np.round(chest_image(rng, label=1, rows=64, cols=64)[0] * 4095)
+
     for name, header in (("pa.dcm", {"ViewPosition": "PA"}), ("ap.dcm", {"ViewPosition": "AP"}),
                          ("lateral.dcm", {"ViewPosition": "LL"})):
-        write_dicom(folder / name, rng.integers(0, 4096, (48, 48)), study_uid="1.2.826.0.1.7",
-                    header=header)
-    write_dicom(folder / "other.dcm", rng.integers(0, 4096, (48, 48)), study_uid="1.2.826.0.1.8")
+        write_dicom(folder / name, film(), study_uid="1.2.826.0.1.7", header=header)
+    write_dicom(folder / "other.dcm", film(), study_uid="1.2.826.0.1.8")
     output = tmp_path / "out.csv"
     files = predict_files(PredictConfig(model_uri=PRODUCTION, input=str(folder),
                                         output=str(output), num_workers=0), progress=False)
@@ -268,3 +279,31 @@ def test_a_study_of_several_films_gets_one_answer(store, tmp_path):
     lateral = files[files.path.str.endswith("lateral.dcm")].iloc[0]
     assert (lateral.reason, lateral.label) == ("view", "")
     assert np.isnan(lateral.prob_opacity)
+
+
+def test_a_photograph_is_out_of_distribution_and_unseen_films_are_not(store, tmp_path):
+    """A photograph written as a CR DICOM (matplotlib's sample portrait) passes every header
+    check, so only the model's distance to its training films can tell: it is flagged
+    out_of_distribution (probabilities kept for audit, no label), while at least 95% of
+    films the model never saw, drawn like its training films, pass."""
+    import matplotlib.cbook
+    import matplotlib.image
+
+    from covid_xray.data.synthetic import make_dataset
+
+    folder = tmp_path / "in"
+    unseen = make_dataset(folder / "unseen", num_studies=60, image_size=64,
+                          multi_image_studies=0, seed=123, progress=False)
+    portrait = matplotlib.image.imread(matplotlib.cbook.get_sample_data("grace_hopper.jpg"))
+    gray = portrait[..., :3].mean(axis=2)
+    write_dicom(folder / "photo.dcm", np.round(gray / gray.max() * 4095))
+    table = predict_files(PredictConfig(model_uri=PRODUCTION, input=str(folder),
+                                        output=str(tmp_path / "out.csv"), num_workers=0),
+                          progress=False)
+    photo = table[table.path.str.endswith("photo.dcm")].iloc[0]
+    assert (photo.reason, photo.label, photo.error) == ("out_of_distribution", "", "")
+    assert not photo.in_distribution and not np.isnan(photo.prob_opacity)
+    assert photo.ood_score > load(PRODUCTION).outliers.threshold
+    films = table[table.path.str.startswith(str(unseen))]
+    assert len(films) == 60 and (films.error == "").all()
+    assert films.in_distribution.astype(bool).mean() >= 0.95, films.ood_score.describe()

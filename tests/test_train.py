@@ -145,11 +145,16 @@ def test_train_logs_registers_and_reloads(demo_dataset, tmp_path, tracking_uri, 
         np.testing.assert_allclose(predictions[["prob_negative", "prob_opacity"]].to_numpy(),
                                    outcome.test_probabilities, rtol=1e-5, atol=1e-6)
         assert (predictions.error == "").all()
-        # The label follows the stored threshold, not argmax.
+        # The label follows the stored threshold, not argmax; a film far from the training
+        # films (over the distance threshold) keeps its probabilities but gets no label.
         threshold = run.data.metrics["threshold"]
         expected = np.where(outcome.test_probabilities[:, 1] >= threshold, "opacity",
                             "negative")
-        assert predictions.label.tolist() == expected.tolist()
+        inside = predictions.in_distribution.astype(bool).to_numpy()
+        assert predictions.label.tolist() == np.where(inside, expected, "").tolist()
+        assert (predictions.ood_score > run.data.metrics["ood_threshold"]).tolist() == (
+            ~inside).tolist()
+        assert (~inside).mean() == pytest.approx(run.data.metrics["test_ood_rate"])
     # The torch module is still there.
     torch_model = mlflow.pyfunc.load_model(f"models:/{name}@champion").unwrap_python_model().model
     assert isinstance(torch_model, torch.nn.Module)

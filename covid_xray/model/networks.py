@@ -35,12 +35,28 @@ class Classifier(nn.Module):
         self.temperature = float(temperature)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        log_probabilities = torch.log_softmax(self.network(x).float(), dim=1)
+        return self.answer(x)[0]
+
+    def answer(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Probabilities, and the penultimate features of the film as given (the pooled vector
+        the head reads, caught on its way in: no second pass), for the distance to training
+        (evaluation/outliers.py). A network without a `classifier` head gives no features."""
+        captured: list[torch.Tensor] = []
+        head = getattr(self.network, "classifier", None)
+        hook = (head.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+                if isinstance(head, nn.Module) else None)
+        try:
+            logits = self.network(x)
+        finally:
+            if hook is not None:
+                hook.remove()
+        features = captured[0].float() if captured else x.new_zeros((len(x), 0))
+        log_probabilities = torch.log_softmax(logits.float(), dim=1)
         if self.tta == "flip":
             mirrored = torch.log_softmax(self.network(x.flip(-1)).float(), dim=1)
             # log of the mean of the two probabilities, computed stably in log space
             log_probabilities = torch.logaddexp(log_probabilities, mirrored) - math.log(2)
-        return torch.softmax(log_probabilities / self.temperature, dim=1)
+        return torch.softmax(log_probabilities / self.temperature, dim=1), features
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)

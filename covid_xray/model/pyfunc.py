@@ -49,6 +49,7 @@ from mlflow.types import ColSpec, Schema
 
 from covid_xray.errors import DicomError, UserError
 from covid_xray.evaluation.calibration import ARGMAX, OperatingPoint, predicted_classes
+from covid_xray.evaluation.outliers import FeatureDistance
 from covid_xray.imaging.dicom import UID_FIELDS
 from covid_xray.imaging.preprocess import Preprocessing
 from covid_xray.imaging.workers import Decoded, decode, decoded_batches
@@ -56,6 +57,7 @@ from covid_xray.imaging.writer import write_dicom
 from covid_xray.model.networks import Classifier, architecture, resolve_device
 
 INPUT_COLUMNS = ("path", "dicom_base64")
+OUTLIERS_ARTIFACT = "outliers.npz"  # the fitted distance to the training films
 # What every answer row carries besides prob_<class>, in this order.
 TEXT_COLUMNS = ("label", "error", "reason", "flags", *UID_FIELDS)
 # `path` is accepted only when the operator names a folder here (paths inside it only).
@@ -80,6 +82,7 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
 
     ARTIFACTS: ClassVar[dict[str, str]] = {"weights": "weights.pt", "spec": "model.json"}
 
+
     def __init__(self, model: Classifier | None = None,
                  preprocessing: Preprocessing | None = None, batch_size: int = 16,
                  architecture: str = "none", operating: OperatingPoint | None = None):
@@ -90,6 +93,7 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
         self.batch_size = batch_size
         self.architecture = architecture  # a `config.MODEL_FAMILIES` name
         self.device = torch.device("cpu")
+        self.outliers: FeatureDistance | None = None  # fitted after training (outliers.npz)
         self.set_operating_point(operating or OperatingPoint())
 
     def to_device(self, name: str) -> DicomClassifier:
@@ -120,7 +124,11 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
         """Write the state a logged model is loaded from; returns MLflow's `artifacts`."""
         torch.save(self.model.network.state_dict(), folder / self.ARTIFACTS["weights"])
         (folder / self.ARTIFACTS["spec"]).write_text(json.dumps(self.spec(), indent=2) + "\n")
-        return {key: str(folder / name) for key, name in self.ARTIFACTS.items()}
+        saved = {key: str(folder / name) for key, name in self.ARTIFACTS.items()}
+        if self.outliers is not None:  # plain arrays: read back without unpickling
+            np.savez(folder / OUTLIERS_ARTIFACT, **self.outliers.as_arrays())
+            saved["outliers"] = str(folder / OUTLIERS_ARTIFACT)
+        return saved
 
     def load_context(self, context: Any) -> None:
         """Rebuild the model from its artifacts (a model pickled whole has none: as is)."""
@@ -141,6 +149,9 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
         self.__init__(Classifier(network, tuple(spec["class_names"]), tta=spec["tta"]),
                       Preprocessing(**spec["preprocessing"]), spec["batch_size"],
                       spec["architecture"], operating)
+        if "outliers" in context.artifacts:  # models logged before it have no distance
+            with np.load(context.artifacts["outliers"], allow_pickle=False) as arrays:
+                self.outliers = FeatureDistance.from_arrays(dict(arrays))
         # Served (or loaded anywhere): the operator picks the device; CUDA when present.
         self.to_device(os.environ.get(DEVICE_VARIABLE, "auto"))
 
@@ -168,21 +179,21 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
         decoded = [decode(self.preprocessing, _open(column, value, row, root))
                    for row, value in enumerate(frame[column])]
         try:
-            probabilities = self.probabilities(decoded)
+            probabilities, distances = self.answers(decoded)
         except Exception as error:  # the network itself failed (out of memory, say)
             probabilities = np.full((len(decoded), len(self.class_names)), np.nan)
+            distances = np.full(len(decoded), np.nan)
             for row, item in enumerate(decoded):
                 if not item.error:
                     item.error = (f"row {row}: the model could not score this input "
                                   f"({type(error).__name__})")
                     item.reason = "model_error"
-        result = self.result_frame(probabilities, decoded)
+        result = self.result_frame(probabilities, distances, decoded)
         if _served():
             # JSON has no NaN (browsers' JSON.parse rejects the whole reply): failed rows get
             # null probabilities. In process they stay NaN, pandas' missing value.
-            for name in self.class_names:
-                values = result[f"prob_{name}"]
-                result[f"prob_{name}"] = values.astype(object).where(values.notna(), None)
+            for name in (*(f"prob_{name}" for name in self.class_names), "ood_score"):
+                result[name] = result[name].astype(object).where(result[name].notna(), None)
         return result
 
     def answer_files(self, paths: Sequence[str], batch_size: int, num_workers: int
@@ -190,44 +201,74 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
         """(decoded files, answers) for consecutive `batch_size` slices of DICOM `paths`,
         decoded in worker processes: the one batch loop of predict and evaluate."""
         for decoded in decoded_batches(paths, self.preprocessing, batch_size, num_workers):
-            yield decoded, self.result_frame(self.probabilities(decoded), decoded)
+            yield decoded, self.result_frame(*self.answers(decoded), decoded=decoded)
 
-    def probabilities(self, decoded: list[Decoded]) -> np.ndarray:
-        """Batched forward over the files that decoded; NaN rows for those that did not."""
+    def answers(self, decoded: list[Decoded]) -> tuple[np.ndarray, np.ndarray]:
+        """Batched forward over the files that decoded: probabilities and each film's
+        distance to the training films (NaN rows for those that did not decode; NaN distances
+        when the model has no fitted distance)."""
         output = np.full((len(decoded), len(self.class_names)), np.nan, dtype=np.float32)
+        distances = np.full(len(decoded), np.nan)
         rows = [index for index, item in enumerate(decoded) if item.model_input is not None]
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start : start + self.batch_size]
-            output[chunk] = self.forward(torch.from_numpy(
-                np.stack([decoded[i].model_input for i in chunk])))
-        return output
+            batch = torch.from_numpy(np.stack([decoded[i].model_input for i in chunk]))
+            output[chunk], features = self.forward_with_features(batch)
+            if self.outliers is not None:
+                distances[chunk] = self.outliers.scores(features)
+        return output, distances
 
-    @torch.no_grad()
+    def probabilities(self, decoded: list[Decoded]) -> np.ndarray:
+        return self.answers(decoded)[0]
+
     def forward(self, batch: torch.Tensor) -> np.ndarray:
         """Class probabilities of a batch of model inputs: the one forward every prediction of
         this model runs (training's test split included)."""
+        return self.forward_with_features(batch)[0]
+
+    @torch.no_grad()
+    def forward_with_features(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """`forward`, and the penultimate features the distance to training is measured on."""
         batch = batch.to(self.device, non_blocking=True).contiguous(
             memory_format=torch.channels_last)
         if self.device.type != "cuda":
-            return self.model(batch).numpy()
-        half = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        with torch.autocast("cuda", dtype=half):
-            return self.model(batch).float().cpu().numpy()
+            probabilities, features = self.model.answer(batch)
+        else:
+            half = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            with torch.autocast("cuda", dtype=half):
+                probabilities, features = self.model.answer(batch)
+        return probabilities.float().cpu().numpy(), features.float().cpu().numpy()
 
-    def result_frame(self, probabilities: np.ndarray, decoded: list[Decoded]) -> pd.DataFrame:
-        """One row per file: OUTPUT_COLUMNS. A refused or unreadable file has its error and
-        reason code, and no label or probabilities."""
+    def result_frame(self, probabilities: np.ndarray, distances: np.ndarray | None = None,
+                     decoded: list[Decoded] | None = None) -> pd.DataFrame:
+        """One row per file: prob_<class>, then TEXT_COLUMNS, ood_score and
+        in_distribution. A refused or unreadable file has its error and reason code, and no
+        label or probabilities; a film far from the training films (distance over the
+        model's threshold) keeps its probabilities for audit but gets no label, and the
+        reason out_of_distribution."""
+        if distances is None:
+            distances = np.full(len(decoded), np.nan)
         frame = pd.DataFrame(probabilities.astype(np.float64),
                              columns=[f"prob_{name}" for name in self.class_names])
         called = predicted_classes(np.nan_to_num(probabilities, nan=-1), self.threshold)
         labels = [self.class_names[index] for index in called]
-        frame["label"] = [label if not item.error else "" for label, item in
-                          zip(labels, decoded, strict=True)]
+        limit = self.outliers.threshold if self.outliers is not None else np.inf
+        outside = [not item.error and distance > limit
+                   for item, distance in zip(decoded, distances, strict=True)]
+        frame["label"] = [label if not item.error and not far else "" for label, item, far in
+                          zip(labels, decoded, outside, strict=True)]
         frame["error"] = [item.error for item in decoded]
-        frame["reason"] = [item.reason for item in decoded]
+        frame["reason"] = ["out_of_distribution" if far else item.reason
+                           for item, far in zip(decoded, outside, strict=True)]
         frame["flags"] = [" ".join(item.flags) for item in decoded]
         for key in UID_FIELDS:
             frame[key] = [item.uids.get(key, "") for item in decoded]
+        frame["ood_score"] = distances.astype(np.float64)
+        # Unknown (None) for a file that was not scored, or a model without a distance.
+        frame["in_distribution"] = pd.Series(
+            [None if item.error or np.isnan(distance) else not far
+             for item, distance, far in zip(decoded, distances, outside, strict=True)],
+            dtype=object)
         return frame
 
 
@@ -236,7 +277,8 @@ def signature(class_names: tuple[str, ...]) -> ModelSignature:
     the refusal's reason code, the gate's flags and the film's UIDs."""
     inputs = Schema([ColSpec("string", name, required=False) for name in INPUT_COLUMNS])
     outputs = Schema([*(ColSpec("double", f"prob_{name}") for name in class_names),
-                      *(ColSpec("string", name) for name in TEXT_COLUMNS)])
+                      *(ColSpec("string", name) for name in TEXT_COLUMNS),
+                      ColSpec("double", "ood_score"), ColSpec("boolean", "in_distribution")])
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 

@@ -245,6 +245,11 @@ def evaluate_model(config: EvaluateConfig, progress: bool = True,
                                          name=f"external-{labelled.data_dir.resolve().name}",
                                          context="evaluation")
         model_id = registry.logged_model_id(version) if version else None
+        # How many scored films were far from the training films (kept in the numbers,
+        # flagged in predictions.csv: the test split's own rate is test_ood_rate).
+        if predictions.in_distribution[scored].notna().all():
+            mlflow.log_metric("eval_ood_rate",
+                              float((predictions.in_distribution[scored] == False).mean()))  # noqa: E712
         mlflow_run.log_evaluation(evaluation, "eval", model_id=model_id, dataset=dataset)
         csv = predictions.to_csv(index=False)
         mlflow.log_text(csv, "predictions.csv")

@@ -79,7 +79,8 @@ def predict_files(config: PredictConfig, progress: bool = True) -> pd.DataFrame:
 
     table = pd.concat(frames, ignore_index=True)
     columns = ["path", "study_id", "image_id", *UID_FIELDS, "label",
-               *(f"prob_{name}" for name in model.class_names), "reason", "flags", "error"]
+               *(f"prob_{name}" for name in model.class_names), "ood_score", "in_distribution",
+               "reason", "flags", "error"]
     table = table[columns]
     output = Path(config.output)
     studies = study_answers(table, model)
@@ -94,7 +95,9 @@ def predict_files(config: PredictConfig, progress: bool = True) -> pd.DataFrame:
                          "model_version": str(version.version) if version else ""})
         labels = table.label[table.error == ""].value_counts()
         mlflow_run.log_params({"model_uri": config.model_uri, "count/files": len(table),
-                               "count/unreadable": failed, "heatmaps": bool(config.heatmaps)}
+                               "count/unreadable": failed, "heatmaps": bool(config.heatmaps),
+                               "count/out_of_distribution":
+                                   int((table.reason == "out_of_distribution").sum())}
                               | {f"count/{name}": int(labels.get(name, 0))
                                  for name in model.class_names})
     print(f"wrote {len(table)} predictions to {output}" + (f" ({failed} unreadable)" if failed
@@ -107,7 +110,8 @@ def study_answers(table: pd.DataFrame, model) -> pd.DataFrame:
     """One row per study (its StudyInstanceUID; a file without one is a study of its own):
     the mean of each class probability over the study's scored films, and the label the
     model calls on that mean (at its threshold). A study of a PA and an AP film gets one
-    answer; one whose every film was refused gets none, and its files' reasons.
+    answer; one whose every film was refused (or is out of distribution) gets none, and its
+    files' reasons.
 
     Why the mean: each film is the same question asked again, and averaging probabilities
     is what the model's own test-time augmentation does with two views of one film."""
@@ -115,7 +119,8 @@ def study_answers(table: pd.DataFrame, model) -> pd.DataFrame:
     keys = table.study_instance_uid.where(table.study_instance_uid != "", "file:" + table.path)
     rows = []
     for key, files in table.groupby(keys, sort=True):
-        scored = files[files.error == ""]
+        # A film far from the training films has no label of its own: it does not vote.
+        scored = files[(files.error == "") & (files.reason == "")]
         mean = scored[columns].astype(float).mean().to_numpy() if len(scored) else None
         row = {"study_instance_uid": files.study_instance_uid.iloc[0], "files": len(files),
                "scored": len(scored)}

@@ -55,7 +55,8 @@ def model_card(name: str, version: str) -> str:
         "- Users: machine-learning engineers and researchers comparing chest X-ray models; "
         "not clinicians, not patients.",
         "- Inputs it refuses (input gate): other modalities, lateral views, other body parts, "
-        "colour images, unreadable files; each with a reason code.",
+        "colour images, unreadable files; each with a reason code. Films far from its "
+        "training films get no label (out_of_distribution).",
         "",
         "## Data",
         f"- Source: {params.get('data_dir', '?')} (SIIM-FISABIO-RSNA COVID-19 Detection "
@@ -76,6 +77,9 @@ def model_card(name: str, version: str) -> str:
         f"`{run.info.run_id}`, commit `{run.data.tags.get('git_commit', '?')}`.",
         f"- Calibration: temperature {spec.get('temperature', 1.0):.3f}, fitted on the val "
         "split.",
+        f"- Out of distribution beyond a feature distance of "
+        f"{metrics.get('ood_threshold', float('nan')):.1f} (99th percentile of val); "
+        f"{metrics.get('test_ood_rate', float('nan')):.1%} of test films.",
         (f"- Operating point: opacity when P(opacity) >= {spec['threshold']:.4f} "
          f"({spec.get('operating_point')} on the val split)." if spec.get("threshold")
          is not None else "- Operating point: the most probable class."),

@@ -30,6 +30,7 @@ from covid_xray.evaluation.calibration import (
     fit_temperature,
     parse_rule,
 )
+from covid_xray.evaluation.outliers import fit_feature_distance
 from covid_xray.evaluation.report import RESAMPLES, evaluate
 from covid_xray.evaluation.subgroups import add_subgroups
 from covid_xray.imaging.cache import CacheParams, ImageCache
@@ -167,8 +168,11 @@ def train_in_run(prepared: Prepared, *, progress: bool = True,
     logged = DicomClassifier(Classifier(network.cpu().float(), class_names, tta=config.tta),
                              Preprocessing.of(config), config.batch_size, config.model)
     operating = calibrate_on_val(logged, loaders["val"], config.operating_point, train_labels)
+    fit_distance_to_training(logged, config, manifest, loaders["val"])
     test_set: XrayDataset = loaders["test"].dataset
-    probabilities = answers(logged, loaders["test"])
+    probabilities, test_features = answers(logged, loaders["test"], with_features=True)
+    mlflow.log_metric("test_ood_rate", float(np.mean(
+        logged.outliers.scores(test_features) > logged.outliers.threshold)))
     test_labels = np.array(test_set.labels)
     evaluation = evaluate(test_labels, probabilities, class_names, seed=config.seed,
                           threshold=operating.threshold, temperature=operating.temperature)
@@ -190,9 +194,30 @@ def train_in_run(prepared: Prepared, *, progress: bool = True,
                         evaluation.metrics, result.best_epoch, model_info.model_uri, provenance)
 
 
-def answers(model: DicomClassifier, loader: DataLoader) -> np.ndarray:
-    """The model's probabilities for every film of a split, in order."""
-    return np.concatenate([model.forward(images) for images, _ in loader])
+def answers(model: DicomClassifier, loader: DataLoader, with_features: bool = False):
+    """The model's probabilities for every film of a split, in order (and, asked, the
+    penultimate features the distance to training is measured on)."""
+    parts = [model.forward_with_features(images) for images, _ in loader]
+    probabilities = np.concatenate([answer for answer, _ in parts])
+    if not with_features:
+        return probabilities
+    return probabilities, np.concatenate([features for _, features in parts])
+
+
+def fit_distance_to_training(model: DicomClassifier, config: TrainConfig, manifest: Manifest,
+                             val_loader: DataLoader) -> None:
+    """Fit the model's distance to its training films (on the train split as the model sees
+    it at prediction, without augmentation), with its threshold at the 99th percentile of
+    the val split's distances; log the threshold."""
+    plain = DataLoader(XrayDataset(manifest.split_entries("train"),
+                                   manifest.split("train").label.tolist(),
+                                   normalization=config.normalization,
+                                   input_kind=config.input_kind),
+                       batch_size=config.batch_size)
+    _, train_features = answers(model, plain, with_features=True)
+    _, val_features = answers(model, val_loader, with_features=True)
+    model.outliers = fit_feature_distance(train_features, val_features)
+    mlflow.log_metric("ood_threshold", model.outliers.threshold)
 
 
 def calibrate_on_val(model: DicomClassifier, val_loader: DataLoader, rule: str,
