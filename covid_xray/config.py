@@ -254,6 +254,9 @@ class PredictConfig:
                               "per available core, 0 = decode in this process).")
     heatmaps: str = option("", "Folder for Grad-CAM overlay PNGs of the predicted class "
                            "('' = none).")
+    dicom_out: str = option("", "Folder for DICOM results a PACS can store: a Structured "
+                            "Report per study and a Grad-CAM Secondary Capture per scored "
+                            "film, in <StudyInstanceUID>/ ('' = none).")
     device: str = option("auto", "Where the model answers: auto (CUDA when visible, bf16 "
                          "autocast), cpu or cuda; DICOMs are decoded on the CPU either way.",
                          DEVICES)

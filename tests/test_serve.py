@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import shutil
@@ -11,9 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pydicom
 import pytest
 import requests
 import torch
+from mlflow.tracking import MlflowClient
 
 from covid_xray.evaluation.calibration import calibrate
 from covid_xray.imaging.writer import write_dicom
@@ -44,7 +48,7 @@ def strict_json(response: requests.Response):
     return json.loads(response.text, parse_constant=refuse)
 
 
-def test_serve_answers_a_real_dicom(served_model, tmp_path):
+def test_serve_answers_a_real_dicom(served_model, tmp_path, demo_dataset):
     write_dicom(tmp_path / "mr.dcm", np.full((64, 64), 900), modality="MR")
     body = {"dataframe_split": {"columns": ["dicom_base64"],
                                 "data": [[encode_dicom(str(REAL_DICOM))], ["bm90IGEgZGljb20="],
@@ -80,6 +84,27 @@ def test_serve_answers_a_real_dicom(served_model, tmp_path):
     assert good["prob_opacity"] == pytest.approx(expected[0, 1], abs=1e-5)
     assert not torch.allclose(plain, mean)  # the mirror changed something
     assert good["ood_score"] > stored.outliers.threshold
+
+    # Asked for them, the server also answers in DICOM: the study's report and the film's
+    # heatmap, base64; none for a refused film.
+    films = sorted((demo_dataset / "train").rglob("*.dcm"))[:3]
+    body["dataframe_split"]["data"] += [[encode_dicom(str(film))] for film in films]
+    response = requests.post(f"{served_model}/invocations", timeout=60,
+                             json=body | {"params": {"dicom_results": True}})
+    assert response.status_code == 200, response.text
+    rows = strict_json(response)["predictions"]
+    assert [bool(row["sr_base64"]) for row in rows] == [bool(row["label"]) for row in rows]
+    assert [bool(row["heatmap_base64"]) for row in rows] == [bool(row["label"]) for row in rows]
+    scored = [row for row in rows if row["label"]]
+    assert scored  # films the model learned from are in its distribution
+    report = pydicom.dcmread(io.BytesIO(base64.b64decode(scored[0]["sr_base64"])))
+    assert report.Modality == "SR" and "not for diagnostic use" in report.SeriesDescription
+    heatmap = pydicom.dcmread(io.BytesIO(base64.b64decode(scored[0]["heatmap_base64"])))
+    assert heatmap.SourceImageSequence[0].ReferencedSOPInstanceUID == scored[0][
+        "sop_instance_uid"]
+    # A served copy knows the run it was trained in (not the registry's name for it).
+    assert heatmap.ContributingEquipmentSequence[0].DeviceSerialNumber == \
+        MlflowClient().get_model_version("covid-xray-densenet", "1").run_id
 
 
 @pytest.mark.parametrize(("body", "message"), [

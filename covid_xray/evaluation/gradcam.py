@@ -29,14 +29,15 @@ def grad_cam(network: nn.Module, model_input: np.ndarray, class_index: int) -> n
     hook = network.features.register_forward_hook(keep)
     try:
         network.eval()
-        batch = torch.from_numpy(model_input[None]).requires_grad_(True)
+        device = next(network.parameters()).device  # the model may answer on CUDA
+        batch = torch.from_numpy(model_input[None]).to(device).requires_grad_(True)
         network.zero_grad()
         network(batch)[0, class_index].backward()
     finally:
         hook.remove()
     maps = captured["maps"]
     weights = maps.grad.mean(dim=(2, 3), keepdim=True)
-    cam = torch.relu((weights * maps).sum(dim=1))[0].detach().numpy()
+    cam = torch.relu((weights * maps).sum(dim=1))[0].detach().float().cpu().numpy()
     cam = cv2.resize(cam, model_input.shape[::-1][:2], interpolation=cv2.INTER_LINEAR)
     peak = float(cam.max())
     return cam / peak if peak > 0 else cam

@@ -45,15 +45,17 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-from mlflow.types import ColSpec, Schema
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 from covid_xray.errors import DicomError, UserError
 from covid_xray.evaluation.calibration import ARGMAX, OperatingPoint, predicted_classes
+from covid_xray.evaluation.gradcam import grad_cam, overlay
 from covid_xray.evaluation.outliers import FeatureDistance
 from covid_xray.imaging.dicom import UID_FIELDS
 from covid_xray.imaging.preprocess import Preprocessing
 from covid_xray.imaging.workers import Decoded, decode, decoded_batches
 from covid_xray.imaging.writer import write_dicom
+from covid_xray.model.dicom_results import ModelIdentity, StudyResults, read_source, to_bytes
 from covid_xray.model.networks import Classifier, architecture, resolve_device
 
 INPUT_COLUMNS = ("path", "dicom_base64")
@@ -94,6 +96,7 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
         self.architecture = architecture  # a `config.MODEL_FAMILIES` name
         self.device = torch.device("cpu")
         self.outliers: FeatureDistance | None = None  # fitted after training (outliers.npz)
+        self.identity = ModelIdentity()  # named in DICOM results; set by whoever loads it
         self.set_operating_point(operating or OperatingPoint())
 
     def to_device(self, name: str) -> DicomClassifier:
@@ -154,6 +157,11 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
                 self.outliers = FeatureDistance.from_arrays(dict(arrays))
         # Served (or loaded anywhere): the operator picks the device; CUDA when present.
         self.to_device(os.environ.get(DEVICE_VARIABLE, "auto"))
+        # The training run, from the MLmodel file beside the artifacts (a registry load then
+        # adds the registered name and version).
+        logged = Path(context.artifacts["spec"]).parents[1] / "MLmodel"
+        if logged.is_file():
+            self.identity = ModelIdentity(run_id=mlflow.models.Model.load(logged).run_id or "")
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -189,12 +197,53 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
                                   f"({type(error).__name__})")
                     item.reason = "model_error"
         result = self.result_frame(probabilities, distances, decoded)
+        if (params or {}).get("dicom_results"):
+            self.attach_dicom_results(result, column, frame[column], decoded, root)
         if _served():
             # JSON has no NaN (browsers' JSON.parse rejects the whole reply): failed rows get
             # null probabilities. In process they stay NaN, pandas' missing value.
             for name in (*(f"prob_{name}" for name in self.class_names), "ood_score"):
                 result[name] = result[name].astype(object).where(result[name].notna(), None)
         return result
+
+    def film_result(self, results: StudyResults, file: Any, item: Decoded,
+                    probabilities: np.ndarray, label: str) -> tuple[Any, np.ndarray]:
+        """For a scored film: its header goes to `results` (for its study's report); returns
+        its Grad-CAM heatmap object and the overlay picture (BGR, the film's own size)."""
+        source = read_source(file)
+        heatmap = grad_cam(self.model.network, item.model_input, self.class_names.index(label))
+        if hasattr(file, "seek"):
+            file.seek(0)
+        picture = overlay(file, heatmap, self.preprocessing)
+        image = results.heatmap(source, picture)
+        results.add(source, probabilities, label)  # only once all of it worked
+        return image, picture
+
+    def attach_dicom_results(self, result: pd.DataFrame, column: str, values: pd.Series,
+                             decoded: list[Decoded], root: str) -> None:
+        """`sr_base64` (the report of the row's study: the same bytes on every row of one
+        study) and `heatmap_base64` (the film's Grad-CAM Secondary Capture) as DICOM files in
+        base64; empty for a row that was not scored. A film whose header defeats the writer
+        keeps its answer and gets the flag `no_dicom_result`."""
+        results = StudyResults(self.class_names, self.threshold, self.identity)
+        probabilities = result[[f"prob_{name}" for name in self.class_names]].to_numpy()
+        heatmaps, studies = [""] * len(result), [""] * len(result)
+        for row, (value, item, label) in enumerate(zip(values, decoded, result.label,
+                                                       strict=True)):
+            if not label:
+                continue
+            try:
+                image, _ = self.film_result(results, _open(column, value, row, root), item,
+                                            probabilities[row], label)
+                heatmaps[row] = base64.b64encode(to_bytes(image)).decode("ascii")
+                studies[row] = image.StudyInstanceUID
+            except Exception:
+                result.loc[row, "flags"] = " ".join(filter(None, (result.flags[row],
+                                                                  "no_dicom_result")))
+        reports = {study: base64.b64encode(to_bytes(report)).decode("ascii")
+                   for study, report in results.reports().items()}
+        result["sr_base64"] = [reports.get(study, "") for study in studies]
+        result["heatmap_base64"] = heatmaps
 
     def answer_files(self, paths: Sequence[str], batch_size: int, num_workers: int
                      ) -> Iterator[tuple[list[Decoded], pd.DataFrame]]:
@@ -279,7 +328,9 @@ def signature(class_names: tuple[str, ...]) -> ModelSignature:
     outputs = Schema([*(ColSpec("double", f"prob_{name}") for name in class_names),
                       *(ColSpec("string", name) for name in TEXT_COLUMNS),
                       ColSpec("double", "ood_score"), ColSpec("boolean", "in_distribution")])
-    return ModelSignature(inputs=inputs, outputs=outputs)
+    # Ask for the DICOM results with {"params": {"dicom_results": true}}.
+    params = ParamSchema([ParamSpec("dicom_results", "boolean", False)])
+    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
 
 def encode_dicom(path: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import tempfile
 from pathlib import Path
 
 import cv2
@@ -14,10 +15,10 @@ from tqdm import tqdm
 from covid_xray.config import PredictConfig
 from covid_xray.errors import UserError
 from covid_xray.evaluation.calibration import predicted_classes
-from covid_xray.evaluation.gradcam import grad_cam, overlay
 from covid_xray.files import atomic_write
 from covid_xray.imaging.dicom import UID_FIELDS
 from covid_xray.imaging.workers import Decoded, start_workers_early
+from covid_xray.model.dicom_results import ModelIdentity, StudyResults, save
 from covid_xray.tracking import mlflow_run, registry
 
 HEX12 = re.compile(r"[0-9a-f]{12}")
@@ -56,11 +57,16 @@ def predict_files(config: PredictConfig, progress: bool = True) -> pd.DataFrame:
     """
     mlflow_run.check_tracking_server()
     paths = find_dicoms(config.input)
+    if config.dicom_out:  # found out now, not after an hour of scoring
+        check_writable(Path(config.dicom_out), "dicom_out")
     start_workers_early(config.num_workers, len(paths))
     # Resolved once and loaded by number: the run names the version that answered.
     version = registry.resolve_version(config.model_uri)
     model = registry.load(f"models:/{version.name}/{version.version}" if version
                           else config.model_uri).to_device(config.device)
+    if version:
+        model.identity = ModelIdentity(version.name, str(version.version), version.run_id)
+    results = StudyResults(model.class_names, model.threshold, model.identity)
     root = Path(config.input) if Path(config.input).is_dir() else Path(config.input).parent
     frames = []
     batches = model.answer_files([str(path) for path in paths], config.batch_size,
@@ -74,8 +80,8 @@ def predict_files(config: PredictConfig, progress: bool = True) -> pd.DataFrame:
         frame.insert(1, "study_id", [study for study, _ in ids])
         frame.insert(2, "image_id", [image for _, image in ids])
         frames.append(frame)
-        if config.heatmaps:
-            _write_heatmaps(model, batch, decoded, frame.label, root, Path(config.heatmaps))
+        if config.heatmaps or config.dicom_out:
+            _write_film_results(model, results, batch, decoded, frame, root, config)
 
     table = pd.concat(frames, ignore_index=True)
     columns = ["path", "study_id", "image_id", *UID_FIELDS, "label",
@@ -85,6 +91,10 @@ def predict_files(config: PredictConfig, progress: bool = True) -> pd.DataFrame:
     output = Path(config.output)
     studies = study_answers(table, model)
     study_output = output.with_name(f"{output.stem}.studies.csv")
+    reports = results.reports() if config.dicom_out else {}
+    for study, report in reports.items():
+        target = Path(config.dicom_out) / study / f"sr-{report.SOPInstanceUID}.dcm"
+        save(report, target)
     atomic_write(output, lambda file: file.write(table.to_csv(index=False).encode()))
     atomic_write(study_output, lambda file: file.write(studies.to_csv(index=False).encode()))
     failed = int((table.error != "").sum())
@@ -97,12 +107,18 @@ def predict_files(config: PredictConfig, progress: bool = True) -> pd.DataFrame:
         mlflow_run.log_params({"model_uri": config.model_uri, "count/files": len(table),
                                "count/unreadable": failed, "heatmaps": bool(config.heatmaps),
                                "count/out_of_distribution":
-                                   int((table.reason == "out_of_distribution").sum())}
+                                   int((table.reason == "out_of_distribution").sum()),
+                               "dicom_out": bool(config.dicom_out),
+                               "count/dicom_reports": len(reports),
+                               "count/dicom_heatmaps": sum(results.heatmaps_made.values())}
                               | {f"count/{name}": int(labels.get(name, 0))
                                  for name in model.class_names})
     print(f"wrote {len(table)} predictions to {output}" + (f" ({failed} unreadable)" if failed
                                                              else "")
-          + f" and {len(studies)} study answers to {study_output}: run {run.info.run_id}")
+          + f" and {len(studies)} study answers to {study_output}"
+          + (f"; {len(reports)} DICOM reports and {sum(results.heatmaps_made.values())} heatmap"
+             f" images in {config.dicom_out}" if config.dicom_out else "")
+          + f": run {run.info.run_id}")
     return table
 
 
@@ -134,16 +150,41 @@ def study_answers(table: pd.DataFrame, model) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _write_heatmaps(model, paths: list[Path], decoded: list[Decoded], labels: pd.Series,
-                    root: Path, folder: Path) -> None:
-    """A Grad-CAM overlay PNG for each file that got a label, mirroring the input's folder
-    layout."""
-    for path, item, label in zip(paths, decoded, labels, strict=True):
+def check_writable(folder: Path, option: str) -> None:
+    """Refuse, in one line, a folder that cannot be made or written to."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise UserError(f"{option} {folder}: cannot write there ({error.strerror or error}); "
+                        "give a folder you can write to") from None
+
+
+def _write_film_results(model, results: StudyResults, paths: list[Path],
+                        decoded: list[Decoded], frame: pd.DataFrame, root: Path,
+                        config: PredictConfig) -> None:
+    """For each file that got a label: its Grad-CAM overlay as a PNG mirroring the input's
+    folder layout (`heatmaps`) and as a DICOM Secondary Capture filed under its study
+    (`dicom_out`), its answer kept for the study's report. A film whose header defeats the
+    DICOM writer keeps its answer and gets the flag `no_dicom_result`."""
+    probabilities = frame[[f"prob_{name}" for name in model.class_names]].to_numpy()
+    for row, (path, item, label) in enumerate(zip(paths, decoded, frame.label, strict=True)):
         if item.model_input is None or not label:
             continue
-        heatmap = grad_cam(model.model.network, item.model_input, model.class_names.index(label))
-        target = folder / path.relative_to(root).with_suffix(".png")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        picture = overlay(path, heatmap, model.preprocessing)
-        _, encoded = cv2.imencode(".png", picture)
-        atomic_write(target, lambda file, data=encoded: file.write(data.tobytes()))
+        try:
+            image, picture = model.film_result(results, str(path), item, probabilities[row],
+                                               label)
+        except Exception as error:
+            frame.loc[row, "flags"] = " ".join(filter(None, (frame.flags[row],
+                                                             "no_dicom_result")))
+            print(f"{path}: no DICOM result ({type(error).__name__}: {error})")
+            continue
+        if config.dicom_out:
+            target = Path(config.dicom_out) / image.StudyInstanceUID / \
+                f"sc-{image.SOPInstanceUID}.dcm"
+            save(image, target)
+        if config.heatmaps:
+            target = Path(config.heatmaps) / path.relative_to(root).with_suffix(".png")
+            _, encoded = cv2.imencode(".png", picture)
+            atomic_write(target, lambda file, data=encoded: file.write(data.tobytes()))

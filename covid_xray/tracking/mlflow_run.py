@@ -52,7 +52,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1]  # covid_xray/: logged whole w
 # itself). tests/test_serve.py serves a model from a virtualenv holding only these.
 MODEL_REQUIREMENTS = ("torch", "torchvision", "torchxrayvision", "numpy", "pandas", "pydicom",
                       "python-gdcm", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg",
-                      "pylibjpeg-rle", "opencv-python-headless", "imagecodecs")
+                      "pylibjpeg-rle", "opencv-python-headless", "imagecodecs", "highdicom")
 
 
 def check_tracking_server() -> str:

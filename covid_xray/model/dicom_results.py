@@ -1,0 +1,292 @@
+"""The model's answers as DICOM objects that a PACS files beside the films.
+
+Per study: one Structured Report (Comprehensive 3D SR holding a TID 1500 Measurement Report),
+with a measurement group per scored film (each class probability, the call at the model's
+operating point, the film it is about) and one for the study (the mean, the call on it). Per
+scored film: its Grad-CAM overlay as a Secondary Capture image. Each kind goes into a new
+series of the source study; every object gets new UIDs (highdicom writes them).
+
+Who answered, after the IHE AI Results profile: the Contributing Equipment Sequence names the
+model (manufacturer covid-xray, model name = registered name, software versions = version
+and training run id, serial number = run id), and so does the report's device observer.
+Every object says it is not for diagnostic use: in its series description and in the
+contribution description.
+
+The source header is hostile input like the rest. Only the patient and study attributes a
+result needs are copied, each only when its value is valid for its VR (SIIM's "62" is not a
+valid Patient's Age: it is left out). A source UID that is not a DICOM UID (SIIM writes
+12 hex digits where UIDs belong: their anonymisation) is referenced as `2.25.<UUID v5 of
+it>`: the same id gives the same UID every time, so the report, the heatmaps and every
+rerun agree about which study and film they mean, and the CSV keeps the original id.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import uuid
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import BinaryIO
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from highdicom.base_content import ContributingEquipment
+from pydicom import config as pydicom_config
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.valuerep import validate_value
+
+from covid_xray.evaluation.calibration import predicted_classes
+from covid_xray.files import atomic_write
+
+NOT_FOR_DIAGNOSTIC_USE = "not for diagnostic use"
+MANUFACTURER = "covid-xray"
+# Our own codes (DICOM lets a "99"-prefixed private scheme name what no standard one does):
+# the model's classes and its call. Described in each report's Coding Scheme Identification.
+SCHEME = "99COVIDXRAY"
+NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")  # a probability is a ratio
+MODEL_CALL = hd.sr.CodedConcept("call", SCHEME, "Model call at its operating point")
+THRESHOLD = hd.sr.CodedConcept("threshold", SCHEME, "Decision threshold on P(opacity)")
+# Series numbers of the result series: high, so viewers list them after the films.
+REPORT_SERIES, HEATMAP_SERIES = 9001, 9002
+# What a result copies from its source header (patient, study, and the film's own ids).
+COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge",
+          "StudyDate", "StudyTime", "AccessionNumber", "StudyID", "ReferringPhysicianName",
+          "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID",
+          "PatientOrientation", "Modality")
+# Of those, the ones a result must carry even when empty (Type 2 in the result IODs).
+TYPE_2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
+          "StudyTime", "AccessionNumber", "StudyID", "ReferringPhysicianName",
+          "PatientOrientation")
+UID_PATTERN = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+# UUID v5 namespace of the UIDs derived from ids that are not UIDs (fixed: derivations agree).
+DERIVED_UID_NAMESPACE = uuid.UUID("6f1c7c52-5d0e-4a43-9f5b-3d2f6a1b8e07")
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Which model answered: its registered name and version ("" when not known, e.g. a
+    served copy) and the training run that made it."""
+
+    name: str = ""
+    version: str = ""
+    run_id: str = ""
+
+    def describe(self) -> str:
+        name = self.name or "covid-xray model"
+        return f"{name} v{self.version}" if self.version else name
+
+
+def as_uid(value: str) -> str:
+    """`value` when it is a DICOM UID, else `2.25.<UUID v5 of value>` (always the same)."""
+    value = str(value).strip()
+    if len(value) <= 64 and UID_PATTERN.fullmatch(value):
+        return value
+    return f"2.25.{uuid.uuid5(DERIVED_UID_NAMESPACE, value).int}"
+
+
+def read_source(file: str | BinaryIO) -> Dataset:
+    """The header a result is filed against: `COPIED`, each value checked for its VR and
+    dropped when invalid, UIDs made DICOM UIDs (`as_uid`). The caller has already read the
+    film, so the file is known to be DICOM."""
+    if hasattr(file, "seek"):
+        file.seek(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a malformed value is checked below, not warned about
+        header = pydicom.dcmread(file, stop_before_pixels=True, specific_tags=list(COPIED))
+    source = Dataset()
+    for keyword in COPIED:
+        element = header.get(keyword) and header.data_element(keyword)
+        if not element or element.value in (None, ""):
+            continue
+        if element.VR == "UI":  # an id that is not a UID is referenced by one derived from it
+            setattr(source, keyword, as_uid(element.value))
+        elif _valid(element.VR, element.value):
+            setattr(source, keyword, element.value)
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        if keyword not in source:  # a film without its ids still needs them referenced
+            setattr(source, keyword, generate_uid())
+    if "SOPClassUID" not in source:
+        source.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1"  # CR Image Storage: what we read
+    if source.get("PatientSex") not in ("M", "F", "O"):  # an enumerated value: or unknown
+        source.PatientSex = ""
+    for keyword in TYPE_2:  # present, and empty when unknown, as the result IODs want
+        setattr(source, keyword, source.get(keyword, ""))
+    return source
+
+
+def _valid(vr: str, value: object) -> bool:
+    """Whether `value` is one pydicom would write without complaint for `vr`."""
+    try:
+        for one in (value if isinstance(value, pydicom.multival.MultiValue) else [value]):
+            validate_value(vr, one, pydicom_config.RAISE)
+    except Exception:
+        return False
+    return True
+
+
+def _equipment(identity: ModelIdentity, what: str) -> ContributingEquipment:
+    return ContributingEquipment(
+        MANUFACTURER, codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=(identity.name or "covid-xray model")[:64],
+        software_versions=[f"version {identity.version or 'unregistered'}",
+                           f"run {identity.run_id or 'unknown'}"],
+        device_serial_number=identity.run_id or None,
+        contribution_datetime=datetime.now().astimezone(),
+        contribution_description=f"{what} by a chest X-ray classifier; "
+                                 f"{NOT_FOR_DIAGNOSTIC_USE}")
+
+
+def _class_code(name: str) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(name, SCHEME, name)
+
+
+def _probabilities(names: Sequence[str], values: Sequence[float],
+                   algorithm: hd.sr.AlgorithmIdentification) -> list[hd.sr.Measurement]:
+    return [hd.sr.Measurement(name=hd.sr.CodedConcept(f"p-{name}", SCHEME,
+                                                      f"Probability of {name}"),
+                              value=float(value), unit=NO_UNITS, algorithm_id=algorithm)
+            for name, value in zip(names, values, strict=True)]
+
+
+def study_report(sources: Sequence[Dataset], probabilities: np.ndarray, labels: Sequence[str],
+                 study_probabilities: np.ndarray, study_label: str,
+                 class_names: Sequence[str], threshold: float | None,
+                 identity: ModelIdentity) -> Dataset:
+    """The Structured Report of one study's scored films (`read_source` headers, with their
+    calibrated probabilities and labels) and of the study's answer."""
+    algorithm = hd.sr.AlgorithmIdentification(name=identity.name or "covid-xray model",
+                                              version=identity.version or "unregistered")
+    groups = []
+    for number, (source, values, label) in enumerate(
+            zip(sources, probabilities, labels, strict=True), start=1):
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(),
+                                                         identifier=f"film {number}"),
+            algorithm_id=algorithm, measurements=_probabilities(class_names, values, algorithm),
+            qualitative_evaluations=[hd.sr.QualitativeEvaluation(MODEL_CALL,
+                                                                 _class_code(label))],
+            source_images=[hd.sr.SourceImageForMeasurementGroup(source.SOPClassUID,
+                                                                source.SOPInstanceUID)]))
+    study_measurements = _probabilities(class_names, study_probabilities, algorithm)
+    if threshold is not None:
+        study_measurements.append(hd.sr.Measurement(name=THRESHOLD, value=float(threshold),
+                                                    unit=NO_UNITS, algorithm_id=algorithm))
+    groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier="study"),
+        algorithm_id=algorithm, measurements=study_measurements,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(MODEL_CALL,
+                                                             _class_code(study_label))],
+        source_images=[hd.sr.SourceImageForMeasurementGroup(source.SOPClassUID,
+                                                            source.SOPInstanceUID)
+                       for source in sources]))
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=as_uid(f"model run {identity.run_id}"), name=identity.describe()[:64],
+        manufacturer_name=MANUFACTURER, model_name=(identity.name or "covid-xray model")[:64],
+        serial_number=identity.run_id or None)
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device, observer_identifying_attributes=device)),
+        procedure_reported=codes.SCT.ChestImaging, imaging_measurements=groups)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # highdicom's advice on the source's name format
+        document = hd.sr.Comprehensive3DSR(
+            evidence=list(sources), content=report, series_instance_uid=generate_uid(),
+            series_number=REPORT_SERIES, sop_instance_uid=generate_uid(), instance_number=1,
+            manufacturer=MANUFACTURER, contributing_equipment=[
+                _equipment(identity, "Class probabilities")],
+            series_description=f"AI result, {NOT_FOR_DIAGNOSTIC_USE}")
+    scheme = Dataset()
+    scheme.CodingSchemeDesignator = SCHEME
+    scheme.CodingSchemeName = "covid-xray model outputs: its classes and its call"
+    scheme.CodingSchemeResponsibleOrganization = MANUFACTURER
+    document.CodingSchemeIdentificationSequence = [scheme]
+    return document
+
+
+def heatmap_capture(source: Dataset, picture: np.ndarray, series_uid: str, instance: int,
+                    identity: ModelIdentity) -> Dataset:
+    """A Grad-CAM overlay (`gradcam.overlay`'s picture: the film at its own size, BGR) as a
+    Secondary Capture image in the source's study. All heatmaps of one study share
+    `series_uid`; `instance` numbers them."""
+    rgb = np.ascontiguousarray(picture[..., ::-1])
+    orientation = tuple(source.PatientOrientation) if len(source.PatientOrientation) == 2 \
+        else ("L", "F")  # replaced by "unknown" below: highdicom insists on a value
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        image = hd.sc.SCImage.from_ref_dataset(
+            source, rgb, "RGB", 8, "PATIENT", series_uid, HEATMAP_SERIES, generate_uid(),
+            instance, MANUFACTURER, patient_orientation=orientation,
+            transfer_syntax_uid=ExplicitVRLittleEndian,
+            contributing_equipment=[_equipment(identity, "Grad-CAM overlay")],
+            series_description=f"AI heatmap (Grad-CAM), {NOT_FOR_DIAGNOSTIC_USE}")
+    image.PatientOrientation = source.PatientOrientation  # empty (Type 2) when unknown
+    # The gate let only chest films through; a chest is not a paired part: no Laterality.
+    image.BodyPartExamined = "CHEST"
+    image.BurnedInAnnotation = "NO"
+    image.ImageComments = f"Grad-CAM of the model's call, {NOT_FOR_DIAGNOSTIC_USE}"
+    derivation = Dataset()  # which film this picture was made from
+    derivation.ReferencedSOPClassUID = source.SOPClassUID
+    derivation.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    image.SourceImageSequence = [derivation]
+    return image
+
+
+def to_bytes(dataset: Dataset) -> bytes:
+    """A result object as a DICOM file's bytes (Part 10, with its file meta)."""
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def save(dataset: Dataset, path: Path) -> None:
+    """A result object written whole or not at all."""
+    atomic_write(path, lambda file: file.write(to_bytes(dataset)))
+
+
+class StudyResults:
+    """The DICOM results of one batch of predictions, film by film: a heatmap for each scored
+    film as it comes (all of one study in one new series), and at the end a report per study
+    of the films it was given. Refused films are never given: they get no object."""
+
+    def __init__(self, class_names: Sequence[str], threshold: float | None,
+                 identity: ModelIdentity):
+        self.class_names = tuple(class_names)
+        self.threshold = threshold
+        self.identity = identity
+        self.films: dict[str, list[tuple[Dataset, np.ndarray, str]]] = {}
+        self.heatmap_series: dict[str, str] = {}  # study -> its heatmap series' UID
+        self.heatmaps_made: dict[str, int] = {}  # study -> instance number of the last one
+
+    def add(self, source: Dataset, probabilities: np.ndarray, label: str) -> None:
+        """A scored film (its `read_source` header), for its study's report."""
+        self.films.setdefault(source.StudyInstanceUID, []).append(
+            (source, np.asarray(probabilities, dtype=np.float64), label))
+
+    def heatmap(self, source: Dataset, picture: np.ndarray) -> Dataset:
+        """The film's Grad-CAM overlay as the next image of its study's heatmap series."""
+        study = source.StudyInstanceUID
+        series = self.heatmap_series.setdefault(study, generate_uid())
+        self.heatmaps_made[study] = self.heatmaps_made.get(study, 0) + 1
+        return heatmap_capture(source, picture, series, self.heatmaps_made[study],
+                               self.identity)
+
+    def reports(self) -> dict[str, Dataset]:
+        """StudyInstanceUID -> the study's report. The study's answer is the mean of its
+        films' probabilities, called at the model's threshold: what predict's studies CSV
+        says."""
+        made = {}
+        for study, films in self.films.items():
+            probabilities = np.stack([values for _, values, _ in films])
+            mean = probabilities.mean(axis=0)
+            called = self.class_names[predicted_classes(mean[None], self.threshold)[0]]
+            made[study] = study_report([source for source, _, _ in films], probabilities,
+                                       [label for _, _, label in films], mean, called,
+                                       self.class_names, self.threshold, self.identity)
+        return made

@@ -1,0 +1,258 @@
+"""Results in DICOM: a Structured Report per study and a Grad-CAM Secondary Capture per film,
+valid by dciodvfy (dicom3tools), read back by highdicom, filed against the source study."""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import highdicom as hd
+import mlflow
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+
+from covid_xray.config import PredictConfig
+from covid_xray.errors import UserError
+from covid_xray.imaging.writer import write_dicom
+from covid_xray.model.dicom_results import (
+    ModelIdentity,
+    StudyResults,
+    as_uid,
+    heatmap_capture,
+    read_source,
+    study_report,
+    to_bytes,
+)
+from covid_xray.model.pyfunc import encode_dicom
+from covid_xray.serving.predict import predict_files
+from covid_xray.tracking.registry import load
+from tests.conftest import REAL_DICOM
+
+IDENTITY = ModelIdentity("covid-xray-densenet", "7", "0123456789abcdef0123456789abcdef")
+CLASSES = ("negative", "opacity")
+
+
+def dciodvfy_errors(dataset_or_path) -> list[str]:
+    """dciodvfy's Error lines for an object (written to a file first) or a file."""
+    validator = shutil.which("dciodvfy")
+    if validator is None:
+        message = "dciodvfy not installed (apt-get install dicom3tools)"
+        if os.environ.get("CI"):
+            pytest.fail(message)  # CI installs it: missing there is a real failure
+        pytest.skip(message)
+    path = dataset_or_path
+    if not isinstance(path, str | Path):
+        path = Path(os.environ.get("TMPDIR", "/tmp")) / f"check-{os.getpid()}.dcm"
+        path.write_bytes(to_bytes(dataset_or_path))
+    checked = subprocess.run([validator, str(path)], capture_output=True, text=True)
+    lines = (checked.stdout + checked.stderr).splitlines()
+    assert any(line.strip() in ("Comprehensive3DSR", "SCImage") for line in lines), lines
+    return [line for line in lines if line.startswith("Error")]
+
+
+def siim_film(path: Path, photometric: str = "MONOCHROME2") -> Path:
+    """A film the way SIIM ships them: 12 hex digits where the UIDs belong, and header
+    values a result must not copy (an Age without its unit, an unknown sex)."""
+    write_dicom(path, (np.arange(48 * 40).reshape(48, 40) * 2 % 4096), photometric=photometric,
+                study_uid="00086460a852", series_uid="ffc1b5ad3e20", patient_id="d8ba599611e5",
+                header={"PatientAge": "62", "PatientSex": "X", "ViewPosition": "AP"})
+    ds = pydicom.dcmread(path)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "65761e66de9f"
+    ds.save_as(path)
+    return path
+
+
+def test_ids_that_are_not_uids_are_referenced_by_a_stable_derived_uid():
+    assert as_uid("1.2.840.10008.5.1.4.1.1.1") == "1.2.840.10008.5.1.4.1.1.1"
+    derived = as_uid("00086460a852")
+    assert derived.startswith("2.25.") and derived[5:].isdigit() and len(derived) <= 64
+    assert as_uid("00086460a852") == derived != as_uid("00086460a853")
+    assert as_uid("1.02.3") != "1.02.3"  # a leading zero makes it no UID
+
+
+@pytest.mark.parametrize("source_kind", ["real", "siim", "monochrome1"])
+def test_report_and_heatmap_are_valid_dicom_filed_against_the_source(source_kind, tmp_path):
+    path = {"real": lambda: REAL_DICOM,
+            "siim": lambda: siim_film(tmp_path / "siim.dcm"),
+            "monochrome1": lambda: siim_film(tmp_path / "m1.dcm", "MONOCHROME1")}[source_kind]()
+    original = pydicom.dcmread(path, stop_before_pixels=True)
+    source = read_source(str(path))
+    films = np.array([[0.25, 0.75], [0.6180339887498949, 0.3819660112501051]])
+    mean = films.mean(axis=0)
+    report = study_report([source, source], films, ["opacity", "negative"], mean, "opacity",
+                          CLASSES, 0.4142135623730951, IDENTITY)
+    heatmap = heatmap_capture(source, np.full((50, 40, 3), (0, 128, 255), np.uint8),
+                              pydicom.uid.generate_uid(), 1, IDENTITY)
+    assert dciodvfy_errors(report) == []
+    assert dciodvfy_errors(heatmap) == []
+
+    # Filed in the source's study; referencing the film; the ids a UID cannot be are derived.
+    study_uid = as_uid(original.StudyInstanceUID)
+    film_uid = as_uid(original.SOPInstanceUID)
+    if source_kind == "real":
+        assert (study_uid, film_uid) == (original.StudyInstanceUID, original.SOPInstanceUID)
+    else:
+        assert study_uid == as_uid("00086460a852") and film_uid == as_uid("65761e66de9f")
+    read_back = hd.sr.srread(to_file(report, tmp_path / "sr.dcm"))
+    assert read_back.StudyInstanceUID == study_uid == heatmap.StudyInstanceUID
+    assert read_back.PatientID == original.PatientID == heatmap.PatientID
+    assert read_back.SeriesInstanceUID not in (heatmap.SeriesInstanceUID,
+                                               as_uid(original.SeriesInstanceUID))
+    assert "PatientAge" not in read_back or read_back.PatientAge != "62"  # invalid: not copied
+    evidence = read_back.CurrentRequestedProcedureEvidenceSequence[0]
+    assert evidence.StudyInstanceUID == study_uid
+    assert evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]\
+        .ReferencedSOPInstanceUID == film_uid
+
+    groups = read_back.content.get_image_measurement_groups()
+    assert [group.tracking_identifier for group in groups] == ["film 1", "film 2", "study"]
+    for group, expected in zip(groups, [*films, mean], strict=True):
+        values = {item.name.meaning: item.value for item in group.get_measurements()}
+        assert values["Probability of negative"] == expected[0]  # exact: FloatingPointValue
+        assert values["Probability of opacity"] == expected[1]
+        assert {image.referenced_sop_instance_uid for image in group.source_images} == {
+            film_uid}
+    assert [group.get_qualitative_evaluations()[0].value.value for group in groups] == [
+        "opacity", "negative", "opacity"]
+    assert {item.name.meaning: item.value for item in groups[2].get_measurements()}[
+        "Decision threshold on P(opacity)"] == 0.4142135623730951
+
+    # Who answered (IHE AI Results: Contributing Equipment), and what it is not for.
+    for made in (read_back, heatmap):
+        equipment = made.ContributingEquipmentSequence[0]
+        assert equipment.ManufacturerModelName == "covid-xray-densenet"
+        assert list(equipment.SoftwareVersions) == ["version 7", f"run {IDENTITY.run_id}"]
+        assert equipment.DeviceSerialNumber == IDENTITY.run_id
+        assert "not for diagnostic use" in equipment.ContributionDescription
+        assert "not for diagnostic use" in made.SeriesDescription
+    assert heatmap.SourceImageSequence[0].ReferencedSOPInstanceUID == film_uid
+    assert heatmap.pixel_array.shape == (50, 40, 3)
+    assert tuple(heatmap.pixel_array[0, 0]) == (255, 128, 0)  # BGR in, RGB in the file
+
+
+def to_file(dataset, path: Path) -> Path:
+    path.write_bytes(to_bytes(dataset))
+    return path
+
+
+def test_a_missing_study_uid_is_a_study_of_its_own_and_the_report_covers_only_given_films(
+        tmp_path):
+    a, b = tmp_path / "a.dcm", tmp_path / "b.dcm"
+    for path in (a, b):
+        write_dicom(path, np.arange(32 * 32).reshape(32, 32) % 4096)
+        ds = pydicom.dcmread(path)
+        del ds.StudyInstanceUID
+        ds.save_as(path)
+    results = StudyResults(CLASSES, 0.5, IDENTITY)
+    for path in (a, b):
+        results.add(read_source(str(path)), np.array([0.3, 0.7]), "opacity")
+    reports = results.reports()
+    assert len(reports) == 2  # no shared study to put them in
+    for report in reports.values():
+        assert dciodvfy_errors(report) == []
+
+
+@pytest.mark.slow
+def test_predict_writes_reports_and_heatmaps_that_match_the_csv(store, demo_dataset, tmp_path):
+    folder = tmp_path / "in"
+    studies = sorted((demo_dataset / "train").iterdir())[:4]
+    for study in studies:
+        shutil.copytree(study, folder / study.name)
+    shutil.copy(REAL_DICOM, folder / "real.dcm")  # far from this model's synthetic films
+    (folder / "broken.dcm").write_bytes(b"garbage" * 50)
+    out = tmp_path / "pacs"
+    table = predict_files(PredictConfig(
+        model_uri="models:/covid-xray-densenet/Production", input=str(folder),
+        output=str(tmp_path / "p.csv"), batch_size=3, num_workers=0, dicom_out=str(out)),
+        progress=False)
+    studies_csv = pd.read_csv(tmp_path / "p.studies.csv", keep_default_na=False, dtype=str)
+
+    scored = table[table.label != ""]
+    assert len(scored) >= 4 and not scored.path.str.endswith(("real.dcm", "broken.dcm")).any()
+    reports = sorted(out.glob("*/sr-*.dcm"))
+    heatmaps = sorted(out.glob("*/sc-*.dcm"))
+    assert len(heatmaps) == len(scored)  # one per scored film, none for a refused one
+    assert {path.parent.name for path in reports} == set(scored.study_instance_uid)
+    assert len(reports) == scored.study_instance_uid.nunique()
+    run_id = mlflow.MlflowClient().get_model_version("covid-xray-densenet", "1").run_id
+
+    # As the CSV says it (read back from the file), exactly.
+    written = pd.read_csv(tmp_path / "p.csv", keep_default_na=False, dtype=str)
+    by_film = written[written.label != ""].set_index("sop_instance_uid")
+    for path in reports:
+        assert dciodvfy_errors(path) == []
+        report = hd.sr.srread(path)
+        assert report.StudyInstanceUID == path.parent.name
+        equipment = report.ContributingEquipmentSequence[0]
+        assert list(equipment.SoftwareVersions) == ["version 1", f"run {run_id}"]
+        groups = report.content.get_image_measurement_groups()
+        for group in groups[:-1]:  # each film: the CSV's probabilities and label, exactly
+            (image,) = group.source_images
+            row = by_film.loc[image.referenced_sop_instance_uid]
+            values = {item.name.meaning: item.value for item in group.get_measurements()}
+            assert values["Probability of opacity"] == float(row.prob_opacity)
+            assert values["Probability of negative"] == float(row.prob_negative)
+            assert group.get_qualitative_evaluations()[0].value.value == row.label
+        study = studies_csv.set_index("study_instance_uid").loc[path.parent.name]
+        values = {item.name.meaning: item.value for item in groups[-1].get_measurements()}
+        assert values["Probability of opacity"] == pytest.approx(float(study.prob_opacity),
+                                                                 abs=1e-12)
+        assert groups[-1].get_qualitative_evaluations()[0].value.value == study.label
+        assert len(groups) - 1 == int(study.scored)
+    for path in heatmaps[:3]:
+        assert dciodvfy_errors(path) == []
+        image = pydicom.dcmread(path)
+        source = table.set_index("sop_instance_uid").loc[
+            image.SourceImageSequence[0].ReferencedSOPInstanceUID]
+        assert image.StudyInstanceUID == source.study_instance_uid == path.parent.name
+        film = pydicom.dcmread(source.path)
+        assert (image.Rows, image.Columns) == (film.Rows, film.Columns)  # the film's own size
+
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                filter_string="params.dicom_out = 'True'")
+    assert run.data.params["count/dicom_reports"] == str(len(reports))
+    assert run.data.params["count/dicom_heatmaps"] == str(len(heatmaps))
+    assert str(out) not in str(run.data.params)  # no paths of this machine logged
+
+
+@pytest.mark.slow
+def test_an_unwritable_dicom_out_fails_before_scoring(store, demo_dataset, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    runs = len(mlflow.search_runs(search_all_experiments=True, output_format="list"))
+    with pytest.raises(UserError, match=r"^dicom_out .*a-file/pacs: cannot write there"):
+        predict_files(PredictConfig(model_uri="models:/covid-xray-densenet/Production",
+                                    input=str(demo_dataset / "train"),
+                                    output=str(tmp_path / "p.csv"),
+                                    dicom_out=str(blocker / "pacs")), progress=False)
+    assert not (tmp_path / "p.csv").exists()
+    assert len(mlflow.search_runs(search_all_experiments=True, output_format="list")) == runs
+
+
+@pytest.mark.slow
+def test_the_loaded_model_returns_the_objects_as_base64(store, demo_dataset):
+    films = sorted((demo_dataset / "train").rglob("*.dcm"))[:3]
+    frame = pd.DataFrame({"dicom_base64": [encode_dicom(str(path)) for path in films]
+                          + [encode_dicom(str(REAL_DICOM))]})
+    model = load("models:/covid-xray-densenet/Production")
+    plain = model.predict(None, frame)
+    answer = model.predict(None, frame, params={"dicom_results": True})
+    pd.testing.assert_frame_equal(answer[plain.columns], plain)
+    assert answer.heatmap_base64.iloc[-1] == answer.sr_base64.iloc[-1] == ""  # refused: none
+    for row in answer[answer.label != ""].itertuples():
+        report = hd.sr.Comprehensive3DSR.from_dataset(
+            pydicom.dcmread(pydicom.filebase.DicomBytesIO(base64.b64decode(row.sr_base64))))
+        sources = {image.referenced_sop_instance_uid: group for group in
+                   report.content.get_image_measurement_groups()[:-1]
+                   for image in group.source_images}
+        values = {item.name.meaning: item.value
+                  for item in sources[row.sop_instance_uid].get_measurements()}
+        assert values["Probability of opacity"] == row.prob_opacity
+        image = pydicom.dcmread(pydicom.filebase.DicomBytesIO(base64.b64decode(row.heatmap_base64)))
+        assert image.SourceImageSequence[0].ReferencedSOPInstanceUID == row.sop_instance_uid
+        assert dciodvfy_errors(image) == []
