@@ -116,6 +116,10 @@ def read_source(file: str | BinaryIO) -> Dataset:
         source.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1"  # CR Image Storage: what we read
     if source.get("PatientSex") not in ("M", "F", "O"):  # an enumerated value: or unknown
         source.PatientSex = ""
+    orientation = source.get("PatientOrientation", [])
+    if len(orientation) != 2 or not all(re.fullmatch(r"[APRLHF]+", str(value))
+                                        for value in orientation):
+        source.PatientOrientation = ""  # two directions of the film, or unknown
     for keyword in TYPE_2:  # present, and empty when unknown, as the result IODs want
         setattr(source, keyword, source.get(keyword, ""))
     return source
@@ -125,7 +129,8 @@ def _valid(vr: str, value: object) -> bool:
     """Whether `value` is one pydicom would write without complaint for `vr`."""
     try:
         for one in (value if isinstance(value, pydicom.multival.MultiValue) else [value]):
-            validate_value(vr, one, pydicom_config.RAISE)
+            # (a PersonName is checked as the text it is written as)
+            validate_value(vr, str(one) if vr == "PN" else one, pydicom_config.RAISE)
     except Exception:
         return False
     return True
@@ -216,13 +221,12 @@ def heatmap_capture(source: Dataset, picture: np.ndarray, series_uid: str, insta
     Secondary Capture image in the source's study. All heatmaps of one study share
     `series_uid`; `instance` numbers them."""
     rgb = np.ascontiguousarray(picture[..., ::-1])
-    orientation = tuple(source.PatientOrientation) if len(source.PatientOrientation) == 2 \
-        else ("L", "F")  # replaced by "unknown" below: highdicom insists on a value
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         image = hd.sc.SCImage.from_ref_dataset(
             source, rgb, "RGB", 8, "PATIENT", series_uid, HEATMAP_SERIES, generate_uid(),
-            instance, MANUFACTURER, patient_orientation=orientation,
+            # highdicom insists on an orientation; the source's (or "unknown") replaces it
+            instance, MANUFACTURER, patient_orientation=("L", "F"),
             transfer_syntax_uid=ExplicitVRLittleEndian,
             contributing_equipment=[_equipment(identity, "Grad-CAM overlay")],
             series_description=f"AI heatmap (Grad-CAM), {NOT_FOR_DIAGNOSTIC_USE}")
@@ -277,16 +281,20 @@ class StudyResults:
         return heatmap_capture(source, picture, series, self.heatmaps_made[study],
                                self.identity)
 
-    def reports(self) -> dict[str, Dataset]:
-        """StudyInstanceUID -> the study's report. The study's answer is the mean of its
-        films' probabilities, called at the model's threshold: what predict's studies CSV
-        says."""
-        made = {}
+    def reports(self) -> tuple[dict[str, Dataset], dict[str, str]]:
+        """(StudyInstanceUID -> the study's report, StudyInstanceUID -> why it has none).
+        The study's answer is the mean of its films' probabilities, called at the model's
+        threshold: what predict's studies CSV says. A study whose headers defeat the writer
+        (films of one study naming different patients, say) gets no report, not a crash."""
+        made, failed = {}, {}
         for study, films in self.films.items():
             probabilities = np.stack([values for _, values, _ in films])
             mean = probabilities.mean(axis=0)
             called = self.class_names[predicted_classes(mean[None], self.threshold)[0]]
-            made[study] = study_report([source for source, _, _ in films], probabilities,
-                                       [label for _, _, label in films], mean, called,
-                                       self.class_names, self.threshold, self.identity)
-        return made
+            try:
+                made[study] = study_report([source for source, _, _ in films], probabilities,
+                                           [label for _, _, label in films], mean, called,
+                                           self.class_names, self.threshold, self.identity)
+            except Exception as error:
+                failed[study] = f"{type(error).__name__}: {str(error)[:200]}"
+        return made, failed

@@ -206,15 +206,20 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
                 result[name] = result[name].astype(object).where(result[name].notna(), None)
         return result
 
-    def film_result(self, results: StudyResults, file: Any, item: Decoded,
-                    probabilities: np.ndarray, label: str) -> tuple[Any, np.ndarray]:
-        """For a scored film: its header goes to `results` (for its study's report); returns
-        its Grad-CAM heatmap object and the overlay picture (BGR, the film's own size)."""
-        source = read_source(file)
+    def heatmap_picture(self, file: Any, item: Decoded, label: str) -> np.ndarray:
+        """The film (a path or an open file) at its own size, BGR, with the Grad-CAM of
+        `label` over the square the model saw."""
         heatmap = grad_cam(self.model.network, item.model_input, self.class_names.index(label))
         if hasattr(file, "seek"):
             file.seek(0)
-        picture = overlay(file, heatmap, self.preprocessing)
+        return overlay(file, heatmap, self.preprocessing)
+
+    def film_result(self, results: StudyResults, file: Any, item: Decoded,
+                    probabilities: np.ndarray, label: str) -> tuple[Any, np.ndarray]:
+        """For a scored film: its header goes to `results` (for its study's report); returns
+        its Grad-CAM Secondary Capture and the overlay picture."""
+        source = read_source(file)
+        picture = self.heatmap_picture(file, item, label)
         image = results.heatmap(source, picture)
         results.add(source, probabilities, label)  # only once all of it worked
         return image, picture
@@ -240,8 +245,13 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
             except Exception:
                 result.loc[row, "flags"] = " ".join(filter(None, (result.flags[row],
                                                                   "no_dicom_result")))
+        made, failed = results.reports()
         reports = {study: base64.b64encode(to_bytes(report)).decode("ascii")
-                   for study, report in results.reports().items()}
+                   for study, report in made.items()}
+        for row, study in enumerate(studies):
+            if study in failed:
+                result.loc[row, "flags"] = " ".join(filter(None, (result.flags[row],
+                                                                  "no_dicom_result")))
         result["sr_base64"] = [reports.get(study, "") for study in studies]
         result["heatmap_base64"] = heatmaps
 

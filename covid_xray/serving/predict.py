@@ -18,7 +18,7 @@ from covid_xray.evaluation.calibration import predicted_classes
 from covid_xray.files import atomic_write
 from covid_xray.imaging.dicom import UID_FIELDS
 from covid_xray.imaging.workers import Decoded, start_workers_early
-from covid_xray.model.dicom_results import ModelIdentity, StudyResults, save
+from covid_xray.model.dicom_results import ModelIdentity, StudyResults, as_uid, save
 from covid_xray.tracking import mlflow_run, registry
 
 HEX12 = re.compile(r"[0-9a-f]{12}")
@@ -91,7 +91,12 @@ def predict_files(config: PredictConfig, progress: bool = True) -> pd.DataFrame:
     output = Path(config.output)
     studies = study_answers(table, model)
     study_output = output.with_name(f"{output.stem}.studies.csv")
-    reports = results.reports() if config.dicom_out else {}
+    reports, failed = results.reports() if config.dicom_out else ({}, {})
+    for study, why in failed.items():
+        print(f"study {study}: no DICOM report ({why})")
+    if failed:  # its films keep their answers, and say they have no DICOM result
+        hit = (table.label != "") & table.study_instance_uid.map(as_uid).isin(list(failed))
+        table.loc[hit, "flags"] = (table.flags[hit] + " no_dicom_result").str.strip()
     for study, report in reports.items():
         target = Path(config.dicom_out) / study / f"sr-{report.SOPInstanceUID}.dcm"
         save(report, target)
@@ -167,18 +172,22 @@ def _write_film_results(model, results: StudyResults, paths: list[Path],
     """For each file that got a label: its Grad-CAM overlay as a PNG mirroring the input's
     folder layout (`heatmaps`) and as a DICOM Secondary Capture filed under its study
     (`dicom_out`), its answer kept for the study's report. A film whose header defeats the
-    DICOM writer keeps its answer and gets the flag `no_dicom_result`."""
+    DICOM writer (or a film the heatmap fails on) keeps its answer and gets the flag
+    `no_dicom_result` (`no_heatmap` when only PNGs were asked for)."""
     probabilities = frame[[f"prob_{name}" for name in model.class_names]].to_numpy()
     for row, (path, item, label) in enumerate(zip(paths, decoded, frame.label, strict=True)):
         if item.model_input is None or not label:
             continue
         try:
-            image, picture = model.film_result(results, str(path), item, probabilities[row],
-                                               label)
+            if config.dicom_out:
+                image, picture = model.film_result(results, str(path), item,
+                                                   probabilities[row], label)
+            else:
+                picture = model.heatmap_picture(str(path), item, label)
         except Exception as error:
-            frame.loc[row, "flags"] = " ".join(filter(None, (frame.flags[row],
-                                                             "no_dicom_result")))
-            print(f"{path}: no DICOM result ({type(error).__name__}: {error})")
+            flag = "no_dicom_result" if config.dicom_out else "no_heatmap"
+            frame.loc[row, "flags"] = " ".join(filter(None, (frame.flags[row], flag)))
+            print(f"{path}: {flag.replace('_', ' ')} ({type(error).__name__}: {error})")
             continue
         if config.dicom_out:
             target = Path(config.dicom_out) / image.StudyInstanceUID / \
