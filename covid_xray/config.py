@@ -265,6 +265,26 @@ class PredictConfig:
                                   "its own).")
 
 
+@dataclass(frozen=True)
+class ScoreSparkConfig:
+    model_uri: str = option("models:/covid-xray-densenet@champion", "models:/<name>@<alias>, "
+                            "models:/<name>/<version>, runs:/...; loaded once by the driver "
+                            "and shipped to the executors.")
+    input: str = option("data/train", "A folder, or any Hadoop-compatible path (hdfs://, "
+                        "s3a://), searched recursively for *.dcm.")
+    output: str = option("predictions.parquet", "Parquet folder to write, one row per DICOM "
+                         "(refused when it exists).")
+    csv: str = option("", "Also write the same rows as CSV into this folder ('' = no).")
+    master: str = option("local[*]", "Spark master: local[*] (this machine's cores), "
+                         "spark://host:7077, yarn, k8s://...; a master set by spark-submit "
+                         "wins.")
+    files_per_batch: int = option(32, "DICOMs handed to the model at once in each executor "
+                                  "(Arrow batch size): bounds the memory a task holds.")
+    experiment_name: str = option("covid-xray", "MLflow experiment of the run that records "
+                                  "what was scored (a run started by `mlflow run` keeps its "
+                                  "own).")
+
+
 # The original project's search space (less vertical flips, which real frontal films never
 # show) plus the optimiser's and the recipe's knobs. Each entry is an Optuna distribution:
 # float/int with low, high (and log), or categorical with choices.

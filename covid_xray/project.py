@@ -27,6 +27,7 @@ from covid_xray.config import (
     EvaluateConfig,
     PredictConfig,
     PromoteConfig,
+    ScoreSparkConfig,
     TrainConfig,
     TuneConfig,
 )
@@ -41,6 +42,7 @@ ENTRY_POINTS: dict[str, type] = {
     "evaluate": EvaluateConfig,
     "promote": PromoteConfig,
     "predict": PredictConfig,
+    "score_spark": ScoreSparkConfig,
 }
 OPTIONS_DOC = ROOT / "docs" / "options.md"
 PYTHON = "3.11"

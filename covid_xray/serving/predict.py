@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import re
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import cv2
 import mlflow
@@ -91,11 +93,11 @@ def predict_files(config: PredictConfig, progress: bool = True) -> pd.DataFrame:
     output = Path(config.output)
     studies = study_answers(table, model)
     study_output = output.with_name(f"{output.stem}.studies.csv")
-    reports, failed = results.reports() if config.dicom_out else ({}, {})
-    for study, why in failed.items():
+    reports, unreported = results.reports() if config.dicom_out else ({}, {})
+    for study, why in unreported.items():
         print(f"study {study}: no DICOM report ({why})")
-    if failed:  # its films keep their answers, and say they have no DICOM result
-        hit = (table.label != "") & table.study_instance_uid.map(as_uid).isin(list(failed))
+    if unreported:  # its films keep their answers, and say they have no DICOM result
+        hit = (table.label != "") & table.study_instance_uid.map(as_uid).isin(list(unreported))
         table.loc[hit, "flags"] = (table.flags[hit] + " no_dicom_result").str.strip()
     for study, report in reports.items():
         target = Path(config.dicom_out) / study / f"sr-{report.SOPInstanceUID}.dcm"
@@ -103,28 +105,41 @@ def predict_files(config: PredictConfig, progress: bool = True) -> pd.DataFrame:
     atomic_write(output, lambda file: file.write(table.to_csv(index=False).encode()))
     atomic_write(study_output, lambda file: file.write(studies.to_csv(index=False).encode()))
     failed = int((table.error != "").sum())
-    described = f"{version.name}-v{version.version}" if version else "model"
-    with mlflow_run.tracked_run(config.experiment_name, run_name=f"predict-{described}") as run:
-        mlflow.set_tags({"model_uri": config.model_uri,
-                         "model_name": version.name if version else "",
-                         "model_version": str(version.version) if version else ""})
-        labels = table.label[table.error == ""].value_counts()
-        mlflow_run.log_params({"model_uri": config.model_uri, "count/files": len(table),
-                               "count/unreadable": failed, "heatmaps": bool(config.heatmaps),
-                               "count/out_of_distribution":
-                                   int((table.reason == "out_of_distribution").sum()),
-                               "dicom_out": bool(config.dicom_out),
-                               "count/dicom_reports": len(reports),
-                               "count/dicom_heatmaps": sum(results.heatmaps_made.values())}
-                              | {f"count/{name}": int(labels.get(name, 0))
-                                 for name in model.class_names})
+    run_id = record_scoring("predict", config.experiment_name, config.model_uri, version,
+                            table, model.class_names,
+                            {"heatmaps": bool(config.heatmaps),
+                             "dicom_out": bool(config.dicom_out),
+                             "count/dicom_reports": len(reports),
+                             "count/dicom_heatmaps": sum(results.heatmaps_made.values())})
     print(f"wrote {len(table)} predictions to {output}" + (f" ({failed} unreadable)" if failed
                                                              else "")
           + f" and {len(studies)} study answers to {study_output}"
           + (f"; {len(reports)} DICOM reports and {sum(results.heatmaps_made.values())} heatmap"
              f" images in {config.dicom_out}" if config.dicom_out else "")
-          + f": run {run.info.run_id}")
+          + f": run {run_id}")
     return table
+
+
+def record_scoring(command: str, experiment_name: str, model_uri: str, version: Any,
+                   table: pd.DataFrame, class_names: Sequence[str],
+                   extra: dict[str, Any]) -> str:
+    """A run named for the command and the version that answered, recording what was scored:
+    how many files got which label, how many were unreadable or out of distribution (never
+    the paths: they are this machine's, and may name patients). Returns its id."""
+    described = f"{version.name}-v{version.version}" if version else "model"
+    with mlflow_run.tracked_run(experiment_name, run_name=f"{command}-{described}") as run:
+        mlflow.set_tags({"model_uri": model_uri,
+                         "model_name": version.name if version else "",
+                         "model_version": str(version.version) if version else ""})
+        labels = table.label[table.error == ""].value_counts()
+        mlflow_run.log_params({"model_uri": model_uri, "count/files": len(table),
+                               "count/unreadable": int((table.error != "").sum()),
+                               "count/out_of_distribution":
+                                   int((table.reason == "out_of_distribution").sum())}
+                              | extra
+                              | {f"count/{name}": int(labels.get(name, 0))
+                                 for name in class_names})
+    return run.info.run_id
 
 
 def study_answers(table: pd.DataFrame, model) -> pd.DataFrame:

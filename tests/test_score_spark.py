@@ -1,0 +1,92 @@
+"""Batch scoring on Spark (local[2]): the same answers as predict, as Parquet."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from covid_xray.config import PredictConfig, ScoreSparkConfig
+from covid_xray.errors import UserError
+from covid_xray.serving.predict import predict_files
+from tests.conftest import REAL_DICOM
+
+pytestmark = pytest.mark.slow
+
+try:
+    import pyspark  # noqa: F401
+except ImportError:
+    message = "PySpark not installed (pip install -e '.[spark]')"
+    if os.environ.get("CI"):
+        pytest.fail(message, pytrace=False)  # CI installs it: missing there is a failure
+    pytest.skip(message, allow_module_level=True)
+
+PRODUCTION = "models:/covid-xray-densenet/Production"
+
+
+@pytest.fixture
+def dicom_folder(demo_dataset, tmp_path):
+    """SIIM-layout studies, a real film, a broken file and an upper-case .DCM."""
+    folder = tmp_path / "in"
+    for study in sorted((demo_dataset / "train").iterdir())[:5]:
+        shutil.copytree(study, folder / "train" / study.name)
+    shutil.copy(REAL_DICOM, folder / "loose.DCM")
+    (folder / "broken.dcm").write_bytes(b"garbage" * 50)
+    (folder / "notes.txt").write_text("not a DICOM, not listed")
+    return folder
+
+
+def test_spark_rows_equal_predicts_csv(store, dicom_folder, tmp_path):
+    from covid_xray.serving.score_spark import score_spark
+
+    output = tmp_path / "scored.parquet"
+    score_spark(ScoreSparkConfig(model_uri=PRODUCTION, input=str(dicom_folder),
+                                 output=str(output), csv=str(tmp_path / "scored.csv"),
+                                 master="local[2]", files_per_batch=4))
+    spark_rows = pd.read_parquet(output)
+    spark_rows["path"] = spark_rows.path.str.removeprefix("file:")
+    spark_rows = spark_rows.sort_values("path").reset_index(drop=True)
+    expected = predict_files(PredictConfig(model_uri=PRODUCTION, input=str(dicom_folder),
+                                           output=str(tmp_path / "p.csv"), num_workers=0),
+                             progress=False)
+    expected = expected.sort_values("path").reset_index(drop=True)
+
+    assert list(spark_rows.columns) == list(expected.columns)  # predict's CSV, column by column
+    assert spark_rows.path.tolist() == expected.path.tolist()  # every *.dcm, .DCM too
+    for column in ("study_id", "image_id", "study_instance_uid", "sop_instance_uid", "label",
+                   "reason", "flags"):
+        assert spark_rows[column].tolist() == expected[column].tolist(), column
+    scored = expected.error == ""
+    for column in ("prob_negative", "prob_opacity"):
+        np.testing.assert_allclose(spark_rows.loc[scored, column].astype(float),
+                                   expected.loc[scored, column].astype(float), atol=1e-5)
+    # A distance of tens from float32 features in other batches: equal to 1e-5 relative.
+    np.testing.assert_allclose(spark_rows.loc[scored, "ood_score"].astype(float),
+                               expected.loc[scored, "ood_score"].astype(float), rtol=1e-5)
+    assert spark_rows.loc[scored, "in_distribution"].tolist() == \
+        expected.loc[scored, "in_distribution"].tolist()
+    broken = spark_rows[spark_rows.path.str.endswith("broken.dcm")].iloc[0]
+    assert broken.error == "not a DICOM file (no 'DICM' marker)" and broken.label == ""
+    assert broken.reason == "unreadable" and np.isnan(broken.prob_opacity)
+    assert (spark_rows.error != "").sum() == 1
+    assert spark_rows.study_id.str.fullmatch(r"[0-9a-f]{12}").sum() == len(spark_rows) - 2
+    csv = pd.concat(pd.read_csv(part, keep_default_na=False)
+                    for part in sorted((tmp_path / "scored.csv").glob("part-*.csv")))
+    assert len(csv) == len(spark_rows)
+
+    # A run records what was scored, by which version; no paths.
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                filter_string="attributes.run_name LIKE 'score_spark-%'")
+    assert run.info.run_name == "score_spark-covid-xray-densenet-v1"
+    assert run.data.params["count/files"] == str(len(spark_rows))
+    assert run.data.params["count/unreadable"] == "1"
+    assert str(tmp_path) not in str(run.data.params)
+
+    # Nothing is overwritten.
+    with pytest.raises(UserError, match="exists; give a new folder"):
+        score_spark(ScoreSparkConfig(model_uri=PRODUCTION, input=str(dicom_folder),
+                                     output=str(output), master="local[2]"))
