@@ -50,7 +50,7 @@ def score_spark(config: ScoreSparkConfig) -> pd.DataFrame:
     model = registry.load(model_uri)  # fails here, in one line, on a bad URI: not in Spark
     spark = _session(config)
     try:
-        rows = _scored_rows(spark, config, model_uri, model.class_names)
+        rows = scored_rows(dicom_files(spark, config.input), model_uri, model.class_names)
         _write(rows, config, local_output)
         # Counted from what was written, not by scoring again.
         written = spark.read.parquet(config.output).select("label", "error", "reason")
@@ -92,14 +92,18 @@ def _session(config: ScoreSparkConfig):
                         f"{first[:300]} ({SPARK_HINT})") from None
 
 
-def _scored_rows(spark, config: ScoreSparkConfig, model_uri: str, class_names):
-    """One row per *.dcm under the input: path, SIIM ids, then the model's answer."""
+def dicom_files(spark, path: str):
+    """Every *.dcm (any case) under `path`, recursively: Spark's path, content, ... rows."""
+    return (spark.read.format("binaryFile").option("recursiveFileLookup", "true")
+            .option("pathGlobFilter", "*.[dD][cC][mM]").load(path))
+
+
+def scored_rows(files, model_uri: str, class_names):
+    """One row per file of `dicom_files`: path, SIIM ids, then the model's answer."""
     from pyspark.sql import functions as F
 
-    files = (spark.read.format("binaryFile").option("recursiveFileLookup", "true")
-             .option("pathGlobFilter", "*.[dD][cC][mM]").load(config.input))
-    answer = mlflow.pyfunc.spark_udf(spark, model_uri, result_type=_result_type(class_names),
-                                     env_manager="local")
+    answer = mlflow.pyfunc.spark_udf(files.sparkSession, model_uri,
+                                     result_type=_result_type(class_names), env_manager="local")
     scored = files.select(
         "path", answer(F.struct(F.base64("content").alias("dicom_base64"))).alias("answer"))
     siim = rf"({HEX12.pattern})/({HEX12.pattern})/({HEX12.pattern})\.[dD][cC][mM]$"
