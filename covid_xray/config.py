@@ -306,7 +306,9 @@ DEFAULT_SPACE: dict[str, dict[str, Any]] = {  # docs/options.md shows it (genera
 
 @dataclass(frozen=True)
 class TuneConfig:
-    n_trials: int = option(30, "Trials this worker runs.")
+    n_trials: int = option(30, "Trials in the study, every worker on every machine together "
+                           "(failed ones are not counted): a worker stops when the study has "
+                           "them; raise it to add trials to a finished study.")
     timeout: float = option(0.0, "Start no new trial after this many seconds (0 = no limit).")
     metric: str = option("val_auc", "Objective: this validation metric at the restored best "
                          "epoch; maximised (val_loss is minimised).",
@@ -327,5 +329,5 @@ class TuneConfig:
     heartbeat: int = option(30, "Seconds between a worker's liveness signals; a trial silent "
                             "for 3x this is failed and its MLflow runs marked KILLED.")
     workers: int = option(1, "Worker processes on this machine, all on the one study "
-                          "(n_trials counts them all). With CUDA, worker k gets GPU k mod "
-                          "#GPUs; on CPU the cores are divided between them.")
+                          "(n_trials counts the study's trials). With CUDA, worker k gets GPU "
+                          "k mod #GPUs; on CPU the cores are divided between them.")

@@ -82,11 +82,12 @@ def test_download_bad_input_is_one_line(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.slow  # six fresh interpreters, each importing torch and MLflow
+@pytest.mark.slow  # seven fresh interpreters, each importing torch and MLflow
 @pytest.mark.parametrize(("name", "args"), [
     ("train", ["--data-dir", "DATA", "--model", "none"]),
     ("tune", ["--data-dir", "DATA", "--model", "none", "--n-trials", "1"]),
     ("predict", ["--input", "DATA/train"]),
+    ("score_spark", ["--input", "DATA/train"]),
     ("evaluate", ["--data-dir", "DATA"]),
     ("promote", ["--version", "1", "--alias", "champion"]),
     ("promote", ["--version", "1", "--alias", "champion", "--if-better", "roc_auc"]),

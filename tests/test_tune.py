@@ -125,22 +125,28 @@ def test_three_trial_study_nested_runs(demo_dataset, tmp_path):
 
 
 def test_two_workers_share_a_sqlite_study(demo_dataset, tmp_path):
+    """n_trials is the study's: the second worker adds what the first left, no more."""
     workers = [tune_worker(tmp_path, demo_dataset, "--n-trials", str(n), "--study-name",
                            "shared", "--sampler-seed", str(seed))
                for n, seed in ((2, 1), (3, 2))]
     for worker in workers:
         finish(worker)
     study = optuna.load_study(study_name="shared", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
-    assert len(study.trials) == 5
-    assert sorted(trial.number for trial in study.trials) == [0, 1, 2, 3, 4]
+    assert sorted(trial.number for trial in study.trials) == [0, 1, 2]
     check_one_run_per_trial(runs_of(tmp_path), study)
+    # Finished: a worker joining with the same n_trials starts nothing.
+    out, _ = finish(tune_worker(tmp_path, demo_dataset, "--n-trials", "3", "--study-name",
+                                "shared"))
+    assert "study shared has its 3 trials; this worker ran 0 of them" in out
+    assert len(optuna.load_study(study_name="shared",
+                                 storage=f"sqlite:///{tmp_path / 'optuna.db'}").trials) == 3
 
 
 def test_two_workers_share_a_postgresql_study(demo_dataset, tmp_path, postgres):
     # The password comes through the environment, never a -P value (mlflow run logs those);
     # trust authentication accepts any, so this checks it is kept out of every record.
     secret_url = postgres.replace("postgres@", "postgres:s3cret-pw@")
-    workers = [tune_worker(tmp_path, demo_dataset, "--n-trials", "2", "--study-name", "pg",
+    workers = [tune_worker(tmp_path, demo_dataset, "--n-trials", "4", "--study-name", "pg",
                            "--sampler-seed", str(seed), env={"OPTUNA_STORAGE": secret_url})
                for seed in (1, 2)]
     outputs = [finish(worker) for worker in workers]
@@ -228,19 +234,25 @@ def test_orphan_cleanup_survives_an_unknown_run(tmp_path, monkeypatch, capsys):
     mlflow.set_tracking_uri(None)
 
 
-def test_workers_started_together_explore_different_configurations(demo_dataset, tmp_path):
-    """Three workers, default seeds, one study: TPE's first trials are random draws from the
-    sampler seed, so equal seeds meant the same configuration three times."""
-    workers = [tune_worker(tmp_path, demo_dataset, "--n-trials", "1", "--study-name", "together",
+def test_workers_started_together_run_exactly_n_trials_all_different(demo_dataset, tmp_path):
+    """Three workers, default seeds, one study, n_trials=6: exactly 6 trials between them (the
+    study's total, counted and created under a lock), all different configurations (TPE's
+    first trials are random draws from each worker's seed; equal seeds meant the same
+    configuration three times)."""
+    workers = [tune_worker(tmp_path, demo_dataset, "--n-trials", "6", "--study-name", "together",
                            "--epochs", "1") for _ in range(3)]
     outputs = [finish(worker)[0] for worker in workers]
     seeds = {line.rsplit(" ", 1)[1] for out in outputs for line in out.splitlines()
              if "sampler seed is" in line}
     assert len(seeds) == 3
     study = optuna.load_study(study_name="together", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
-    assert len(study.trials) == 3
+    assert sorted(trial.number for trial in study.trials) == [0, 1, 2, 3, 4, 5]
+    assert {trial.state.name for trial in study.trials} <= {"COMPLETE", "PRUNED"}
     configurations = {tuple(sorted(trial.params.items())) for trial in study.trials}
-    assert len(configurations) == 3
+    assert len(configurations) == 6
+    ran = [int(re.search(r"study together has its 6 trials; this worker ran (\d+) of them",
+                         out).group(1)) for out in outputs]
+    assert sum(ran) == 6 and all(ran), ran  # every worker took part
     parents = [run for run in runs_of(tmp_path) if run.data.tags["mlflow.runName"] == "study-together"]
     assert {run.data.params["tune/sampler_seed_used"] for run in parents} == seeds
 
@@ -350,7 +362,7 @@ def test_pruned_runs_end_killed(tmp_path, monkeypatch):
 
 
 def test_workers_from_one_command(demo_dataset, tmp_path):
-    """-P workers=2: n_trials counts for the whole command; one nested run per trial, under
+    """-P workers=2: n_trials counts the study's trials; one nested run per trial, under
     one run per worker, under the command's run; nothing left RUNNING. Started as `mlflow run
     --experiment-name team` starts it (the run made in `team`, its id in MLFLOW_RUN_ID), every
     run lands in `team`, and no other experiment is created."""
@@ -372,7 +384,7 @@ def test_workers_from_one_command(demo_dataset, tmp_path):
     assert {run.data.tags["mlflow.parentRunId"] for run in workers} == {command.info.run_id}
     for trial in (run for run in runs if run.data.tags["mlflow.runName"].startswith("trial-")):
         assert by_id[trial.data.tags["mlflow.parentRunId"]] in workers
-    assert sorted(int(run.data.params["tune/n_trials"]) for run in workers) == [1, 2]
+    assert [int(run.data.params["tune/n_trials"]) for run in workers] == [3, 3]  # the study's
     assert command.data.metrics["best_val_auc"] == pytest.approx(study.best_value)
     assert len({run.data.params["tune/sampler_seed_used"] for run in workers}) == 2
 
@@ -408,7 +420,7 @@ def test_the_median_pruner_stops_a_trial_worse_than_the_studys_median(demo_datas
                                                                          3: 0.0}))
     space = tmp_path / "space.yaml"
     space.write_text("label_smoothing: {type: float, low: 0.0, high: 0.1}\n")
-    finish(tune_worker(tmp_path, demo_dataset, "--n-trials", "1", "--metric", "val_loss", "--epochs", "3", "--space", str(space),
+    finish(tune_worker(tmp_path, demo_dataset, "--n-trials", "3", "--metric", "val_loss", "--epochs", "3", "--space", str(space),
                                 "--study-name", "pruning", "--storage", storage))
     trial = optuna.load_study(study_name="pruning", storage=storage).trials[-1]
     assert trial.state == optuna.trial.TrialState.PRUNED

@@ -171,11 +171,8 @@ def evaluate_model(config: EvaluateConfig, progress: bool = True,
     split); log one MLflow run (a child of the active run when `nested`: promote's
     evidence); return it all. Studies the model learned from are never scored."""
     mlflow_run.check_tracking_server()
-    # The alias (or stage) is resolved once, and that exact version is loaded: resolved twice,
-    # a move in between would tag the run with a version it never scored.
-    version = registry.resolve_version(config.model_uri)
-    model = registry.load(f"models:/{version.name}/{version.version}" if version
-                          else config.model_uri).to_device(config.device)
+    version, model = registry.load_resolved(config.model_uri)
+    model.to_device(config.device)
     class_names = tuple(model.class_names)
     run_id = version.run_id if version else registry.run_id_of(config.model_uri)
     manifest = logged_manifest(run_id) if run_id else None
@@ -249,7 +246,8 @@ def evaluate_model(config: EvaluateConfig, progress: bool = True,
         # flagged in predictions.csv: the test split's own rate is test_ood_rate).
         if predictions.in_distribution[scored].notna().all():
             mlflow.log_metric("eval_ood_rate",
-                              float((predictions.in_distribution[scored] == False).mean()))  # noqa: E712
+                              float((~predictions.in_distribution[scored].astype(bool))
+                                    .mean()))
         mlflow_run.log_evaluation(evaluation, "eval", model_id=model_id, dataset=dataset)
         csv = predictions.to_csv(index=False)
         mlflow.log_text(csv, "predictions.csv")

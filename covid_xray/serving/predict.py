@@ -20,7 +20,7 @@ from covid_xray.evaluation.calibration import predicted_classes
 from covid_xray.files import atomic_write
 from covid_xray.imaging.dicom import UID_FIELDS
 from covid_xray.imaging.workers import Decoded, start_workers_early
-from covid_xray.model.dicom_results import ModelIdentity, StudyResults, as_uid, save
+from covid_xray.model.dicom_results import StudyResults, as_uid, save
 from covid_xray.tracking import mlflow_run, registry
 
 HEX12 = re.compile(r"[0-9a-f]{12}")
@@ -62,12 +62,8 @@ def predict_files(config: PredictConfig, progress: bool = True) -> pd.DataFrame:
     if config.dicom_out:  # found out now, not after an hour of scoring
         check_writable(Path(config.dicom_out), "dicom_out")
     start_workers_early(config.num_workers, len(paths))
-    # Resolved once and loaded by number: the run names the version that answered.
-    version = registry.resolve_version(config.model_uri)
-    model = registry.load(f"models:/{version.name}/{version.version}" if version
-                          else config.model_uri).to_device(config.device)
-    if version:
-        model.identity = ModelIdentity(version.name, str(version.version), version.run_id)
+    version, model = registry.load_resolved(config.model_uri)  # the version that answered
+    model.to_device(config.device)
     results = StudyResults(model.class_names, model.threshold, model.identity)
     root = Path(config.input) if Path(config.input).is_dir() else Path(config.input).parent
     frames = []

@@ -45,9 +45,9 @@ def score_spark(config: ScoreSparkConfig) -> pd.DataFrame:
     if local_output and local_output.exists():
         raise UserError(f"output {config.output} exists; give a new folder (nothing is "
                         "overwritten)")
-    version = registry.resolve_version(config.model_uri)
+    # Loaded here first: a bad URI fails in one line, not inside Spark.
+    version, model = registry.load_resolved(config.model_uri)
     model_uri = f"models:/{version.name}/{version.version}" if version else config.model_uri
-    model = registry.load(model_uri)  # fails here, in one line, on a bad URI: not in Spark
     spark = _session(config)
     try:
         rows = scored_rows(dicom_files(spark, config.input), model_uri, model.class_names)

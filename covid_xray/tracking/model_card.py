@@ -90,7 +90,9 @@ def model_card(name: str, version: str) -> str:
     subgroups = _subgroups(run)
     if subgroups is not None:
         scored = subgroups.dropna(subset=["roc_auc"])
-        flagged = scored[scored.get("auc_below_overall", False) == True]  # noqa: E712
+        # Read from CSV: True, False or empty; only a True is a flag.
+        below = pd.Series(scored.get("auc_below_overall", False), index=scored.index)
+        flagged = scored[below.astype(str) == "True"]
         lines += ["", "## Subgroups (test split)",
                   f"{len(scored)} of {len(subgroups)} subgroups had >= 30 studies and both "
                   f"classes; AUC CI wholly below the overall AUC: "

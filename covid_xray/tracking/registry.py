@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -16,6 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from covid_xray.config import HELD_STAGES, STAGES
 from covid_xray.errors import UserError
+from covid_xray.model.dicom_results import ModelIdentity
 from covid_xray.model.pyfunc import DicomClassifier
 
 
@@ -39,6 +41,18 @@ def load(model_uri: str) -> DicomClassifier:
         raise UserError(f"{model_uri} is not a covid-xray model (it was logged by something "
                         "else); train one with `mlflow run . -e train`")
     return model
+
+
+def load_resolved(model_uri: str) -> tuple[Any, DicomClassifier]:
+    """(the registered version `model_uri` points at, or None outside the registry; that exact
+    version's model, which knows its name, version and run). The alias or stage is resolved
+    once and the version loaded by number: resolved twice, a move in between would have a run
+    name a version that never answered."""
+    version = resolve_version(model_uri)
+    model = load(f"models:/{version.name}/{version.version}" if version else model_uri)
+    if version:
+        model.identity = ModelIdentity(version.name, str(version.version), version.run_id)
+    return version, model
 
 
 def resolve_version(model_uri: str):

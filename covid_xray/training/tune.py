@@ -9,12 +9,14 @@ trial marks that trial FAIL and its MLflow runs KILLED, so nothing is left RUNNI
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import secrets
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,60 @@ def optuna_direction(metric: str) -> str:
 
 class TrialPruned(optuna.TrialPruned, RunStopped):
     """Optuna's pruning signal that also ends the trial's MLflow run as KILLED, not FAILED."""
+
+
+class StudyFull(Exception):
+    """The study has all the trials `n_trials` allows: this worker starts no more."""
+
+
+# The trials n_trials counts: all but the failed (a failed one is replaced, not counted).
+COUNTED = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING,
+           optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+class CappedStorage(optuna.storages.RDBStorage):
+    """Optuna's RDB storage, creating a new trial only while the study has fewer than
+    `limit` counted trials, every worker on every machine included. Counting and creating
+    happen under one lock (a file lock for sqlite, an advisory lock for PostgreSQL), so three
+    workers started together with n_trials=6 start exactly 6 trials between them: Optuna's
+    MaxTrialsCallback counts only after a trial, so racing workers overshoot it."""
+
+    def __init__(self, url: str, limit: int | None = None, **kwargs: Any):
+        super().__init__(url, **kwargs)
+        self.limit = limit
+
+    # Optuna's study talks to its storage through a cache that calls this (private) method,
+    # as RDBStorage.create_new_trial does: the one way a trial is made.
+    def _create_new_trial(self, study_id: int,
+                          template_trial: optuna.trial.FrozenTrial | None = None
+                          ) -> optuna.trial.FrozenTrial:
+        if self.limit is None or template_trial is not None:  # a queued retry: counted
+            return super()._create_new_trial(study_id, template_trial)
+        with self._one_at_a_time():
+            started = len(self.get_all_trials(study_id, deepcopy=False, states=COUNTED))
+            if started >= self.limit:
+                raise StudyFull(f"the study has its {self.limit} trials")
+            return super()._create_new_trial(study_id)
+
+    @contextlib.contextmanager
+    def _one_at_a_time(self) -> Iterator[None]:
+        if self.engine.dialect.name != "postgresql":
+            with sqlite_turn(self.url):  # sqlite: a file lock; other databases: none
+                yield
+            return
+        with self.engine.connect() as connection:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"),
+                               {"key": TRIAL_LOCK_KEY})
+            try:
+                yield
+            finally:
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"),
+                                   {"key": TRIAL_LOCK_KEY})
+                connection.commit()
+
+
+# PostgreSQL advisory lock id taken while a worker counts and creates a trial.
+TRIAL_LOCK_KEY = 0x636F7669  # "covi"
 
 
 def load_space(path: str) -> dict[str, dict[str, Any]]:
@@ -192,8 +248,8 @@ def _create_or_load_study(config: TuneConfig, url: str,
             _end_orphaned_runs(study, trial)
             retry_once(study, trial)  # queue its configuration again, once
 
-        storage = optuna.storages.RDBStorage(
-            url,
+        storage = CappedStorage(
+            url, limit=config.n_trials,
             engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite")
             else {"pool_pre_ping": True},
             heartbeat_interval=config.heartbeat,
@@ -202,9 +258,12 @@ def _create_or_load_study(config: TuneConfig, url: str,
         )
     existing = {s.study_name: s.n_trials for s in optuna.get_all_study_summaries(storage)}
     seed = sampler_seed(config, existing.get(config.study_name, 0))
+    # constant_liar: a trial running on another worker counts as a bad result meanwhile, so
+    # workers sharing the study do not all sample next to the same promising point.
     study = optuna.create_study(
         study_name=config.study_name, storage=storage, direction=direction,
-        load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=seed),
+        load_if_exists=True,
+        sampler=optuna.samplers.TPESampler(seed=seed, constant_liar=True),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
     )
     return study, seed
@@ -282,21 +341,37 @@ def run_study(config: TuneConfig, fixed: dict[str, Any]) -> optuna.Study:
             return value
 
         failures: list[str] = []  # this worker's failed trials, for the verdict below
+        started: list[int] = []
 
         def recorded(trial: optuna.Trial) -> float:
+            started.append(trial.number)
             try:
                 return objective(trial)
             except UserError as error:
                 failures.append(str(error))
                 print(f"trial {trial.number} failed: {error}")
                 raise
+            except optuna.TrialPruned:
+                raise  # a pruned trial is no failure
+            except Exception as error:  # CUDA out of memory, say: this trial, not the study
+                failures.append(f"trial {trial.number}: {type(error).__name__}: {error}")
+                print(f"trial {trial.number} failed: {type(error).__name__}: {error}")
+                raise
 
+        # Until the study has its n_trials (study-wide: CappedStorage refuses the next one),
+        # or the timeout. A failed trial is the trial's and is not counted, so a worker also
+        # stops after starting n_trials itself: trials that always fail cannot loop forever.
+        # A stop signal (KeyboardInterrupt) stops the worker.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.optimize(recorded, n_trials=config.n_trials,
-                           timeout=config.timeout or None, catch=(UserError,))
+            try:
+                study.optimize(recorded, n_trials=config.n_trials,
+                               timeout=config.timeout or None, catch=(Exception,))
+            except StudyFull:
+                print(f"study {config.study_name} has its {config.n_trials} trials; this "
+                      f"worker ran {len(started)} of them")
         log_study(study, config)
-        if failures and len(failures) == config.n_trials:
+        if failures and len(failures) == len(started):
             raise UserError(f"all {len(failures)} trials of this worker failed; first: "
                             f"{failures[0]}")
         if config.register_best:

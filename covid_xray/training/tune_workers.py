@@ -2,10 +2,11 @@
 
 The command does once what N workers would race to do (create the tracking store and the
 Optuna study, fill the image cache), then starts N ordinary tune workers on this machine
-against the one study and waits. Each worker gets its share of `n_trials`, its own sampler
-seed, and its share of the machine: with CUDA, worker k sees GPU k mod #GPUs; on CPU each gets
-cores / N torch threads. Their runs nest under the command's run; a stop (Ctrl-C, SIGTERM)
-stops every worker and every run ends KILLED.
+against the one study and waits. The workers run trials until the study has `n_trials`
+(counted study-wide), each with its own sampler seed and its share of the machine: with
+CUDA, worker k sees GPU k mod #GPUs; on CPU each gets cores / N torch threads. Their runs
+nest under the command's run; a stop (Ctrl-C, SIGTERM) stops every worker and every run ends
+KILLED.
 """
 
 from __future__ import annotations
@@ -70,10 +71,9 @@ def run_workers(config: TuneConfig, fixed: dict[str, Any]) -> optuna.Study:
 def _start_worker(config: TuneConfig, fixed: dict[str, Any], index: int,
                   parent_run_id: str) -> subprocess.Popen:
     """One plain tune worker: its trials, its seed, its GPU or its cores."""
-    share = config.n_trials // config.workers + (index < config.n_trials % config.workers)
     seed = config.sampler_seed if config.sampler_seed < 0 else config.sampler_seed + index
-    worker = dataclasses.replace(config, workers=1, n_trials=share, sampler_seed=seed,
-                                 register_best=False)
+    # n_trials is the study's total: the workers stop when the study has them, together.
+    worker = dataclasses.replace(config, workers=1, sampler_seed=seed, register_best=False)
     arguments = [f"--{name.replace('_', '-')}={value}" for name, value in
                  {**dataclasses.asdict(worker), **fixed}.items()]
     env = {key: value for key, value in os.environ.items() if key != "MLFLOW_RUN_ID"}
