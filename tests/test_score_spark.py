@@ -90,3 +90,12 @@ def test_spark_rows_equal_predicts_csv(store, dicom_folder, tmp_path):
     with pytest.raises(UserError, match="exists; give a new folder"):
         score_spark(ScoreSparkConfig(model_uri=PRODUCTION, input=str(dicom_folder),
                                      output=str(output), master="local[2]"))
+
+
+def test_a_missing_input_is_one_line_before_spark_starts(store, tmp_path):
+    from covid_xray.serving.score_spark import score_spark
+
+    with pytest.raises(UserError, match=r"^\S*nothere: no such file or folder$"):
+        score_spark(ScoreSparkConfig(model_uri=PRODUCTION, input=str(tmp_path / "nothere"),
+                                     output=str(tmp_path / "o.parquet")))
+    assert not (tmp_path / "o.parquet").exists()

@@ -41,7 +41,9 @@ def score_spark(config: ScoreSparkConfig) -> pd.DataFrame:
     except ImportError:
         raise UserError(f"score_spark needs PySpark: {SPARK_HINT}") from None
     mlflow_run.check_tracking_server()
-    local_output = _local(config.output)
+    local_input, local_output = _local(config.input), _local(config.output)
+    if local_input and not local_input.exists():
+        raise UserError(f"{config.input}: no such file or folder")
     if local_output and local_output.exists():
         raise UserError(f"output {config.output} exists; give a new folder (nothing is "
                         "overwritten)")
@@ -50,7 +52,10 @@ def score_spark(config: ScoreSparkConfig) -> pd.DataFrame:
     model_uri = f"models:/{version.name}/{version.version}" if version else config.model_uri
     spark = _session(config)
     try:
-        rows = scored_rows(dicom_files(spark, config.input), model_uri, model.class_names)
+        files = dicom_files(spark, config.input)
+        if files.select("path").limit(1).count() == 0:
+            raise UserError(f"{config.input}: no *.dcm files there")
+        rows = scored_rows(files, model_uri, model.class_names)
         _write(rows, config, local_output)
         # Counted from what was written, not by scoring again.
         written = spark.read.parquet(config.output).select("label", "error", "reason")
@@ -94,8 +99,13 @@ def _session(config: ScoreSparkConfig):
 
 def dicom_files(spark, path: str):
     """Every *.dcm (any case) under `path`, recursively: Spark's path, content, ... rows."""
-    return (spark.read.format("binaryFile").option("recursiveFileLookup", "true")
-            .option("pathGlobFilter", "*.[dD][cC][mM]").load(path))
+    from pyspark.errors import AnalysisException
+
+    try:
+        return (spark.read.format("binaryFile").option("recursiveFileLookup", "true")
+                .option("pathGlobFilter", "*.[dD][cC][mM]").load(path))
+    except AnalysisException as error:  # a path that is not there (hdfs://, s3a:// too)
+        raise UserError(f"{path}: cannot list it ({str(error).splitlines()[0]})") from None
 
 
 def scored_rows(files, model_uri: str, class_names):
