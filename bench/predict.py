@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -144,10 +143,10 @@ def spark_throughput(network: Classifier, preprocessing: Preprocessing, data_dir
     from functools import reduce
 
     import mlflow
-    from pyspark.sql import SparkSession
 
+    from covid_xray.config import ScoreSparkConfig
     from covid_xray.model.pyfunc import DicomClassifier, example_input, signature
-    from covid_xray.serving.score_spark import dicom_files, scored_rows
+    from covid_xray.serving.score_spark import dicom_files, scored_rows, spark_session
     from covid_xray.tracking.mlflow_run import PACKAGE_DIR
 
     # Saved as training logs it: models-from-code, weights and model.json as artifacts.
@@ -158,10 +157,8 @@ def spark_throughput(network: Classifier, preprocessing: Preprocessing, data_dir
         artifacts=classifier.save_artifacts(scratch / "artifacts"),
         signature=signature(classifier.class_names), input_example=example_input(),
         code_paths=[str(PACKAGE_DIR)])
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    session = (SparkSession.builder.master(f"local[{available_cores()}]")
-               .config("spark.sql.execution.arrow.maxRecordsPerBatch", str(batch_size))
-               .config("spark.sql.chunkBase64String.enabled", "false").getOrCreate())
+    session = spark_session(ScoreSparkConfig(master=f"local[{available_cores()}]",
+                                             files_per_batch=batch_size))
     session.sparkContext.setLogLevel("ERROR")
     try:
         files = dicom_files(session, str(data_dir / "train"))

@@ -243,15 +243,13 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
                 heatmaps[row] = base64.b64encode(to_bytes(image)).decode("ascii")
                 studies[row] = image.StudyInstanceUID
             except Exception:
-                result.loc[row, "flags"] = " ".join(filter(None, (result.flags[row],
-                                                                  "no_dicom_result")))
+                result.loc[row, "flags"] = add_flag(result.flags[row], "no_dicom_result")
         made, failed = results.reports()
         reports = {study: base64.b64encode(to_bytes(report)).decode("ascii")
                    for study, report in made.items()}
         for row, study in enumerate(studies):
             if study in failed:
-                result.loc[row, "flags"] = " ".join(filter(None, (result.flags[row],
-                                                                  "no_dicom_result")))
+                result.loc[row, "flags"] = add_flag(result.flags[row], "no_dicom_result")
         result["sr_base64"] = [reports.get(study, "") for study in studies]
         result["heatmap_base64"] = heatmaps
 
@@ -341,6 +339,11 @@ def signature(class_names: tuple[str, ...]) -> ModelSignature:
     # Ask for the DICOM results with {"params": {"dicom_results": true}}.
     params = ParamSchema([ParamSpec("dicom_results", "boolean", False)])
     return ModelSignature(inputs=inputs, outputs=outputs, params=params)
+
+
+def add_flag(flags: str, flag: str) -> str:
+    """A row's space-separated `flags` with `flag` added."""
+    return " ".join(filter(None, (flags, flag)))
 
 
 def encode_dicom(path: str) -> str:

@@ -21,6 +21,7 @@ from covid_xray.files import atomic_write
 from covid_xray.imaging.dicom import UID_FIELDS
 from covid_xray.imaging.workers import Decoded, start_workers_early
 from covid_xray.model.dicom_results import StudyResults, as_uid, save
+from covid_xray.model.pyfunc import add_flag
 from covid_xray.tracking import mlflow_run, registry
 
 HEX12 = re.compile(r"[0-9a-f]{12}")
@@ -94,7 +95,8 @@ def predict_files(config: PredictConfig, progress: bool = True) -> pd.DataFrame:
         print(f"study {study}: no DICOM report ({why})")
     if unreported:  # its films keep their answers, and say they have no DICOM result
         hit = (table.label != "") & table.study_instance_uid.map(as_uid).isin(list(unreported))
-        table.loc[hit, "flags"] = (table.flags[hit] + " no_dicom_result").str.strip()
+        table.loc[hit, "flags"] = table.flags[hit].map(
+            lambda flags: add_flag(flags, "no_dicom_result"))
     for study, report in reports.items():
         target = Path(config.dicom_out) / study / f"sr-{report.SOPInstanceUID}.dcm"
         save(report, target)
@@ -197,7 +199,7 @@ def _write_film_results(model, results: StudyResults, paths: list[Path],
                 picture = model.heatmap_picture(str(path), item, label)
         except Exception as error:
             flag = "no_dicom_result" if config.dicom_out else "no_heatmap"
-            frame.loc[row, "flags"] = " ".join(filter(None, (frame.flags[row], flag)))
+            frame.loc[row, "flags"] = add_flag(frame.flags[row], flag)
             print(f"{path}: {flag.replace('_', ' ')} ({type(error).__name__}: {error})")
             continue
         if config.dicom_out:

@@ -50,7 +50,7 @@ def score_spark(config: ScoreSparkConfig) -> pd.DataFrame:
     # Loaded here first: a bad URI fails in one line, not inside Spark.
     version, model = registry.load_resolved(config.model_uri)
     model_uri = f"models:/{version.name}/{version.version}" if version else config.model_uri
-    spark = _session(config)
+    spark = spark_session(config)
     try:
         files = dicom_files(spark, config.input)
         if files.select("path").limit(1).count() == 0:
@@ -72,7 +72,8 @@ def score_spark(config: ScoreSparkConfig) -> pd.DataFrame:
     return table
 
 
-def _session(config: ScoreSparkConfig):
+def spark_session(config: ScoreSparkConfig):
+    """The Spark session score_spark runs in (bench/predict.py measures in it too)."""
     from pyspark import SparkConf
     from pyspark.sql import SparkSession
 
