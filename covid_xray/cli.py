@@ -112,6 +112,16 @@ def options_from(config_class: type, *, unset_default: bool = False
     return decorate
 
 
+def as_arguments(config: object) -> list[str]:
+    """The command-line options that recreate `config` (`options_from`'s spelling)."""
+    arguments = []
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        arguments += [f"--{item.name.replace('_', '-')}", text]
+    return arguments
+
+
 def given_values(config_class: type, raw: dict[str, str]) -> dict[str, Any]:
     """The options of `options_from(..., unset_default=True)` that were given, typed."""
     values = {}

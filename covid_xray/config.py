@@ -149,13 +149,17 @@ class TrainConfig:
                                   "sensitivity + specificity), sensitivity=0.95 or "
                                   "specificity=0.95 (any target in 0..1). Stored in the model; "
                                   "4-class models call the most probable class.")
-    batch_size: int = option(32, "Images per step.")
+    batch_size: int = option(32, "Images per step in each process (with nproc > 1 a step "
+                             "takes nproc x batch_size: scale lr with it, README).")
     epochs: int = option(20, "Epochs (the LR schedule spans them all).")
     patience: int = option(10, "Stop after this many epochs without a better val AUC.")
     grad_clip: float = option(1.0, "Clip the gradient norm to this (0 = off).")
     num_workers: int = option(2, "Processes decoding DICOMs and loading batches.")
     device: str = option("auto", "auto picks CUDA when available (then AMP and pinned "
                         "memory; both devices run channels_last).", DEVICES)
+    nproc: int = option(1, "Processes training together on this machine, one per GPU "
+                        "(DistributedDataParallel, started by torchrun; NCCL on GPUs, gloo on "
+                        "CPU). Under `torchrun` itself, the number it started.")
     # --- tracking ---
     experiment_name: str = option("covid-xray", "MLflow experiment (a run started by "
                                   "`mlflow run` keeps its own).")

@@ -45,6 +45,17 @@ def handle_stops() -> None:
         libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM))
 
 
+def forget_started_run() -> None:
+    """This process must not end the run `mlflow run` made (a training process other than
+    rank 0, which owns it)."""
+    _started_run[:] = [""]
+
+
+def record_stop(number: int) -> None:
+    """A stop signal that another handler caught (torchrun's launcher) counts as ours."""
+    _received.append(number)
+
+
 def _install_stop_handlers() -> dict[int, Any]:
     """The one place SIGTERM and SIGHUP are made to raise a stop; returns what they did
     before."""

@@ -14,11 +14,12 @@ def main(**options: object) -> None:
 
     Logs every option as a param, per-epoch metrics, test metrics and figures, the split
     manifest as the dataset input, and the model, which is registered as
-    registered_model_name (moved to `stage` / given `alias` when asked).
+    registered_model_name (moved to `stage` / given `alias` when asked). With nproc > 1,
+    that many processes train together (torchrun; or start this under `torchrun` yourself).
     """
-    from covid_xray.training.run import run_training  # torch + mlflow: ~5 s, not for --help
+    from covid_xray.training.run import train  # torch + mlflow: ~5 s, not for --help
 
-    run_training(TrainConfig(**options))
+    train(TrainConfig(**options))
 
 
 if __name__ == "__main__":

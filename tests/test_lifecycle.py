@@ -17,13 +17,15 @@ from mlflow.tracking import MlflowClient
 from tests.conftest import ROOT, clean_env
 
 
-def start_mlflow_run(data_dir: Path, tmp_path: Path, pause_at: str) -> subprocess.Popen:
-    """`mlflow run . -e train` that will pause at `pause_at` (lifecycle.PAUSE_VARIABLE)."""
+def start_mlflow_run(data_dir: Path, tmp_path: Path, pause_at: str,
+                     extra: list[str] | None = None) -> subprocess.Popen:
+    """`mlflow run . -e train` (+ `extra` arguments) that will pause at `pause_at`
+    (lifecycle.PAUSE_VARIABLE)."""
     command = [str(Path(sys.executable).with_name("mlflow")), "run", str(ROOT), "-e", "train",
                "--env-manager", "local", "--experiment-name", "stops",
                "-P", f"data_dir={data_dir}", "-P", f"cache_dir={tmp_path / 'cache'}",
                "-P", "model=none", "-P", "img_size=32", "-P", "epochs=2",
-               "-P", "num_workers=2", "-P", "registered_model_name=stopped"]
+               "-P", "num_workers=2", "-P", "registered_model_name=stopped", *(extra or [])]
     return subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             env=clean_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",

@@ -8,7 +8,9 @@ accumulated on the device and read once per epoch (and every `SYNC_EVERY` steps 
 progress bar and the divergence check).
 
 It knows nothing of MLflow: each finished epoch is handed to an `on_epoch` callback, which the
-caller uses to log (tracking/mlflow_run.py) or to report to Optuna (training/tune.py).
+caller uses to log (tracking/mlflow_run.py) or to report to Optuna (training/tune.py). Under
+torchrun it trains this process's shard and gathers every process's answers before measuring
+(training/distributed.py), so all processes see the same metrics and stop together.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from covid_xray import lifecycle
 from covid_xray.config import OPTIMIZERS, SCHEDULES, TrainConfig
 from covid_xray.errors import UserError
 from covid_xray.evaluation.metrics import epoch_metrics
+from covid_xray.training.distributed import SOLO, World
 
 
 def seed_everything(seed: int) -> None:
@@ -103,7 +106,8 @@ class WeightAverage:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        if model is not self.model:
+        if model is not self.model and getattr(model, "module", None) is not self.model:
+            # (or that model inside DistributedDataParallel, which holds it as .module)
             raise ValueError("WeightAverage follows the model it was made with")
         self.updates += 1
         self.current_decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
@@ -237,15 +241,22 @@ def fit(
     recipe: Recipe = Recipe(),
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     progress: bool = True,
+    world: World = SOLO,
 ) -> FitResult:
     """Train for up to `epochs`, keep the weights of the best val AUC epoch, restore them.
 
     With `recipe.ema_decay` the weights validated, kept and restored are the moving average.
     Stops early after `patience` epochs without improvement. `on_epoch` gets each epoch's
     row (epoch, lr, train_/val_ loss, accuracy, auc, f1) and may raise to stop the run.
+
+    In a `world` of several processes, `train_loader` draws this process's shard (a
+    DistributedSampler, reseeded each epoch) and `val_loader` holds its `world.shard` of the
+    val split, in order: the val answers are gathered, so the metrics cover every val film
+    once and every process keeps the same epoch.
     """
     stepper = Stepper(device)
     model = stepper.prepare(model)
+    trained = world.wrap(model, device)  # DistributedDataParallel under torchrun
     scheduler = make_scheduler(optimizer, recipe.schedule, epochs, len(train_loader),
                                recipe.warmup_epochs)
     average = WeightAverage(model, recipe.ema_decay) if recipe.ema_decay > 0 else None
@@ -255,18 +266,29 @@ def fit(
     best_state = copy.deepcopy(evaluated.state_dict())
 
     for epoch in range(1, epochs + 1):
+        if hasattr(train_loader.sampler, "set_epoch"):  # a new shuffle each epoch
+            train_loader.sampler.set_epoch(epoch)
         bar = tqdm(train_loader, desc=f"epoch {epoch}/{epochs}", unit="batch",
                    disable=not progress, leave=False)
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
         train_loss, train_labels, train_probabilities = train_one_epoch(
-            model, bar, optimizer, stepper, recipe.grad_clip, epoch, scheduler=scheduler,
+            trained, bar, optimizer, stepper, recipe.grad_clip, epoch, scheduler=scheduler,
             average=average, label_smoothing=recipe.label_smoothing,
-            class_weights=recipe.class_weights)
-        row["train_loss"] = train_loss
+            class_weights=recipe.class_weights, world=world)
+        # Every process's films (a DistributedSampler repeats up to nproc - 1 of them to
+        # give all processes as many: the train numbers may count those twice).
+        loss_sum = world.gather(np.array([train_loss * len(train_labels)])).sum()
+        train_labels, train_probabilities = (world.gather(train_labels),
+                                             world.gather(train_probabilities))
+        row["train_loss"] = float(loss_sum / len(train_labels))
         row |= {f"train_{k}": v for k, v in
                 epoch_metrics(train_labels, train_probabilities).items()}
         val_probabilities, val_labels, val_loss = predict(evaluated, val_loader, device,
                                                           with_loss=True)
+        val_loss = float(world.gather(np.array([val_loss * len(val_labels)])).sum())
+        val_probabilities = world.gather_shards(val_probabilities)
+        val_labels = world.gather_shards(val_labels)
+        val_loss /= max(1, len(val_labels))
         row["val_loss"] = val_loss
         row |= {f"val_{k}": v for k, v in epoch_metrics(val_labels, val_probabilities).items()}
         result.history.append(row)
@@ -300,9 +322,11 @@ def train_one_epoch(
     average: WeightAverage | None = None,
     label_smoothing: float = 0.0,
     class_weights: tuple[float, ...] | None = None,
+    world: World = SOLO,
 ) -> tuple[float, np.ndarray, np.ndarray]:
     """One pass of optimisation; returns mean (smoothed, weighted) loss, labels and softmax
-    outputs."""
+    outputs of this process's batches. `average` follows the bare network, also when `model`
+    is it wrapped in DistributedDataParallel."""
     model.train()
     device = stepper.device
     weight = (torch.tensor(class_weights, dtype=torch.float32, device=device)
@@ -333,18 +357,21 @@ def train_one_epoch(
         labels.append(targets)
         outputs.append(torch.softmax(logits.detach().float(), dim=1))
         if (step + 1) % sync_every == 0:
-            _check_finite(loss, epoch, step)
+            _check_finite(loss, epoch, step, world)
             if hasattr(batches, "set_postfix"):  # a tqdm bar: show the running loss
                 batches.set_postfix(loss=f"{loss.item():.4f}")
-    _check_finite(loss_sum, epoch, step)
+    _check_finite(loss_sum, epoch, step, world)
     all_labels = torch.cat(labels).cpu().numpy()
     return loss_sum.item() / len(all_labels), all_labels, torch.cat(outputs).cpu().numpy()
 
 
-def _check_finite(loss: torch.Tensor, epoch: int, step: int) -> None:
-    if not torch.isfinite(loss):
+def _check_finite(loss: torch.Tensor, epoch: int, step: int, world: World = SOLO) -> None:
+    """Stop on a non-finite loss: in every process at the same step, when any has one (the
+    others would otherwise wait for it in their next gradient exchange)."""
+    if not world.all_true(torch.isfinite(loss)):
         raise NonFiniteLossError(
-            f"training loss became {loss.item()} at epoch {epoch} (by step {step + 1}); "
+            f"training loss became {loss.item()} at epoch {epoch} (by step {step + 1}"
+            f"{f', in one of {world.size} processes' if world.grouped else ''}); "
             "lower lr or set grad_clip (e.g. 1.0)")
 
 

@@ -3,6 +3,9 @@
 The order is chosen so that mistakes cost nothing: the tracking server and the pretrained
 weights are checked first, then the data; the MLflow run starts only once training can begin,
 and the model is registered only after everything else succeeded.
+
+Under torchrun (`nproc` > 1) every process runs these steps on its share of the data
+(training/distributed.py); rank 0 alone prepares the cache first and alone logs and registers.
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from covid_xray import lifecycle
+from covid_xray.cli import as_arguments
 from covid_xray.config import TrainConfig
 from covid_xray.data.dataset import XrayDataset, build_augmentation, init_worker
 from covid_xray.data.studies import CLASS_NAMES, Manifest, build_manifest
@@ -40,6 +44,8 @@ from covid_xray.model.networks import Classifier, build, resolve_device
 from covid_xray.model.pyfunc import DicomClassifier
 from covid_xray.tracking import mlflow_run
 from covid_xray.tracking.model_card import write_model_card
+from covid_xray.training import distributed
+from covid_xray.training.distributed import SOLO, World
 from covid_xray.training.loop import Recipe, fit, make_optimizer, seed_everything
 
 
@@ -58,13 +64,19 @@ class TrainOutcome:
     registered_version: str | None = None
 
 
-def effective_config(config: TrainConfig) -> TrainConfig:
-    """torchxrayvision's pretrained DenseNets only work at 224 px: use that, and say so."""
+def effective_config(config: TrainConfig, world: World = SOLO) -> TrainConfig:
+    """torchxrayvision's pretrained DenseNets only work at 224 px: use that, and say so.
+    `nproc` is the number of processes really training (torchrun's, when it started us)."""
     native = config.family.native_size
     if native is not None and config.img_size != native:
         print(f"note: {config.family.source} weights '{config.model}' need {native} px "
               f"inputs; using img_size={native} instead of {config.img_size}")
-        return dataclasses.replace(config, img_size=native)
+        config = dataclasses.replace(config, img_size=native)
+    if config.nproc != world.size:
+        if config.nproc != 1:
+            print(f"note: torchrun started {world.size} processes; nproc={world.size}, "
+                  f"not {config.nproc}")
+        config = dataclasses.replace(config, nproc=world.size)
     return config
 
 
@@ -95,57 +107,89 @@ class Prepared:
     device: torch.device
     network: torch.nn.Module
     manifest: Manifest
-    loaders: dict[str, DataLoader]
+    datasets: dict[str, XrayDataset]  # each split whole
+    loaders: dict[str, DataLoader]  # train: this process's shard; val, test: `world.shard`
     fingerprint: str
+    world: World = SOLO
 
 
-def prepare(config: TrainConfig, progress: bool = True) -> Prepared:
+def prepare(config: TrainConfig, progress: bool = True, world: World = SOLO) -> Prepared:
     """Check the tracking server, build the network (pretrained weights), read and split the
-    data: every way to fail before an MLflow run exists."""
-    mlflow_run.check_tracking_server()
-    config = effective_config(config)
+    data: every way to fail before an MLflow run exists. Under torchrun rank 0 does this
+    first (downloading the weights, filling the cache) and the others then find it done."""
+    config = effective_config(config, world)
     parse_rule(config.operating_point)  # a typo should cost nothing
-    device = resolve_device(config.device)
-    seed_everything(config.seed)
-    network = build(config.model, config.num_classes, config.drop_rate, config.weights_dir)
-    lifecycle.pause_point("data")
-    manifest = prepare_data(config, progress)
-    return Prepared(config, device, network, manifest, _loaders(config, manifest, device),
-                    data_fingerprint(manifest))
+    device = world.device(resolve_device(config.device))
+    seed_everything(config.seed)  # the same initial weights in every process
+
+    def check_build_and_cache() -> tuple[torch.nn.Module, Manifest]:
+        if world.main:
+            mlflow_run.check_tracking_server()
+        network = build(config.model, config.num_classes, config.drop_rate, config.weights_dir)
+        lifecycle.pause_point("data")
+        return network, prepare_data(config, progress and world.main)
+
+    network, manifest = world.main_first(check_build_and_cache)
+    if not world.main:
+        seed_everything(config.seed + world.rank)  # its own dropout draws
+    datasets = _datasets(config, manifest, world)
+    return Prepared(config, device, network, manifest, datasets,
+                    _loaders(config, datasets, device, world), data_fingerprint(manifest),
+                    world)
+
+
+def train(config: TrainConfig) -> None:
+    """The train entry point: this process trains, or (`nproc` > 1) `nproc` processes
+    started by torchrun's launcher do, each running this same command."""
+    if config.nproc > 1 and not distributed.launched_by_torchrun():
+        distributed.launch(config.nproc, as_arguments(config))
+    else:
+        run_training(config)
 
 
 def run_training(config: TrainConfig, progress: bool = True,
-                 tags: dict[str, str] | None = None) -> TrainOutcome:
-    """Train, evaluate, log and register one model: the train entry point.
+                 tags: dict[str, str] | None = None) -> TrainOutcome | None:
+    """Train, evaluate, log and register one model (None in a torchrun process other than
+    rank 0, which has helped and logged nothing).
 
     Tune runs the same steps (`prepare`, `train_in_run`, `register`) inside its own nested
     runs, with its pruning callback and without registering each trial."""
-    prepared = prepare(config, progress)
-    config = prepared.config
-    # A name that says what ran (MLflow's random names repeat: seed_everything seeded them).
-    run_name = f"train-{config.model}-{config.img_size}px-s{config.seed}"
-    with mlflow_run.tracked_run(config.experiment_name, run_name=run_name,
-                                system_metrics=config.system_metrics) as run:
-        outcome = train_in_run(prepared, progress=progress, tags=tags)
-        register(outcome, config)
+    with distributed.joined(resolve_device(config.device)) as world:
+        prepared = prepare(config, progress, world)
+        config = prepared.config
+        if not world.main:
+            return train_in_run(prepared, progress=False)
+        # A name that says what ran (MLflow's random names repeat: seed_everything seeded
+        # them).
+        run_name = f"train-{config.model}-{config.img_size}px-s{config.seed}"
+        with mlflow_run.tracked_run(config.experiment_name, run_name=run_name,
+                                    system_metrics=config.system_metrics) as run:
+            outcome = train_in_run(prepared, progress=progress, tags=tags)
+            register(outcome, config)
     print(f"the run in the MLflow UI: {mlflow_run.ui_link(run)}")
     return outcome
 
 
 def train_in_run(prepared: Prepared, *, progress: bool = True,
                  on_epoch: Callable[[dict[str, float]], None] | None = None,
-                 tags: dict[str, str] | None = None) -> TrainOutcome:
+                 tags: dict[str, str] | None = None) -> TrainOutcome | None:
     """In the active MLflow run: log what goes in, fit, test, log the model and results.
-    `on_epoch` sees each epoch's metrics after they are logged (and may raise to stop)."""
+    `on_epoch` sees each epoch's metrics after they are logged (and may raise to stop).
+
+    Under torchrun every process fits and scores its share; rank 0 alone has a run and logs,
+    and the others return None once their share of the test split is scored."""
     config, manifest, loaders = prepared.config, prepared.manifest, prepared.loaders
+    world = prepared.world
     class_names = CLASS_NAMES[config.num_classes]
-    run_id = mlflow.active_run().info.run_id
-    provenance = {"data_fingerprint": prepared.fingerprint} | mlflow_run.git_provenance()
-    mlflow.set_tags((tags or {}) | provenance)
-    mlflow_run.log_params(config.as_params() | {"data_fingerprint": prepared.fingerprint,
-                                                "device_used": str(prepared.device)}
-                          | {f"count/{k}": v for k, v in manifest.counts().items()})
-    datasets = mlflow_run.log_manifest(manifest.table, manifest.data_dir, prepared.fingerprint)
+    if world.main:
+        run_id = mlflow.active_run().info.run_id
+        provenance = {"data_fingerprint": prepared.fingerprint} | mlflow_run.git_provenance()
+        mlflow.set_tags((tags or {}) | provenance)
+        mlflow_run.log_params(config.as_params() | {"data_fingerprint": prepared.fingerprint,
+                                                    "device_used": str(prepared.device)}
+                              | {f"count/{k}": v for k, v in manifest.counts().items()})
+        datasets = mlflow_run.log_manifest(manifest.table, manifest.data_dir,
+                                           prepared.fingerprint)
 
     def after_epoch(row: dict[str, float]) -> None:
         mlflow_run.log_epoch(row)
@@ -155,24 +199,31 @@ def train_in_run(prepared: Prepared, *, progress: bool = True,
     network = prepared.network
     optimizer = make_optimizer(network, config.optimizer, config.lr, config.weight_decay,
                                config.momentum, config.amsgrad)
-    train_labels = np.array(loaders["train"].dataset.labels)
+    train_labels = np.array(prepared.datasets["train"].labels)
     result = fit(network, loaders["train"], loaders["val"], optimizer=optimizer,
                  epochs=config.epochs, patience=config.patience, device=prepared.device,
-                 recipe=Recipe.of(config, train_labels), on_epoch=after_epoch,
-                 progress=progress)
-    mlflow.log_metrics({"best_epoch": result.best_epoch,
-                        "stopped_early": float(result.stopped_early)})
+                 recipe=Recipe.of(config, train_labels),
+                 on_epoch=after_epoch if world.main else None,
+                 progress=progress and world.main, world=world)
 
     # The logged model runs on CPU in float32; calibrate and evaluate exactly that (its own
     # forward), so what the registry serves reproduces these numbers.
     logged = DicomClassifier(Classifier(network.cpu().float(), class_names, tta=config.tta),
                              Preprocessing.of(config), config.batch_size, config.model)
-    operating = calibrate_on_val(logged, loaders["val"], config.operating_point, train_labels)
-    fit_distance_to_training(logged, config, manifest, loaders["val"])
-    test_set: XrayDataset = loaders["test"].dataset
-    probabilities, test_features = answers(logged, loaders["test"], with_features=True)
-    mlflow.log_metric("test_ood_rate", float(np.mean(
-        logged.outliers.scores(test_features) > logged.outliers.threshold)))
+    operating = calibrate_on_val(logged, prepared, train_labels)
+    fit_distance_to_training(logged, prepared)
+    test_set = prepared.datasets["test"]
+    probabilities, test_features = answers(logged, loaders["test"], world, with_features=True)
+    if not world.main:
+        return None
+    mlflow.log_metrics({"best_epoch": result.best_epoch,
+                        "stopped_early": float(result.stopped_early),
+                        "calibration_temperature": operating.temperature,
+                        "ood_threshold": logged.outliers.threshold,
+                        "test_ood_rate": float(np.mean(logged.outliers.scores(test_features)
+                                                       > logged.outliers.threshold))}
+                       | ({"threshold": operating.threshold}
+                          if operating.threshold is not None else {}))
     test_labels = np.array(test_set.labels)
     evaluation = evaluate(test_labels, probabilities, class_names, seed=config.seed,
                           threshold=operating.threshold, temperature=operating.temperature)
@@ -194,46 +245,45 @@ def train_in_run(prepared: Prepared, *, progress: bool = True,
                         evaluation.metrics, result.best_epoch, model_info.model_uri, provenance)
 
 
-def answers(model: DicomClassifier, loader: DataLoader, with_features: bool = False):
+def answers(model: DicomClassifier, loader: DataLoader, world: World = SOLO,
+            with_features: bool = False):
     """The model's probabilities for every film of a split, in order (and, asked, the
-    penultimate features the distance to training is measured on)."""
+    penultimate features the distance to training is measured on). `loader` holds this
+    process's `world.shard` of the split; every process gets the whole split's answers."""
     parts = [model.forward_with_features(images) for images, _ in loader]
-    probabilities = np.concatenate([answer for answer, _ in parts])
+    probabilities = world.gather_shards(np.concatenate([answer for answer, _ in parts]))
     if not with_features:
         return probabilities
-    return probabilities, np.concatenate([features for _, features in parts])
+    return probabilities, world.gather_shards(np.concatenate([f for _, f in parts]))
 
 
-def fit_distance_to_training(model: DicomClassifier, config: TrainConfig, manifest: Manifest,
-                             val_loader: DataLoader) -> None:
+def fit_distance_to_training(model: DicomClassifier, prepared: Prepared) -> None:
     """Fit the model's distance to its training films (on the train split as the model sees
     it at prediction, without augmentation), with its threshold at the 99th percentile of
-    the val split's distances; log the threshold."""
-    plain = DataLoader(XrayDataset(manifest.split_entries("train"),
-                                   manifest.split("train").label.tolist(),
-                                   normalization=config.normalization,
-                                   input_kind=config.input_kind),
-                       batch_size=config.batch_size)
-    _, train_features = answers(model, plain, with_features=True)
-    _, val_features = answers(model, val_loader, with_features=True)
+    the val split's distances."""
+    config, world, train = prepared.config, prepared.world, prepared.datasets["train"]
+    plain = XrayDataset(train.entries, train.labels, normalization=config.normalization,
+                        input_kind=config.input_kind)
+    plain_shard = DataLoader(Subset(plain, world.shard(len(plain))),
+                             batch_size=config.batch_size)
+    _, train_features = answers(model, plain_shard, world, with_features=True)
+    _, val_features = answers(model, prepared.loaders["val"], world, with_features=True)
     model.outliers = fit_feature_distance(train_features, val_features)
-    mlflow.log_metric("ood_threshold", model.outliers.threshold)
 
 
-def calibrate_on_val(model: DicomClassifier, val_loader: DataLoader, rule: str,
+def calibrate_on_val(model: DicomClassifier, prepared: Prepared,
                      train_labels: np.ndarray) -> OperatingPoint:
     """Fit the temperature and choose the threshold on the val split (the data that already
-    chose the epoch; never test), set them in `model`, log and print them."""
-    val_labels = np.array(val_loader.dataset.labels)
-    temperature = fit_temperature(val_labels, answers(model, val_loader))
+    chose the epoch; never test), set them in `model` and print them (every process computes
+    the same, from the same gathered answers)."""
+    rule, world = prepared.config.operating_point, prepared.world
+    val_labels, val_loader = np.array(prepared.datasets["val"].labels), prepared.loaders["val"]
+    temperature = fit_temperature(val_labels, answers(model, val_loader, world))
     model.set_operating_point(OperatingPoint(temperature))
     # The threshold is chosen on the calibrated answers exactly as the model gives them.
-    operating = fit_operating_point(val_labels, answers(model, val_loader), temperature, rule,
-                                    train_labels)
+    operating = fit_operating_point(val_labels, answers(model, val_loader, world), temperature,
+                                    rule, train_labels)
     model.set_operating_point(operating)
-    mlflow.log_metrics({"calibration_temperature": temperature}
-                       | ({"threshold": operating.threshold}
-                          if operating.threshold is not None else {}))
     called = (f"opacity when P(opacity) >= {operating.threshold:.4f} ({rule} on val)"
               if operating.threshold is not None else "the most probable class")
     if operating.threshold is not None and len(np.unique(val_labels)) < 2:
@@ -257,35 +307,52 @@ def register(outcome: TrainOutcome, config: TrainConfig) -> None:
           "(its model card is the version's description)")
 
 
-def _loaders(config: TrainConfig, manifest: Manifest,
-             device: torch.device) -> dict[str, DataLoader]:
+def _datasets(config: TrainConfig, manifest: Manifest,
+              world: World) -> dict[str, XrayDataset]:
     by_split = {}
     for split in ("train", "val", "test"):
-        dataset = XrayDataset(
+        by_split[split] = XrayDataset(
             manifest.split_entries(split),
             manifest.split(split).label.tolist(),
             normalization=config.normalization,
             input_kind=config.input_kind,
-            augmentation=(build_augmentation(config.augment(), config.seed)
+            # Each process its own augmentation draws (rank 0's are a single process's).
+            augmentation=(build_augmentation(config.augment(), config.seed + world.rank)
                           if split == "train" else None),
         )
-        if len(dataset) == 0:
+        if len(by_split[split]) == 0:
             raise UserError(f"the {split} split is empty; use more studies or another split")
+        if len(by_split[split]) < world.size:
+            raise UserError(f"the {split} split has {len(by_split[split])} studies, fewer "
+                            f"than the {world.size} processes; use more studies or a "
+                            "smaller nproc")
+    return by_split
+
+
+def _loaders(config: TrainConfig, datasets: dict[str, XrayDataset], device: torch.device,
+             world: World) -> dict[str, DataLoader]:
+    by_split = {}
+    for split, dataset in datasets.items():
         training = split == "train"
+        # Train: a DistributedSampler, also in a world of one, so that one process under
+        # torchrun trains exactly as a plain run. Val and test: this process's shard in
+        # order (a DistributedSampler would pad with repeats), gathered after scoring.
+        sampler = (DistributedSampler(dataset, num_replicas=world.size, rank=world.rank,
+                                      shuffle=True, seed=config.seed) if training else None)
         by_split[split] = DataLoader(
-            dataset,
+            dataset if training else Subset(dataset, world.shard(len(dataset))),
             batch_size=config.batch_size,
-            shuffle=training,
+            sampler=sampler,
             # A last training batch of one image has BatchNorm raise where the feature map is
             # 1 x 1 (img_size < 64); dropped, its studies come back in later epochs' batches.
-            drop_last=training and len(dataset) > config.batch_size,
+            drop_last=training and len(sampler) > config.batch_size,
             num_workers=config.num_workers,
             persistent_workers=config.num_workers > 0,
             # Workers start after MLflow's threads (system metrics) are running: forked plainly
             # they could inherit a lock held by one of them and wait on it forever.
             multiprocessing_context=worker_context() if config.num_workers > 0 else None,
             pin_memory=device.type == "cuda",
-            generator=torch.Generator().manual_seed(config.seed),
+            generator=torch.Generator().manual_seed(config.seed + world.rank),
             worker_init_fn=init_worker,
         )
     return by_split

@@ -285,6 +285,9 @@ def run_study(config: TuneConfig, fixed: dict[str, Any]) -> optuna.Study:
     unknown = set(fixed) - TRAIN_FIELDS
     if unknown:
         raise UserError(f"unknown train parameter(s): {', '.join(sorted(unknown))}")
+    if fixed.get("nproc", 1) != 1:
+        raise UserError("tune trains each trial in one process: leave nproc at 1, and run "
+                        "trials side by side with workers=N (one per GPU)")
     space = {name: spec for name, spec in space.items() if name not in fixed}
     base = dataclasses.replace(TrainConfig(), **fixed)
     # We print one line per trial, failures included (Optuna's own carry a traceback).
