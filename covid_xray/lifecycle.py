@@ -136,8 +136,15 @@ def end_started_run(status: str = "KILLED") -> str | None:
             run_ids.append(active.info.run_id)
     if not run_ids:
         return None  # no run to end: the tracking store is not touched
-    for problem in end_if_running(run_ids, status):
+    problems = end_if_running(run_ids, status)
+    for problem in problems:
         print(problem, file=sys.stderr)
+    if "mlflow" in sys.modules and not problems:
+        # Off MLflow's active-run stack too: at exit MLflow ends what is left there FINISHED,
+        # over our status (seen once after a stop mid-epoch).
+        with contextlib.suppress(BaseException):
+            while mlflow.active_run() is not None:
+                mlflow.end_run(status)
     return run_ids[0]
 
 

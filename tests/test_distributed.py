@@ -12,6 +12,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 from sklearn.metrics import roc_auc_score
 
@@ -145,3 +146,49 @@ def test_a_user_error_in_rank_0_is_one_line_and_stops_the_others(tmp_path):
         f"error: {tmp_path / 'none'}: no train/ folder of DICOMs; run `mlflow run . -e "
         "download` (or `-P source=synthetic` for demo data) first"], result.stderr
     assert not store.exists() or not MlflowClient(f"sqlite:///{store}").search_runs(["0"])
+
+
+def _collectives(rank: int, size: int, store: str, results: str) -> None:
+    """One process of `test_the_collective_steps_with_two_gloo_processes`."""
+    import json
+
+    import numpy as np
+    import torch.distributed as dist
+
+    from covid_xray.errors import UserError
+    from covid_xray.training.distributed import World
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=size)
+    world = World(rank=rank, size=size, grouped=True)
+    items = np.arange(5) * 10  # five films: shards of 3 and 2
+    mine = list(world.shard(len(items)))
+    answer = {"shard": mine,
+              "gathered": world.gather_shards(items[mine] + 1).tolist(),
+              "concatenated": world.gather(np.array([rank, rank])).tolist(),
+              "all_true": world.all_true(torch.tensor(rank == 0)),
+              "agreed": world.check_same("same", "data", "fix it") is None}
+    try:
+        world.check_same(f"rank {rank}", "data (studies, splits or files)", "share them")
+    except UserError as error:
+        answer["differs"] = str(error)
+    Path(results, f"{rank}.json").write_text(json.dumps(answer))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_the_collective_steps_with_two_gloo_processes(tmp_path):
+    """World's steps in a real two-process gloo group: shards without repeats, gathered back in
+    order; a flag true only on one process is not true everywhere; different data stops both."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_collectives, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    answers = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
+    assert [a["shard"] for a in answers] == [[0, 2, 4], [1, 3]]
+    assert all(a["gathered"] == [1, 11, 21, 31, 41] for a in answers)
+    assert all(a["concatenated"] == [0, 0, 1, 1] for a in answers)
+    assert [a["all_true"] for a in answers] == [False, False]
+    assert all(a["agreed"] for a in answers)
+    assert all(a["differs"] == "process 1 of 2 sees other data (studies, splits or files) than "
+               "process 0; share them" for a in answers)

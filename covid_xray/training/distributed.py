@@ -117,6 +117,17 @@ class World:
             sys.exit(USER_ERROR_EXIT)
         return work()
 
+    def check_same(self, value: str, what: str, remedy: str) -> None:
+        """Stop every process, saying so, unless all hold the same `value`."""
+        if not self.grouped:
+            return
+        values: list[str | None] = [None] * self.size
+        dist.all_gather_object(values, value)
+        differing = [rank for rank, other in enumerate(values) if other != values[0]]
+        if differing:
+            raise UserError(f"process {differing[0]} of {self.size} sees other {what} than "
+                            f"process 0; {remedy}")
+
     def shard(self, count: int) -> range:
         """This process's share of `count` items to score: every size-th one from its rank,
         so shards differ in length by at most one and nothing is repeated."""

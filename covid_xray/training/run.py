@@ -130,12 +130,17 @@ def prepare(config: TrainConfig, progress: bool = True, world: World = SOLO) -> 
         return network, prepare_data(config, progress and world.main)
 
     network, manifest = world.main_first(check_build_and_cache)
+    fingerprint = data_fingerprint(manifest)
+    # On several machines each reads its own data_dir and cache_dir: a different copy, or
+    # another pseudonym key (which moves patients between splits), would train on other data.
+    world.check_same(fingerprint, "data (studies, splits or files)",
+                     "give every machine the same data_dir and cache_dir (a shared "
+                     "filesystem), or the same COVID_XRAY_PSEUDONYM_KEY")
     if not world.main:
         seed_everything(config.seed + world.rank)  # its own dropout draws
     datasets = _datasets(config, manifest, world)
     return Prepared(config, device, network, manifest, datasets,
-                    _loaders(config, datasets, device, world), data_fingerprint(manifest),
-                    world)
+                    _loaders(config, datasets, device, world), fingerprint, world)
 
 
 def train(config: TrainConfig) -> None:
