@@ -21,19 +21,12 @@ import time
 import click
 import numpy as np
 import torch
+from train_step import recipe_epoch  # this folder: scripts run as `python bench/...`
 
-from covid_xray.config import TrainConfig
 from covid_xray.model.networks import build, resolve_device
 from covid_xray.training.distributed import joined
-from covid_xray.training.loop import (
-    Stepper,
-    WeightAverage,
-    make_optimizer,
-    make_scheduler,
-    train_one_epoch,
-)
+from covid_xray.training.loop import Stepper
 
-DEFAULTS = TrainConfig()
 MARK = "RESULT "
 
 
@@ -46,19 +39,8 @@ def timed_process(size: int, batch_size: int, steps: int) -> None:
         batches = [(torch.randn(batch_size, 1, size, size) * 500,
                     torch.randint(0, 2, (batch_size,))) for _ in range(steps)]
         stepper = Stepper(device)
-        network = stepper.prepare(build("none", 2))
-        model = world.wrap(network, device)
-        optimizer = make_optimizer(network, DEFAULTS.optimizer, DEFAULTS.lr,
-                                   DEFAULTS.weight_decay)
-        scheduler = make_scheduler(optimizer, DEFAULTS.schedule, 10_000, steps,
-                                   DEFAULTS.warmup_epochs)
-        average = WeightAverage(network, DEFAULTS.ema_decay)
-
-        def epoch() -> None:
-            train_one_epoch(model, batches, optimizer, stepper, DEFAULTS.grad_clip,
-                            scheduler=scheduler, average=average,
-                            label_smoothing=DEFAULTS.label_smoothing, world=world)
-
+        model = world.wrap(stepper.prepare(build("none", 2)), device)
+        epoch = recipe_epoch(model, batches, stepper, world)
         epoch()  # warm-up: allocator, cuDNN autotune, the gradient buckets
         if device.type == "cuda":
             torch.cuda.synchronize()

@@ -17,6 +17,7 @@ AMP on CUDA), so the ratios compare it with a bare loop doing the same: "bare NH
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import click
 import torch
@@ -24,6 +25,7 @@ from torch import nn
 
 from covid_xray.config import TrainConfig
 from covid_xray.model.networks import build, resolve_device
+from covid_xray.training.distributed import SOLO, World
 from covid_xray.training.loop import (
     Stepper,
     WeightAverage,
@@ -64,6 +66,21 @@ def images_per_second(run, count: int, device: torch.device) -> float:
     return count / (time.perf_counter() - start)
 
 
+def recipe_epoch(model: nn.Module, batches, stepper: Stepper,
+                 world: World = SOLO) -> Callable[[], None]:
+    """One epoch of our loop with the default recipe over `batches`, as a call (`model` may
+    be a network inside DistributedDataParallel: the optimiser and the average follow the
+    network)."""
+    network = getattr(model, "module", model)
+    optimizer = make_optimizer(network, DEFAULTS.optimizer, DEFAULTS.lr, DEFAULTS.weight_decay)
+    scheduler = make_scheduler(optimizer, DEFAULTS.schedule, 10_000, len(batches),
+                               DEFAULTS.warmup_epochs)
+    average = WeightAverage(network, DEFAULTS.ema_decay)
+    return lambda: train_one_epoch(model, batches, optimizer, stepper, DEFAULTS.grad_clip,
+                                   scheduler=scheduler, average=average,
+                                   label_smoothing=DEFAULTS.label_smoothing, world=world)
+
+
 def compare(size: int, batch_size: int, steps: int, rounds: int,
             device: torch.device) -> dict[str, float]:
     """Best-of-`rounds` images/s of each loop at `size` px."""
@@ -75,16 +92,7 @@ def compare(size: int, batch_size: int, steps: int, rounds: int,
     stepper = Stepper(device)
     ours_model = stepper.prepare(build("none", 2))
     ours_model.load_state_dict(reference.state_dict())
-    ours_optimizer = make_optimizer(ours_model, DEFAULTS.optimizer, DEFAULTS.lr,
-                                    DEFAULTS.weight_decay)
-    scheduler = make_scheduler(ours_optimizer, DEFAULTS.schedule, 10_000, steps,
-                               DEFAULTS.warmup_epochs)
-    average = WeightAverage(ours_model, DEFAULTS.ema_decay)
-
-    def ours() -> None:
-        train_one_epoch(ours_model, batches, ours_optimizer, stepper, DEFAULTS.grad_clip,
-                        scheduler=scheduler, average=average,
-                        label_smoothing=DEFAULTS.label_smoothing)
+    ours = recipe_epoch(ours_model, batches, stepper)
 
     plain_model = stepper.prepare(build("none", 2))
     plain_model.load_state_dict(reference.state_dict())

@@ -72,8 +72,8 @@ class World:
         world = cls(rank=int(os.environ["RANK"]), size=int(os.environ["WORLD_SIZE"]),
                     local_rank=int(os.environ.get("LOCAL_RANK", "0")), grouped=True)
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT,
-                                device_id=device if device.type == "cuda" else None)
+        # (Each process picks its GPU in `device`, before its first collective.)
+        dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
         if not world.main:
             # Only rank 0 talks to MLflow: the others must not end (or resume) the run that
             # `mlflow run` made, and their prints would repeat rank 0's.
