@@ -192,3 +192,12 @@ def test_the_collective_steps_with_two_gloo_processes(tmp_path):
     assert all(a["agreed"] for a in answers)
     assert all(a["differs"] == "process 1 of 2 sees other data (studies, splits or files) than "
                "process 0; share them" for a in answers)
+
+
+@pytest.mark.slow
+def test_nproc_below_one_is_refused(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "entrypoints.train", "--nproc", "0"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env=clean_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'm.db'}"))
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: nproc must be 1 or more, got 0"

@@ -192,7 +192,7 @@ def project_root() -> Path:
     return root
 
 
-def launch(nproc: int, arguments: list[str]) -> None:
+def launch(nproc: int, arguments: list[str], device: torch.device) -> None:
     """Run `python -m entrypoints.train <arguments>` as `nproc` processes on this machine
     with torchrun's own launcher (`torchrun --standalone --nproc_per_node=nproc`), and wait.
 
@@ -203,6 +203,10 @@ def launch(nproc: int, arguments: list[str]) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    if device.type == "cuda" and nproc > torch.cuda.device_count():
+        raise UserError(f"nproc={nproc} needs a GPU per process and "
+                        f"{torch.cuda.device_count()} are visible; use nproc="
+                        f"{torch.cuda.device_count()} (or device=cpu)")
     root = project_root()
     # The launcher logs each failure with its own prefix; the failing process has said why.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
@@ -218,7 +222,7 @@ def launch(nproc: int, arguments: list[str]) -> None:
                           run_id=str(uuid.uuid4()), rdzv_backend="c10d",
                           rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.5)
     print(f"training in {nproc} processes (torchrun, "
-          f"{'nccl' if torch.cuda.is_available() else 'gloo'})", flush=True)
+          f"{'nccl' if device.type == 'cuda' else 'gloo'})", flush=True)
     previous = os.getcwd()
     os.chdir(root)
     try:

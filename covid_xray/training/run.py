@@ -146,8 +146,10 @@ def prepare(config: TrainConfig, progress: bool = True, world: World = SOLO) -> 
 def train(config: TrainConfig) -> None:
     """The train entry point: this process trains, or (`nproc` > 1) `nproc` processes
     started by torchrun's launcher do, each running this same command."""
+    if config.nproc < 1:
+        raise UserError(f"nproc must be 1 or more, got {config.nproc}")
     if config.nproc > 1 and not distributed.launched_by_torchrun():
-        distributed.launch(config.nproc, as_arguments(config))
+        distributed.launch(config.nproc, as_arguments(config), resolve_device(config.device))
     else:
         run_training(config)
 
