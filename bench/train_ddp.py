@@ -16,12 +16,14 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import click
 import numpy as np
 import torch
-from train_step import recipe_epoch  # this folder: scripts run as `python bench/...`
+from train_step import (  # this folder: scripts run as `python bench/...`
+    images_per_second,
+    recipe_epoch,
+)
 
 from covid_xray.model.networks import build, resolve_device
 from covid_xray.training.distributed import joined
@@ -42,16 +44,10 @@ def timed_process(size: int, batch_size: int, steps: int) -> None:
         model = world.wrap(stepper.prepare(build("none", 2)), device)
         epoch = recipe_epoch(model, batches, stepper, world)
         epoch()  # warm-up: allocator, cuDNN autotune, the gradient buckets
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        epoch()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        slowest = world.gather(np.array([time.perf_counter() - start])).max()
+        own = images_per_second(epoch, batch_size * steps, device)
+        slowest = world.gather(np.array([own])).min()  # all process as many images
         if world.main:
-            print(MARK + json.dumps({"images_per_second":
-                                     world.size * batch_size * steps / slowest}), flush=True)
+            print(MARK + json.dumps({"images_per_second": world.size * slowest}), flush=True)
 
 
 def measure(nproc: int, size: int, batch_size: int, steps: int) -> float:
