@@ -46,7 +46,7 @@ from covid_xray.tracking import mlflow_run
 from covid_xray.tracking.model_card import write_model_card
 from covid_xray.training import distributed
 from covid_xray.training.distributed import SOLO, World
-from covid_xray.training.loop import Recipe, fit, make_optimizer, seed_everything
+from covid_xray.training.loop import FitResult, Recipe, fit, make_optimizer, seed_everything
 
 
 @dataclass
@@ -111,6 +111,9 @@ class Prepared:
     loaders: dict[str, DataLoader]  # train: this process's shard; val, test: `world.shard`
     fingerprint: str
     world: World = SOLO
+    # Set by `fit_in_run` when it logs them (rank 0), for the run's later steps:
+    provenance: dict[str, str] = dataclasses.field(default_factory=dict)  # run + version tags
+    logged_datasets: dict = dataclasses.field(default_factory=dict)  # MLflow datasets by split
 
 
 def prepare(config: TrainConfig, progress: bool = True, world: World = SOLO) -> Prepared:
@@ -185,18 +188,26 @@ def train_in_run(prepared: Prepared, *, progress: bool = True,
 
     Under torchrun every process fits and scores its share; rank 0 alone has a run and logs,
     and the others return None once their share of the test split is scored."""
-    config, manifest, loaders = prepared.config, prepared.manifest, prepared.loaders
-    world = prepared.world
-    class_names = CLASS_NAMES[config.num_classes]
+    result = fit_in_run(prepared, progress=progress, on_epoch=on_epoch, tags=tags)
+    return finish_model(prepared, result, progress=progress)
+
+
+def fit_in_run(prepared: Prepared, *, progress: bool = True,
+               on_epoch: Callable[[dict[str, float]], None] | None = None,
+               tags: dict[str, str] | None = None) -> FitResult:
+    """In the active MLflow run (rank 0's): log the config and the data, fit, and log the
+    per-epoch train/val metrics and the learning curves. No test split, no model: what a
+    tune trial records (it is chosen on val; the chosen configuration is retrained)."""
+    config, manifest, world = prepared.config, prepared.manifest, prepared.world
     if world.main:
-        run_id = mlflow.active_run().info.run_id
-        provenance = {"data_fingerprint": prepared.fingerprint} | mlflow_run.git_provenance()
-        mlflow.set_tags((tags or {}) | provenance)
+        prepared.provenance = ({"data_fingerprint": prepared.fingerprint}
+                               | mlflow_run.git_provenance())
+        mlflow.set_tags((tags or {}) | prepared.provenance)
         mlflow_run.log_params(config.as_params() | {"data_fingerprint": prepared.fingerprint,
                                                     "device_used": str(prepared.device)}
                               | {f"count/{k}": v for k, v in manifest.counts().items()})
-        datasets = mlflow_run.log_manifest(manifest.table, manifest.data_dir,
-                                           prepared.fingerprint)
+        prepared.logged_datasets = mlflow_run.log_manifest(manifest.table, manifest.data_dir,
+                                                           prepared.fingerprint)
 
     def after_epoch(row: dict[str, float]) -> None:
         mlflow_run.log_epoch(row)
@@ -207,12 +218,27 @@ def train_in_run(prepared: Prepared, *, progress: bool = True,
     optimizer = make_optimizer(network, config.optimizer, config.lr, config.weight_decay,
                                config.momentum, config.amsgrad)
     train_labels = np.array(prepared.datasets["train"].labels)
-    result = fit(network, loaders["train"], loaders["val"], optimizer=optimizer,
-                 epochs=config.epochs, patience=config.patience, device=prepared.device,
-                 recipe=Recipe.of(config, train_labels),
+    result = fit(network, prepared.loaders["train"], prepared.loaders["val"],
+                 optimizer=optimizer, epochs=config.epochs, patience=config.patience,
+                 device=prepared.device, recipe=Recipe.of(config, train_labels),
                  on_epoch=after_epoch if world.main else None,
                  progress=progress and world.main, world=world)
+    if world.main:
+        mlflow.log_metrics({"best_epoch": result.best_epoch,
+                            "stopped_early": float(result.stopped_early)})
+        mlflow_run.log_figure(metrics.learning_curves_figure(result.history), "learning_curves")
+    return result
 
+
+def finish_model(prepared: Prepared, result: FitResult, *,
+                 progress: bool = True) -> TrainOutcome | None:
+    """After `fit_in_run`: calibrate on val, fit the distance to training, score the test
+    split, and log the test results and the model (rank 0; the others score their shares and
+    return None)."""
+    config, manifest, loaders = prepared.config, prepared.manifest, prepared.loaders
+    world, network = prepared.world, prepared.network
+    class_names = CLASS_NAMES[config.num_classes]
+    train_labels = np.array(prepared.datasets["train"].labels)
     # The logged model runs on CPU in float32; calibrate and evaluate exactly that (its own
     # forward), so what the registry serves reproduces these numbers.
     logged = DicomClassifier(Classifier(network.cpu().float(), class_names, tta=config.tta),
@@ -223,9 +249,8 @@ def train_in_run(prepared: Prepared, *, progress: bool = True,
     probabilities, test_features = answers(logged, loaders["test"], world, with_features=True)
     if not world.main:
         return None
-    mlflow.log_metrics({"best_epoch": result.best_epoch,
-                        "stopped_early": float(result.stopped_early),
-                        "calibration_temperature": operating.temperature,
+    run_id = mlflow.active_run().info.run_id
+    mlflow.log_metrics({"calibration_temperature": operating.temperature,
                         "ood_threshold": logged.outliers.threshold,
                         "test_ood_rate": float(np.mean(logged.outliers.scores(test_features)
                                                        > logged.outliers.threshold))}
@@ -244,12 +269,12 @@ def train_in_run(prepared: Prepared, *, progress: bool = True,
     # Linked to the logged model and the test split (MLflow 3): the model's page shows the
     # test numbers, and search_logged_models can rank models by them.
     mlflow_run.log_evaluation(evaluation, "test", model_id=model_info.model_id,
-                              dataset=datasets["test"])
-    mlflow_run.log_figure(metrics.learning_curves_figure(result.history), "learning_curves")
+                              dataset=prepared.logged_datasets["test"])
     print(f"run {run_id}: test ({len(test_labels)} studies) " + ", ".join(
         evaluation.line(key) for key in ("roc_auc", "accuracy", "balanced_accuracy", "ece")))
-    return TrainOutcome(run_id, logged.model, result.history, test_set, test_paths, probabilities,
-                        evaluation.metrics, result.best_epoch, model_info.model_uri, provenance)
+    return TrainOutcome(run_id, logged.model, result.history, test_set, test_paths,
+                        probabilities, evaluation.metrics, result.best_epoch,
+                        model_info.model_uri, prepared.provenance)
 
 
 def answers(model: DicomClassifier, loader: DataLoader, world: World = SOLO,

@@ -1,10 +1,12 @@
 """Hyperparameter search: an Optuna study whose trials are ordinary training runs.
 
-One worker invocation = one parent MLflow run; each trial = one nested run that takes the steps
-`experiment.run_training` takes for train. The study lives in an Optuna RDB storage
-(sqlite by default, PostgreSQL to share it), so workers on several machines can join one study
-by name. A worker that dies mid-trial stops sending heartbeats; the next worker to start a
-trial marks that trial FAIL and its MLflow runs KILLED, so nothing is left RUNNING.
+One worker invocation = one parent MLflow run; each trial = one nested run that takes train's
+first steps (`run.prepare`, `run.fit_in_run`): validation only, no test split and no model, so
+trials are chosen on val alone; `register_best` retrains the best configuration in full. The
+study lives in an Optuna RDB storage (sqlite by default, PostgreSQL to share it), so workers on
+several machines can join one study by name. A worker that dies mid-trial stops sending
+heartbeats; the next worker to start a trial marks that trial FAIL and its MLflow runs KILLED,
+so nothing is left RUNNING.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import os
 import secrets
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,14 @@ from covid_xray.config import DEFAULT_SPACE, TrainConfig, TuneConfig
 from covid_xray.errors import RunStopped, UserError
 from covid_xray.files import sqlite_turn
 from covid_xray.tracking import mlflow_run
-from covid_xray.training.run import effective_config, prepare, prepare_data, register, train_in_run
+from covid_xray.training.run import (
+    effective_config,
+    fit_in_run,
+    prepare,
+    prepare_data,
+    register,
+    train_in_run,
+)
 
 TRAIN_FIELDS = {field.name for field in dataclasses.fields(TrainConfig)}
 # Set by `-P workers=N` (training/tune_workers.py) for its workers: nest each worker's run
@@ -307,79 +316,107 @@ def run_study(config: TuneConfig, fixed: dict[str, Any]) -> optuna.Study:
                                  "tune/sampler_seed_used": seed,
                                  "tune/space": yaml.safe_dump(space, sort_keys=True)}
                               | {f"fixed/{key}": value for key, value in fixed.items()})
-
-        def objective(trial: optuna.Trial) -> float:
-            trial.set_user_attr("mlflow_parent_run_id", parent.info.run_id)
-            trial_config = dataclasses.replace(base, **suggest(trial, space),
-                                               registered_model_name="")
-            # The whole configuration, so register_best retrains exactly this one, even when
-            # the best trial ran on another worker with other fixed options.
-            trial.set_user_attr("train_config", dataclasses.asdict(trial_config))
-
-            def report(row: dict[str, float]) -> None:
-                trial.report(row[config.metric], int(row["epoch"]))
-                if trial.should_prune():
-                    mlflow.set_tag("trial_state", "PRUNED")
-                    raise TrialPruned(f"pruned at epoch {int(row['epoch'])}")
-
-            retry_of = _retried_trial_number(trial)  # a lost worker's trial, run again
-            prepared = prepare(trial_config, progress=False)
-            with mlflow_run.tracked_run(base.experiment_name, run_name=f"trial-{trial.number}",
-                                        nested=True,
-                                        system_metrics=trial_config.system_metrics) as run:
-                # Recorded first, so a worker that dies mid-trial has its run closed.
-                trial.set_user_attr("mlflow_run_id", run.info.run_id)
-                outcome = train_in_run(
-                    prepared, progress=False, on_epoch=report,
-                    tags={"optuna_study": config.study_name, "optuna_trial": str(trial.number)}
-                    | ({"optuna_retry_of": str(retry_of)} if retry_of is not None else {}))
-            value = outcome.history[outcome.best_epoch - 1][config.metric]
-            if math.isnan(value):  # Optuna fails the trial: say so in its run too
-                MlflowClient().set_tag(outcome.run_id, "trial_state", "FAIL")
-                raise UserError(f"trial {trial.number}: {config.metric} is NaN (a validation "
-                                "split without both classes?); use more studies")
-            MlflowClient().set_tag(outcome.run_id, "trial_state", "COMPLETE")
-            print(f"trial {trial.number}: {config.metric} {value:.4f} with "
-                  f"{ {k: trial.params[k] for k in sorted(trial.params)} }")
-            return value
-
-        failures: list[str] = []  # this worker's failed trials, for the verdict below
-        started: list[int] = []
-
-        def recorded(trial: optuna.Trial) -> float:
-            started.append(trial.number)
-            try:
-                return objective(trial)
-            except UserError as error:
-                failures.append(str(error))
-                print(f"trial {trial.number} failed: {error}")
-                raise
-            except optuna.TrialPruned:
-                raise  # a pruned trial is no failure
-            except Exception as error:  # CUDA out of memory, say: this trial, not the study
-                failures.append(f"trial {trial.number}: {type(error).__name__}: {error}")
-                print(f"trial {trial.number} failed: {type(error).__name__}: {error}")
-                raise
-
-        # Until the study has its n_trials (study-wide: CappedStorage refuses the next one),
-        # or the timeout. A failed trial is the trial's and is not counted, so a worker also
-        # stops after starting n_trials itself: trials that always fail cannot loop forever.
-        # A stop signal (KeyboardInterrupt) stops the worker.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            try:
-                study.optimize(recorded, n_trials=config.n_trials,
-                               timeout=config.timeout or None, catch=(Exception,))
-            except StudyFull:
-                print(f"study {config.study_name} has its {config.n_trials} trials; this "
-                      f"worker ran {len(started)} of them")
+        objective = training_objective(config, base, space, parent.info.run_id)
+        tally = run_trials(study, objective, config)
         log_study(study, config)
-        if failures and len(failures) == len(started):
-            raise UserError(f"all {len(failures)} trials of this worker failed; first: "
-                            f"{failures[0]}")
+        tally.check()
         if config.register_best:
             retrain_best(study, base, config.metric)
     return study
+
+
+def training_objective(config: TuneConfig, base: TrainConfig, space: dict[str, dict[str, Any]],
+                       parent_run_id: str) -> Callable[[optuna.Trial], float]:
+    """A trial: `base` with the searched values, trained in a run nested under the worker's,
+    reporting `config.metric` each epoch to the pruner; returns its best epoch's value."""
+
+    def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr("mlflow_parent_run_id", parent_run_id)
+        trial_config = dataclasses.replace(base, **suggest(trial, space),
+                                           registered_model_name="")
+        # The whole configuration, so register_best retrains exactly this one, even when
+        # the best trial ran on another worker with other fixed options.
+        trial.set_user_attr("train_config", dataclasses.asdict(trial_config))
+
+        def report(row: dict[str, float]) -> None:
+            trial.report(row[config.metric], int(row["epoch"]))
+            if trial.should_prune():
+                mlflow.set_tag("trial_state", "PRUNED")
+                raise TrialPruned(f"pruned at epoch {int(row['epoch'])}")
+
+        retry_of = _retried_trial_number(trial)  # a lost worker's trial, run again
+        prepared = prepare(trial_config, progress=False)
+        with mlflow_run.tracked_run(base.experiment_name, run_name=f"trial-{trial.number}",
+                                    nested=True,
+                                    system_metrics=trial_config.system_metrics) as run:
+            # Recorded first, so a worker that dies mid-trial has its run closed.
+            trial.set_user_attr("mlflow_run_id", run.info.run_id)
+            # Validation only: a trial is chosen on val, so it never sees the test split,
+            # and logs no model (register_best, or train with its params, makes the model).
+            result = fit_in_run(
+                prepared, progress=False, on_epoch=report,
+                tags={"optuna_study": config.study_name, "optuna_trial": str(trial.number)}
+                | ({"optuna_retry_of": str(retry_of)} if retry_of is not None else {}))
+        value = result.history[result.best_epoch - 1][config.metric]
+        if math.isnan(value):  # Optuna fails the trial: say so in its run too
+            MlflowClient().set_tag(run.info.run_id, "trial_state", "FAIL")
+            raise UserError(f"trial {trial.number}: {config.metric} is NaN (a validation "
+                            "split without both classes?); use more studies")
+        MlflowClient().set_tag(run.info.run_id, "trial_state", "COMPLETE")
+        print(f"trial {trial.number}: {config.metric} {value:.4f} with "
+              f"{ {k: trial.params[k] for k in sorted(trial.params)} }")
+        return value
+
+    return objective
+
+
+@dataclasses.dataclass
+class Tally:
+    """What one worker did: the trials it started and the failures among them."""
+
+    started: list[int] = dataclasses.field(default_factory=list)
+    failures: list[str] = dataclasses.field(default_factory=list)
+
+    def check(self) -> None:
+        """A worker whose every trial failed did not succeed (a timeout does not hide it)."""
+        if self.failures and len(self.failures) == len(self.started):
+            raise UserError(f"all {len(self.failures)} trials of this worker failed; first: "
+                            f"{self.failures[0]}")
+
+
+def run_trials(study: optuna.Study, objective: Callable[[optuna.Trial], float],
+               config: TuneConfig) -> Tally:
+    """Run `objective` as this worker's trials of `study`: until the study has its n_trials
+    (study-wide: CappedStorage refuses the next one), this worker has started n_trials itself
+    (a failed trial is not counted, so trials that always fail cannot loop forever), or the
+    timeout. A trial that raises is that trial's failure; a stop signal (KeyboardInterrupt)
+    stops the worker."""
+    tally = Tally()
+
+    def recorded(trial: optuna.Trial) -> float:
+        tally.started.append(trial.number)
+        try:
+            return objective(trial)
+        except UserError as error:
+            tally.failures.append(str(error))
+            print(f"trial {trial.number} failed: {error}")
+            raise
+        except optuna.TrialPruned:
+            raise  # a pruned trial is no failure
+        except Exception as error:  # CUDA out of memory, say: this trial, not the study
+            tally.failures.append(f"trial {trial.number}: {type(error).__name__}: {error}")
+            print(f"trial {trial.number} failed: {type(error).__name__}: {error}")
+            raise
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        try:
+            study.optimize(recorded, n_trials=config.n_trials,
+                           timeout=config.timeout or None, catch=(Exception,))
+        except StudyFull:
+            print(f"study {config.study_name} has its {config.n_trials} trials; this "
+                  f"worker ran {len(tally.started)} of them")
+    return tally
 
 
 def log_study(study: optuna.Study, config: TuneConfig) -> None:
