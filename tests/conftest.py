@@ -29,10 +29,44 @@ SLOW_FIXTURES = {"demo_dataset", "trained_store", "store", "mlflow_server", "tea
                  "postgres"}
 
 
+# The suite runs on both cores (pytest-xdist, pyproject.toml): tests that start a PostgreSQL
+# server share one worker, so one server is started per run, not one per worker.
+SHARED_SERVER_FIXTURES = {"postgres", "team_server"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, each worker (and every process it starts) uses one thread for
+    torch and OpenCV: two workers on two cores, not four threads fighting for them."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+        import torch
+
+        torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if SLOW_FIXTURES & fixtures:
             item.add_marker(pytest.mark.slow)
+        if SHARED_SERVER_FIXTURES & fixtures:
+            item.add_marker(pytest.mark.xdist_group("postgres"))
+    # The longest tests first (each builds a whole environment with torch), so that neither
+    # worker is left running one of them alone at the end.
+    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)
+
+
+@pytest.fixture(autouse=True)
+def no_experiment_carried_over() -> Iterator[None]:
+    """mlflow.set_experiment (every run this process starts) leaves its experiment id in
+    MLflow's module state and in MLFLOW_EXPERIMENT_ID: forget it after each test, so that a
+    test's runs land where it says whichever tests ran before it in this worker."""
+    yield
+    if "mlflow" in sys.modules:
+        sys.modules["mlflow"].tracking.fluent._active_experiment_id = None
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+
+
 TEST_DATA = ROOT / "tests" / "data"
 REAL_DICOM = TEST_DATA / "siim-acr-sample-cr-jpeg-baseline.dcm"
 # The real SIIM label file may not be redistributed (tests/data/README.md): the one test that
@@ -75,6 +109,19 @@ def clean_env(**overrides: str) -> dict[str, str]:
     return env | overrides
 
 
+def uv_sources_like_pip() -> dict[str, str]:
+    """uv reads no pip configuration: give it the package sources pip has (on these machines
+    torch 2.14.1 lies in a local index), and pip's rule of the best version across them."""
+    listing = subprocess.run([sys.executable, "-m", "pip", "config", "list"],
+                             capture_output=True, text=True, check=True).stdout
+    pip = {key.split(".", 1)[1]: value.strip("'") for key, _, value in
+           (line.partition("=") for line in listing.splitlines()) if key.startswith("global.")}
+    names = {"index-url": "UV_DEFAULT_INDEX", "extra-index-url": "UV_EXTRA_INDEX_URL",
+             "find-links": "UV_FIND_LINKS"}
+    return {names[key]: value for key, value in pip.items() if key in names} | {
+        "UV_INDEX_STRATEGY": "unsafe-best-match"}
+
+
 def no_internet() -> dict[str, str]:
     """Environment that makes every download fail at once, as it does on these machines,
     whether or not the machine running the tests has internet: all traffic to other hosts goes
@@ -88,6 +135,33 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def empty_store_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty sqlite tracking store, created and migrated once per session (migrating a new
+    store takes seconds, and dozens of tests each need a fresh one)."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("empty-store") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def sqlite_store(empty_store_template: Path, tmp_path: Path) -> str:
+    """A fresh, empty sqlite tracking store in this test's folder (tmp_path/mlflow.db, where
+    a command run there would create it): a copy of the migrated template, its Default
+    experiment's artifacts placed where a store created in tmp_path would place them."""
+    import shutil
+    import sqlite3
+
+    path = tmp_path / "mlflow.db"
+    shutil.copyfile(empty_store_template, path)
+    with contextlib.closing(sqlite3.connect(path)) as database, database:
+        database.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                         (str(tmp_path / "mlruns" / "0"),))
+    return f"sqlite:///{path}"
 
 
 @pytest.fixture(scope="session")

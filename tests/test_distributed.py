@@ -89,7 +89,7 @@ def test_two_processes_make_one_run_one_version_scored_on_every_val_study(
                                                                            abs=1e-9)
 
 
-def test_one_process_under_torchrun_trains_exactly_as_a_plain_run(demo_dataset, tmp_path):
+def test_one_process_under_torchrun_trains_exactly_as_a_plain_run(demo_dataset, tmp_path, sqlite_store):
     """`torchrun --nproc_per_node=1` goes through the process group, DistributedDataParallel,
     the sampler and the gathers; with the same seed every logged number equals a plain run's."""
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -117,7 +117,7 @@ def test_one_process_under_torchrun_trains_exactly_as_a_plain_run(demo_dataset, 
         assert histories[0] == pytest.approx(histories[1], rel=1e-6), key
 
 
-def test_a_stop_ends_every_process_and_the_run_killed(demo_dataset, tmp_path):
+def test_a_stop_ends_every_process_and_the_run_killed(demo_dataset, tmp_path, sqlite_store):
     """SIGTERM to `mlflow run -P nproc=2` mid-epoch: the launcher passes it on, rank 0 ends
     the run KILLED, nothing is registered and no process is left."""
     process = start_mlflow_run(demo_dataset, tmp_path, "epoch", extra=["-P", "nproc=2"])

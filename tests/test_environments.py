@@ -12,22 +12,9 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import ROOT, clean_env
+from tests.conftest import ROOT, clean_env, uv_sources_like_pip
 
-pytestmark = pytest.mark.slow  # mlflow run, installs and trains
-
-
-def uv_sources_like_pip() -> dict[str, str]:
-    """uv reads no pip configuration: give it the package sources pip has (on these machines
-    torch 2.14.1 lies in a local index), and pip's rule of the best version across them."""
-    listing = subprocess.run([sys.executable, "-m", "pip", "config", "list"],
-                             capture_output=True, text=True, check=True).stdout
-    pip = {key.split(".", 1)[1]: value.strip("'") for key, _, value in
-           (line.partition("=") for line in listing.splitlines()) if key.startswith("global.")}
-    names = {"index-url": "UV_DEFAULT_INDEX", "extra-index-url": "UV_EXTRA_INDEX_URL",
-             "find-links": "UV_FIND_LINKS"}
-    return {names[key]: value for key, value in pip.items() if key in names} | {
-        "UV_INDEX_STRATEGY": "unsafe-best-match"}
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]  # mlflow run, installs and trains
 
 
 def test_mlflow_run_with_uv_builds_the_environment_from_python_env_yaml(tmp_path):

@@ -73,7 +73,7 @@ def check_stopped_cleanly(tmp_path: Path, output: str) -> None:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 @pytest.mark.parametrize("phase", ["data", "cache", "epoch", "register"])
-def test_sigterm_to_mlflow_run_alone_stops_the_training(demo_dataset, tmp_path, phase):
+def test_sigterm_to_mlflow_run_alone_stops_the_training(demo_dataset, tmp_path, phase, sqlite_store):
     """What `kill PID`, systemd and many schedulers do: signal the `mlflow run` process only.
     Its child used to be reparented to PID 1, train on and register a version."""
     process = start_mlflow_run(demo_dataset, tmp_path, phase)
@@ -86,7 +86,7 @@ def test_sigterm_to_mlflow_run_alone_stops_the_training(demo_dataset, tmp_path, 
         with_group_killed(process)
 
 
-def test_sigterm_to_the_whole_group_like_timeout(demo_dataset, tmp_path):
+def test_sigterm_to_the_whole_group_like_timeout(demo_dataset, tmp_path, sqlite_store):
     """What `timeout` and Ctrl-C do: signal the process group, child included; the run that
     `mlflow run` created used to stay RUNNING forever."""
     process = start_mlflow_run(demo_dataset, tmp_path, "epoch")

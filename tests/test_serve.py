@@ -23,7 +23,7 @@ from covid_xray.evaluation.calibration import calibrate
 from covid_xray.imaging.writer import write_dicom
 from covid_xray.model.pyfunc import encode_dicom
 from covid_xray.tracking.registry import load
-from tests.conftest import REAL_DICOM, clean_env, free_port, serving
+from tests.conftest import REAL_DICOM, clean_env, free_port, serving, uv_sources_like_pip
 
 
 def serve(store: dict, log: Path, python: Path = Path(sys.executable),
@@ -35,9 +35,11 @@ def serve(store: dict, log: Path, python: Path = Path(sys.executable),
     return serving(command, f"http://127.0.0.1:{port}", "/ping", log, **popen)
 
 
-@pytest.fixture
-def served_model(store, tmp_path):
-    with serve(store, tmp_path / "serve.log") as url:
+@pytest.fixture(scope="module")
+def served_model(trained_store, tmp_path_factory):
+    """One `mlflow models serve` of the trained store's model for this module's tests that
+    only send it requests (a server takes seconds to start)."""
+    with serve(trained_store, tmp_path_factory.mktemp("serve") / "serve.log") as url:
         yield url
 
 
@@ -48,7 +50,7 @@ def strict_json(response: requests.Response):
     return json.loads(response.text, parse_constant=refuse)
 
 
-def test_serve_answers_a_real_dicom(served_model, tmp_path, demo_dataset):
+def test_serve_answers_a_real_dicom(served_model, store, tmp_path, demo_dataset):
     write_dicom(tmp_path / "mr.dcm", np.full((64, 64), 900), modality="MR")
     body = {"dataframe_split": {"columns": ["dicom_base64"],
                                 "data": [[encode_dicom(str(REAL_DICOM))], ["bm90IGEgZGljb20="],
@@ -157,6 +159,7 @@ def test_paths_only_under_the_operators_root_and_no_stack_trace_ever(store, tmp_
         assert "stack_trace" not in reply.text and "Traceback" not in reply.text
 
 
+@pytest.mark.heavy
 def test_served_from_a_virtualenv_holding_only_the_models_requirements(store, tmp_path):
     """A deployment machine: a new virtualenv with nothing but the registered model's own
     requirements.txt installed (no checkout of this repository, no editable install). The
@@ -177,9 +180,13 @@ def test_served_from_a_virtualenv_holding_only_the_models_requirements(store, tm
     env["PATH"] = os.pathsep.join([str(venv / "bin"), *(
         folder for folder in env["PATH"].split(os.pathsep)
         if Path(folder) != Path(sys.executable).parent)])
-    subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", "--progress-bar", "off",
+    # Installed by uv, from pip's package sources: uv's cache is shared with the test that
+    # builds the project's environment (test_environments.py), so torch is unpacked once.
+    subprocess.run([str(Path(sys.executable).with_name("uv")), "pip", "install", "--quiet",
+                    "--python", str(venv / "bin" / "python"),
                     "-r", str(model_dir / "requirements.txt")],
-                   check=True, cwd=tmp_path, env=env, capture_output=True)
+                   check=True, cwd=tmp_path, env=env | uv_sources_like_pip(),
+                   capture_output=True)
     python = venv / "bin" / "python"
     found = subprocess.run([str(python), "-c", "import covid_xray"], cwd=tmp_path, env=env,
                            capture_output=True, text=True)

@@ -33,7 +33,7 @@ def tracking_uri(request, tmp_path, monkeypatch):
     if request.param == "server":
         uri = request.getfixturevalue("mlflow_server")
     else:
-        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        uri = request.getfixturevalue("sqlite_store")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
     yield uri
@@ -234,7 +234,7 @@ def runs_and_versions(db: str) -> tuple[list, list]:
     return runs, client.search_model_versions()
 
 
-def test_diverging_run_is_failed_and_not_registered(demo_dataset, tmp_path):
+def test_diverging_run_is_failed_and_not_registered(demo_dataset, tmp_path, sqlite_store):
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = train_cli("--data-dir", str(demo_dataset), "--cache-dir", str(tmp_path / "c"),
                        "--model", "none", "--img-size", "32", "--num-workers", "0",
@@ -247,7 +247,7 @@ def test_diverging_run_is_failed_and_not_registered(demo_dataset, tmp_path):
     assert versions == []
 
 
-def test_interrupted_run_is_killed_and_not_registered(demo_dataset, tmp_path):
+def test_interrupted_run_is_killed_and_not_registered(demo_dataset, tmp_path, sqlite_store):
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "entrypoints" / "train.py"), "--data-dir",
@@ -266,7 +266,7 @@ def test_interrupted_run_is_killed_and_not_registered(demo_dataset, tmp_path):
     assert versions == []
 
 
-def test_mlflow_run_logs_into_its_own_run(demo_dataset, tmp_path):
+def test_mlflow_run_logs_into_its_own_run(demo_dataset, tmp_path, sqlite_store):
     """`mlflow run . -e train` creates the run; the script must log there, not open another."""
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow_cli = os.path.join(os.path.dirname(sys.executable), "mlflow")
