@@ -94,7 +94,7 @@ def test_one_process_under_torchrun_trains_exactly_as_a_plain_run(demo_dataset, 
     the sampler and the gathers; with the same seed every logged number equals a plain run's."""
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     common = options(data_dir=str(demo_dataset), cache_dir=str(tmp_path / "cache"),
-                     registered_model_name="")
+                     registered_model_name="", dataset_size="60")
     torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone",
                 "--nproc_per_node=1"]
     for name, launcher in (("plain", [sys.executable]), ("torchrun", torchrun)):

@@ -25,7 +25,8 @@ def start_mlflow_run(data_dir: Path, tmp_path: Path, pause_at: str,
                "--env-manager", "local", "--experiment-name", "stops",
                "-P", f"data_dir={data_dir}", "-P", f"cache_dir={tmp_path / 'cache'}",
                "-P", "model=none", "-P", "img_size=32", "-P", "epochs=2",
-               "-P", "num_workers=2", "-P", "registered_model_name=stopped", *(extra or [])]
+               "-P", "num_workers=2", "-P", "dataset_size=60",
+               "-P", "registered_model_name=stopped", *(extra or [])]
     return subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             env=clean_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",

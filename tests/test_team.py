@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from tests.conftest import ROOT, TEAM_SECRETS, clean_env
 
 TINY = ["--model", "none", "--img-size", "32", "--epochs", "1", "--num-workers", "0",
-        "--batch-size", "16", "--device", "cpu"]
+        "--batch-size", "16", "--device", "cpu", "--dataset-size", "60"]
 
 
 def as_alice(server: dict, **extra: str) -> dict[str, str]:
@@ -37,7 +37,8 @@ def test_train_and_tune_through_the_team_server(team_server, demo_dataset, tmp_p
          "--env-manager", "local", "--experiment-name", "team",
          "-P", f"data_dir={demo_dataset}", "-P", f"cache_dir={tmp_path / 'cache'}",
          "-P", "model=none", "-P", "img_size=32", "-P", "epochs=1", "-P", "num_workers=0",
-         "-P", "registered_model_name=team-model", "-P", "alias=champion"],
+         "-P", "dataset_size=60", "-P", "registered_model_name=team-model",
+         "-P", "alias=champion"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600, env=as_alice(team_server))
     assert trained.returncode == 0, trained.stderr[-3000:]
     # The Optuna study lives in the same PostgreSQL instance, in its own database.

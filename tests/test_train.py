@@ -239,7 +239,8 @@ def test_diverging_run_is_failed_and_not_registered(demo_dataset, tmp_path, sqli
     result = train_cli("--data-dir", str(demo_dataset), "--cache-dir", str(tmp_path / "c"),
                        "--model", "none", "--img-size", "32", "--num-workers", "0",
                        "--optimizer", "sgd", "--lr", "1e12", "--grad-clip", "0",
-                       "--epochs", "3", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": db})
+                       "--epochs", "3", "--dataset-size", "60", cwd=tmp_path,
+                       env={"MLFLOW_TRACKING_URI": db})
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: training loss became ")
     runs, versions = runs_and_versions(db)
@@ -252,7 +253,8 @@ def test_interrupted_run_is_killed_and_not_registered(demo_dataset, tmp_path, sq
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "entrypoints" / "train.py"), "--data-dir",
          str(demo_dataset), "--cache-dir", str(tmp_path / "c"), "--model", "none",
-         "--img-size", "32", "--num-workers", "0", "--epochs", "50", "--patience", "50"],
+         "--img-size", "32", "--num-workers", "0", "--epochs", "50", "--patience", "50",
+         "--dataset-size", "60"],
         cwd=tmp_path, env=clean_env(MLFLOW_TRACKING_URI=db),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in process.stdout:  # wait until training is under way
@@ -275,7 +277,8 @@ def test_mlflow_run_logs_into_its_own_run(demo_dataset, tmp_path, sqlite_store):
          "--experiment-name", "via-mlflow-run",
          "-P", f"data_dir={demo_dataset}", "-P", f"cache_dir={tmp_path / 'cache'}",
          "-P", "model=none", "-P", "img_size=32", "-P", "epochs=1", "-P", "num_workers=0",
-         "-P", "registered_model_name=via-run", "-P", "hflip=true", "-P", "lr=1e-3"],
+         "-P", "dataset_size=60", "-P", "registered_model_name=via-run", "-P", "hflip=true",
+         "-P", "lr=1e-3"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
         env=clean_env(MLFLOW_TRACKING_URI=db))
     assert result.returncode == 0, result.stderr[-3000:]
