@@ -203,3 +203,73 @@ def test_served_from_a_virtualenv_holding_only_the_models_requirements(store, tm
         str(REAL_DICOM))]}))
     assert row["error"] == "" and row["label"] == expected.label[0]
     assert row["prob_opacity"] == pytest.approx(expected.prob_opacity[0], abs=1e-6)
+
+
+def films_for_clients(demo_dataset: Path) -> list[str]:
+    """Nine distinct films as base64: eight the model learned from (in distribution, so they
+    get a label and DICOM results) and the real radiograph (out of distribution)."""
+    films = sorted((demo_dataset / "train").rglob("*.dcm"))[:8]
+    return [encode_dicom(str(film)) for film in films] + [encode_dicom(str(REAL_DICOM))]
+
+
+def ask(url: str, films: list[str], dicom_results: bool) -> list[dict]:
+    body = {"dataframe_split": {"columns": ["dicom_base64"], "data": [[f] for f in films]}}
+    if dicom_results:
+        body["params"] = {"dicom_results": True}
+    response = requests.post(f"{url}/invocations", json=body, timeout=300)
+    assert response.status_code == 200, response.text[:2000]
+    return strict_json(response)["predictions"]
+
+
+def heatmap_pixels(row: dict) -> bytes:
+    """The Secondary Capture's pixels (its UIDs are new for every object)."""
+    if not row["heatmap_base64"]:
+        return b""
+    return pydicom.dcmread(io.BytesIO(base64.b64decode(row["heatmap_base64"]))).PixelData
+
+
+@pytest.mark.parametrize("dicom_results", [False, True])
+def test_concurrent_clients_get_exactly_their_solo_answers(served_model, demo_dataset,
+                                                            dicom_results):
+    """8 clients at once, 3 rounds each, batches of 1-5 distinct films: every row equals that
+    film's answer asked alone (probabilities, distance to training, label, heatmap pixels),
+    no request fails, and the server stays up. Per-call state (captured features, Grad-CAM's
+    gradients) must belong to the call, not to the shared network."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    films = films_for_clients(demo_dataset)
+    solo = [ask(served_model, [film], dicom_results)[0] for film in films]
+    assert any(row["label"] for row in solo) and any(not row["label"] for row in solo)
+
+    def client(seed: int) -> list[tuple[int, dict]]:
+        rng = np.random.default_rng(seed)
+        answers = []
+        for _ in range(3):
+            chosen = rng.choice(len(films), size=int(rng.integers(1, 6)), replace=False)
+            rows = ask(served_model, [films[index] for index in chosen], dicom_results)
+            answers += list(zip(chosen.tolist(), rows, strict=True))
+        return answers
+
+    with ThreadPoolExecutor(8) as pool:
+        answered = [pair for pairs in pool.map(client, range(8)) for pair in pairs]
+    assert len(answered) >= 24
+    for index, row in answered:
+        alone = solo[index]
+        assert row["error"] == alone["error"] == "", (index, row["error"])
+        assert (row["label"], row["reason"], row["in_distribution"]) == (
+            alone["label"], alone["reason"], alone["in_distribution"]), index
+        for key in ("prob_negative", "prob_opacity", "ood_score"):
+            assert row[key] == pytest.approx(alone[key], rel=1e-5, abs=1e-6), (index, key)
+        if dicom_results:
+            assert heatmap_pixels(row) == heatmap_pixels(alone), index
+    assert requests.get(f"{served_model}/ping", timeout=10).status_code == 200
+
+
+def test_the_server_survives_50_concurrent_dicom_results_requests(served_model, demo_dataset):
+    from concurrent.futures import ThreadPoolExecutor
+
+    films = films_for_clients(demo_dataset)[:4]
+    with ThreadPoolExecutor(50) as pool:
+        replies = list(pool.map(lambda _: ask(served_model, films, True), range(50)))
+    assert all(len(rows) == 4 and all(row["error"] == "" for row in rows) for rows in replies)
+    assert requests.get(f"{served_model}/ping", timeout=10).status_code == 200

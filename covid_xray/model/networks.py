@@ -13,6 +13,7 @@ from torch import nn
 
 from covid_xray.config import DEVICES, MODEL_FAMILIES, TTA_MODES
 from covid_xray.errors import UserError
+from covid_xray.evaluation.gradcam import feature_maps, read_out
 
 
 class Classifier(nn.Module):
@@ -39,18 +40,16 @@ class Classifier(nn.Module):
 
     def answer(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Probabilities, and the penultimate features of the film as given (the pooled vector
-        the head reads, caught on its way in: no second pass), for the distance to training
-        (evaluation/outliers.py). A network without a `classifier` head gives no features."""
-        captured: list[torch.Tensor] = []
-        head = getattr(self.network, "classifier", None)
-        hook = (head.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
-                if isinstance(head, nn.Module) else None)
-        try:
-            logits = self.network(x)
-        finally:
-            if hook is not None:
-                hook.remove()
-        features = captured[0].float() if captured else x.new_zeros((len(x), 0))
+        the head reads: the forward taken apart at the head, no second pass), for the distance
+        to training (evaluation/outliers.py). Nothing is registered on the network, which a
+        served model shares between concurrent requests. A network that is not a DenseNet
+        (no `features` and `classifier`) gives no features."""
+        if all(isinstance(getattr(self.network, part, None), nn.Module)
+               for part in ("features", "classifier")):
+            logits, features = read_out(self.network, feature_maps(self.network, x))
+            features = features.float()
+        else:
+            logits, features = self.network(x), x.new_zeros((len(x), 0))
         log_probabilities = torch.log_softmax(logits.float(), dim=1)
         if self.tta == "flip":
             mirrored = torch.log_softmax(self.network(x.flip(-1)).float(), dim=1)
