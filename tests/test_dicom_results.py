@@ -266,3 +266,35 @@ def test_the_loaded_model_returns_the_objects_as_base64(store, demo_dataset):
         image = pydicom.dcmread(pydicom.filebase.DicomBytesIO(base64.b64decode(row.heatmap_base64)))
         assert image.SourceImageSequence[0].ReferencedSOPInstanceUID == row.sop_instance_uid
         assert dciodvfy_errors(image) == []
+
+
+def test_a_backslash_in_a_name_loses_no_row_and_leaves_no_orphan_object(store, demo_dataset,
+                                                                         tmp_path):
+    """A PatientName holding DICOM's value separator (a backslash) defeated the writer, and the
+    flag meant to say so raised (pandas' own `frame.flags`): predict wrote no CSV and left the
+    film's heatmap object without a report. Now every file is a row, a study's objects are
+    written all or none, and what is written is valid DICOM."""
+    from tests.test_dicom import with_header
+
+    folder = tmp_path / "in"
+    studies = sorted((demo_dataset / "train").iterdir())[:3]
+    for study in studies:
+        shutil.copytree(study, folder / study.name)
+    hostile = sorted((folder / studies[0].name).rglob("*.dcm"))[0]
+    with_header(hostile, hostile, PatientName="Doe\\Jane^Q")
+    out = tmp_path / "pacs"
+    table = predict_files(PredictConfig(
+        model_uri="models:/covid-xray-densenet/Production", input=str(folder),
+        output=str(tmp_path / "p.csv"), batch_size=2, num_workers=0, dicom_out=str(out)),
+        progress=False)
+    written = pd.read_csv(tmp_path / "p.csv", keep_default_na=False, dtype=str)
+    assert len(written) == len(table) == len(list(folder.rglob("*.dcm")))
+    assert (written.error == "").all()
+    for study_folder in out.iterdir():  # a study's objects: a report and its heatmaps, or none
+        assert list(study_folder.glob("sr-*.dcm")), f"orphan heatmaps in {study_folder.name}"
+    for path in out.rglob("*.dcm"):
+        assert dciodvfy_errors(path) == []
+    reported = {path.name for path in out.iterdir()}
+    for row in written[written.label != ""].itertuples():
+        uid = as_uid(row.study_instance_uid)
+        assert (uid in reported) == ("no_dicom_result" not in row.flags.split()), row.path

@@ -273,3 +273,22 @@ def test_the_server_survives_50_concurrent_dicom_results_requests(served_model, 
         replies = list(pool.map(lambda _: ask(served_model, films, True), range(50)))
     assert all(len(rows) == 4 and all(row["error"] == "" for row in rows) for rows in replies)
     assert requests.get(f"{served_model}/ping", timeout=10).status_code == 200
+
+
+def test_a_backslash_in_a_name_is_a_flag_not_a_lost_request(served_model, demo_dataset,
+                                                             tmp_path):
+    """DICOM's value separator in PatientName defeated the report writer, and the flag meant
+    to say so raised: the server answered 400 with a stack trace and the good row was lost.
+    Now: 200, both rows answered, the hostile film's result flagged, no stack trace."""
+    from tests.test_dicom import with_header
+
+    good, other = sorted((demo_dataset / "train").rglob("*.dcm"))[:2]
+    with_header(other, tmp_path / "backslash.dcm", PatientName="Doe\\Jane^Q")
+    rows = ask(served_model, [encode_dicom(str(tmp_path / "backslash.dcm")),
+                              encode_dicom(str(good))], True)
+    hostile, fine = rows
+    assert hostile["error"] == fine["error"] == ""
+    assert fine["label"] and fine["sr_base64"] and fine["heatmap_base64"]
+    if hostile["label"]:  # scored: its DICOM result is there, or flagged as missing, whole
+        missing = "no_dicom_result" in hostile["flags"].split()
+        assert missing == (not hostile["sr_base64"]) == (not hostile["heatmap_base64"])

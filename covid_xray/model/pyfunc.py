@@ -243,13 +243,14 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
                 heatmaps[row] = base64.b64encode(to_bytes(image)).decode("ascii")
                 studies[row] = image.StudyInstanceUID
             except Exception:
-                result.loc[row, "flags"] = add_flag(result.flags[row], "no_dicom_result")
+                result.loc[row, "flags"] = add_flag(result["flags"][row], "no_dicom_result")
         made, failed = results.reports()
         reports = {study: base64.b64encode(to_bytes(report)).decode("ascii")
                    for study, report in made.items()}
         for row, study in enumerate(studies):
-            if study in failed:
-                result.loc[row, "flags"] = add_flag(result.flags[row], "no_dicom_result")
+            if study in failed:  # all or none: no heatmap object without its study's report
+                result.loc[row, "flags"] = add_flag(result["flags"][row], "no_dicom_result")
+                heatmaps[row] = ""
         result["sr_base64"] = [reports.get(study, "") for study in studies]
         result["heatmap_base64"] = heatmaps
 

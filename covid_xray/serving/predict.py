@@ -66,6 +66,7 @@ def predict_files(config: PredictConfig, progress: bool = True) -> pd.DataFrame:
     version, model = registry.load_resolved(config.model_uri)  # the version that answered
     model.to_device(config.device)
     results = StudyResults(model.class_names, model.threshold, model.identity)
+    heatmap_files: dict[str, list[Path]] = {}  # by study: its Secondary Captures written
     root = Path(config.input) if Path(config.input).is_dir() else Path(config.input).parent
     frames = []
     batches = model.answer_files([str(path) for path in paths], config.batch_size,
@@ -80,7 +81,8 @@ def predict_files(config: PredictConfig, progress: bool = True) -> pd.DataFrame:
         frame.insert(2, "image_id", [image for _, image in ids])
         frames.append(frame)
         if config.heatmaps or config.dicom_out:
-            _write_film_results(model, results, batch, decoded, frame, root, config)
+            _write_film_results(model, results, batch, decoded, frame, root, config,
+                                heatmap_files)
 
     table = pd.concat(frames, ignore_index=True)
     columns = ["path", "study_id", "image_id", *UID_FIELDS, "label",
@@ -93,13 +95,17 @@ def predict_files(config: PredictConfig, progress: bool = True) -> pd.DataFrame:
     reports, unreported = results.reports() if config.dicom_out else ({}, {})
     for study, why in unreported.items():
         print(f"study {study}: no DICOM report ({why})")
+        # All or none: a heatmap object whose study has no report is taken back.
+        for path in heatmap_files.pop(study, []):
+            path.unlink(missing_ok=True)
     if unreported:  # its films keep their answers, and say they have no DICOM result
         hit = (table.label != "") & table.study_instance_uid.map(as_uid).isin(list(unreported))
-        table.loc[hit, "flags"] = table.flags[hit].map(
+        table.loc[hit, "flags"] = table["flags"][hit].map(
             lambda flags: add_flag(flags, "no_dicom_result"))
     for study, report in reports.items():
         target = Path(config.dicom_out) / study / f"sr-{report.SOPInstanceUID}.dcm"
         save(report, target)
+    heatmaps_written = sum(len(files) for files in heatmap_files.values())
     atomic_write(output, lambda file: file.write(table.to_csv(index=False).encode()))
     atomic_write(study_output, lambda file: file.write(studies.to_csv(index=False).encode()))
     failed = int((table.error != "").sum())
@@ -108,11 +114,11 @@ def predict_files(config: PredictConfig, progress: bool = True) -> pd.DataFrame:
                             {"heatmaps": bool(config.heatmaps),
                              "dicom_out": bool(config.dicom_out),
                              "count/dicom_reports": len(reports),
-                             "count/dicom_heatmaps": sum(results.heatmaps_made.values())})
+                             "count/dicom_heatmaps": heatmaps_written})
     print(f"wrote {len(table)} predictions to {output}" + (f" ({failed} unreadable)" if failed
                                                              else "")
           + f" and {len(studies)} study answers to {study_output}"
-          + (f"; {len(reports)} DICOM reports and {sum(results.heatmaps_made.values())} heatmap"
+          + (f"; {len(reports)} DICOM reports and {heatmaps_written} heatmap"
              f" images in {config.dicom_out}" if config.dicom_out else "")
           + f": run {run_id}")
     return table
@@ -181,7 +187,7 @@ def check_writable(folder: Path, option: str) -> None:
 
 def _write_film_results(model, results: StudyResults, paths: list[Path],
                         decoded: list[Decoded], frame: pd.DataFrame, root: Path,
-                        config: PredictConfig) -> None:
+                        config: PredictConfig, heatmap_files: dict[str, list[Path]]) -> None:
     """For each file that got a label: its Grad-CAM overlay as a PNG mirroring the input's
     folder layout (`heatmaps`) and as a DICOM Secondary Capture filed under its study
     (`dicom_out`), its answer kept for the study's report. A film whose header defeats the
@@ -199,13 +205,15 @@ def _write_film_results(model, results: StudyResults, paths: list[Path],
                 picture = model.heatmap_picture(str(path), item, label)
         except Exception as error:
             flag = "no_dicom_result" if config.dicom_out else "no_heatmap"
-            frame.loc[row, "flags"] = add_flag(frame.flags[row], flag)
-            print(f"{path}: {flag.replace('_', ' ')} ({type(error).__name__}: {error})")
+            frame.loc[row, "flags"] = add_flag(frame["flags"][row], flag)
+            # The error's type only: its text may quote header values (names).
+            print(f"{path}: {flag.replace('_', ' ')} ({type(error).__name__})")
             continue
         if config.dicom_out:
             target = Path(config.dicom_out) / image.StudyInstanceUID / \
                 f"sc-{image.SOPInstanceUID}.dcm"
             save(image, target)
+            heatmap_files.setdefault(image.StudyInstanceUID, []).append(target)
         if config.heatmaps:
             target = Path(config.heatmaps) / path.relative_to(root).with_suffix(".png")
             _, encoded = cv2.imencode(".png", picture)
