@@ -168,6 +168,18 @@ def test_a_missing_study_uid_is_a_study_of_its_own_and_the_report_covers_only_gi
 
 
 @pytest.mark.slow
+def predict_with_dicom_out(folder: Path, tmp_path: Path, batch_size: int
+                           ) -> tuple[pd.DataFrame, Path]:
+    """predict on `folder` with the trained store's model, DICOM results into tmp_path/pacs;
+    the CSVs are tmp_path/p.csv and p.studies.csv."""
+    out = tmp_path / "pacs"
+    table = predict_files(PredictConfig(
+        model_uri="models:/covid-xray-densenet/Production", input=str(folder),
+        output=str(tmp_path / "p.csv"), batch_size=batch_size, num_workers=0,
+        dicom_out=str(out)), progress=False)
+    return table, out
+
+
 def test_predict_writes_reports_and_heatmaps_that_match_the_csv(store, demo_dataset, tmp_path):
     folder = tmp_path / "in"
     studies = sorted((demo_dataset / "train").iterdir())[:4]
@@ -175,11 +187,7 @@ def test_predict_writes_reports_and_heatmaps_that_match_the_csv(store, demo_data
         shutil.copytree(study, folder / study.name)
     shutil.copy(REAL_DICOM, folder / "real.dcm")  # far from this model's synthetic films
     (folder / "broken.dcm").write_bytes(b"garbage" * 50)
-    out = tmp_path / "pacs"
-    table = predict_files(PredictConfig(
-        model_uri="models:/covid-xray-densenet/Production", input=str(folder),
-        output=str(tmp_path / "p.csv"), batch_size=3, num_workers=0, dicom_out=str(out)),
-        progress=False)
+    table, out = predict_with_dicom_out(folder, tmp_path, batch_size=3)
     studies_csv = pd.read_csv(tmp_path / "p.studies.csv", keep_default_na=False, dtype=str)
 
     scored = table[table.label != ""]
@@ -282,11 +290,7 @@ def test_a_backslash_in_a_name_loses_no_row_and_leaves_no_orphan_object(store, d
         shutil.copytree(study, folder / study.name)
     hostile = sorted((folder / studies[0].name).rglob("*.dcm"))[0]
     with_header(hostile, hostile, PatientName="Doe\\Jane^Q")
-    out = tmp_path / "pacs"
-    table = predict_files(PredictConfig(
-        model_uri="models:/covid-xray-densenet/Production", input=str(folder),
-        output=str(tmp_path / "p.csv"), batch_size=2, num_workers=0, dicom_out=str(out)),
-        progress=False)
+    table, out = predict_with_dicom_out(folder, tmp_path, batch_size=2)
     written = pd.read_csv(tmp_path / "p.csv", keep_default_na=False, dtype=str)
     assert len(written) == len(table) == len(list(folder.rglob("*.dcm")))
     assert (written.error == "").all()

@@ -292,9 +292,12 @@ class StudyResults:
             mean = probabilities.mean(axis=0)
             called = self.class_names[predicted_classes(mean[None], self.threshold)[0]]
             try:
-                made[study] = study_report([source for source, _, _ in films], probabilities,
-                                           [label for _, _, label in films], mean, called,
-                                           self.class_names, self.threshold, self.identity)
+                report = study_report([source for source, _, _ in films], probabilities,
+                                      [label for _, _, label in films], mean, called,
+                                      self.class_names, self.threshold, self.identity)
+                to_bytes(report)  # a value the report took may still defeat the encoder
+                made[study] = report
             except Exception as error:
-                failed[study] = f"{type(error).__name__}: {str(error)[:200]}"
+                # The error's type only: its text may quote header values (names).
+                failed[study] = f"the report could not be written ({type(error).__name__})"
         return made, failed
