@@ -302,3 +302,44 @@ def test_a_backslash_in_a_name_loses_no_row_and_leaves_no_orphan_object(store, d
     for row in written[written.label != ""].itertuples():
         uid = as_uid(row.study_instance_uid)
         assert (uid in reported) == ("no_dicom_result" not in row.flags.split()), row.path
+
+
+def two_patients_in_one_study(demo_dataset: Path, folder: Path) -> tuple[Path, Path]:
+    """Two films the model knows, made one study naming two patients (what a mis-merged
+    worklist produces)."""
+    first, second = (sorted((demo_dataset / "train" / study.name).rglob("*.dcm"))[0]
+                     for study in sorted((demo_dataset / "train").iterdir())[:2])
+    study_uid = pydicom.dcmread(first).StudyInstanceUID
+    made = []
+    for source, patient in ((first, "PATIENT-A"), (second, "PATIENT-B")):
+        ds = pydicom.dcmread(source)
+        ds.StudyInstanceUID, ds.PatientID = study_uid, patient
+        target = folder / "mixed" / f"{patient}.dcm"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(target)
+        made.append(target)
+    return made[0], made[1]
+
+
+def test_a_study_naming_two_patients_gets_no_study_answer_and_no_report(store, demo_dataset,
+                                                                         tmp_path):
+    folder = tmp_path / "in"
+    other = sorted((demo_dataset / "train").iterdir())[5]
+    shutil.copytree(other, folder / other.name)
+    two_patients_in_one_study(demo_dataset, folder)
+    _, out = predict_with_dicom_out(folder, tmp_path, batch_size=2)
+    written = pd.read_csv(tmp_path / "p.csv", keep_default_na=False, dtype=str)
+    mixed = written[written.path.str.contains("/mixed/")]
+    assert len(mixed) == 2 and mixed.study_instance_uid.nunique() == 1
+    assert all("patient_mismatch" in flags.split() for flags in mixed["flags"])
+    assert (mixed.error == "").all() and (mixed.prob_opacity != "").all()  # each its own answer
+    assert not any("patient_mismatch" in flags for flags in written[~written.index.isin(
+        mixed.index)]["flags"])
+    studies = pd.read_csv(tmp_path / "p.studies.csv", keep_default_na=False, dtype=str)
+    (study,) = studies[studies.study_instance_uid == mixed.study_instance_uid.iloc[0]].itertuples()
+    assert study.label == "" and study.prob_opacity == "" and study.scored == "0"
+    assert "patient_mismatch" in study.reasons.split()
+    assert not (out / as_uid(mixed.study_instance_uid.iloc[0])).exists()  # no report, no heatmap
+    others = written[~written.path.str.contains("/mixed/") & (written.label != "")]
+    if len(others):  # the other study is reported as usual
+        assert list((out / as_uid(others.study_instance_uid.iloc[0])).glob("sr-*.dcm"))

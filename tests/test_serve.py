@@ -292,3 +292,16 @@ def test_a_backslash_in_a_name_is_a_flag_not_a_lost_request(served_model, demo_d
     if hostile["label"]:  # scored: its DICOM result is there, or flagged as missing, whole
         missing = "no_dicom_result" in hostile["flags"].split()
         assert missing == (not hostile["sr_base64"]) == (not hostile["heatmap_base64"])
+
+
+def test_a_request_holding_two_patients_of_one_study_gets_no_report(served_model, demo_dataset,
+                                                                    tmp_path):
+    from tests.test_dicom_results import two_patients_in_one_study
+
+    films = two_patients_in_one_study(demo_dataset, tmp_path)
+    rows = ask(served_model, [encode_dicom(str(film)) for film in films], True)
+    for row in rows:
+        assert row["error"] == "" and row["prob_opacity"] is not None  # its own answer
+        assert "patient_mismatch" in row["flags"].split()
+        assert row["sr_base64"] == "" and row["heatmap_base64"] == ""
+    assert "patient" not in {key for row in rows for key in row}  # the digest stays inside

@@ -9,6 +9,7 @@ Baseline/Extended/Lossless, JPEG-LS and JPEG 2000 all work.
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from dataclasses import dataclass
 from os import PathLike
@@ -40,6 +41,11 @@ decoders.register()
 # What a result keeps of the source film's header: the UIDs results are keyed by in DICOM.
 UID_FIELDS = {"study_instance_uid": "StudyInstanceUID",
               "series_instance_uid": "SeriesInstanceUID", "sop_instance_uid": "SOPInstanceUID"}
+# Beside them in a film's `uids`: who the film shows, as a digest of the patient fields. It
+# only tells two patients apart (films of one study naming different patients get no study
+# answer); it is never written out.
+PATIENT_KEY = "patient"
+PATIENT_FIELDS = ("PatientID", "PatientName", "PatientBirthDate")
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,9 @@ def read_film(path: str | PathLike | BinaryIO, *, apply_voi_lut: bool = True,
     name = path if isinstance(path, str | PathLike) else getattr(path, "name", "<stream>")
     ds = _checked(path, name)
     uids = {key: _text(ds, keyword) for key, keyword in UID_FIELDS.items()}
+    uids[PATIENT_KEY] = hashlib.blake2b("\x00".join(_text(ds, keyword) for keyword in
+                                                    PATIENT_FIELDS).encode(),
+                                        digest_size=8).hexdigest()
     try:
         flags = check(_text(ds, "ViewPosition"), _text(ds, "BodyPartExamined"), name) \
             if gate else ()

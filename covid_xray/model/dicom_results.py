@@ -267,6 +267,7 @@ class StudyResults:
         self.films: dict[str, list[tuple[Dataset, np.ndarray, str]]] = {}
         self.heatmap_series: dict[str, str] = {}  # study -> its heatmap series' UID
         self.heatmaps_made: dict[str, int] = {}  # study -> instance number of the last one
+        self.withheld: dict[str, str] = {}  # study -> why it gets no report
 
     def add(self, source: Dataset, probabilities: np.ndarray, label: str) -> None:
         """A scored film (its `read_source` header), for its study's report."""
@@ -281,12 +282,17 @@ class StudyResults:
         return heatmap_capture(source, picture, series, self.heatmaps_made[study],
                                self.identity)
 
+    def withhold(self, study: str, why: str) -> None:
+        """No report for `study` (`reports` says why): its films must not be reported on."""
+        self.films.pop(study, None)
+        self.withheld[study] = why
+
     def reports(self) -> tuple[dict[str, Dataset], dict[str, str]]:
         """(StudyInstanceUID -> the study's report, StudyInstanceUID -> why it has none).
         The study's answer is the mean of its films' probabilities, called at the model's
         threshold: what predict's studies CSV says. A study whose headers defeat the writer
         (films of one study naming different patients, say) gets no report, not a crash."""
-        made, failed = {}, {}
+        made, failed = {}, dict(self.withheld)
         for study, films in self.films.items():
             probabilities = np.stack([values for _, values, _ in films])
             mean = probabilities.mean(axis=0)

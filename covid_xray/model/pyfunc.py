@@ -51,7 +51,7 @@ from covid_xray.errors import DicomError, UserError
 from covid_xray.evaluation.calibration import ARGMAX, OperatingPoint, predicted_classes
 from covid_xray.evaluation.gradcam import grad_cam, overlay
 from covid_xray.evaluation.outliers import FeatureDistance
-from covid_xray.imaging.dicom import UID_FIELDS
+from covid_xray.imaging.dicom import PATIENT_KEY, UID_FIELDS
 from covid_xray.imaging.preprocess import Preprocessing
 from covid_xray.imaging.workers import Decoded, decode, decoded_batches
 from covid_xray.imaging.writer import write_dicom
@@ -235,8 +235,8 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
         heatmaps, studies = [""] * len(result), [""] * len(result)
         for row, (value, item, label) in enumerate(zip(values, decoded, result.label,
                                                        strict=True)):
-            if not label:
-                continue
+            if not label or "patient_mismatch" in result["flags"][row].split():
+                continue  # refused, or its study names two patients: no DICOM result
             try:
                 image, _ = self.film_result(results, _open(column, value, row, root), item,
                                             probabilities[row], label)
@@ -321,6 +321,11 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
         frame["flags"] = [" ".join(item.flags) for item in decoded]
         for key in UID_FIELDS:
             frame[key] = [item.uids.get(key, "") for item in decoded]
+        mixed = mixed_patient_studies(frame.study_instance_uid,
+                                      [item.uids.get(PATIENT_KEY, "") for item in decoded])
+        frame["flags"] = [add_flag(flags, "patient_mismatch") if study in mixed else flags
+                          for flags, study in zip(frame["flags"], frame.study_instance_uid,
+                                                  strict=True)]
         frame["ood_score"] = distances.astype(np.float64)
         # Unknown (None) for a file that was not scored, or a model without a distance.
         frame["in_distribution"] = pd.Series(
@@ -343,8 +348,20 @@ def signature(class_names: tuple[str, ...]) -> ModelSignature:
 
 
 def add_flag(flags: str, flag: str) -> str:
-    """A row's space-separated `flags` with `flag` added."""
-    return " ".join(filter(None, (flags, flag)))
+    """A row's space-separated `flags` with `flag` added (once)."""
+    return flags if flag in flags.split() else " ".join(filter(None, (flags, flag)))
+
+
+def mixed_patient_studies(study_uids: Sequence[str], patients: Sequence[str]) -> set[str]:
+    """The StudyInstanceUIDs whose films name more than one patient (dicom.PATIENT_KEY
+    digests): such a study gets no study answer and no report, since a mean or a report over
+    two patients' films would be a plausible answer about the wrong person. Films without a
+    StudyInstanceUID are studies of their own."""
+    seen: dict[str, set[str]] = {}
+    for study, patient in zip(study_uids, patients, strict=True):
+        if study:
+            seen.setdefault(study, set()).add(patient)
+    return {study for study, names in seen.items() if len(names) > 1}
 
 
 def encode_dicom(path: str) -> str:

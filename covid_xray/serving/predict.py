@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import tempfile
 from collections.abc import Sequence
@@ -18,10 +19,10 @@ from covid_xray.config import PredictConfig
 from covid_xray.errors import UserError
 from covid_xray.evaluation.calibration import predicted_classes
 from covid_xray.files import atomic_write
-from covid_xray.imaging.dicom import UID_FIELDS
+from covid_xray.imaging.dicom import PATIENT_KEY, UID_FIELDS
 from covid_xray.imaging.workers import Decoded, start_workers_early
 from covid_xray.model.dicom_results import StudyResults, as_uid, save
-from covid_xray.model.pyfunc import add_flag
+from covid_xray.model.pyfunc import add_flag, mixed_patient_studies
 from covid_xray.tracking import mlflow_run, registry
 
 HEX12 = re.compile(r"[0-9a-f]{12}")
@@ -67,6 +68,7 @@ def predict_files(config: PredictConfig, progress: bool = True) -> pd.DataFrame:
     model.to_device(config.device)
     results = StudyResults(model.class_names, model.threshold, model.identity)
     heatmap_files: dict[str, list[Path]] = {}  # by study: its Secondary Captures written
+    patients: list[str] = []  # each file's patient digest (dicom.PATIENT_KEY), never written
     root = Path(config.input) if Path(config.input).is_dir() else Path(config.input).parent
     frames = []
     batches = model.answer_files([str(path) for path in paths], config.batch_size,
@@ -80,6 +82,7 @@ def predict_files(config: PredictConfig, progress: bool = True) -> pd.DataFrame:
         frame.insert(1, "study_id", [study for study, _ in ids])
         frame.insert(2, "image_id", [image for _, image in ids])
         frames.append(frame)
+        patients += [item.uids.get(PATIENT_KEY, "") for item in decoded]
         if config.heatmaps or config.dicom_out:
             _write_film_results(model, results, batch, decoded, frame, root, config,
                                 heatmap_files)
@@ -89,6 +92,14 @@ def predict_files(config: PredictConfig, progress: bool = True) -> pd.DataFrame:
                *(f"prob_{name}" for name in model.class_names), "ood_score", "in_distribution",
                "reason", "flags", "error"]
     table = table[columns]
+    # A study whose films name different patients (perhaps across batches): each film keeps
+    # its own answer, flagged; the study gets no answer and no DICOM report.
+    mixed = mixed_patient_studies(table.study_instance_uid, patients)
+    hit = table.study_instance_uid.isin(list(mixed))
+    table.loc[hit, "flags"] = table["flags"][hit].map(
+        lambda flags: add_flag(flags, "patient_mismatch"))
+    for study in mixed:
+        results.withhold(as_uid(study), "its films name different patients")
     output = Path(config.output)
     studies = study_answers(table, model)
     study_output = output.with_name(f"{output.stem}.studies.csv")
@@ -98,6 +109,8 @@ def predict_files(config: PredictConfig, progress: bool = True) -> pd.DataFrame:
         # All or none: a heatmap object whose study has no report is taken back.
         for path in heatmap_files.pop(study, []):
             path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # the study's folder, when nothing else is in it
+                path.parent.rmdir()
     if unreported:  # its films keep their answers, and say they have no DICOM result
         hit = (table.label != "") & table.study_instance_uid.map(as_uid).isin(list(unreported))
         table.loc[hit, "flags"] = table["flags"][hit].map(
@@ -159,8 +172,12 @@ def study_answers(table: pd.DataFrame, model) -> pd.DataFrame:
     keys = table.study_instance_uid.where(table.study_instance_uid != "", "file:" + table.path)
     rows = []
     for key, files in table.groupby(keys, sort=True):
-        # A film far from the training films has no label of its own: it does not vote.
+        # A film far from the training films has no label of its own: it does not vote; films
+        # of two patients make no study answer.
         scored = files[(files.error == "") & (files.reason == "")]
+        two_patients = files["flags"].str.split().map(lambda f: "patient_mismatch" in f).any()
+        if two_patients:
+            scored = scored.iloc[:0]
         mean = scored[columns].astype(float).mean().to_numpy() if len(scored) else None
         row = {"study_instance_uid": files.study_instance_uid.iloc[0], "files": len(files),
                "scored": len(scored)}
@@ -168,7 +185,8 @@ def study_answers(table: pd.DataFrame, model) -> pd.DataFrame:
                         strict=True))
         called = predicted_classes(mean[None], model.threshold)[0] if mean is not None else None
         row["label"] = model.class_names[called] if called is not None else ""
-        row["reasons"] = " ".join(sorted(set(files.reason) - {""}))
+        reasons = set(files.reason) - {""} | ({"patient_mismatch"} if two_patients else set())
+        row["reasons"] = " ".join(sorted(reasons))
         row["paths"] = " ".join(files.path) if key.startswith("file:") else ""
         rows.append(row)
     return pd.DataFrame(rows)
@@ -195,7 +213,7 @@ def _write_film_results(model, results: StudyResults, paths: list[Path],
     `no_dicom_result` (`no_heatmap` when only PNGs were asked for)."""
     probabilities = frame[[f"prob_{name}" for name in model.class_names]].to_numpy()
     for row, (path, item, label) in enumerate(zip(paths, decoded, frame.label, strict=True)):
-        if item.model_input is None or not label:
+        if item.model_input is None or not label or "patient_mismatch" in frame["flags"][row]:
             continue
         try:
             if config.dicom_out:
