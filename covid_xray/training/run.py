@@ -162,8 +162,9 @@ def run_training(config: TrainConfig, progress: bool = True,
     """Train, evaluate, log and register one model (None in a torchrun process other than
     rank 0, which has helped and logged nothing).
 
-    Tune runs the same steps (`prepare`, `train_in_run`, `register`) inside its own nested
-    runs, with its pruning callback and without registering each trial."""
+    Tune runs the first steps (`prepare`, `fit_in_run`) in a nested run per trial, with its
+    pruning callback (validation only), and all of them (`train_in_run`, `register`) for
+    register_best."""
     with distributed.joined(resolve_device(config.device)) as world:
         prepared = prepare(config, progress, world)
         config = prepared.config
