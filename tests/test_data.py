@@ -331,9 +331,15 @@ def test_pseudonyms_are_keyed_and_the_key_stays_on_this_machine(tmp_path, monkey
     unkeyed = {hashlib.blake2b(f"MRN-{n:06d}".encode(), digest_size=6).hexdigest()
                for n in range(5000)}
     assert expected not in unkeyed and pseudonym("MRN-004217", b"other key") != expected
-    monkeypatch.setenv("COVID_XRAY_PSEUDONYM_KEY", "shared-secret")
-    assert pseudonym_key(tmp_path / "elsewhere") == b"shared-secret"
+    shared = "shared-secret-of-at-least-32-characters"
+    monkeypatch.setenv("COVID_XRAY_PSEUDONYM_KEY", shared)
+    assert pseudonym_key(tmp_path / "elsewhere") == shared.encode()
     assert not (tmp_path / "elsewhere").exists()
+    # A short key is guessable, and with it every pseudonym: refused in one line.
+    monkeypatch.setenv("COVID_XRAY_PSEUDONYM_KEY", "shared-secret")
+    with pytest.raises(UserError, match=r"^COVID_XRAY_PSEUDONYM_KEY has 13 characters; a "
+                                        r"pseudonym key needs at least 32 \(make one with"):
+        pseudonym_key(tmp_path / "elsewhere")
 
 
 def test_the_data_step_says_what_it_left_out(tiny_dataset, tmp_path, capsys, monkeypatch):

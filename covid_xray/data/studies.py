@@ -148,6 +148,8 @@ def pseudonym(patient_id: str, key: bytes) -> str:
 
 PSEUDONYM_KEY_VARIABLE = "COVID_XRAY_PSEUDONYM_KEY"
 PSEUDONYM_KEY_FILE = "pseudonym.key"
+# A shorter key can be guessed, and with it every pseudonym reversed (record numbers are few).
+PSEUDONYM_KEY_MIN_LENGTH = 32
 
 
 def pseudonym_key(cache_dir: str | os.PathLike) -> bytes:
@@ -156,6 +158,11 @@ def pseudonym_key(cache_dir: str | os.PathLike) -> bytes:
     leaves this machine: not logged, not a param, not in the manifest."""
     from_environment = os.environ.get(PSEUDONYM_KEY_VARIABLE, "")
     if from_environment:
+        if len(from_environment) < PSEUDONYM_KEY_MIN_LENGTH:
+            raise UserError(f"{PSEUDONYM_KEY_VARIABLE} has {len(from_environment)} characters; "
+                            f"a pseudonym key needs at least {PSEUDONYM_KEY_MIN_LENGTH} (make "
+                            "one with `python -c 'import secrets; print(secrets.token_hex(32))'`"
+                            ") and the same one on every machine")
         return from_environment.encode()
     path = Path(cache_dir) / PSEUDONYM_KEY_FILE
     if not path.exists():
