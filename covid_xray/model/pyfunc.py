@@ -235,7 +235,7 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
         heatmaps, studies = [""] * len(result), [""] * len(result)
         for row, (value, item, label) in enumerate(zip(values, decoded, result.label,
                                                        strict=True)):
-            if not label or "patient_mismatch" in result["flags"][row].split():
+            if not label or has_flag(result["flags"][row], "patient_mismatch"):
                 continue  # refused, or its study names two patients: no DICOM result
             try:
                 image, _ = self.film_result(results, _open(column, value, row, root), item,
@@ -323,9 +323,7 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
             frame[key] = [item.uids.get(key, "") for item in decoded]
         mixed = mixed_patient_studies(frame.study_instance_uid,
                                       [item.uids.get(PATIENT_KEY, "") for item in decoded])
-        frame["flags"] = [add_flag(flags, "patient_mismatch") if study in mixed else flags
-                          for flags, study in zip(frame["flags"], frame.study_instance_uid,
-                                                  strict=True)]
+        flag_rows(frame, frame.study_instance_uid.isin(list(mixed)), "patient_mismatch")
         frame["ood_score"] = distances.astype(np.float64)
         # Unknown (None) for a file that was not scored, or a model without a distance.
         frame["in_distribution"] = pd.Series(
@@ -349,7 +347,17 @@ def signature(class_names: tuple[str, ...]) -> ModelSignature:
 
 def add_flag(flags: str, flag: str) -> str:
     """A row's space-separated `flags` with `flag` added (once)."""
-    return flags if flag in flags.split() else " ".join(filter(None, (flags, flag)))
+    return flags if has_flag(flags, flag) else " ".join(filter(None, (flags, flag)))
+
+
+def has_flag(flags: str, flag: str) -> bool:
+    """Whether a row's space-separated `flags` hold `flag`."""
+    return flag in flags.split()
+
+
+def flag_rows(frame: pd.DataFrame, rows: pd.Series, flag: str) -> None:
+    """Add `flag` to the `flags` of the rows `rows` (a boolean mask) selects."""
+    frame.loc[rows, "flags"] = frame["flags"][rows].map(lambda flags: add_flag(flags, flag))
 
 
 def mixed_patient_studies(study_uids: Sequence[str], patients: Sequence[str]) -> set[str]:

@@ -22,7 +22,7 @@ from covid_xray.files import atomic_write
 from covid_xray.imaging.dicom import PATIENT_KEY, UID_FIELDS
 from covid_xray.imaging.workers import Decoded, start_workers_early
 from covid_xray.model.dicom_results import StudyResults, as_uid, save
-from covid_xray.model.pyfunc import add_flag, mixed_patient_studies
+from covid_xray.model.pyfunc import add_flag, flag_rows, has_flag, mixed_patient_studies
 from covid_xray.tracking import mlflow_run, registry
 
 HEX12 = re.compile(r"[0-9a-f]{12}")
@@ -95,9 +95,7 @@ def predict_files(config: PredictConfig, progress: bool = True) -> pd.DataFrame:
     # A study whose films name different patients (perhaps across batches): each film keeps
     # its own answer, flagged; the study gets no answer and no DICOM report.
     mixed = mixed_patient_studies(table.study_instance_uid, patients)
-    hit = table.study_instance_uid.isin(list(mixed))
-    table.loc[hit, "flags"] = table["flags"][hit].map(
-        lambda flags: add_flag(flags, "patient_mismatch"))
+    flag_rows(table, table.study_instance_uid.isin(list(mixed)), "patient_mismatch")
     for study in mixed:
         results.withhold(as_uid(study), "its films name different patients")
     output = Path(config.output)
@@ -112,9 +110,9 @@ def predict_files(config: PredictConfig, progress: bool = True) -> pd.DataFrame:
             with contextlib.suppress(OSError):  # the study's folder, when nothing else is in it
                 path.parent.rmdir()
     if unreported:  # its films keep their answers, and say they have no DICOM result
-        hit = (table.label != "") & table.study_instance_uid.map(as_uid).isin(list(unreported))
-        table.loc[hit, "flags"] = table["flags"][hit].map(
-            lambda flags: add_flag(flags, "no_dicom_result"))
+        flag_rows(table, (table.label != "")
+                  & table.study_instance_uid.map(as_uid).isin(list(unreported)),
+                  "no_dicom_result")
     for study, report in reports.items():
         target = Path(config.dicom_out) / study / f"sr-{report.SOPInstanceUID}.dcm"
         save(report, target)
@@ -175,7 +173,7 @@ def study_answers(table: pd.DataFrame, model) -> pd.DataFrame:
         # A film far from the training films has no label of its own: it does not vote; films
         # of two patients make no study answer.
         scored = files[(files.error == "") & (files.reason == "")]
-        two_patients = files["flags"].str.split().map(lambda f: "patient_mismatch" in f).any()
+        two_patients = files["flags"].map(lambda f: has_flag(f, "patient_mismatch")).any()
         if two_patients:
             scored = scored.iloc[:0]
         mean = scored[columns].astype(float).mean().to_numpy() if len(scored) else None
@@ -213,7 +211,8 @@ def _write_film_results(model, results: StudyResults, paths: list[Path],
     `no_dicom_result` (`no_heatmap` when only PNGs were asked for)."""
     probabilities = frame[[f"prob_{name}" for name in model.class_names]].to_numpy()
     for row, (path, item, label) in enumerate(zip(paths, decoded, frame.label, strict=True)):
-        if item.model_input is None or not label or "patient_mismatch" in frame["flags"][row]:
+        if (item.model_input is None or not label
+                or has_flag(frame["flags"][row], "patient_mismatch")):
             continue
         try:
             if config.dicom_out:
