@@ -280,8 +280,11 @@ def with_header(source, target, **fields) -> None:
     ds = pydicom.dcmread(source)
     for keyword, value in fields.items():
         tag = tag_for_keyword(keyword)
-        if isinstance(value, str):  # stored as the bytes given, unchecked, as a writer might
-            raw = value.encode().ljust(len(value) + len(value) % 2)
+        if keyword == "SpecificCharacterSet":  # how pydicom writes the text that follows
+            ds.SpecificCharacterSet = value
+        elif isinstance(value, str | bytes):  # stored as given (text as UTF-8), unchecked
+            raw = value.encode() if isinstance(value, str) else value
+            raw = raw.ljust(len(raw) + len(raw) % 2)
             ds[tag] = RawDataElement(pydicom.tag.Tag(tag), dictionary_VR(tag), len(raw), raw,
                                      0, False, True)
         else:

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+from pydicom.valuerep import PersonName
 
 from covid_xray.config import PredictConfig
 from covid_xray.errors import UserError
@@ -49,7 +50,9 @@ def dciodvfy_errors(dataset_or_path) -> list[str]:
     if not isinstance(path, str | Path):
         path = Path(os.environ.get("TMPDIR", "/tmp")) / f"check-{os.getpid()}.dcm"
         path.write_bytes(to_bytes(dataset_or_path))
-    checked = subprocess.run([validator, str(path)], capture_output=True, text=True)
+    # (it echoes values in their own bytes: names need not be UTF-8)
+    checked = subprocess.run([validator, str(path)], capture_output=True, text=True,
+                             errors="replace")
     lines = (checked.stdout + checked.stderr).splitlines()
     assert any(line.strip() in ("Comprehensive3DSR", "SCImage") for line in lines), lines
     return [line for line in lines if line.startswith("Error")]
@@ -82,6 +85,38 @@ def hostile_film(path: Path) -> Path:
         "StudyTime": "ab", "AccessionNumber": "A" * 40, "StudyID": "S" * 30,
         "PatientOrientation": "Q\\Z", "ReferringPhysicianName": "=" * 80})
     return path
+
+
+# A name in the source's declared character set, and one in 8-bit bytes with none declared
+# (read as Latin-1, ISO_IR 100: see read_source).
+NAMES = {"utf-8 declared": ({"SpecificCharacterSet": "ISO_IR 192", "PatientName":
+                             PersonName("Müller^Zoë=王^小明")}, "Müller^Zoë=王^小明"),
+         "8-bit undeclared": ({"PatientName": "Müller^Zoë".encode("latin-1")}, "Müller^Zoë")}
+
+
+@pytest.mark.parametrize("kind", NAMES)
+def test_a_non_ascii_name_reaches_the_results_intact_in_utf_8(kind, tmp_path):
+    """Results copied the decoded name without a character set: `?^??` for the ideographic
+    part, and dciodvfy's "character invalid for repertoire". Every result now says
+    ISO_IR 192 (UTF-8: it holds any source's repertoire) and carries the name as read."""
+    from tests.test_dicom import with_header
+
+    fields, name = NAMES[kind]
+    path = tmp_path / "film.dcm"
+    with_header(siim_film(tmp_path / "plain.dcm"), path, **fields)
+    sent = "Müller^Zoë=王^小明".encode() if kind == "utf-8 declared" else fields["PatientName"]
+    assert sent in path.read_bytes()
+    source = read_source(str(path))
+    report = study_report([source], np.array([[0.25, 0.75]]), ["opacity"],
+                          np.array([0.25, 0.75]), "opacity", CLASSES, 0.5, IDENTITY)
+    heatmap = heatmap_capture(source, np.zeros((48, 40, 3), np.uint8),
+                              pydicom.uid.generate_uid(), 1, IDENTITY)
+    for result in (report, heatmap):
+        written = to_file(result, tmp_path / "result.dcm")
+        assert dciodvfy_errors(written) == []
+        read_back = pydicom.dcmread(written)
+        assert read_back.SpecificCharacterSet == "ISO_IR 192"
+        assert str(read_back.PatientName) == name
 
 
 @pytest.mark.parametrize("source_kind", ["real", "siim", "monochrome1", "hostile"])
@@ -276,12 +311,12 @@ def test_the_loaded_model_returns_the_objects_as_base64(store, demo_dataset):
         assert dciodvfy_errors(image) == []
 
 
-def test_a_backslash_in_a_name_loses_no_row_and_leaves_no_orphan_object(store, demo_dataset,
-                                                                         tmp_path):
+def test_hostile_names_lose_no_row_and_leave_no_orphan_object(store, demo_dataset, tmp_path):
     """A PatientName holding DICOM's value separator (a backslash) defeated the writer, and the
     flag meant to say so raised (pandas' own `frame.flags`): predict wrote no CSV and left the
-    film's heatmap object without a report. Now every file is a row, a study's objects are
-    written all or none, and what is written is valid DICOM."""
+    film's heatmap object without a report. Names not in ASCII came out as `?`. Now every
+    file is a row, a study's objects are written all or none, and what is written is valid
+    DICOM holding the names as sent."""
     from tests.test_dicom import with_header
 
     folder = tmp_path / "in"
@@ -290,6 +325,9 @@ def test_a_backslash_in_a_name_loses_no_row_and_leaves_no_orphan_object(store, d
         shutil.copytree(study, folder / study.name)
     hostile = sorted((folder / studies[0].name).rglob("*.dcm"))[0]
     with_header(hostile, hostile, PatientName="Doe\\Jane^Q")
+    for study, (fields, _) in zip(studies[1:], NAMES.values(), strict=True):
+        for film in (folder / study.name).rglob("*.dcm"):  # names not in ASCII, every film
+            with_header(film, film, **fields)
     table, out = predict_with_dicom_out(folder, tmp_path, batch_size=2)
     written = pd.read_csv(tmp_path / "p.csv", keep_default_na=False, dtype=str)
     assert len(written) == len(table) == len(list(folder.rglob("*.dcm")))
@@ -298,6 +336,8 @@ def test_a_backslash_in_a_name_loses_no_row_and_leaves_no_orphan_object(store, d
         assert list(study_folder.glob("sr-*.dcm")), f"orphan heatmaps in {study_folder.name}"
     for path in out.rglob("*.dcm"):
         assert dciodvfy_errors(path) == []
+    names = {str(pydicom.dcmread(path).PatientName) for path in out.rglob("*.dcm")}
+    assert {name for _, name in NAMES.values()} <= names
     reported = {path.name for path in out.iterdir()}
     for row in written[written.label != ""].itertuples():
         uid = as_uid(row.study_instance_uid)

@@ -18,6 +18,13 @@ valid Patient's Age: it is left out). A source UID that is not a DICOM UID (SIIM
 12 hex digits where UIDs belong: their anonymisation) is referenced as `2.25.<UUID v5 of
 it>`: the same id gives the same UID every time, so the report, the heatmaps and every
 rerun agree about which study and film they mean, and the CSV keeps the original id.
+
+Text is copied as the characters it holds, not as its bytes: read in the source's declared
+Specific Character Set, written in UTF-8 (`ISO_IR 192`, which holds every repertoire a source
+may declare, so one result can cite films in different sets). A source with 8-bit bytes and
+no declared set breaks the standard (the default repertoire is ASCII); it is read as Latin-1
+(ISO_IR 100), the set of most such films in practice and one that decodes any byte, so a name
+arrives as its sender most likely meant it rather than as `?`.
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ MODEL_CALL = hd.sr.CodedConcept("call", SCHEME, "Model call at its operating poi
 THRESHOLD = hd.sr.CodedConcept("threshold", SCHEME, "Decision threshold on P(opacity)")
 # Series numbers of the result series: high, so viewers list them after the films.
 REPORT_SERIES, HEATMAP_SERIES = 9001, 9002
+UTF_8 = "ISO_IR 192"  # every result's Specific Character Set
 # What a result copies from its source header (patient, study, and the film's own ids).
 COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge",
           "StudyDate", "StudyTime", "AccessionNumber", "StudyID", "ReferringPhysicianName",
@@ -99,8 +107,12 @@ def read_source(file: str | BinaryIO) -> Dataset:
         file.seek(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a malformed value is checked below, not warned about
-        header = pydicom.dcmread(file, stop_before_pixels=True, specific_tags=list(COPIED))
+        header = pydicom.dcmread(file, stop_before_pixels=True, specific_tags=[
+            "SpecificCharacterSet", *COPIED])
+        if "SpecificCharacterSet" not in header:  # pydicom's default decoding is Latin-1
+            header.SpecificCharacterSet = "ISO_IR 100"
     source = Dataset()
+    source.SpecificCharacterSet = UTF_8  # highdicom copies it into every result
     for keyword in COPIED:
         element = header.get(keyword) and header.data_element(keyword)
         if not element or element.value in (None, ""):
@@ -108,7 +120,9 @@ def read_source(file: str | BinaryIO) -> Dataset:
         if element.VR == "UI":  # an id that is not a UID is referenced by one derived from it
             setattr(source, keyword, as_uid(element.value))
         elif _valid(element.VR, element.value):
-            setattr(source, keyword, element.value)
+            # A name as its text: a PersonName would write back its source's bytes.
+            value = str(element.value) if element.VR == "PN" else element.value
+            setattr(source, keyword, value)
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
         if keyword not in source:  # a film without its ids still needs them referenced
             setattr(source, keyword, generate_uid())
