@@ -145,7 +145,9 @@ def spark_throughput(network: Classifier, preprocessing: Preprocessing, data_dir
     import mlflow
 
     from covid_xray.config import ScoreSparkConfig
-    from covid_xray.model.pyfunc import DicomClassifier, example_input, signature
+    from covid_xray.model import artifacts
+    from covid_xray.model.pyfunc import DicomClassifier, signature
+    from covid_xray.model.requests import example_input
     from covid_xray.serving.score_spark import dicom_files, scored_rows, spark_session
     from covid_xray.tracking.mlflow_run import PACKAGE_DIR
 
@@ -154,7 +156,7 @@ def spark_throughput(network: Classifier, preprocessing: Preprocessing, data_dir
     (scratch / "artifacts").mkdir()
     mlflow.pyfunc.save_model(
         scratch / "model", python_model=str(PACKAGE_DIR / "model" / "served_model.py"),
-        artifacts=classifier.save_artifacts(scratch / "artifacts"),
+        artifacts=artifacts.save(classifier, scratch / "artifacts"),
         signature=signature(classifier.class_names), input_example=example_input(),
         code_paths=[str(PACKAGE_DIR)])
     session = spark_session(ScoreSparkConfig(master=f"local[{available_cores()}]",

@@ -29,7 +29,7 @@ from covid_xray.model.dicom_results import (
     study_report,
     to_bytes,
 )
-from covid_xray.model.pyfunc import encode_dicom
+from covid_xray.model.requests import encode_dicom
 from covid_xray.serving.predict import predict_files
 from covid_xray.tracking.registry import load
 from tests.conftest import REAL_DICOM

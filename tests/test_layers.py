@@ -104,7 +104,7 @@ def test_loading_the_logged_model_imports_no_data_or_training_code(tmp_path):
     probe = (
         "import sys\n"
         "from covid_xray.model import served_model\n"
-        "from covid_xray.model.pyfunc import example_input\n"
+        "from covid_xray.model.requests import example_input\n"
         "example_input()\n"
         "loaded = sorted(m for m in sys.modules if m.startswith('covid_xray.'))\n"
         "print('\\n'.join(loaded))\n"
@@ -124,7 +124,7 @@ def test_the_registered_model_loads_and_answers_without_data_or_training_code(st
     is imported on the way."""
     probe = (
         "import sys, mlflow, pandas as pd\n"
-        "from covid_xray.model.pyfunc import encode_dicom\n"
+        "from covid_xray.model.requests import encode_dicom\n"
         "model = mlflow.pyfunc.load_model('models:/covid-xray-densenet@champion')\n"
         f"answer = model.predict(pd.DataFrame({{'dicom_base64': [encode_dicom({str(REAL_DICOM)!r})]}}))\n"
         "assert answer.error[0] == '', answer.error[0]\n"

@@ -20,7 +20,7 @@ from covid_xray.data.synthetic import chest_image
 from covid_xray.errors import UserError
 from covid_xray.imaging.workers import available_cores, worker_count
 from covid_xray.imaging.writer import write_dicom
-from covid_xray.model.pyfunc import encode_dicom
+from covid_xray.model.requests import encode_dicom
 from covid_xray.serving.predict import find_dicoms, predict_files, siim_ids
 from covid_xray.tracking.registry import load
 from tests.conftest import REAL_DICOM, ROOT, clean_env

@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from covid_xray.evaluation.calibration import calibrate
 from covid_xray.imaging.writer import write_dicom
-from covid_xray.model.pyfunc import encode_dicom
+from covid_xray.model.requests import encode_dicom
 from covid_xray.tracking.registry import load
 from tests.conftest import REAL_DICOM, clean_env, free_port, serving, uv_sources_like_pip
 

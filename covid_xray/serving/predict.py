@@ -21,8 +21,9 @@ from covid_xray.evaluation.calibration import predicted_classes
 from covid_xray.files import atomic_write
 from covid_xray.imaging.dicom import PATIENT_KEY, UID_FIELDS
 from covid_xray.imaging.workers import Decoded, start_workers_early
+from covid_xray.model.answers import add_flag, flag_rows, has_flag, mixed_patient_studies
+from covid_xray.model.dicom_answers import film_result, heatmap_picture
 from covid_xray.model.dicom_results import StudyResults, as_uid, save
-from covid_xray.model.pyfunc import add_flag, flag_rows, has_flag, mixed_patient_studies
 from covid_xray.tracking import mlflow_run, registry
 
 HEX12 = re.compile(r"[0-9a-f]{12}")
@@ -216,10 +217,10 @@ def _write_film_results(model, results: StudyResults, paths: list[Path],
             continue
         try:
             if config.dicom_out:
-                image, picture = model.film_result(results, str(path), item,
+                image, picture = film_result(model, results, str(path), item,
                                                    probabilities[row], label)
             else:
-                picture = model.heatmap_picture(str(path), item, label)
+                picture = heatmap_picture(model, str(path), item, label)
         except Exception as error:
             flag = "no_dicom_result" if config.dicom_out else "no_heatmap"
             frame.loc[row, "flags"] = add_flag(frame["flags"][row], flag)

@@ -25,7 +25,7 @@ import pandas as pd
 
 from covid_xray.config import ScoreSparkConfig
 from covid_xray.errors import UserError
-from covid_xray.model.pyfunc import TEXT_COLUMNS
+from covid_xray.model.answers import TEXT_COLUMNS
 from covid_xray.serving.predict import HEX12, record_scoring
 from covid_xray.tracking import mlflow_run, registry
 

@@ -43,8 +43,9 @@ from covid_xray import lifecycle
 from covid_xray.errors import RunStopped, UserError
 from covid_xray.evaluation.report import Evaluation
 from covid_xray.files import sqlite_turn
-from covid_xray.model import pyfunc
+from covid_xray.model import artifacts, pyfunc
 from covid_xray.model.pyfunc import DicomClassifier
+from covid_xray.model.requests import example_input
 from covid_xray.tracking import registry
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # covid_xray/: logged whole with each model
@@ -334,9 +335,9 @@ def log_model(python_model: DicomClassifier) -> mlflow.models.model.ModelInfo:
         return mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PACKAGE_DIR / "model" / "served_model.py"),
-            artifacts=python_model.save_artifacts(Path(folder)),
+            artifacts=artifacts.save(python_model, Path(folder)),
             signature=pyfunc.signature(python_model.class_names),
-            input_example=pyfunc.example_input(),
+            input_example=example_input(),
             code_paths=[str(PACKAGE_DIR)],
             pip_requirements=_pinned_requirements(),
             metadata=metadata,
