@@ -21,7 +21,10 @@ from covid_xray.config import PredictConfig
 from covid_xray.errors import UserError
 from covid_xray.imaging.writer import write_dicom
 from covid_xray.model.dicom_results import (
+    SCOPES,
+    FilmCounts,
     ModelIdentity,
+    ReportedModel,
     StudyResults,
     as_uid,
     heatmap_capture,
@@ -36,6 +39,7 @@ from tests.conftest import REAL_DICOM
 
 IDENTITY = ModelIdentity("covid-xray-densenet", "7", "0123456789abcdef0123456789abcdef")
 CLASSES = ("negative", "opacity")
+MODEL = ReportedModel(CLASSES, 0.4142135623730951, (0.625, 0.375), IDENTITY)
 
 
 def dciodvfy_errors(dataset_or_path) -> list[str]:
@@ -107,9 +111,8 @@ def test_a_non_ascii_name_reaches_the_results_intact_in_utf_8(kind, tmp_path):
     sent = "Müller^Zoë=王^小明".encode() if kind == "utf-8 declared" else fields["PatientName"]
     assert sent in path.read_bytes()
     source = read_source(str(path))
-    report = study_report([source], np.array([[0.25, 0.75]]), ["opacity"],
-                          np.array([0.25, 0.75]), "opacity", CLASSES, 0.5, IDENTITY)
-    heatmap = heatmap_capture(source, np.zeros((48, 40, 3), np.uint8),
+    report = study_report([source], np.array([[0.25, 0.75]]), ["opacity"], MODEL)
+    heatmap = heatmap_capture(source, np.zeros((48, 40, 3), np.uint8), "opacity",
                               pydicom.uid.generate_uid(), 1, IDENTITY)
     for result in (report, heatmap):
         written = to_file(result, tmp_path / "result.dcm")
@@ -128,11 +131,11 @@ def test_report_and_heatmap_are_valid_dicom_filed_against_the_source(source_kind
     original = pydicom.dcmread(path, stop_before_pixels=True)
     source = read_source(str(path))
     films = np.array([[0.25, 0.75], [0.6180339887498949, 0.3819660112501051]])
-    mean = films.mean(axis=0)
-    report = study_report([source, source], films, ["opacity", "negative"], mean, "opacity",
-                          CLASSES, 0.4142135623730951, IDENTITY)
+    report = study_report([source, source], films, ["opacity", "negative"], MODEL,
+                          FilmCounts(out_of_distribution=2, refused={"view": 1,
+                                                                     "unreadable": 3}))
     heatmap = heatmap_capture(source, np.full((50, 40, 3), (0, 128, 255), np.uint8),
-                              pydicom.uid.generate_uid(), 1, IDENTITY)
+                              "opacity", pydicom.uid.generate_uid(), 1, IDENTITY)
     assert dciodvfy_errors(report) == []
     assert dciodvfy_errors(heatmap) == []
 
@@ -156,7 +159,7 @@ def test_report_and_heatmap_are_valid_dicom_filed_against_the_source(source_kind
 
     groups = read_back.content.get_image_measurement_groups()
     assert [group.tracking_identifier for group in groups] == ["film 1", "film 2", "study"]
-    for group, expected in zip(groups, [*films, mean], strict=True):
+    for group, expected in zip(groups, [*films, films.mean(axis=0)], strict=True):
         values = {item.name.meaning: item.value for item in group.get_measurements()}
         assert values["Probability of negative"] == expected[0]  # exact: FloatingPointValue
         assert values["Probability of opacity"] == expected[1]
@@ -164,8 +167,16 @@ def test_report_and_heatmap_are_valid_dicom_filed_against_the_source(source_kind
             film_uid}
     assert [group.get_qualitative_evaluations()[0].value.value for group in groups] == [
         "opacity", "negative", "opacity"]
-    assert {item.name.meaning: item.value for item in groups[2].get_measurements()}[
-        "Decision threshold on P(opacity)"] == 0.4142135623730951
+    study = {item.name.meaning: item.value for item in groups[2].get_measurements()}
+    assert study["Decision threshold on P(opacity)"] == 0.4142135623730951
+    # What the answer rests on: the prevalence it is calibrated to, and every film counted.
+    assert (study["Training prevalence of negative"],
+            study["Training prevalence of opacity"]) == (0.625, 0.375)
+    assert {name: value for name, value in study.items() if name.startswith("Films")} == {
+        "Films scored (in the study's mean)": 2, "Films out of distribution (not in the mean)": 2,
+        "Films refused (not in the mean)": 4, "Films refused: unreadable": 3,
+        "Films refused: view": 1}
+    assert groups[2].get_qualitative_evaluations()[1].value.meaning == SCOPES["folder"]
 
     # Who answered (IHE AI Results: Contributing Equipment), and what it is not for.
     for made in (read_back, heatmap):
@@ -178,6 +189,7 @@ def test_report_and_heatmap_are_valid_dicom_filed_against_the_source(source_kind
     assert heatmap.SourceImageSequence[0].ReferencedSOPInstanceUID == film_uid
     assert heatmap.pixel_array.shape == (50, 40, 3)
     assert tuple(heatmap.pixel_array[0, 0]) == (255, 128, 0)  # BGR in, RGB in the file
+    assert "Grad-CAM of class opacity" in heatmap.ImageComments  # whose evidence it shows
 
 
 def to_file(dataset, path: Path) -> Path:
@@ -193,7 +205,7 @@ def test_a_missing_study_uid_is_a_study_of_its_own_and_the_report_covers_only_gi
         ds = pydicom.dcmread(path)
         del ds.StudyInstanceUID
         ds.save_as(path)
-    results = StudyResults(CLASSES, 0.5, IDENTITY)
+    results = StudyResults(MODEL, "folder")
     for path in (a, b):
         results.add(read_source(str(path)), np.array([0.3, 0.7]), "opacity")
     reports, failed = results.reports()
@@ -202,7 +214,6 @@ def test_a_missing_study_uid_is_a_study_of_its_own_and_the_report_covers_only_gi
         assert dciodvfy_errors(report) == []
 
 
-@pytest.mark.slow
 def predict_with_dicom_out(folder: Path, tmp_path: Path, batch_size: int
                            ) -> tuple[pd.DataFrame, Path]:
     """predict on `folder` with the trained store's model, DICOM results into tmp_path/pacs;
@@ -306,6 +317,9 @@ def test_the_loaded_model_returns_the_objects_as_base64(store, demo_dataset):
         values = {item.name.meaning: item.value
                   for item in sources[row.sop_instance_uid].get_measurements()}
         assert values["Probability of opacity"] == row.prob_opacity
+        # A request may hold part of a study: its report says it covers that request only.
+        scope = report.content.get_image_measurement_groups()[-1].get_qualitative_evaluations()
+        assert scope[1].value.value == "request"
         image = pydicom.dcmread(pydicom.filebase.DicomBytesIO(base64.b64decode(row.heatmap_base64)))
         assert image.SourceImageSequence[0].ReferencedSOPInstanceUID == row.sop_instance_uid
         assert dciodvfy_errors(image) == []
@@ -383,3 +397,82 @@ def test_a_study_naming_two_patients_gets_no_study_answer_and_no_report(store, d
     others = written[~written.path.str.contains("/mixed/") & (written.label != "")]
     if len(others):  # the other study is reported as usual
         assert list((out / as_uid(others.study_instance_uid.iloc[0])).glob("sr-*.dcm"))
+
+
+def same_study(source: Path, target: Path, study: pydicom.Dataset, **changes) -> Path:
+    """`source` re-filed as a new film of `study`'s study and patient, with `changes`."""
+    ds = pydicom.dcmread(source)
+    for keyword in ("StudyInstanceUID", "PatientID", "PatientName", "PatientBirthDate"):
+        if keyword in study:
+            setattr(ds, keyword, study.data_element(keyword).value)
+        elif keyword in ds:
+            delattr(ds, keyword)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    for keyword, value in changes.items():
+        setattr(ds, keyword, value)
+    ds.save_as(target)
+    return target
+
+
+def test_a_report_counts_what_it_leaves_out_and_its_mean_is_the_study_answer(
+        store, demo_dataset, tmp_path, monkeypatch):
+    """A study of scored films, one whose heatmap cannot be drawn, a lateral film, an
+    unreadable one and one far from the training films: the report's mean is the studies
+    CSV's (to 1e-12), the heatmap failure stays in it, and the study group counts the rest.
+    Before, a film without a heatmap fell out of the report (its mean differed from the CSV)
+    and nothing said what was left out or to which prevalence the answer is calibrated."""
+    import covid_xray.model.dicom_answers as dicom_answers
+
+    folder = tmp_path / "in"
+    study_folder = sorted((demo_dataset / "train").iterdir())[0]
+    shutil.copytree(study_folder, folder / study_folder.name)
+    films = sorted((folder / study_folder.name).rglob("*.dcm"))
+    study = pydicom.dcmread(films[0], stop_before_pixels=True)
+    extra = folder / study_folder.name / "extra"
+    extra.mkdir()
+    same_study(films[0], extra / "no-heatmap.dcm", study)
+    same_study(films[0], extra / "lateral.dcm", study, ViewPosition="LL")
+    same_study(films[0], extra / "unreadable.dcm", study, PixelData=b"\0\1")
+    same_study(REAL_DICOM, extra / "far.dcm", study)  # far from the synthetic training films
+    drawn = dicom_answers.overlay
+
+    def overlay_failing_once(file, heatmap, preprocessing):
+        if str(file).endswith("no-heatmap.dcm"):
+            raise RuntimeError("injected: this film's heatmap cannot be drawn")
+        return drawn(file, heatmap, preprocessing)
+
+    monkeypatch.setattr(dicom_answers, "overlay", overlay_failing_once)
+    table, out = predict_with_dicom_out(folder, tmp_path, batch_size=2)
+    written = pd.read_csv(tmp_path / "p.csv", keep_default_na=False, dtype=str)
+    reasons = dict(zip(written.path.map(lambda path: Path(path).name), written.reason,
+                       strict=True))
+    assert (reasons["lateral.dcm"], reasons["unreadable.dcm"], reasons["far.dcm"]) == (
+        "view", "unreadable", "out_of_distribution")
+    (flags,) = written[written.path.str.endswith("no-heatmap.dcm")]["flags"]
+    assert "no_heatmap" in flags.split() and "no_dicom_result" not in flags.split()
+
+    (answer,) = pd.read_csv(tmp_path / "p.studies.csv").itertuples()
+    (report_path,) = out.glob("*/sr-*.dcm")
+    assert dciodvfy_errors(report_path) == []
+    report = hd.sr.srread(report_path)
+    *film_groups, study_group = report.content.get_image_measurement_groups()
+    assert len(film_groups) == answer.scored == len(films) + 1  # the heatmap failure included
+    values = {item.name.meaning: item.value for item in study_group.get_measurements()}
+    assert values["Probability of opacity"] == pytest.approx(answer.prob_opacity, abs=1e-12)
+    assert values["Probability of negative"] == pytest.approx(answer.prob_negative, abs=1e-12)
+    assert {name: value for name, value in values.items() if name.startswith("Films")} == {
+        "Films scored (in the study's mean)": answer.scored,
+        "Films out of distribution (not in the mean)": 1,
+        "Films refused (not in the mean)": 2, "Films refused: unreadable": 1,
+        "Films refused: view": 1}
+    prevalence = load("models:/covid-xray-densenet/Production").operating.training_prevalence
+    assert (values["Training prevalence of negative"],
+            values["Training prevalence of opacity"]) == pytest.approx(prevalence, abs=1e-12)
+    assert study_group.get_qualitative_evaluations()[1].value.value == "folder"
+    heatmaps = list(out.glob("*/sc-*.dcm"))
+    assert len(heatmaps) == len(films)  # none for the film whose heatmap failed
+    labels = table.set_index("sop_instance_uid").label
+    for path in heatmaps:
+        image = pydicom.dcmread(path)
+        label = labels[image.SourceImageSequence[0].ReferencedSOPInstanceUID]
+        assert f"Grad-CAM of class {label}," in image.ImageComments

@@ -3,9 +3,11 @@ Capture, for each study its Structured Report (model/dicom_results.py writes the
 they come back as base64 columns of the answer table; `-e predict -P dicom_out` writes them
 into a folder with the same steps.
 
-A study's objects come whole or not at all: a study whose report cannot be written keeps no
-heatmap object either, and its films are flagged `no_dicom_result`. A study whose films name
-two patients (`patient_mismatch`) gets none.
+A study's report covers exactly the films its answer averages: every scored film, whether or
+not its heatmap could be drawn (one that could not is flagged `no_heatmap`). A study's objects
+come whole or not at all: a study whose report cannot be written (or one of whose films'
+headers cannot be read) keeps no heatmap object either, and its films are flagged
+`no_dicom_result`. A study whose films name two patients (`patient_mismatch`) gets none.
 """
 
 from __future__ import annotations
@@ -15,12 +17,27 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from pydicom.dataset import Dataset
 
 from covid_xray.evaluation.gradcam import grad_cam, overlay
 from covid_xray.imaging.workers import Decoded
 from covid_xray.model.answers import add_flag, has_flag
-from covid_xray.model.dicom_results import StudyResults, read_source, to_bytes
+from covid_xray.model.dicom_results import (
+    FilmCounts,
+    ReportedModel,
+    StudyResults,
+    as_uid,
+    read_source,
+    to_bytes,
+)
 from covid_xray.model.requests import open_row
+
+
+def study_results(classifier: Any, scope: str) -> StudyResults:
+    """An empty collection of a batch's results for this `DicomClassifier`'s answers."""
+    return StudyResults(ReportedModel(classifier.class_names, classifier.threshold,
+                                      classifier.operating.training_prevalence,
+                                      classifier.identity), scope)
 
 
 def heatmap_picture(classifier: Any, file: Any, item: Decoded, label: str) -> np.ndarray:
@@ -33,38 +50,61 @@ def heatmap_picture(classifier: Any, file: Any, item: Decoded, label: str) -> np
     return overlay(file, heatmap, classifier.preprocessing)
 
 
-def film_result(classifier: Any, results: StudyResults, file: Any, item: Decoded,
-                probabilities: np.ndarray, label: str) -> tuple[Any, np.ndarray]:
-    """For a scored film: its header goes to `results` (for its study's report); returns
-    its Grad-CAM Secondary Capture and the overlay picture."""
-    source = read_source(file)
-    picture = heatmap_picture(classifier, file, item, label)
-    image = results.heatmap(source, picture)
-    results.add(source, probabilities, label)  # only once all of it worked
-    return image, picture
+def add_film(results: StudyResults, file: Any, item: Decoded, probabilities: np.ndarray,
+             label: str) -> Dataset | None:
+    """A scored film into its study's report; returns its header (`read_source`), or None
+    when the header cannot be read: the study then gets no report, since it would leave the
+    film out of a mean that counts it."""
+    try:
+        source = read_source(file)
+    except Exception:
+        if item.uids.get("study_instance_uid"):
+            results.withhold(as_uid(item.uids["study_instance_uid"]),
+                             "a film's header could not be read")
+        return None
+    results.add(source, probabilities, label)
+    return source
+
+
+def left_out(answers: pd.DataFrame) -> dict[str, FilmCounts]:
+    """By study (its UID as the results file it: `as_uid`), the films of the answer table
+    that are not in the study's answer: out of distribution, or refused by reason code."""
+    counts: dict[str, FilmCounts] = {}
+    unscored = answers[(answers.reason != "") & (answers.study_instance_uid != "")]
+    for study, films in unscored.groupby("study_instance_uid"):
+        reasons = films.reason.value_counts().to_dict()
+        outside = reasons.pop("out_of_distribution", 0)
+        counts[as_uid(study)] = FilmCounts(out_of_distribution=int(outside),
+                                           refused={str(reason): int(number)
+                                                    for reason, number in reasons.items()})
+    return counts
 
 
 def attach_dicom_results(classifier: Any, result: pd.DataFrame, column: str,
                          values: pd.Series, decoded: list[Decoded], root: str) -> None:
     """`sr_base64` (the report of the row's study: the same bytes on every row of one
-    study) and `heatmap_base64` (the film's Grad-CAM Secondary Capture) as DICOM files in
-    base64; empty for a row that was not scored. A film whose header defeats the writer
-    keeps its answer and gets the flag `no_dicom_result`."""
-    results = StudyResults(classifier.class_names, classifier.threshold, classifier.identity)
+    study; it covers this request's films only) and `heatmap_base64` (the film's Grad-CAM
+    Secondary Capture) as DICOM files in base64; empty for a row that was not scored."""
+    results = study_results(classifier, "request")
     probabilities = result[[f"prob_{name}" for name in classifier.class_names]].to_numpy()
     heatmaps, studies = [""] * len(result), [""] * len(result)
     for row, (value, item, label) in enumerate(zip(values, decoded, result.label,
                                                    strict=True)):
         if not label or has_flag(result["flags"][row], "patient_mismatch"):
             continue  # refused, or its study names two patients: no DICOM result
-        try:
-            image, _ = film_result(classifier, results, open_row(column, value, row, root),
-                                   item, probabilities[row], label)
-            heatmaps[row] = base64.b64encode(to_bytes(image)).decode("ascii")
-            studies[row] = image.StudyInstanceUID
-        except Exception:
+        file = open_row(column, value, row, root)
+        source = add_film(results, file, item, probabilities[row], label)
+        if source is None:
             result.loc[row, "flags"] = add_flag(result["flags"][row], "no_dicom_result")
-    made, failed = results.reports()
+            continue
+        studies[row] = source.StudyInstanceUID
+        try:
+            image = results.heatmap(source, heatmap_picture(classifier, file, item, label),
+                                    label)
+            heatmaps[row] = base64.b64encode(to_bytes(image)).decode("ascii")
+        except Exception:
+            result.loc[row, "flags"] = add_flag(result["flags"][row], "no_heatmap")
+    made, failed = results.reports(left_out(result))
     reports = {study: base64.b64encode(to_bytes(report)).decode("ascii")
                for study, report in made.items()}
     for row, study in enumerate(studies):

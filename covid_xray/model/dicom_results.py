@@ -2,8 +2,12 @@
 
 Per study: one Structured Report (Comprehensive 3D SR holding a TID 1500 Measurement Report),
 with a measurement group per scored film (each class probability, the call at the model's
-operating point, the film it is about) and one for the study (the mean, the call on it). Per
-scored film: its Grad-CAM overlay as a Secondary Capture image. Each kind goes into a new
+operating point, the film it is about) and one for the study: the mean over exactly the films
+reported (what predict's `.studies.csv` says), the call on it, the threshold, the training
+prevalence the probabilities are calibrated to, how many of the study's films were scored,
+refused (by reason) or out of distribution, and which films the answer covers (`SCOPES`: a
+served request may hold part of a study). Per scored film: its Grad-CAM overlay as a
+Secondary Capture image, naming the class whose evidence it shows. Each kind goes into a new
 series of the source study; every object gets new UIDs (highdicom writes them).
 
 Who answered, after the IHE AI Results profile: the Contributing Equipment Sequence names the
@@ -34,7 +38,7 @@ import re
 import uuid
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
@@ -60,6 +64,15 @@ SCHEME = "99COVIDXRAY"
 NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")  # a probability is a ratio
 MODEL_CALL = hd.sr.CodedConcept("call", SCHEME, "Model call at its operating point")
 THRESHOLD = hd.sr.CodedConcept("threshold", SCHEME, "Decision threshold on P(opacity)")
+FILMS = hd.sr.CodedConcept("{films}", "UCUM", "films")  # the unit of a count of films
+SCORED = hd.sr.CodedConcept("films-scored", SCHEME, "Films scored (in the study's mean)")
+OUT_OF_DISTRIBUTION = hd.sr.CodedConcept("films-ood", SCHEME,
+                                         "Films out of distribution (not in the mean)")
+REFUSED = hd.sr.CodedConcept("films-refused", SCHEME, "Films refused (not in the mean)")
+SCOPE = hd.sr.CodedConcept("scope", SCHEME, "Films this answer covers")
+# Which of a study's films an answer covers: what the model was given, not the whole study.
+SCOPES = {"request": "Only the films of one request; the study may hold others",
+          "folder": "The films of this study found in the scored folder"}
 # Series numbers of the result series: high, so viewers list them after the films.
 REPORT_SERIES, HEATMAP_SERIES = 9001, 9002
 UTF_8 = "ISO_IR 192"  # every result's Specific Character Set
@@ -78,6 +91,16 @@ DERIVED_UID_NAMESPACE = uuid.UUID("6f1c7c52-5d0e-4a43-9f5b-3d2f6a1b8e07")
 
 
 @dataclass(frozen=True)
+class FilmCounts:
+    """What became of a study's films: scored (in the mean), out of distribution, and
+    refused, by reason code."""
+
+    scored: int = 0
+    out_of_distribution: int = 0
+    refused: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class ModelIdentity:
     """Which model answered: its registered name and version ("" when not known, e.g. a
     served copy) and the training run that made it."""
@@ -89,6 +112,16 @@ class ModelIdentity:
     def describe(self) -> str:
         name = self.name or "covid-xray model"
         return f"{name} v{self.version}" if self.version else name
+
+
+@dataclass(frozen=True)
+class ReportedModel:
+    """What every result says about the model that answered."""
+
+    class_names: tuple[str, ...]
+    threshold: float | None = None  # binary: P(opacity) >= threshold -> opacity
+    training_prevalence: tuple[float, ...] = ()  # what its probabilities are calibrated to
+    identity: ModelIdentity = ModelIdentity()
 
 
 def as_uid(value: str) -> str:
@@ -175,36 +208,19 @@ def _probabilities(names: Sequence[str], values: Sequence[float],
 
 
 def study_report(sources: Sequence[Dataset], probabilities: np.ndarray, labels: Sequence[str],
-                 study_probabilities: np.ndarray, study_label: str,
-                 class_names: Sequence[str], threshold: float | None,
-                 identity: ModelIdentity) -> Dataset:
+                 model: ReportedModel, left_out: FilmCounts = FilmCounts(),
+                 scope: str = "folder") -> Dataset:
     """The Structured Report of one study's scored films (`read_source` headers, with their
-    calibrated probabilities and labels) and of the study's answer."""
+    calibrated probabilities and labels) and of the study's answer: their mean, called at the
+    model's threshold. `left_out` counts the study's films that are not in it."""
+    identity = model.identity
     algorithm = hd.sr.AlgorithmIdentification(name=identity.name or "covid-xray model",
                                               version=identity.version or "unregistered")
-    groups = []
-    for number, (source, values, label) in enumerate(
-            zip(sources, probabilities, labels, strict=True), start=1):
-        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(),
-                                                         identifier=f"film {number}"),
-            algorithm_id=algorithm, measurements=_probabilities(class_names, values, algorithm),
-            qualitative_evaluations=[hd.sr.QualitativeEvaluation(MODEL_CALL,
-                                                                 _class_code(label))],
-            source_images=[hd.sr.SourceImageForMeasurementGroup(source.SOPClassUID,
-                                                                source.SOPInstanceUID)]))
-    study_measurements = _probabilities(class_names, study_probabilities, algorithm)
-    if threshold is not None:
-        study_measurements.append(hd.sr.Measurement(name=THRESHOLD, value=float(threshold),
-                                                    unit=NO_UNITS, algorithm_id=algorithm))
-    groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier="study"),
-        algorithm_id=algorithm, measurements=study_measurements,
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(MODEL_CALL,
-                                                             _class_code(study_label))],
-        source_images=[hd.sr.SourceImageForMeasurementGroup(source.SOPClassUID,
-                                                            source.SOPInstanceUID)
-                       for source in sources]))
+    groups = [_film_group(number, source, values, label, model.class_names, algorithm)
+              for number, (source, values, label) in enumerate(
+                  zip(sources, probabilities, labels, strict=True), start=1)]
+    groups.append(_study_group(sources, np.asarray(probabilities, dtype=np.float64), model,
+                               replace(left_out, scored=len(sources)), scope, algorithm))
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=as_uid(f"model run {identity.run_id}"), name=identity.describe()[:64],
         manufacturer_name=MANUFACTURER, model_name=(identity.name or "covid-xray model")[:64],
@@ -229,11 +245,58 @@ def study_report(sources: Sequence[Dataset], probabilities: np.ndarray, labels: 
     return document
 
 
-def heatmap_capture(source: Dataset, picture: np.ndarray, series_uid: str, instance: int,
-                    identity: ModelIdentity) -> Dataset:
-    """A Grad-CAM overlay (`gradcam.overlay`'s picture: the film at its own size, BGR) as a
-    Secondary Capture image in the source's study. All heatmaps of one study share
-    `series_uid`; `instance` numbers them."""
+def _film_group(number: int, source: Dataset, probabilities: np.ndarray, label: str,
+                class_names: Sequence[str], algorithm: hd.sr.AlgorithmIdentification
+                ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """One film's measurement group: its probabilities and the model's call on it."""
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(),
+                                                     identifier=f"film {number}"),
+        algorithm_id=algorithm, measurements=_probabilities(class_names, probabilities,
+                                                            algorithm),
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(MODEL_CALL, _class_code(label))],
+        source_images=[hd.sr.SourceImageForMeasurementGroup(source.SOPClassUID,
+                                                            source.SOPInstanceUID)])
+
+
+def _study_group(sources: Sequence[Dataset], probabilities: np.ndarray, model: ReportedModel,
+                 counts: FilmCounts, scope: str, algorithm: hd.sr.AlgorithmIdentification
+                 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """The study's measurement group: the mean of its films' probabilities and the call on
+    it, and what the answer rests on (threshold, training prevalence, films counted)."""
+    mean = probabilities.mean(axis=0)
+    called = model.class_names[predicted_classes(mean[None], model.threshold)[0]]
+    measurements = _probabilities(model.class_names, mean, algorithm)
+    if model.threshold is not None:
+        measurements.append(hd.sr.Measurement(name=THRESHOLD, value=float(model.threshold),
+                                              unit=NO_UNITS, algorithm_id=algorithm))
+    for name, share in zip(model.class_names, model.training_prevalence, strict=False):
+        measurements.append(hd.sr.Measurement(
+            name=hd.sr.CodedConcept(f"tp-{name}", SCHEME, f"Training prevalence of {name}"),
+            value=float(share), unit=NO_UNITS, algorithm_id=algorithm))
+    counted = [(SCORED, counts.scored), (OUT_OF_DISTRIBUTION, counts.out_of_distribution),
+               (REFUSED, sum(counts.refused.values()))]
+    counted += [(hd.sr.CodedConcept(reason, SCHEME, f"Films refused: {reason}"), number)
+                for reason, number in sorted(counts.refused.items())]
+    measurements += [hd.sr.Measurement(name=name, value=number, unit=FILMS,
+                                       algorithm_id=algorithm) for name, number in counted]
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier="study"),
+        algorithm_id=algorithm, measurements=measurements,
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(MODEL_CALL, _class_code(called)),
+            hd.sr.QualitativeEvaluation(SCOPE, hd.sr.CodedConcept(scope, SCHEME,
+                                                                  SCOPES[scope]))],
+        source_images=[hd.sr.SourceImageForMeasurementGroup(source.SOPClassUID,
+                                                            source.SOPInstanceUID)
+                       for source in sources])
+
+
+def heatmap_capture(source: Dataset, picture: np.ndarray, label: str, series_uid: str,
+                    instance: int, identity: ModelIdentity) -> Dataset:
+    """A Grad-CAM overlay (`gradcam.overlay`'s picture: the film at its own size, BGR) of the
+    evidence for class `label`, as a Secondary Capture image in the source's study. All
+    heatmaps of one study share `series_uid`; `instance` numbers them."""
     rgb = np.ascontiguousarray(picture[..., ::-1])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -248,7 +311,9 @@ def heatmap_capture(source: Dataset, picture: np.ndarray, series_uid: str, insta
     # The gate let only chest films through; a chest is not a paired part: no Laterality.
     image.BodyPartExamined = "CHEST"
     image.BurnedInAnnotation = "NO"
-    image.ImageComments = f"Grad-CAM of the model's call, {NOT_FOR_DIAGNOSTIC_USE}"
+    # Which class's evidence the colours show (the model's call on this film).
+    image.ImageComments = f"Grad-CAM of class {label}, {NOT_FOR_DIAGNOSTIC_USE}"
+    image.DerivationDescription = f"Grad-CAM evidence for class {label} over the film"
     derivation = Dataset()  # which film this picture was made from
     derivation.ReferencedSOPClassUID = source.SOPClassUID
     derivation.ReferencedSOPInstanceUID = source.SOPInstanceUID
@@ -271,13 +336,12 @@ def save(dataset: Dataset, path: Path) -> None:
 class StudyResults:
     """The DICOM results of one batch of predictions, film by film: a heatmap for each scored
     film as it comes (all of one study in one new series), and at the end a report per study
-    of the films it was given. Refused films are never given: they get no object."""
+    of the films it was given. Refused films are never given: they get no object, and the
+    report counts them (`reports`' `left_out`)."""
 
-    def __init__(self, class_names: Sequence[str], threshold: float | None,
-                 identity: ModelIdentity):
-        self.class_names = tuple(class_names)
-        self.threshold = threshold
-        self.identity = identity
+    def __init__(self, model: ReportedModel, scope: str):
+        self.model = model
+        self.scope = scope  # a SCOPES key: which of a study's films the answers cover
         self.films: dict[str, list[tuple[Dataset, np.ndarray, str]]] = {}
         self.heatmap_series: dict[str, str] = {}  # study -> its heatmap series' UID
         self.heatmaps_made: dict[str, int] = {}  # study -> instance number of the last one
@@ -285,36 +349,36 @@ class StudyResults:
 
     def add(self, source: Dataset, probabilities: np.ndarray, label: str) -> None:
         """A scored film (its `read_source` header), for its study's report."""
-        self.films.setdefault(source.StudyInstanceUID, []).append(
-            (source, np.asarray(probabilities, dtype=np.float64), label))
+        if source.StudyInstanceUID not in self.withheld:
+            self.films.setdefault(source.StudyInstanceUID, []).append(
+                (source, np.asarray(probabilities, dtype=np.float64), label))
 
-    def heatmap(self, source: Dataset, picture: np.ndarray) -> Dataset:
-        """The film's Grad-CAM overlay as the next image of its study's heatmap series."""
+    def heatmap(self, source: Dataset, picture: np.ndarray, label: str) -> Dataset:
+        """The film's Grad-CAM overlay (of class `label`) as the next image of its study's
+        heatmap series."""
         study = source.StudyInstanceUID
         series = self.heatmap_series.setdefault(study, generate_uid())
         self.heatmaps_made[study] = self.heatmaps_made.get(study, 0) + 1
-        return heatmap_capture(source, picture, series, self.heatmaps_made[study],
-                               self.identity)
+        return heatmap_capture(source, picture, label, series, self.heatmaps_made[study],
+                               self.model.identity)
 
     def withhold(self, study: str, why: str) -> None:
         """No report for `study` (`reports` says why): its films must not be reported on."""
         self.films.pop(study, None)
         self.withheld[study] = why
 
-    def reports(self) -> tuple[dict[str, Dataset], dict[str, str]]:
+    def reports(self, left_out: dict[str, FilmCounts] | None = None
+                ) -> tuple[dict[str, Dataset], dict[str, str]]:
         """(StudyInstanceUID -> the study's report, StudyInstanceUID -> why it has none).
-        The study's answer is the mean of its films' probabilities, called at the model's
-        threshold: what predict's studies CSV says. A study whose headers defeat the writer
-        (films of one study naming different patients, say) gets no report, not a crash."""
+        `left_out` counts, by study, the films not given (refused, out of distribution). A
+        study whose headers defeat the writer gets no report, not a crash."""
         made, failed = {}, dict(self.withheld)
         for study, films in self.films.items():
-            probabilities = np.stack([values for _, values, _ in films])
-            mean = probabilities.mean(axis=0)
-            called = self.class_names[predicted_classes(mean[None], self.threshold)[0]]
             try:
-                report = study_report([source for source, _, _ in films], probabilities,
-                                      [label for _, _, label in films], mean, called,
-                                      self.class_names, self.threshold, self.identity)
+                report = study_report([source for source, _, _ in films],
+                                      np.stack([values for _, values, _ in films]),
+                                      [label for _, _, label in films], self.model,
+                                      (left_out or {}).get(study, FilmCounts()), self.scope)
                 to_bytes(report)  # a value the report took may still defeat the encoder
                 made[study] = report
             except Exception as error:

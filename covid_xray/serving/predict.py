@@ -22,7 +22,7 @@ from covid_xray.files import atomic_write
 from covid_xray.imaging.dicom import PATIENT_KEY, UID_FIELDS
 from covid_xray.imaging.workers import Decoded, start_workers_early
 from covid_xray.model.answers import add_flag, flag_rows, has_flag, mixed_patient_studies
-from covid_xray.model.dicom_answers import film_result, heatmap_picture
+from covid_xray.model.dicom_answers import add_film, heatmap_picture, left_out, study_results
 from covid_xray.model.dicom_results import StudyResults, as_uid, save
 from covid_xray.tracking import mlflow_run, registry
 
@@ -67,7 +67,7 @@ def predict_files(config: PredictConfig, progress: bool = True) -> pd.DataFrame:
     start_workers_early(config.num_workers, len(paths))
     version, model = registry.load_resolved(config.model_uri)  # the version that answered
     model.to_device(config.device)
-    results = StudyResults(model.class_names, model.threshold, model.identity)
+    results = study_results(model, "folder")
     heatmap_files: dict[str, list[Path]] = {}  # by study: its Secondary Captures written
     patients: list[str] = []  # each file's patient digest (dicom.PATIENT_KEY), never written
     root = Path(config.input) if Path(config.input).is_dir() else Path(config.input).parent
@@ -102,7 +102,7 @@ def predict_files(config: PredictConfig, progress: bool = True) -> pd.DataFrame:
     output = Path(config.output)
     studies = study_answers(table, model)
     study_output = output.with_name(f"{output.stem}.studies.csv")
-    reports, unreported = results.reports() if config.dicom_out else ({}, {})
+    reports, unreported = results.reports(left_out(table)) if config.dicom_out else ({}, {})
     for study, why in unreported.items():
         print(f"study {study}: no DICOM report ({why})")
         # All or none: a heatmap object whose study has no report is taken back.
@@ -205,29 +205,32 @@ def check_writable(folder: Path, option: str) -> None:
 def _write_film_results(model, results: StudyResults, paths: list[Path],
                         decoded: list[Decoded], frame: pd.DataFrame, root: Path,
                         config: PredictConfig, heatmap_files: dict[str, list[Path]]) -> None:
-    """For each file that got a label: its Grad-CAM overlay as a PNG mirroring the input's
-    folder layout (`heatmaps`) and as a DICOM Secondary Capture filed under its study
-    (`dicom_out`), its answer kept for the study's report. A film whose header defeats the
-    DICOM writer (or a film the heatmap fails on) keeps its answer and gets the flag
-    `no_dicom_result` (`no_heatmap` when only PNGs were asked for)."""
+    """For each file that got a label: its answer kept for its study's report
+    (`dicom_out`), its Grad-CAM overlay as a DICOM Secondary Capture filed under its study
+    (`dicom_out`) and as a PNG mirroring the input's folder layout (`heatmaps`). A film
+    whose header cannot be read gets the flag `no_dicom_result` (its study no report); one
+    whose heatmap cannot be drawn keeps its place in the report and gets `no_heatmap`."""
     probabilities = frame[[f"prob_{name}" for name in model.class_names]].to_numpy()
     for row, (path, item, label) in enumerate(zip(paths, decoded, frame.label, strict=True)):
         if (item.model_input is None or not label
                 or has_flag(frame["flags"][row], "patient_mismatch")):
             continue
-        try:
-            if config.dicom_out:
-                image, picture = film_result(model, results, str(path), item,
-                                                   probabilities[row], label)
-            else:
-                picture = heatmap_picture(model, str(path), item, label)
-        except Exception as error:
-            flag = "no_dicom_result" if config.dicom_out else "no_heatmap"
-            frame.loc[row, "flags"] = add_flag(frame["flags"][row], flag)
-            # The error's type only: its text may quote header values (names).
-            print(f"{path}: {flag.replace('_', ' ')} ({type(error).__name__})")
-            continue
+        source = None
         if config.dicom_out:
+            source = add_film(results, str(path), item, probabilities[row], label)
+            if source is None:
+                frame.loc[row, "flags"] = add_flag(frame["flags"][row], "no_dicom_result")
+                print(f"{path}: no DICOM result (its header cannot be read)")
+                continue
+        try:
+            picture = heatmap_picture(model, str(path), item, label)
+            image = results.heatmap(source, picture, label) if source is not None else None
+        except Exception as error:
+            frame.loc[row, "flags"] = add_flag(frame["flags"][row], "no_heatmap")
+            # The error's type only: its text may quote header values (names).
+            print(f"{path}: no heatmap ({type(error).__name__})")
+            continue
+        if image is not None:
             target = Path(config.dicom_out) / image.StudyInstanceUID / \
                 f"sc-{image.SOPInstanceUID}.dcm"
             save(image, target)
