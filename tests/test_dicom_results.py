@@ -476,3 +476,34 @@ def test_a_report_counts_what_it_leaves_out_and_its_mean_is_the_study_answer(
         image = pydicom.dcmread(path)
         label = labels[image.SourceImageSequence[0].ReferencedSOPInstanceUID]
         assert f"Grad-CAM of class {label}," in image.ImageComments
+
+
+def test_no_failure_reaches_the_caller_as_an_exception(store, demo_dataset, monkeypatch):
+    """Served, an exception out of predict is an HTTP 400 with a stack trace (server paths,
+    header values). A failure in the DICOM-results path costs the request its objects only
+    (scored rows flagged `no_dicom_result`); any other is each row's error."""
+    import covid_xray.model.dicom_answers as dicom_answers
+    import covid_xray.model.pyfunc as pyfunc
+
+    films = sorted((demo_dataset / "train").rglob("*.dcm"))[:3]
+    frame = pd.DataFrame({"dicom_base64": [encode_dicom(str(path)) for path in films]})
+    model = load("models:/covid-xray-densenet/Production")
+    plain = model.predict(None, frame)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("/srv/models/secret: injected")
+
+    monkeypatch.setattr(dicom_answers, "left_out", broken)
+    answer = model.predict(None, frame, params={"dicom_results": True})
+    pd.testing.assert_frame_equal(answer[plain.columns].drop(columns="flags"),
+                                  plain.drop(columns="flags"))
+    assert (answer.sr_base64 == "").all() and (answer.heatmap_base64 == "").all()
+    assert [("no_dicom_result" in flags.split()) for flags in answer["flags"]] == [
+        bool(label) for label in plain.label]
+
+    monkeypatch.setattr(pyfunc, "decode", broken)
+    answer = model.predict(None, frame, params={"dicom_results": True})
+    assert list(answer.error) == [f"row {row}: the model could not score this input "
+                                  "(RuntimeError)" for row in range(3)]
+    assert (answer.reason == "model_error").all() and (answer.label == "").all()
+    assert (answer.sr_base64 == "").all() and "secret" not in answer.to_string()

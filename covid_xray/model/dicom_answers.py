@@ -13,6 +13,7 @@ headers cannot be read) keeps no heatmap object either, and its films are flagge
 from __future__ import annotations
 
 import base64
+import logging
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ from pydicom.dataset import Dataset
 
 from covid_xray.evaluation.gradcam import grad_cam, overlay
 from covid_xray.imaging.workers import Decoded
-from covid_xray.model.answers import add_flag, has_flag
+from covid_xray.model.answers import add_flag, flag_rows, has_flag
 from covid_xray.model.dicom_results import (
     FilmCounts,
     ReportedModel,
@@ -31,6 +32,8 @@ from covid_xray.model.dicom_results import (
     to_bytes,
 )
 from covid_xray.model.requests import open_row
+
+logger = logging.getLogger(__name__)
 
 
 def study_results(classifier: Any, scope: str) -> StudyResults:
@@ -84,7 +87,20 @@ def attach_dicom_results(classifier: Any, result: pd.DataFrame, column: str,
                          values: pd.Series, decoded: list[Decoded], root: str) -> None:
     """`sr_base64` (the report of the row's study: the same bytes on every row of one
     study; it covers this request's films only) and `heatmap_base64` (the film's Grad-CAM
-    Secondary Capture) as DICOM files in base64; empty for a row that was not scored."""
+    Secondary Capture) as DICOM files in base64; empty for a row that was not scored.
+
+    Whatever fails here costs the request its DICOM objects, never its answers: the scored
+    rows are flagged `no_dicom_result`, the server's log has the traceback, the client none."""
+    try:
+        _attach(classifier, result, column, values, decoded, root)
+    except Exception:
+        logger.exception("no DICOM results for this request")
+        result["sr_base64"] = result["heatmap_base64"] = ""
+        flag_rows(result, result.label != "", "no_dicom_result")
+
+
+def _attach(classifier: Any, result: pd.DataFrame, column: str, values: pd.Series,
+            decoded: list[Decoded], root: str) -> None:
     results = study_results(classifier, "request")
     probabilities = result[[f"prob_{name}" for name in classifier.class_names]].to_numpy()
     heatmaps, studies = [""] * len(result), [""] * len(result)

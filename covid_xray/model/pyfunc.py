@@ -17,6 +17,7 @@ code, and its state is artifacts (model/artifacts.py). The torch module stays re
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -41,6 +42,7 @@ from covid_xray.model.requests import INPUT_COLUMNS, input_column, open_row, ser
 
 # The device a loaded model answers on: auto (CUDA when visible), cpu or cuda.
 DEVICE_VARIABLE = "COVID_XRAY_DEVICE"
+logger = logging.getLogger(__name__)
 
 
 class DicomClassifier(mlflow.pyfunc.PythonModel):
@@ -99,9 +101,28 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
     def predict(self, context: Any, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> pd.DataFrame:
         frame = pd.DataFrame(model_input)
-        column, root = input_column(frame)
+        column, root = input_column(frame)  # else BadInput: a 400 saying what a request needs
+        try:
+            result = self.answer_request(frame[column], column, root,
+                                         bool((params or {}).get("dicom_results")))
+        except Exception as error:  # a defect of ours: logged here, each row says so
+            logger.exception("this request could not be answered")
+            decoded = [Decoded(None) for _ in range(len(frame))]
+            model_failed(decoded, error)
+            result = self.result_frame(np.full((len(frame), len(self.class_names)), np.nan),
+                                       decoded=decoded)
+            if (params or {}).get("dicom_results"):
+                result["sr_base64"] = result["heatmap_base64"] = ""
+        if served():  # strict JSON; in process failed rows stay NaN, pandas' missing value
+            nulls_for_json(result, [*(f"prob_{name}" for name in self.class_names),
+                                    "ood_score"])
+        return result
+
+    def answer_request(self, values: pd.Series, column: str, root: str, dicom_results: bool
+                       ) -> pd.DataFrame:
+        """The answer table of one request's column of files (and their DICOM results)."""
         decoded = [decode(self.preprocessing, open_row(column, value, row, root))
-                   for row, value in enumerate(frame[column])]
+                   for row, value in enumerate(values)]
         try:
             probabilities, distances = self.answers(decoded)
         except Exception as error:  # the network itself failed (out of memory, say)
@@ -109,11 +130,8 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
             distances = np.full(len(decoded), np.nan)
             model_failed(decoded, error)
         result = self.result_frame(probabilities, distances, decoded)
-        if (params or {}).get("dicom_results"):
-            attach_dicom_results(self, result, column, frame[column], decoded, root)
-        if served():  # strict JSON; in process failed rows stay NaN, pandas' missing value
-            nulls_for_json(result, [*(f"prob_{name}" for name in self.class_names),
-                                    "ood_score"])
+        if dicom_results:
+            attach_dicom_results(self, result, column, values, decoded, root)
         return result
 
     def answer_files(self, paths: Sequence[str], batch_size: int, num_workers: int
