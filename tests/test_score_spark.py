@@ -30,17 +30,24 @@ PRODUCTION = "models:/covid-xray-densenet/Production"
 
 @pytest.fixture
 def dicom_folder(demo_dataset, tmp_path):
-    """SIIM-layout studies, a real film, a broken file and an upper-case .DCM."""
+    """SIIM-layout studies, a real film, a broken file, an upper-case .DCM, and what
+    Spark's reader skips: an empty file, two links in a loop and one leading nowhere."""
     folder = tmp_path / "in"
     for study in sorted((demo_dataset / "train").iterdir())[:5]:
         shutil.copytree(study, folder / "train" / study.name)
     shutil.copy(REAL_DICOM, folder / "loose.DCM")
     (folder / "broken.dcm").write_bytes(b"garbage" * 50)
     (folder / "notes.txt").write_text("not a DICOM, not listed")
+    (folder / "empty.dcm").write_bytes(b"")
+    (folder / "loop-a.dcm").symlink_to(folder / "loop-b.dcm")
+    (folder / "loop-b.dcm").symlink_to(folder / "loop-a.dcm")
+    (folder / "dangling.dcm").symlink_to(folder / "nowhere.dcm")
     return folder
 
 
-def test_spark_rows_equal_predicts_csv(store, dicom_folder, tmp_path):
+def test_spark_rows_equal_predicts_csv(store, dicom_folder, tmp_path, capsys):
+    """Row for row, predict's answers; every entry predict lists is a row (Spark's reader
+    skipped the empty file and the links: 4 of 11 entries had no row, and it exited 0)."""
     from covid_xray.serving.score_spark import score_spark
 
     output = tmp_path / "scored.parquet"
@@ -72,8 +79,15 @@ def test_spark_rows_equal_predicts_csv(store, dicom_folder, tmp_path):
     broken = spark_rows[spark_rows.path.str.endswith("broken.dcm")].iloc[0]
     assert broken.error == "not a DICOM file (no 'DICM' marker)" and broken.label == ""
     assert broken.reason == "unreadable" and np.isnan(broken.prob_opacity)
-    assert (spark_rows.error != "").sum() == 1
-    assert spark_rows.study_id.str.fullmatch(r"[0-9a-f]{12}").sum() == len(spark_rows) - 2
+    errors = dict(zip(spark_rows.path.str.rsplit("/", n=1).str[-1], spark_rows.error,
+                      strict=True))
+    assert errors["loop-a.dcm"] == errors["loop-b.dcm"] == \
+        "cannot read (OSError: Too many levels of symbolic links)"
+    assert errors["dangling.dcm"] == "cannot read (FileNotFoundError: No such file or directory)"
+    assert errors["empty.dcm"].startswith("not a DICOM file")
+    assert (spark_rows.error != "").sum() == 5
+    assert (spark_rows.reason[spark_rows.error != ""] == "unreadable").all()
+    assert spark_rows.study_id.str.fullmatch(r"[0-9a-f]{12}").sum() == len(spark_rows) - 6
     csv = pd.concat(pd.read_csv(part, keep_default_na=False)
                     for part in sorted((tmp_path / "scored.csv").glob("part-*.csv")))
     assert len(csv) == len(spark_rows)
@@ -82,8 +96,13 @@ def test_spark_rows_equal_predicts_csv(store, dicom_folder, tmp_path):
     (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list",
                                 filter_string="attributes.run_name LIKE 'score_spark-%'")
     assert run.info.run_name == "score_spark-covid-xray-densenet-v1"
-    assert run.data.params["count/files"] == str(len(spark_rows))
-    assert run.data.params["count/unreadable"] == "1"
+    assert run.data.params["count/files"] == run.data.params["count/listed"] == str(
+        len(spark_rows))
+    scored = int((spark_rows.label != "").sum())
+    assert (run.data.params["count/scored"], run.data.params["count/refused"],
+            run.data.params["count/unreadable"]) == (str(scored), "5", "5")
+    assert f"listed {len(spark_rows)}, scored {scored}, refused 5 (unreadable 5)" in \
+        capsys.readouterr().out
     assert str(tmp_path) not in str(run.data.params)
 
     # Nothing is overwritten.
@@ -99,3 +118,18 @@ def test_a_missing_input_is_one_line_before_spark_starts(store, tmp_path):
         score_spark(ScoreSparkConfig(model_uri=PRODUCTION, input=str(tmp_path / "nothere"),
                                      output=str(tmp_path / "o.parquet")))
     assert not (tmp_path / "o.parquet").exists()
+
+
+def test_a_remote_path_is_listed_by_hadoop_empty_files_included(dicom_folder):
+    """hdfs://, s3a://: no symbolic links there, but empty files, which Spark's reader skips:
+    Hadoop's listing (here on file://, the same API) names them."""
+    from covid_xray.serving.score_spark import listed_files, spark_session
+
+    spark = spark_session(ScoreSparkConfig(master="local[1]"))
+    try:
+        listed = listed_files(spark, f"file://{dicom_folder}", None)
+    finally:
+        spark.stop()
+    files = {f"file:{path}" for path in dicom_folder.rglob("*")
+             if path.suffix.lower() == ".dcm" and not path.is_symlink()}
+    assert set(listed) == files and f"file:{dicom_folder}/empty.dcm" in files

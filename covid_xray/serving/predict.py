@@ -120,15 +120,13 @@ def predict_files(config: PredictConfig, progress: bool = True) -> pd.DataFrame:
     heatmaps_written = sum(len(files) for files in heatmap_files.values())
     atomic_write(output, lambda file: file.write(table.to_csv(index=False).encode()))
     atomic_write(study_output, lambda file: file.write(studies.to_csv(index=False).encode()))
-    failed = int((table.error != "").sum())
     run_id = record_scoring("predict", config.experiment_name, config.model_uri, version,
                             table, model.class_names,
                             {"heatmaps": bool(config.heatmaps),
                              "dicom_out": bool(config.dicom_out),
                              "count/dicom_reports": len(reports),
                              "count/dicom_heatmaps": heatmaps_written})
-    print(f"wrote {len(table)} predictions to {output}" + (f" ({failed} unreadable)" if failed
-                                                             else "")
+    print(f"wrote {len(table)} predictions to {output} ({scoring_counts(table)})"
           + f" and {len(studies)} study answers to {study_output}"
           + (f"; {len(reports)} DICOM reports and {heatmaps_written} heatmap"
              f" images in {config.dicom_out}" if config.dicom_out else "")
@@ -149,13 +147,25 @@ def record_scoring(command: str, experiment_name: str, model_uri: str, version: 
                          "model_version": str(version.version) if version else ""})
         labels = table.label[table.error == ""].value_counts()
         mlflow_run.log_params({"model_uri": model_uri, "count/files": len(table),
-                               "count/unreadable": int((table.error != "").sum()),
+                               "count/listed": len(table),
+                               "count/scored": int((table.label != "").sum()),
+                               "count/refused": int((table.error != "").sum()),
+                               "count/unreadable": int((table.reason == "unreadable").sum()),
                                "count/out_of_distribution":
                                    int((table.reason == "out_of_distribution").sum())}
                               | extra
                               | {f"count/{name}": int(labels.get(name, 0))
                                  for name in class_names})
     return run.info.run_id
+
+
+def scoring_counts(table: pd.DataFrame) -> str:
+    """'listed 7, scored 4, refused 3 (unreadable 3), out of distribution 0'."""
+    refused = table.reason[(table.error != "")].value_counts()
+    by_reason = ", ".join(f"{reason} {count}" for reason, count in sorted(refused.items()))
+    return (f"listed {len(table)}, scored {int((table.label != '').sum())}, "
+            f"refused {int(refused.sum())}" + (f" ({by_reason})" if by_reason else "")
+            + f", out of distribution {int((table.reason == 'out_of_distribution').sum())}")
 
 
 def study_answers(table: pd.DataFrame, model) -> pd.DataFrame:

@@ -9,10 +9,16 @@ predict's CSV. The same command runs on this machine (`master=local[*]`) and on 
 
 Each executor decodes in its own Python workers, `files_per_batch` files at a time (Arrow's
 batch: Spark's default of 10,000 rows would hold 10,000 films in memory at once).
+
+Every file predict would list is a row. Spark's reader skips some silently (empty files,
+symbolic links, dangling or looping), so the listing is ours: predict's `find_dicoms` for a
+local folder, Hadoop's recursive listing elsewhere; what the reader skipped is read on the
+driver (a handful of files, none of them a film) and gets its row with its error.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import sys
@@ -21,12 +27,20 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import mlflow
+import numpy as np
 import pandas as pd
 
 from covid_xray.config import ScoreSparkConfig
-from covid_xray.errors import UserError
+from covid_xray.errors import DicomError, UserError
+from covid_xray.imaging.workers import decode
 from covid_xray.model.answers import TEXT_COLUMNS
-from covid_xray.serving.predict import HEX12, record_scoring
+from covid_xray.serving.predict import (
+    HEX12,
+    find_dicoms,
+    record_scoring,
+    scoring_counts,
+    siim_ids,
+)
 from covid_xray.tracking import mlflow_run, registry
 
 SPARK_HINT = "pip install -e '.[spark]' (PySpark) and Java 17+ (apt-get install " \
@@ -53,9 +67,13 @@ def score_spark(config: ScoreSparkConfig) -> pd.DataFrame:
     spark = spark_session(config)
     try:
         files = dicom_files(spark, config.input)
-        if files.select("path").limit(1).count() == 0:
+        listed = listed_files(spark, config.input, local_input)
+        if not listed:
             raise UserError(f"{config.input}: no *.dcm files there")
-        rows = scored_rows(files, model_uri, model.class_names)
+        read = {row.path for row in files.select("path").collect()}
+        rows = scored_rows(files, model_uri, model.class_names).unionByName(
+            spark.createDataFrame(skipped_rows([path for path in listed if path not in read],
+                                               model), schema=_result_schema(model.class_names)))
         _write(rows, config, local_output)
         # Counted from what was written, not by scoring again.
         written = spark.read.parquet(config.output).select("label", "error", "reason")
@@ -65,10 +83,9 @@ def score_spark(config: ScoreSparkConfig) -> pd.DataFrame:
     run_id = record_scoring("score_spark", config.experiment_name, config.model_uri, version,
                             table, model.class_names,
                             {"master": config.master, "files_per_batch": config.files_per_batch})
-    unreadable = int((table.error != "").sum())
     print(f"wrote {len(table)} rows to {config.output}"
-          + (f" ({unreadable} unreadable)" if unreadable else "")
-          + (f" and {config.csv}" if config.csv else "") + f": run {run_id}")
+          + (f" and {config.csv}" if config.csv else "") + f": {scoring_counts(table)}; "
+          f"run {run_id}")
     return table
 
 
@@ -109,6 +126,48 @@ def dicom_files(spark, path: str):
         raise UserError(f"{path}: cannot list it ({str(error).splitlines()[0]})") from None
 
 
+def listed_files(spark, path: str, local: Path | None) -> list[str]:
+    """Every *.dcm under `path` as Spark names it (file:/... locally): predict's listing of a
+    local folder (empty files and links included), Hadoop's recursive listing elsewhere."""
+    if local is not None:
+        try:
+            return [f"file:{found}" for found in find_dicoms(local)]
+        except UserError:  # no *.dcm there: said by the caller
+            return []
+    hadoop = spark._jvm.org.apache.hadoop.fs
+    root = hadoop.Path(path)
+    found = root.getFileSystem(spark._jsc.hadoopConfiguration()).listFiles(root, True)
+    listed = []
+    while found.hasNext():
+        name = found.next().getPath().toString()
+        if name.lower().endswith(".dcm"):
+            listed.append(name)
+    return sorted(listed)
+
+
+def skipped_rows(paths: list[str], model) -> pd.DataFrame:
+    """The rows of files Spark's reader skipped (`listed_files` minus what it read), read
+    here as the model reads a request's bytes: each gets predict's error for it."""
+    decoded = []
+    for path in paths:
+        try:
+            with open(path.removeprefix("file:"), "rb") as file:
+                source = io.BytesIO(file.read())
+            source.name = "row 0"
+        except OSError as error:  # a link that leads nowhere, or in a loop
+            source = DicomError(f"row 0: cannot read ({type(error).__name__}: "
+                                f"{error.strerror or error})")
+        decoded.append(decode(model.preprocessing, source))
+    answers = model.result_frame(np.full((len(paths), len(model.class_names)), np.nan),
+                                 decoded=decoded)
+    ids = [siim_ids(Path(path.removeprefix("file:"))) for path in paths]
+    answers["path"] = paths
+    answers["study_id"] = [study for study, _ in ids]
+    answers["image_id"] = [image for _, image in ids]
+    answers["error"] = answers.error.str.replace(r"^row [0-9]+: ", "", regex=True)
+    return answers[["path", "study_id", "image_id", *_answer_columns(model.class_names)]]
+
+
 def scored_rows(files, model_uri: str, class_names):
     """One row per file of `dicom_files`: path, SIIM ids, then the model's answer."""
     from pyspark.sql import functions as F
@@ -133,6 +192,11 @@ def _answer_columns(class_names) -> list[str]:
     uids = [name for name in TEXT_COLUMNS if name.endswith("_uid")]
     return [*uids, "label", *(f"prob_{name}" for name in class_names), "ood_score",
             "in_distribution", "reason", "flags", "error"]
+
+
+def _result_schema(class_names) -> str:
+    """A scored row as a Spark schema (DDL): path, SIIM ids, the answer."""
+    return "path string, study_id string, image_id string, " + _result_type(class_names)
 
 
 def _result_type(class_names) -> str:
