@@ -173,50 +173,91 @@ def evaluate_model(config: EvaluateConfig, progress: bool = True,
     mlflow_run.check_tracking_server()
     version, model = registry.load_resolved(config.model_uri)
     model.to_device(config.device)
-    class_names = tuple(model.class_names)
     run_id = version.run_id if version else registry.run_id_of(config.model_uri)
     manifest = logged_manifest(run_id) if run_id else None
+    labelled, seed, dropped_overlap = _studies_to_score(config, run_id, manifest, model,
+                                                        labelled, progress)
+    truth = task_labels(labelled.studies.siim_class, model.class_names)
+    predictions = _predictions(model, labelled, truth, config, progress)
+    evaluation = _evidence(model, labelled, predictions, truth, config, seed, progress)
+    run_id_of_evaluation = _log_evaluation_run(config, version, model.class_names, labelled,
+                                               predictions, evaluation, seed, dropped_overlap,
+                                               nested)
+    if version:  # the version's model card now lists this evidence too
+        write_model_card(version.name, str(version.version), run_id=run_id_of_evaluation)
+    _print_summary(config, version, model.class_names, labelled, predictions, evaluation,
+                   run_id_of_evaluation)
+    return ExternalEvaluation(run_id_of_evaluation, labelled.fingerprint, evaluation,
+                              predictions)
+
+
+def _studies_to_score(config: EvaluateConfig, run_id: str | None,
+                      manifest: pd.DataFrame | None, model: DicomClassifier,
+                      labelled: LabelledSet | None, progress: bool
+                      ) -> tuple[LabelledSet, int, int]:
+    """(the studies to score, the bootstrap seed, how many were dropped as learned from):
+    `data_dir`'s less what the model learned from, or the model's own test split."""
     seed = config.seed
-    if not config.data_dir:
-        labelled = own_test_split(run_id, manifest, config.cache_dir, progress)
-        if seed < 0:  # the seed its training run bootstrapped the test split with
-            seed = int(float(MlflowClient().get_run(run_id).data.params.get("seed", 0)))
-        print(f"no data_dir: rescoring the model's own test split ({len(labelled.studies)} "
-              f"studies of {labelled.data_dir}, as logged by run {run_id})")
-        dropped_overlap = 0
-    else:
+    if config.data_dir:
         labelled = labelled or read_labelled_set(config.data_dir, config.cache_dir, progress)
         labelled, dropped_overlap = check_overlap(labelled, manifest, model, config, progress)
-    seed = max(seed, 0)
-    studies = labelled.studies
-    truth = task_labels(studies.siim_class, class_names)
+        return labelled, max(seed, 0), dropped_overlap
+    labelled = own_test_split(run_id, manifest, config.cache_dir, progress)
+    if seed < 0:  # the seed its training run bootstrapped the test split with
+        seed = int(float(MlflowClient().get_run(run_id).data.params.get("seed", 0)))
+    print(f"no data_dir: rescoring the model's own test split ({len(labelled.studies)} "
+          f"studies of {labelled.data_dir}, as logged by run {run_id})")
+    return labelled, max(seed, 0), 0
 
-    frames = []
+
+def _predictions(model: DicomClassifier, labelled: LabelledSet, truth: np.ndarray,
+                 config: EvaluateConfig, progress: bool) -> pd.DataFrame:
+    """One row per study: its ids, path, truth, and the model's answer (`predicted`)."""
+    studies = labelled.studies
     paths = [str(labelled.data_dir / path) for path in studies.path]
-    for _, frame in tqdm(model.answer_files(paths, config.batch_size, config.num_workers),
-                         total=-(-len(paths) // config.batch_size), desc="evaluating",
-                         unit="batch", disable=not progress):
-        frames.append(frame)
+    frames = [frame for _, frame in tqdm(
+        model.answer_files(paths, config.batch_size, config.num_workers),
+        total=-(-len(paths) // config.batch_size), desc="evaluating", unit="batch",
+        disable=not progress)]
     predictions = pd.concat(frames, ignore_index=True).rename(columns={"label": "predicted"})
     predictions.insert(0, "study_id", studies.study_id)
     predictions.insert(1, "image_id", studies.image_id)
     predictions.insert(2, "path", studies.path)
-    predictions.insert(3, "truth", [class_names[value] for value in truth])
-    scored = (predictions.error == "").to_numpy()
-    if not scored.any():
-        raise UserError(f"none of the {len(scored)} studies in {labelled.data_dir} could be "
-                        f"read; first error: {predictions.error.iloc[0]}")
-    probability_columns = [f"prob_{name}" for name in class_names]
-    evaluation = evaluate(truth[scored], predictions.loc[scored, probability_columns].to_numpy(),
-                          class_names, resamples=config.resamples, seed=seed,
-                          title="external", threshold=model.threshold,
-                          temperature=model.operating.temperature)
-    headers, _ = ImageCache(config.cache_dir, CacheParams(0)).headers(
-        [labelled.data_dir / path for path in studies.path[scored]], progress)
-    add_subgroups(evaluation, truth[scored], predictions.loc[scored, probability_columns]
-                  .to_numpy(), class_names, headers, threshold=model.threshold,
-                  resamples=config.resamples, seed=seed, title="external")
+    predictions.insert(3, "truth", [model.class_names[value] for value in truth])
+    if (predictions.error != "").all():
+        raise UserError(f"none of the {len(predictions)} studies in {labelled.data_dir} could "
+                        f"be read; first error: {predictions.error.iloc[0]}")
+    return predictions
 
+
+def _evidence(model: DicomClassifier, labelled: LabelledSet, predictions: pd.DataFrame,
+              truth: np.ndarray, config: EvaluateConfig, seed: int, progress: bool
+              ) -> Evaluation:
+    """The numbers on the studies that could be read, with their intervals, calibration and
+    subgroup table (by the cached headers' sex, age band, view and manufacturer)."""
+    scored = (predictions.error == "").to_numpy()
+    class_names = tuple(model.class_names)
+    probabilities = predictions.loc[scored, [f"prob_{name}" for name in class_names]].to_numpy()
+    evaluation = evaluate(truth[scored], probabilities, class_names,
+                          resamples=config.resamples, seed=seed, title="external",
+                          threshold=model.threshold, temperature=model.operating.temperature)
+    headers, _ = ImageCache(config.cache_dir, CacheParams(0)).headers(
+        [labelled.data_dir / path for path in labelled.studies.path[scored]], progress)
+    add_subgroups(evaluation, truth[scored], probabilities, class_names, headers,
+                  threshold=model.threshold, resamples=config.resamples, seed=seed,
+                  title="external")
+    return evaluation
+
+
+def _log_evaluation_run(config: EvaluateConfig, version, class_names: tuple[str, ...],
+                        labelled: LabelledSet, predictions: pd.DataFrame,
+                        evaluation: Evaluation, seed: int, dropped_overlap: int,
+                        nested: bool) -> str:
+    """The evaluation's own run: tags that make it findable (model version, data
+    fingerprint, task), counts, the numbers linked to the version's logged model, and
+    predictions.csv. Returns its id."""
+    scored = (predictions.error == "").to_numpy()
+    truth = predictions.truth[scored]
     model_name = version.name if version else ""
     model_version = str(version.version) if version else ""
     run_name = f"evaluate-{model_name}-v{model_version}" if version else "evaluate"
@@ -225,13 +266,12 @@ def evaluate_model(config: EvaluateConfig, progress: bool = True,
                          MODEL_VERSION_TAG: model_version,
                          FINGERPRINT_TAG: labelled.fingerprint,
                          TASK_TAG: ",".join(class_names)})
-        counts = {"count/studies": len(studies), "count/scored": int(scored.sum()),
+        counts = {"count/studies": len(predictions), "count/scored": int(scored.sum()),
                   "count/unreadable": int((~scored).sum()),
                   "count/dropped_multi_image": labelled.dropped_multi_image,
                   "count/dropped_missing_file": labelled.dropped_missing_file,
                   "count/dropped_overlap": dropped_overlap}
-        counts |= {f"count/{name}": int((truth[scored] == index).sum())
-                   for index, name in enumerate(class_names)}
+        counts |= {f"count/{name}": int((truth == name).sum()) for name in class_names}
         mlflow_run.log_params({"model_uri": config.model_uri, "data_dir": str(config.data_dir),
                                "scored_data_dir": str(labelled.data_dir.resolve()),
                                "overlap": config.overlap, "resamples": config.resamples,
@@ -241,29 +281,32 @@ def evaluate_model(config: EvaluateConfig, progress: bool = True,
                                          labelled.data_dir, labelled.fingerprint,
                                          name=f"external-{labelled.data_dir.resolve().name}",
                                          context="evaluation")
-        model_id = registry.logged_model_id(version) if version else None
         # How many scored films were far from the training films (kept in the numbers,
         # flagged in predictions.csv: the test split's own rate is test_ood_rate).
         if predictions.in_distribution[scored].notna().all():
             mlflow.log_metric("eval_ood_rate",
                               float((~predictions.in_distribution[scored].astype(bool))
                                     .mean()))
+        model_id = registry.logged_model_id(version) if version else None
         mlflow_run.log_evaluation(evaluation, "eval", model_id=model_id, dataset=dataset)
         csv = predictions.to_csv(index=False)
         mlflow.log_text(csv, "predictions.csv")
         if config.output:
             atomic_write(Path(config.output), lambda file: file.write(csv.encode()))
+    return run.info.run_id
 
-    if version:  # the version's model card now lists this evidence too
-        write_model_card(model_name, model_version, run_id=run.info.run_id)
-    described = f"{model_name} version {model_version}" if version else config.model_uri
-    unreadable = int((~scored).sum())
-    print(f"evaluated {described} on {int(scored.sum())} studies of {labelled.data_dir}"
+
+def _print_summary(config: EvaluateConfig, version, class_names: tuple[str, ...],
+                   labelled: LabelledSet, predictions: pd.DataFrame, evaluation: Evaluation,
+                   run_id: str) -> None:
+    described = f"{version.name} version {version.version}" if version else config.model_uri
+    scored = int((predictions.error == "").sum())
+    unreadable = len(predictions) - scored
+    print(f"evaluated {described} on {scored} studies of {labelled.data_dir}"
           + (f" ({unreadable} unreadable, listed in predictions.csv)" if unreadable else "")
-          + f": run {run.info.run_id}")
+          + f": run {run_id}")
     keys = ["roc_auc", "accuracy", "balanced_accuracy", "map", "ece", "ece_uncalibrated",
             "brier"]
     keys += ["sensitivity", "specificity"] if len(class_names) == 2 else []
     for key in keys:
         print(f"  {evaluation.line(key)}")
-    return ExternalEvaluation(run.info.run_id, labelled.fingerprint, evaluation, predictions)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 from datetime import UTC, datetime
+from pathlib import PurePath
 
 import mlflow
 import pandas as pd
@@ -31,36 +32,47 @@ HEADLINE = ("roc_auc", "sensitivity", "specificity", "balanced_accuracy", "map",
 def model_card(name: str, version: str) -> str:
     """The card of `name` version `version`, as Markdown."""
     client = MlflowClient()
-    registered = client.get_model_version(name, version)
-    run = client.get_run(registered.run_id)
-    params, metrics = run.data.params, run.data.metrics
+    run = client.get_run(client.get_model_version(name, version).run_id)
     spec = mlflow.models.get_model_info(f"models:/{name}/{version}").metadata or {}
-    classes = spec.get("class_names", [])
-    binary = len(classes) == 2
+    lines = [f"# Model card: {name} version {version}", "",
+             "**Not for diagnostic use.** Research software: it has not been validated for "
+             "clinical decisions and must not be used for them.",
+             *_intended_use(spec.get("class_names", [])),
+             *_data(run.data.params, spec),
+             *_model(run, spec),
+             "", "## Performance on the held-out test split (95% bootstrap CIs)",
+             *_metric_lines(run.data.metrics, "test"),
+             *_subgroup_summary(run),
+             *_evaluation_lines(name, version),
+             *LIMITATIONS]
+    return "\n".join(lines) + "\n"
+
+
+def _intended_use(classes: list[str]) -> list[str]:
     task = ("negative vs opacity: any pneumonia-type opacity (SIIM's typical, indeterminate "
             "and atypical-for-COVID-19 appearances together); not a COVID-19 test"
-            if binary else f"SIIM's four study-level classes ({', '.join(classes)})")
+            if len(classes) == 2 else f"SIIM's four study-level classes ({', '.join(classes)})")
+    return ["", "## Intended use",
+            f"- Task: {task}, from one frontal chest radiograph (DICOM CR/DX).",
+            "- Users: machine-learning engineers and researchers comparing chest X-ray models; "
+            "not clinicians, not patients.",
+            "- Inputs it refuses (input gate): other modalities, lateral views, other body "
+            "parts, colour images, unreadable files; each with a reason code. Films far from "
+            "its training films get no label (out_of_distribution)."]
+
+
+def _data(params: dict[str, str], spec: dict) -> list[str]:
+    """What it learned from. The data folder by its name only: a card is read on other
+    machines, and this one's paths are nobody's business there."""
     counts = {key.removeprefix("count/"): value for key, value in params.items()
               if key.startswith("count/")}
     prevalence = ", ".join(f"{name} {share:.0%}" for name, share in
-                           zip(classes, spec.get("training_prevalence", []), strict=False))
-    lines = [
-        f"# Model card: {name} version {version}",
-        "",
-        "**Not for diagnostic use.** Research software: it has not been validated for "
-        "clinical decisions and must not be used for them.",
-        "",
-        "## Intended use",
-        f"- Task: {task}, from one frontal chest radiograph (DICOM CR/DX).",
-        "- Users: machine-learning engineers and researchers comparing chest X-ray models; "
-        "not clinicians, not patients.",
-        "- Inputs it refuses (input gate): other modalities, lateral views, other body parts, "
-        "colour images, unreadable files; each with a reason code. Films far from its "
-        "training films get no label (out_of_distribution).",
-        "",
-        "## Data",
-        f"- Source: {params.get('data_dir', '?')} (SIIM-FISABIO-RSNA COVID-19 Detection "
-        f"layout), fingerprint `{params.get('data_fingerprint', '?')}`.",
+                           zip(spec.get("class_names", []), spec.get("training_prevalence", []),
+                               strict=False))
+    return [
+        "", "## Data",
+        f"- Source: the folder `{folder_name(params.get('data_dir', '?'))}` (SIIM-FISABIO-RSNA "
+        f"COVID-19 Detection layout), fingerprint `{params.get('data_fingerprint', '?')}`.",
         f"- Studies: {_split_counts(counts)}; {counts.get('patients', '?')} patients, split "
         f"by patient ({params.get('split', '?')}, seed {params.get('seed', '?')}), repeated "
         "films kept once.",
@@ -68,9 +80,13 @@ def model_card(name: str, version: str) -> str:
         f"{prevalence or '?'}.",
         f"- Left out: {counts.get('dropped_multi_image', '?')} studies with several images, "
         f"{counts.get('dropped_by_gate', '0')} the input gate refuses, "
-        f"{counts.get('dropped_unreadable', '0')} unreadable.",
-        "",
-        "## Model",
+        f"{counts.get('dropped_unreadable', '0')} unreadable."]
+
+
+def _model(run: Run, spec: dict) -> list[str]:
+    params, metrics = run.data.params, run.data.metrics
+    return [
+        "", "## Model",
         f"- DenseNet (`model={spec.get('architecture', '?')}`) at {spec.get('img_size', '?')} px, "
         f"{spec.get('normalization', '?')} normalisation; trained {params.get('epochs', '?')} "
         f"epochs max, best epoch {metrics.get('best_epoch', float('nan')):.0f}; run "
@@ -82,50 +98,58 @@ def model_card(name: str, version: str) -> str:
         f"{metrics.get('test_ood_rate', float('nan')):.1%} of test films.",
         (f"- Operating point: opacity when P(opacity) >= {spec['threshold']:.4f} "
          f"({spec.get('operating_point')} on the val split)." if spec.get("threshold")
-         is not None else "- Operating point: the most probable class."),
-        "",
-        "## Performance on the held-out test split (95% bootstrap CIs)",
-        *_metric_lines(metrics, "test"),
-    ]
+         is not None else "- Operating point: the most probable class.")]
+
+
+def _subgroup_summary(run: Run) -> list[str]:
     subgroups = _subgroups(run)
-    if subgroups is not None:
-        scored = subgroups.dropna(subset=["roc_auc"])
-        # Read from CSV: True, False or empty; only a True is a flag.
-        below = pd.Series(scored.get("auc_below_overall", False), index=scored.index)
-        flagged = scored[below.astype(str) == "True"]
-        lines += ["", "## Subgroups (test split)",
-                  f"{len(scored)} of {len(subgroups)} subgroups had >= 30 studies and both "
-                  f"classes; AUC CI wholly below the overall AUC: "
-                  f"{', '.join(f'{r.attribute}={r.value}' for r in flagged.itertuples()) or 'none'}"
-                  ". Full table: `subgroups.csv` in the training run."]
+    if subgroups is None:
+        return []
+    scored = subgroups.dropna(subset=["roc_auc"])
+    # Read from CSV: True, False or empty; only a True is a flag.
+    below = pd.Series(scored.get("auc_below_overall", False), index=scored.index)
+    flagged = scored[below.astype(str) == "True"]
+    named = ", ".join(f"{row.attribute}={row.value}" for row in flagged.itertuples())
+    return ["", "## Subgroups (test split)",
+            f"{len(scored)} of {len(subgroups)} subgroups had >= 30 studies and both classes; "
+            f"AUC CI wholly below the overall AUC: {named or 'none'}. Full table: "
+            "`subgroups.csv` in the training run."]
+
+
+def _evaluation_lines(name: str, version: str) -> list[str]:
     evaluations = _evaluations(name, version)
-    lines += ["", "## Evaluations"]
+    lines = ["", "## Evaluations"]
     if not evaluations:
         lines.append("None yet: `mlflow run . -e evaluate -P data_dir=PATH` (data it never "
                      "learned from) adds one here.")
     for evaluation in evaluations:
         when = datetime.fromtimestamp(evaluation.info.start_time / 1000, UTC).date()
         data = evaluation.data.params.get("data_dir", "").strip("'\"")
-        data = f"`{data}`" if data else "its own test split, rescored"
+        data = f"the folder `{folder_name(data)}`" if data else "its own test split, rescored"
         lines.append(f"- {when}, {data} ({evaluation.data.params.get('count/scored', '?')} "
                      f"studies), run `{evaluation.info.run_id}`:")
         lines += [f"  {line}" for line in _metric_lines(evaluation.data.metrics, "eval")[:3]]
-    lines += [
-        "",
-        "## Known limitations",
-        "- Labels are per study, from one competition's readers; single-image studies only.",
-        "- Probabilities are calibrated to the training prevalence; other clinics need a "
-        "prior-shift correction (docs/evaluation.md).",
-        "- Small subgroups are reported by count only; untested populations (children, "
-        "other devices and sites) may do worse.",
-        "",
-        "## Reporting checklists",
-        "Covers, from CLAIM and TRIPOD+AI: data source and eligibility, patient-level "
-        "partitions, reference standard (SIIM study labels), model description, performance "
-        "with confidence intervals, calibration, subgroup (fairness) analysis, intended use "
-        "and limitations. Not covered: prospective or clinical validation.",
-    ]
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+LIMITATIONS = [
+    "", "## Known limitations",
+    "- Labels are per study, from one competition's readers; single-image studies only.",
+    "- Probabilities are calibrated to the training prevalence; other clinics need a "
+    "prior-shift correction (docs/evaluation.md).",
+    "- Small subgroups are reported by count only; untested populations (children, "
+    "other devices and sites) may do worse.",
+    "", "## Reporting checklists",
+    "Covers, from CLAIM and TRIPOD+AI: data source and eligibility, patient-level "
+    "partitions, reference standard (SIIM study labels), model description, performance "
+    "with confidence intervals, calibration, subgroup (fairness) analysis, intended use "
+    "and limitations. Not covered: prospective or clinical validation.",
+]
+
+
+def folder_name(path: str) -> str:
+    """A data folder as a card names it: its last part (`/srv/siim/train` -> `train`)."""
+    return PurePath(path.rstrip("/\\")).name or path
 
 
 def write_model_card(name: str, version: str, run_id: str | None = None) -> str:
