@@ -14,6 +14,7 @@ from covid_xray.errors import UserError
 from covid_xray.files import atomic_write
 from covid_xray.imaging.cache import CacheParams, ImageCache, load_entry
 from covid_xray.imaging.preprocess import load_square
+from covid_xray.pseudonyms import pseudonym, pseudonym_key
 from tests.conftest import ROOT
 
 
@@ -178,7 +179,8 @@ def test_a_failed_patient_id_read_is_not_remembered(tiny_dataset, tmp_path, monk
 
     paths = dicoms(tiny_dataset)[:3]
     cache = ImageCache(tmp_path / "cache", CacheParams(img_size=16))
-    truth = [dicom_module.read_patient_id(path) for path in paths]
+    key = pseudonym_key(tmp_path / "cache")
+    truth = [pseudonym(dicom_module.read_patient_id(path), key) for path in paths]
     assert all(truth)
     real_read = dicom_module.pydicom.dcmread
 
@@ -188,7 +190,7 @@ def test_a_failed_patient_id_read_is_not_remembered(tiny_dataset, tmp_path, monk
         return real_read(path, *args, **kwargs)
 
     monkeypatch.setattr(dicom_module.pydicom, "dcmread", flaky)
-    ids, failures = cache.patient_ids(paths, progress=False)
+    ids, failures = cache.patients(paths, progress=False)
     assert (ids, failures) == ([truth[0], "", truth[2]], 1)
     monkeypatch.setattr(dicom_module.pydicom, "dcmread", real_read)
-    assert cache.patient_ids(paths, progress=False) == (truth, 0)
+    assert cache.patients(paths, progress=False) == (truth, 0)

@@ -18,8 +18,6 @@ from covid_xray.data.studies import (
     build_manifest,
     drop_repeated_films,
     find_studies,
-    pseudonym,
-    pseudonym_key,
     read_image_labels,
     read_study_labels,
     select_studies,
@@ -30,6 +28,7 @@ from covid_xray.errors import UserError
 from covid_xray.imaging.cache import CacheParams, ImageCache
 from covid_xray.imaging.preprocess import load_square
 from covid_xray.imaging.writer import write_dicom
+from covid_xray.pseudonyms import pseudonym, pseudonym_key
 
 HEADER = "id," + ",".join(CLASS_COLUMNS) + "\n"
 SIIM_CLASS_COUNTS = [1676, 2855, 1049, 474]  # the real file's, per SIIM class
@@ -246,7 +245,9 @@ def test_placeholder_patient_id_is_refused(tmp_path):
         write_dicom(path, np.full((8, 8), index * 100), patient_id="ANONYMOUS")
         rows.append(f"{study}_study,{int(index % 2 == 0)},{int(index % 2 == 1)},0,0\n")
     (data_dir / STUDY_CSV).write_text(HEADER + "".join(rows))
-    with pytest.raises(UserError, match=r"PatientID 'ANONYMOUS' is on 6 of 6 studies"):
+    key = pseudonym_key(tmp_path / "cache")
+    with pytest.raises(UserError, match=rf"one PatientID \(pseudonym "
+                                        rf"{pseudonym('ANONYMOUS', key)}\) is on 6 of 6 studies"):
         build_manifest(data_dir, ImageCache(tmp_path / "cache", CacheParams(8)), progress=False)
     assert not (tmp_path / "cache" / "size8-voi1-v1").exists()  # refused before decoding
 
@@ -420,3 +421,32 @@ def test_films_the_input_gate_refuses_are_not_trained_on(tiny_dataset, tmp_path)
     assert manifest.refused_by_gate == sorted(studies.study_id.iloc[:2])
     assert manifest.counts()["dropped_by_gate"] == 2
     assert studies.study_id.iloc[2] in set(manifest.table.study_id)  # the chest, in words
+
+
+def test_the_cache_holds_no_patient_id_and_a_bad_key_stops_before_any_read(
+        tiny_dataset, tmp_path, monkeypatch):
+    """Teams share a cache folder: its header memo held every raw PatientID beside the key
+    that pseudonymises them. Now it holds pseudonyms only, and a key too short to keep them
+    secret is refused before a single header is read (it used to be checked after the memo
+    was filled)."""
+    from covid_xray.imaging.dicom import read_patient_id
+
+    raw = {read_patient_id(path) for path in tiny_dataset.rglob("*.dcm")} - {""}
+    assert len(raw) > 10
+    monkeypatch.setenv("COVID_XRAY_PSEUDONYM_KEY", "too-short")
+    with pytest.raises(UserError, match="COVID_XRAY_PSEUDONYM_KEY has 9 characters"):
+        build_manifest(tiny_dataset, ImageCache(tmp_path / "shared", CacheParams(16)),
+                       progress=False)
+    assert not list((tmp_path / "shared").glob("headers*"))  # nothing read, nothing kept
+
+    monkeypatch.delenv("COVID_XRAY_PSEUDONYM_KEY")
+    cache = ImageCache(tmp_path / "cache", CacheParams(16))
+    manifest = build_manifest(tiny_dataset, cache, progress=False)
+    key = pseudonym_key(tmp_path / "cache")
+    assert set(manifest.table.patient_id) - {""} <= {pseudonym(pid, key) for pid in raw}
+    kept = [path for path in (tmp_path / "cache").rglob("*") if path.is_file()
+            and path.name != "pseudonym.key"]
+    assert any("headers" in path.parts[-2] for path in kept)
+    for path in kept:
+        content = path.read_bytes()
+        assert not [pid for pid in raw if pid.encode() in content], path

@@ -9,10 +9,7 @@ follow-up studies, and any film that appears twice, stay on one side of the line
 from __future__ import annotations
 
 import csv
-import hashlib
-import hmac
 import os
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -132,61 +129,6 @@ def find_studies(data_dir: str | os.PathLike) -> StudyTable:
     studies = pd.DataFrame(rows, columns=["study_id", "siim_class", "image_id", "path"])
     unlabelled = sorted(set(files) - set(labels.study_id))
     return StudyTable(studies, sorted(multi_image), sorted(missing), unlabelled)
-
-
-def pseudonym(patient_id: str, key: bytes) -> str:
-    """A keyed one-way name for a DICOM PatientID ("" stays ""): HMAC-SHA256 under `key`,
-    64 bits of it. Manifests are logged to the tracking server, and a reviewer must be able
-    to check the grouping (equal pseudonyms, equal patient) without the identifiers.
-
-    Keyed, because record numbers are few and guessable: an unkeyed hash of every number a
-    hospital could issue is a lookup table that reverses them all in seconds."""
-    if not patient_id:
-        return ""
-    return hmac.new(key, patient_id.encode(), hashlib.sha256).hexdigest()[:16]
-
-
-PSEUDONYM_KEY_VARIABLE = "COVID_XRAY_PSEUDONYM_KEY"
-PSEUDONYM_KEY_FILE = "pseudonym.key"
-# A shorter key can be guessed, and with it every pseudonym reversed (record numbers are few).
-PSEUDONYM_KEY_MIN_LENGTH = 32
-
-
-def pseudonym_key(cache_dir: str | os.PathLike) -> bytes:
-    """The secret pseudonyms are keyed with: $COVID_XRAY_PSEUDONYM_KEY when set, else the key
-    file in the cache folder, created once (32 random bytes as hex, mode 0600). It never
-    leaves this machine: not logged, not a param, not in the manifest."""
-    from_environment = os.environ.get(PSEUDONYM_KEY_VARIABLE, "")
-    if from_environment:
-        if len(from_environment) < PSEUDONYM_KEY_MIN_LENGTH:
-            raise UserError(f"{PSEUDONYM_KEY_VARIABLE} has {len(from_environment)} characters; "
-                            f"a pseudonym key needs at least {PSEUDONYM_KEY_MIN_LENGTH} (make "
-                            "one with `python -c 'import secrets; print(secrets.token_hex(32))'`"
-                            ") and the same one on every machine")
-        return from_environment.encode()
-    path = Path(cache_dir) / PSEUDONYM_KEY_FILE
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Written whole under a temporary name, then linked into place: a reader never sees
-        # half a key, and when two processes race, the first link wins and both use it.
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "w") as file:
-            file.write(secrets.token_hex(32) + "\n")
-        try:
-            os.link(temporary, path)
-            print(f"created the pseudonym key {path} (mode 0600): it keys the patient "
-                  "pseudonyms in logged manifests; keep it private, back it up, and set "
-                  f"{PSEUDONYM_KEY_VARIABLE} to share one key between machines")
-        except FileExistsError:
-            pass
-        finally:
-            temporary.unlink()
-    key = path.read_text().strip()
-    if not key:
-        raise UserError(f"{path}: the pseudonym key file is empty; delete it to make a new "
-                        f"one, or set {PSEUDONYM_KEY_VARIABLE}")
-    return key.encode()
 
 
 def assign_groups(studies: pd.DataFrame) -> pd.Series:
@@ -422,12 +364,10 @@ def build_manifest(
     refused = [not passes_gate(fields) for fields in headers]
     gated = sorted(studies.study_id[refused])
     studies = studies[[not bad for bad in refused]].reset_index(drop=True)
-    patient_ids = [fields["PatientID"] for fields, bad in zip(headers, refused, strict=True)
-                   if not bad]
-    _refuse_placeholder_patients(patient_ids)
-    with cache.writing():
-        key = pseudonym_key(cache.root)
-    studies = studies.assign(patient_id=[pseudonym(pid, key) for pid in patient_ids])
+    patients = [fields["patient"] for fields, bad in zip(headers, refused, strict=True)
+                if not bad]
+    _refuse_placeholder_patients(patients)
+    studies = studies.assign(patient_id=patients)
     selected = select_studies(studies.assign(group_id=assign_groups(studies)), num_classes,
                               dataset_size, seed, balance)
 
@@ -468,16 +408,17 @@ def passes_gate(fields: dict[str, str]) -> bool:
     return True
 
 
-def _refuse_placeholder_patients(patient_ids: list[str]) -> None:
+def _refuse_placeholder_patients(patients: list[str]) -> None:
     """One PatientID on most of a dataset is an anonymiser's placeholder, not a patient: it
-    would make one group of everything, and no patient-level split would be possible."""
-    named = pd.Series([pid for pid in patient_ids if pid])
-    if len(patient_ids) < 4 or named.empty:
+    would make one group of everything, and no patient-level split would be possible.
+    (`patients` are pseudonyms: the placeholder is named by its pseudonym.)"""
+    named = pd.Series([patient for patient in patients if patient])
+    if len(patients) < 4 or named.empty:
         return
     top, count = named.value_counts().index[0], int(named.value_counts().iloc[0])
-    if count > len(patient_ids) / 2:
+    if count > len(patients) / 2:
         raise UserError(
-            f"PatientID {top!r} is on {count} of {len(patient_ids)} studies: that is a "
-            "placeholder, not a patient, and no split by patient is possible; give the files "
-            "their real (pseudonymised) PatientIDs, or blank the tag so each study counts as "
-            "its own patient")
+            f"one PatientID (pseudonym {top}) is on {count} of {len(patients)} studies: that "
+            "is a placeholder, not a patient, and no split by patient is possible; give the "
+            "files their real (pseudonymised) PatientIDs, or blank the tag so each study "
+            "counts as its own patient")

@@ -30,9 +30,13 @@ from covid_xray.files import atomic_write
 from covid_xray.imaging.decoders import decode_on_one_thread
 from covid_xray.imaging.dicom import HEADER_FIELDS, error_line, read_header
 from covid_xray.imaging.preprocess import load_square
+from covid_xray.pseudonyms import key_fingerprint, pseudonym, pseudonym_key
 
-# The header memo's folder; renamed when HEADER_FIELDS grows, so old memos are read afresh.
-HEADER_MEMO = "headers-v2"
+# What the header memo holds per file: the header fields but the PatientID, and its pseudonym.
+MEMO_FIELDS = (*(name for name in HEADER_FIELDS if name != "PatientID"), "patient")
+# The header memo's folder (one per pseudonym key); renamed when what it holds changes, so
+# old memos are read afresh (v2 held raw PatientIDs).
+HEADER_MEMO = "headers-v3"
 # Bump when load_square's output changes for the same input, so old entries are not served.
 FORMAT_VERSION = 1
 
@@ -74,30 +78,36 @@ class ImageCache:
 
     def headers(self, dicom_paths: Sequence[str | os.PathLike], progress: bool = True
                 ) -> tuple[list[dict[str, str]], int]:
-        """Each file's `dicom.HEADER_FIELDS` (PatientID, sex, age, view, manufacturer), read
-        from its header only (a few KB, not the pixels) and remembered like the content
-        digests, so a 6,000-study set is read once; and how many headers could not be read.
+        """Each file's `dicom.HEADER_FIELDS` (sex, age, view, manufacturer, body part) and
+        `patient`, the keyed pseudonym of its PatientID (the raw one is not kept, here or in
+        the memo: teams share a cache), read from its header only (a few KB, not the pixels)
+        and remembered like the content digests, so a 6,000-study set is read once; and how
+        many headers could not be read. The key is read first (`pseudonyms.pseudonym_key`):
+        a bad one stops the run before any file is read.
 
         A failed read gives empty fields (that study is its own patient this time) and is not
         remembered: one transient I/O error must not make a study its own patient for good.
         The next run reads it again."""
         found, failures = [], 0
         with self.writing():
+            key = pseudonym_key(self.root)
+            memo = f"{HEADER_MEMO}-{key_fingerprint(key)}"
             for path in tqdm(dicom_paths, desc="reading headers", disable=not progress,
                              leave=False):
                 try:
-                    found.append(json.loads(self._remembered(HEADER_MEMO, Path(path),
-                                                             _header_json)))
+                    found.append(json.loads(self._remembered(
+                        memo, Path(path), lambda source: _header_json(source, key))))
                 except DicomError:
-                    found.append(dict.fromkeys(HEADER_FIELDS, ""))
+                    found.append(dict.fromkeys(MEMO_FIELDS, ""))
                     failures += 1
         return found, failures
 
-    def patient_ids(self, dicom_paths: Sequence[str | os.PathLike],
-                    progress: bool = True) -> tuple[list[str], int]:
-        """Each file's PatientID ("" when unreadable, see `headers`) and the failure count."""
+    def patients(self, dicom_paths: Sequence[str | os.PathLike],
+                 progress: bool = True) -> tuple[list[str], int]:
+        """Each file's patient pseudonym ("" when unreadable or none, see `headers`) and the
+        failure count."""
         found, failures = self.headers(dicom_paths, progress)
-        return [fields["PatientID"] for fields in found], failures
+        return [fields["patient"] for fields in found], failures
 
     def build(
         self, dicom_paths: Sequence[str | os.PathLike], num_workers: int = 0,
@@ -180,8 +190,11 @@ class ImageCache:
         return value
 
 
-def _header_json(path: Path) -> str:
-    return json.dumps(read_header(path), sort_keys=True)
+def _header_json(path: Path, key: bytes) -> str:
+    """What the memo keeps of a header: its fields, the PatientID as its pseudonym only."""
+    fields = read_header(path)
+    fields["patient"] = pseudonym(fields.pop("PatientID"), key)
+    return json.dumps(fields, sort_keys=True)
 
 
 def _file_digest(path: Path) -> str:
