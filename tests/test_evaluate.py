@@ -64,6 +64,13 @@ def test_evaluate_logs_cis_calibration_figures_and_links_to_the_model(store, hos
     assert run.data.tags[FINGERPRINT_TAG] == outcome.fingerprint
     assert run.data.params["count/studies"] == "46"
     assert run.data.params["count/scored"] == "44" and run.data.params["count/unreadable"] == "2"
+    # No absolute path of this machine in the record (#31): params and our tags by folder
+    # name, the dataset source too, and the model card (checked below).
+    ours = {key: value for key, value in run.data.tags.items() if not key.startswith("mlflow.")}
+    for value in [*run.data.params.values(), *ours.values(),
+                  *(item.dataset.source for item in run.inputs.dataset_inputs)]:
+        assert str(tmp_path) not in value and not value.startswith("/"), value
+    assert run.data.params["scored_data_dir"] == run.data.params["data_dir"] == hospital.name
 
     # Unreadable files are rows with their error, counted, never scored.
     predictions = pd.read_csv(output, dtype=str, keep_default_na=False)
@@ -116,6 +123,7 @@ def test_evaluate_logs_cis_calibration_figures_and_links_to_the_model(store, hos
     # The version's model card now lists this evaluation as external evidence.
     card = client.get_model_version("covid-xray-densenet", "1").description
     assert f"run `{outcome.run_id}`" in card and f"({44} studies)" in card
+    assert str(tmp_path.parent) not in card and f"the folder `{hospital.name}`" in card
     assert f"- roc_auc: {metrics['eval_roc_auc']:.3f} (95% CI" in card
 
 
@@ -267,9 +275,18 @@ def test_a_renamed_copy_and_a_re_exported_film_of_a_training_study_are_found(sto
                                       cache_dir=str(tmp_path / "cache")), progress=False)
 
 
-def test_without_data_dir_the_models_own_test_split_is_rescored_exactly(store, tmp_path,
-                                                                       capsys):
+def test_without_data_dir_the_models_own_test_split_is_rescored_exactly(
+        store, demo_dataset, tmp_path, capsys, monkeypatch):
+    """From the folder training ran in (the record names the data folder, not its path)."""
     outcome = store["outcome"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(UserError, match=rf"^the model was trained on the folder "
+                                        rf"{demo_dataset.name}, which is not at "):
+        evaluate_model(EvaluateConfig(model_uri=CHAMPION, cache_dir=str(tmp_path / "cache")),
+                       progress=False)
+    monkeypatch.chdir(demo_dataset.parent)
     rescored = evaluate_model(EvaluateConfig(model_uri=CHAMPION,
                                              cache_dir=str(tmp_path / "cache")),
                               progress=False)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -53,9 +54,13 @@ def test_train_logs_registers_and_reloads(demo_dataset, tmp_path, tracking_uri, 
     assert run.info.status == "FINISHED"
     assert run.info.run_name == "train-none-32px-s0"  # says what ran, not a seeded random name
 
-    # Every option is a param, plus the data description.
+    # Every option is a param (a folder given absolute by its name), plus the data
+    # description.
     for field in dataclasses.fields(TrainConfig):
-        assert run.data.params[field.name] == str(getattr(config, field.name))
+        value = str(getattr(config, field.name))
+        if field.name.endswith("_dir") and value.startswith("/"):
+            value = Path(value).name
+        assert run.data.params[field.name] == value
     assert len(run.data.params["data_fingerprint"]) == 32
     assert int(run.data.params["count/dropped_multi_image"]) == 2
     assert int(run.data.params["count/train/negative"]) == int(run.data.params["count/train/opacity"])
@@ -107,6 +112,11 @@ def test_train_logs_registers_and_reloads(demo_dataset, tmp_path, tracking_uri, 
                         "learning_curves", "subgroups")}
     subgroups = pd.read_csv(client.download_artifacts(outcome.run_id, "subgroups.csv"))
     assert set(subgroups.attribute) == {"PatientSex", "age_band", "ViewPosition", "Manufacturer"}
+    # No absolute path of this machine in the record: folders by their name.
+    ours = {key: value for key, value in run.data.tags.items() if not key.startswith("mlflow.")}
+    for value in [*run.data.params.values(), *ours.values(),
+                  *(item.dataset.source for item in run.inputs.dataset_inputs)]:
+        assert not value.startswith("/") and "/tmp/" not in value, value
     # Each split is a dataset input of its own, named and tagged by its context.
     inputs = {item.dataset.name: {tag.value for tag in item.tags if tag.key == "mlflow.data.context"}
               for item in run.inputs.dataset_inputs}

@@ -109,7 +109,9 @@ def task_labels(siim_class: pd.Series, class_names: tuple[str, ...]) -> np.ndarr
 
 def own_test_split(run_id: str, manifest: pd.DataFrame | None, cache_dir: str,
                    progress: bool) -> LabelledSet:
-    """The test split the model's training run logged, read from the folder it trained on."""
+    """The test split the model's training run logged, read from the folder it trained on
+    (its `data_dir`, from the current folder when relative: the record keeps no absolute
+    path) and checked file by file against the manifest's digests."""
     data_dir = logged_data_dir(run_id)
     if manifest is None or data_dir is None:
         raise UserError(f"the model's run {run_id} logged no manifest of its splits, so its "
@@ -117,13 +119,21 @@ def own_test_split(run_id: str, manifest: pd.DataFrame | None, cache_dir: str,
                         "never saw)")
     test = manifest[manifest.split == "test"]
     if not data_dir.is_dir():
-        raise UserError(f"the model was trained on {data_dir}, which is not on this machine; "
-                        "give data_dir (a labelled SIIM-layout set it never saw)")
+        raise UserError(f"the model was trained on the folder {data_dir.name}, which is not "
+                        f"at {data_dir}; run from the folder training ran in, or give data_dir "
+                        "(a labelled SIIM-layout set it never saw)")
     labelled = read_labelled_set(data_dir, cache_dir, progress, study_ids=test.study_id)
     missing = len(test) - len(labelled.studies)
-    if missing:
-        raise UserError(f"{missing} of the {len(test)} test studies of run {run_id} are no "
-                        f"longer in {data_dir}; give data_dir instead")
+    changed = 0
+    if "file_digest" in test and not missing:
+        logged = dict(zip(test.study_id, test.file_digest, strict=True))
+        changed = int(sum(logged[study] != digest for study, digest in
+                          zip(labelled.studies.study_id, labelled.studies.file_digest,
+                              strict=True)))
+    if missing or changed:
+        raise UserError(f"{missing or changed} of the {len(test)} test studies of run {run_id} "
+                        f"are {'no longer' if missing else 'other files'} in {data_dir}; "
+                        "give data_dir instead")
     return labelled
 
 
@@ -273,7 +283,7 @@ def _log_evaluation_run(config: EvaluateConfig, version, class_names: tuple[str,
                   "count/dropped_overlap": dropped_overlap}
         counts |= {f"count/{name}": int((truth == name).sum()) for name in class_names}
         mlflow_run.log_params({"model_uri": config.model_uri, "data_dir": str(config.data_dir),
-                               "scored_data_dir": str(labelled.data_dir.resolve()),
+                               "scored_data_dir": str(labelled.data_dir.resolve()),  # its name
                                "overlap": config.overlap, "resamples": config.resamples,
                                "seed": seed,
                                "data_fingerprint": labelled.fingerprint} | counts)

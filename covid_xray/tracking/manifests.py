@@ -11,7 +11,6 @@ exported again under new UIDs, is found too.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import mlflow
@@ -36,15 +35,11 @@ def logged_manifest(run_id: str) -> pd.DataFrame | None:
 
 
 def logged_data_dir(run_id: str) -> Path | None:
-    """The folder the training run read (the resolved path its test split's dataset input
-    names as source)."""
-    for item in MlflowClient().get_run(run_id).inputs.dataset_inputs:
-        if item.dataset.name == "siim-test":
-            try:
-                return Path(json.loads(item.dataset.source)["uri"])
-            except (ValueError, KeyError, TypeError):
-                return None
-    return None
+    """Where the training run's data is on this machine: its `data_dir` param (as typed to
+    `mlflow run`, or as we log it: relative paths as given, absolute ones by their last part)
+    read from the current folder when relative. None when the run logged none."""
+    data_dir = MlflowClient().get_run(run_id).data.params.get("data_dir", "").strip("'\"")
+    return Path(data_dir).absolute() if data_dir else None
 
 
 def learned_from(studies: pd.DataFrame, manifest: pd.DataFrame,

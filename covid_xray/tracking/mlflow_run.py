@@ -25,7 +25,7 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import click
@@ -235,21 +235,39 @@ def create_store_once() -> None:
             MlflowClient().search_experiments(max_results=1)
 
 
+# Options that name files or folders: logged without this machine's absolute paths.
+PATH_OPTIONS = ("input", "output", "csv", "heatmaps", "dicom_out", "evaluate_on")
+
+
 def log_params(params: dict[str, Any]) -> None:
     """Log params, living with what `mlflow run` already logged for the same run.
 
     MLflow forbids changing a param, and `mlflow run` logs its -P values first, as typed
     (`true`, `1e-3`, an empty string as "''"). Values equal to ours are skipped; a value we
-    changed (img_size for xrv weights) is logged again as `<name>_effective`.
+    changed (img_size for xrv weights) is logged again as `<name>_effective`. A file or folder
+    (`PATH_OPTIONS`, `*_dir`) is logged as given when relative and by its last part when
+    absolute: the record is read on other machines, where this one's paths are nobody's
+    business (and may name people). What `mlflow run` logged as the user typed it stays.
     """
     logged = mlflow.get_run(mlflow.active_run().info.run_id).data.params
     fresh = {}
     for key, value in params.items():
+        is_path = key in PATH_OPTIONS or key.endswith("_dir")
+        if is_path:
+            value = shareable_path(str(value))
         if key not in logged:
             fresh[key] = str(value)
-        elif not _same_value(logged[key], value):
+        elif not is_path and not _same_value(logged[key], value):
             fresh[f"{key}_effective"] = str(value)
     mlflow.log_params(fresh)
+
+
+def shareable_path(path: str) -> str:
+    """A path as the record may hold it: as given when relative, its last part when absolute
+    (`/srv/hospital/siim` -> `siim`)."""
+    if not os.path.isabs(path):
+        return path
+    return PurePath(path.rstrip("/\\")).name or path
 
 
 def _same_value(logged: str, value: Any) -> bool:
@@ -311,7 +329,8 @@ def log_dataset(table: pd.DataFrame, data_dir: Path, fingerprint: str, *, name: 
         # MLflow muses about how to read a folder source and about integer columns in the
         # schema; neither matters here, and users should not see either.
         warnings.simplefilter("ignore", UserWarning)
-        dataset = mlflow.data.from_pandas(table, source=str(data_dir.resolve()),
+        # The folder by its name: the record holds no absolute path of this machine.
+        dataset = mlflow.data.from_pandas(table, source=data_dir.resolve().name,
                                           targets=targets, name=name, digest=fingerprint[:16])
         try:
             mlflow.log_input(dataset, context=context)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 from datetime import UTC, datetime
-from pathlib import PurePath
 
 import mlflow
 import pandas as pd
@@ -21,7 +20,11 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from covid_xray.tracking.mlflow_run import EVALUATED_NAME_TAG, EVALUATED_VERSION_TAG
+from covid_xray.tracking.mlflow_run import (
+    EVALUATED_NAME_TAG,
+    EVALUATED_VERSION_TAG,
+    shareable_path,
+)
 
 DESCRIPTION_LIMIT = 5000  # MLflow's model version description column
 CARD_ARTIFACT = "model_card.md"
@@ -71,7 +74,7 @@ def _data(params: dict[str, str], spec: dict) -> list[str]:
                                strict=False))
     return [
         "", "## Data",
-        f"- Source: the folder `{folder_name(params.get('data_dir', '?'))}` (SIIM-FISABIO-RSNA "
+        f"- Source: the folder `{shareable_path(params.get('data_dir', '?'))}` (SIIM-FISABIO-RSNA "
         f"COVID-19 Detection layout), fingerprint `{params.get('data_fingerprint', '?')}`.",
         f"- Studies: {_split_counts(counts)}; {counts.get('patients', '?')} patients, split "
         f"by patient ({params.get('split', '?')}, seed {params.get('seed', '?')}), repeated "
@@ -125,7 +128,7 @@ def _evaluation_lines(name: str, version: str) -> list[str]:
     for evaluation in evaluations:
         when = datetime.fromtimestamp(evaluation.info.start_time / 1000, UTC).date()
         data = evaluation.data.params.get("data_dir", "").strip("'\"")
-        data = f"the folder `{folder_name(data)}`" if data else "its own test split, rescored"
+        data = f"the folder `{shareable_path(data)}`" if data else "its own test split, rescored"
         lines.append(f"- {when}, {data} ({evaluation.data.params.get('count/scored', '?')} "
                      f"studies), run `{evaluation.info.run_id}`:")
         lines += [f"  {line}" for line in _metric_lines(evaluation.data.metrics, "eval")[:3]]
@@ -145,11 +148,6 @@ LIMITATIONS = [
     "with confidence intervals, calibration, subgroup (fairness) analysis, intended use "
     "and limitations. Not covered: prospective or clinical validation.",
 ]
-
-
-def folder_name(path: str) -> str:
-    """A data folder as a card names it: its last part (`/srv/siim/train` -> `train`)."""
-    return PurePath(path.rstrip("/\\")).name or path
 
 
 def write_model_card(name: str, version: str, run_id: str | None = None) -> str:
