@@ -10,12 +10,16 @@ import sys
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from sklearn.metrics import roc_auc_score
 
+from covid_xray.config import EvaluateConfig
+from covid_xray.evaluation.calibration import OperatingPoint, fit_operating_point, fit_temperature
+from covid_xray.serving.evaluate import evaluate_model
 from covid_xray.tracking.registry import load
 from tests.conftest import ROOT, clean_env
 from tests.test_lifecycle import (
@@ -35,58 +39,84 @@ def options(**values: str) -> list[str]:
             for item in (f"--{name.replace('_', '-')}", value)]
 
 
-def test_two_processes_make_one_run_one_version_scored_on_every_val_study(
-        demo_dataset, tmp_path, mlflow_server):
-    """`mlflow run -P nproc=2`: two gloo processes, rank 0 alone logs and registers, and the
-    val AUC it logged is the AUC of the registered model over every val study (not over one
-    process's half, and with no study counted twice: the val split has an odd size)."""
-    command = [str(Path(sys.executable).with_name("mlflow")), "run", str(ROOT), "-e", "train",
-               "--env-manager", "local", "--experiment-name", "two-processes",
-               "-P", "nproc=2", "-P", f"data_dir={demo_dataset}",
-               "-P", f"cache_dir={tmp_path / 'cache'}", "-P", "registered_model_name=ddp",
+def test_two_processes_log_the_numbers_of_the_model_they_register(demo_dataset, tmp_path,
+                                                                   monkeypatch):
+    """`--nproc 2` from the user's own folder, with relative paths and the default store: two
+    gloo processes, one run and one version from rank 0, every val study scored once (the
+    val split has an odd size), and the numbers logged are the registered model's: its val
+    loss, temperature and threshold recomputed from the val films, and every test_* metric
+    recomputed by evaluate, equal to 1e-6.
+
+    Before: the launcher ran the processes in the checkout (data, cache and mlflow.db went
+    there), and each process scored its shard with its own BatchNorm statistics and weight
+    average while rank 0's model was registered."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "data").symlink_to(demo_dataset)
+    command = [sys.executable, "-m", "entrypoints.train", "--experiment-name", "two-processes",
                # 100 studies, class-weighted: a val split of 21, which two processes share
                # 11 + 10 (a padding sampler would score one twice).
-               "-P", "balance=weights", "-P", "dataset_size=100",
-               *[item for name, value in TRAIN.items() for item in ("-P", f"{name}={value}")]]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900,
-                            env=clean_env(MLFLOW_TRACKING_URI=mlflow_server))
+               *options(nproc="2", data_dir="data", cache_dir="cache",
+                        registered_model_name="ddp", balance="weights", dataset_size="100")]
+    env = clean_env(PYTHONPATH=str(ROOT))
+    result = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=900,
+                            env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "training in 2 processes (torchrun, gloo)" in result.stdout
     # Rank 1 prints nothing of its own: each line of the run's story appears once.
     assert result.stdout.count("calibration: temperature") == 1, result.stdout[-3000:]
+    assert list((work / "cache").glob("size32-*")) and (work / "mlflow.db").is_file()
 
-    client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
+    store = f"sqlite:///{work / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
     runs = client.search_runs([client.get_experiment_by_name("two-processes").experiment_id])
     assert [run.info.status for run in runs] == ["FINISHED"]
     run = runs[0]
-    assert run.data.params["nproc"] == "2" and run.data.params["batch_size"] == "8"
+    params, logged = run.data.params, run.data.metrics
+    assert params["nproc"] == "2" and params["batch_size"] == "8"
     versions = client.search_model_versions("name='ddp'")
-    assert [(v.version, v.run_id) for v in versions] == [("1", run.info.run_id)]
+    assert [(str(v.version), v.run_id) for v in versions] == [("1", run.info.run_id)]
 
     manifest = pd.read_csv(client.download_artifacts(run.info.run_id, "data/manifest.csv",
                                                      str(tmp_path)))
-    val = manifest[manifest.split == "val"]
-    logged_count = sum(int(value) for key, value in run.data.params.items()
-                       if key.startswith("count/val/"))
-    assert len(val) == logged_count and len(val) % 2 == 1, len(val)
-    best = int(run.data.metrics["best_epoch"])
-    logged = [m.value for m in client.get_metric_history(run.info.run_id, "val_auc")]
-    assert len(logged) == 2
+    val, train = (manifest[manifest.split == split] for split in ("val", "train"))
+    assert len(val) == sum(int(value) for key, value in params.items()
+                           if key.startswith("count/val/"))
+    assert len(val) % 2 == 1, len(val)
+    best = int(logged["best_epoch"])
+    val_losses = [m.value for m in client.get_metric_history(run.info.run_id, "val_loss")]
+    val_aucs = [m.value for m in client.get_metric_history(run.info.run_id, "val_auc")]
+    assert len(val_aucs) == 2
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-        patch.setenv("COVID_XRAY_PATH_ROOT", str(demo_dataset))
-        mlflow.set_tracking_uri(mlflow_server)
-        try:
-            answers = load("models:/ddp/1").predict(
-                None, pd.DataFrame({"path": [str(demo_dataset / p) for p in val.path]}))
-        finally:
-            mlflow.set_tracking_uri(None)
-    assert (answers.error == "").all()
-    # The registered model is the best epoch's weights, calibrated by a temperature, which
-    # keeps the ranking: its AUC over the val studies is the one logged for that epoch.
-    assert roc_auc_score(val.label, answers.prob_opacity) == pytest.approx(logged[best - 1],
-                                                                           abs=1e-9)
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setenv("COVID_XRAY_PATH_ROOT", str(work / "data"))
+    mlflow.set_tracking_uri(store)
+    try:
+        model = load("models:/ddp/1")
+        frame = pd.DataFrame({"path": list(val.path)})
+        model.set_operating_point(OperatingPoint(1.0))  # the best epoch's model, uncalibrated
+        raw = model.predict(None, frame)[["prob_negative", "prob_opacity"]].to_numpy()
+        temperature = fit_temperature(val.label.to_numpy(), raw)
+        model.set_operating_point(OperatingPoint(temperature))
+        calibrated = model.predict(None, frame)[["prob_negative", "prob_opacity"]].to_numpy()
+        operating = fit_operating_point(val.label.to_numpy(), calibrated, temperature,
+                                        params["operating_point"], train.label.to_numpy())
+        rescored = evaluate_model(EvaluateConfig(model_uri="models:/ddp/1", cache_dir="cache",
+                                                 num_workers=0), progress=False)
+        evaluated = client.get_run(rescored.run_id).data.metrics
+    finally:
+        mlflow.set_tracking_uri(None)
+    val_loss = float(-np.log(raw[np.arange(len(val)), val.label.to_numpy()]).mean())
+    assert val_loss == pytest.approx(val_losses[best - 1], abs=1e-6)
+    assert roc_auc_score(val.label, raw[:, 1]) == pytest.approx(val_aucs[best - 1], abs=1e-9)
+    assert temperature == pytest.approx(logged["calibration_temperature"], abs=1e-6)
+    assert operating.threshold == pytest.approx(logged["threshold"], abs=1e-6)
+    tested = {key.removeprefix("test_"): value for key, value in logged.items()
+              if key.startswith("test_")}
+    assert {"roc_auc", "ece", "brier", "sensitivity"} <= tested.keys()
+    for key, value in tested.items():
+        assert evaluated[f"eval_{key}"] == pytest.approx(value, abs=1e-6), key
 
 
 def test_one_process_under_torchrun_trains_exactly_as_a_plain_run(demo_dataset, tmp_path, sqlite_store):

@@ -161,6 +161,17 @@ class World:
         dist.all_reduce(value, op=dist.ReduceOp.MIN)
         return bool(value)
 
+    def share_main_state(self, module: nn.Module) -> None:
+        """Make `module` rank 0's on every process: its weights and buffers (BatchNorm's
+        running statistics) broadcast in place. DistributedDataParallel keeps the trained
+        weights equal, but each process updates its own statistics and its own weight
+        average: without this, each process would score its shard with another model than
+        the one rank 0 registers."""
+        if not self.grouped:
+            return
+        for tensor in module.state_dict().values():
+            dist.broadcast(tensor, src=0)
+
     def wrap(self, network: nn.Module, device: torch.device) -> nn.Module:
         """The network as trained: under DistributedDataParallel when in a process group
         (gradients averaged over the processes at every step), else itself."""
@@ -223,8 +234,8 @@ def launch(nproc: int, arguments: list[str], device: torch.device) -> None:
                           rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.5)
     print(f"training in {nproc} processes (torchrun, "
           f"{'nccl' if device.type == 'cuda' else 'gloo'})", flush=True)
-    previous = os.getcwd()
-    os.chdir(root)
+    # Run from the user's folder (PYTHONPATH finds `entrypoints`): relative data_dir,
+    # cache_dir and the default sqlite:///mlflow.db mean what they mean without nproc.
     try:
         elastic_launch(config, sys.executable)("-m", "entrypoints.train", *arguments)
     except ChildFailedError as error:
@@ -236,5 +247,3 @@ def launch(nproc: int, arguments: list[str], device: torch.device) -> None:
     except SignalException as stop:
         lifecycle.record_stop(int(stop.sigval))
         raise KeyboardInterrupt(f"signal {signal.Signals(stop.sigval).name}") from None
-    finally:
-        os.chdir(previous)

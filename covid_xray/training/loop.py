@@ -283,6 +283,7 @@ def fit(
         row["train_loss"] = float(loss_sum / len(train_labels))
         row |= {f"train_{k}": v for k, v in
                 epoch_metrics(train_labels, train_probabilities).items()}
+        world.share_main_state(evaluated)  # every shard scored by the model rank 0 keeps
         val_probabilities, val_labels, val_loss = predict(evaluated, val_loader, device,
                                                           with_loss=True)
         val_loss = float(world.gather(np.array([val_loss * len(val_labels)])).sum())
@@ -307,6 +308,7 @@ def fit(
 
     result.best_epoch, result.best_val_auc = best.epoch, best.val_auc
     model.load_state_dict(best_state)  # the average has the model's own keys
+    world.share_main_state(model)  # (equal already: shared before each validation)
     return result
 
 
