@@ -1,13 +1,17 @@
 """The training recipe, measured on real chest X-rays: several seeds, each its own resplit.
 
 Development data: PneumoniaMNIST's training split (real paediatric chest films, CC BY 4.0,
-28 px, 0 = normal, 1 = pneumonia), which the repository does not carry. `make-tree` turns the
+28 px, 0 = normal, 1 = pneumonia), which the repository does not carry: `pneumoniamnist.npz`
+of MedMNIST v2 (https://medmnist.com; `pip install medmnist`, then
+`medmnist.PneumoniaMNIST(split="train", download=True)` puts it in ~/.medmnist). Its train
+split has 4,708 films (make-tree writes 4,280 to train on and 428 unseen); docs/recipe.md's
+numbers come from a 2,428-film subset of it (2,000 and 428). `make-tree` turns the
 npz into two SIIM-layout DICOM trees with our own writer, upsampled (bicubic) to 12-bit films:
 `<out>/train` for training (split by `train` into train/val/test as usual) and `<out>/unseen`,
 films the training never sees, scored afterwards through the logged model's own predict path.
 Normal films are labelled Negative, pneumonia Typical (the binary task).
 
-    python bench/recipe.py make-tree --npz ../shared/data/pneumoniamnist-train.npz --out dev
+    python bench/recipe.py make-tree --npz ~/.medmnist/pneumoniamnist.npz --out dev
     python bench/recipe.py compare --data dev --seeds 0,1,2 --recipe before --recipe default
 
 Every run is tracked in MLflow (experiment `recipe`, tag `recipe`, metric `unseen_auc`). The
@@ -66,7 +70,8 @@ def main() -> None:
 
 
 @main.command("make-tree")
-@click.option("--npz", "npz_path", required=True, help="pneumoniamnist-train.npz")
+@click.option("--npz", "npz_path", required=True,
+              help="MedMNIST's pneumoniamnist.npz (its train_images, train_labels)")
 @click.option("--out", required=True, help="Folder to create (train/ and unseen/).")
 @click.option("--size", default=256, show_default=True, help="Upsampled film side, px.")
 @click.option("--unseen", default=428, show_default=True, help="Films held out of train/.")

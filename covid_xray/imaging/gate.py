@@ -7,8 +7,9 @@ read (imaging/dicom.py); `view` (a lateral or other non-frontal ViewPosition) an
 `unreadable` for a file that cannot be decoded at all. A frontal film whose ViewPosition is
 missing passes, flagged `view_unknown`: SIIM's exports often drop it.
 
-Training does not gate (its cache reads every labelled study; SIIM names the chest in several
-languages and forms), only what a model is asked to answer is gated.
+Training leaves out what the gate would refuse (data/studies.py: `passes_gate`, from the
+cached headers): a model is not trained on films it would refuse to answer about. SIIM names
+the chest in several languages and forms (`CHEST_WORDS`).
 """
 
 from __future__ import annotations
