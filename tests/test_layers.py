@@ -39,18 +39,27 @@ def rank(layer: str) -> int:
     return -1 if layer == "base" else LAYERS.index(layer)
 
 
-def imports_of(path: Path) -> list[tuple[int, str]]:
-    """Every covid_xray module `path` imports (function-level imports included)."""
+def imports_of(path: Path, package: str = "") -> list[tuple[int, str]]:
+    """Every covid_xray module `path` imports (function-level imports included). Relative
+    imports (`from ..serving import x`) are resolved against `package`, the module's own
+    package (by default the one `path` sits in under covid_xray/)."""
+    if not package and path.is_relative_to(PACKAGE):
+        package = ".".join(("covid_xray", *path.relative_to(PACKAGE).parent.parts))
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found += [(node.lineno, alias.name) for alias in node.names
                       if alias.name.startswith("covid_xray.")]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if node.module == "covid_xray":  # from covid_xray import imaging / lifecycle
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:  # relative: up `level - 1` packages from this one
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                module = ".".join([*base, *filter(None, [module])])
+            if module == "covid_xray":  # from covid_xray import imaging / lifecycle
                 found += [(node.lineno, f"covid_xray.{alias.name}") for alias in node.names]
-            elif node.module.startswith("covid_xray."):
-                found.append((node.lineno, node.module))
+            elif module.startswith("covid_xray."):
+                # `from covid_xray.model import pyfunc` names a module of that package
+                found.append((node.lineno, module))
     return found
 
 
@@ -96,6 +105,18 @@ def test_the_layering_test_sees_an_upward_import(layer, tmp_path):
     module.write_text(f"from covid_xray.{above}.anything import something\n")
     ((_, imported),) = imports_of(module)
     assert rank(layer_of(imported)) > rank(layer)
+
+
+@pytest.mark.parametrize("statement", ["from ..serving import predict\n",
+                                       "from ..serving.predict import find_dicoms\n",
+                                       "from .. import serving\n"])
+def test_the_layering_test_sees_a_relative_upward_import(statement, tmp_path):
+    """A relative import is an import too: `from ..serving import predict` in the model layer
+    is reported like its absolute spelling."""
+    module = tmp_path / "probe.py"
+    module.write_text(statement)
+    ((_, imported),) = imports_of(module, package="covid_xray.model")
+    assert layer_of(imported) == "serving"
 
 
 def test_loading_the_logged_model_imports_no_data_or_training_code(tmp_path):
