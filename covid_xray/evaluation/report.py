@@ -69,23 +69,31 @@ def percentile_interval(samples: np.ndarray) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def confidence_intervals(labels: np.ndarray, probabilities: np.ndarray,
-                         class_names: Sequence[str], resamples: int = RESAMPLES,
-                         seed: int = 0, threshold: float | None = None
-                         ) -> dict[str, tuple[float, float]]:
-    """Percentile intervals of every `metrics.batched` metric over stratified resamples."""
+def bootstrap_samples(labels: np.ndarray, probabilities: np.ndarray,
+                      class_names: Sequence[str], resamples: int = RESAMPLES, seed: int = 0,
+                      threshold: float | None = None) -> dict[str, np.ndarray]:
+    """Every `metrics.batched` metric on each of the stratified resamples (NaN where a
+    resample leaves it undefined)."""
     values: dict[str, list[np.ndarray]] = {}
     for rows in resample_chunks(labels, resamples, seed):
         for name, batch in metrics.batched(labels[rows], probabilities[rows], class_names,
                                            threshold).items():
             values.setdefault(name, []).append(batch)
-    intervals = {}
-    for name, parts in values.items():
-        samples = np.concatenate(parts)
-        if np.isnan(samples).all():
-            continue  # undefined on this set (a class missing): no interval either
-        intervals[name] = percentile_interval(samples)
-    return intervals
+    return {name: np.concatenate(parts) for name, parts in values.items()}
+
+
+def confidence_intervals(labels: np.ndarray, probabilities: np.ndarray,
+                         class_names: Sequence[str], resamples: int = RESAMPLES,
+                         seed: int = 0, threshold: float | None = None,
+                         samples: dict[str, np.ndarray] | None = None
+                         ) -> dict[str, tuple[float, float]]:
+    """Percentile intervals of every `metrics.batched` metric over stratified resamples
+    (`bootstrap_samples`, drawn here unless given)."""
+    if samples is None:
+        samples = bootstrap_samples(labels, probabilities, class_names, resamples, seed,
+                                    threshold)
+    return {name: percentile_interval(drawn) for name, drawn in samples.items()
+            if not np.isnan(drawn).all()}  # undefined on this set: no interval either
 
 
 def evaluate(labels: Sequence[int], probabilities: np.ndarray, class_names: Sequence[str], *,

@@ -115,7 +115,8 @@ def _subgroup_summary(run: Run) -> list[str]:
     named = ", ".join(f"{row.attribute}={row.value}" for row in flagged.itertuples())
     return ["", "## Subgroups (test split)",
             f"{len(scored)} of {len(subgroups)} subgroups had >= 30 studies and both classes; "
-            f"AUC CI wholly below the overall AUC: {named or 'none'}. Full table: "
+            f"AUC below the overall AUC (Holm-adjusted across them, p < 0.05): "
+            f"{named or 'none'}. Full table: "
             "`subgroups.csv` in the training run."]
 
 
