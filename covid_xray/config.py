@@ -22,7 +22,7 @@ SCHEDULES = ("cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 STAGES = ("None", "Staging", "Production", "Archived")
 HELD_STAGES = STAGES[1:3]  # the stages a version holds (None and Archived are no one's)
-OVERLAP_RULES = ("refuse", "drop")
+OVERLAP_RULES = ("refuse", "drop", "ignore_patients")
 TUNE_METRICS = ("val_auc", "val_accuracy", "val_f1", "val_loss")
 
 
@@ -228,9 +228,12 @@ class EvaluateConfig:
                            "train_study_level.csv; every usable study the model never learned "
                            "from is scored. '' = the model's own logged test split.")
     overlap: str = option("refuse", "Studies of data_dir that the model was trained or "
-                          "validated on (same study id, image id, file or pixels): refuse "
-                          "(stop, nothing logged) or drop (score the others; counted as "
-                          "count/dropped_overlap).", OVERLAP_RULES)
+                          "validated on (same patient, study id, image id, file or pixels, "
+                          "or a near-duplicate film): refuse (stop, nothing logged) or drop "
+                          "(score the others; counted as count/dropped_overlap); "
+                          "ignore_patients refuses like refuse but does not match patients "
+                          "(when this machine's pseudonym key is not the training one's).",
+                          OVERLAP_RULES)
     output: str = option("", "Also write the per-study predictions CSV here (it is always "
                          "logged to the run).")
     batch_size: int = option(16, "DICOMs per forward pass.")

@@ -35,8 +35,12 @@ SHARED_SERVER_FIXTURES = {"postgres", "team_server"}
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Under pytest-xdist, each worker (and every process it starts) uses one thread for
-    torch and OpenCV: two workers on two cores, not four threads fighting for them."""
+    """One pseudonym key for the whole suite (and every process it starts), as a team sets
+    COVID_XRAY_PSEUDONYM_KEY: a model trained with one cache folder is evaluated with
+    another, and patients match only under the key they were named with (tests of the key
+    itself unset it). Under pytest-xdist, each worker (and every process it starts) uses one
+    thread for torch and OpenCV: two workers on two cores, not four threads fighting."""
+    os.environ.setdefault("COVID_XRAY_PSEUDONYM_KEY", "covid-xray test suite key " + "0" * 40)
     if os.environ.get("PYTEST_XDIST_WORKER"):
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
         import torch

@@ -342,3 +342,78 @@ def test_four_class_models_evaluate_and_promote_end_to_end(store, demo_dataset, 
     assert refused.message.startswith("not promoted: version 2 vs version 1: map difference "
                                       "+0.0000 (95% CI +0.0000 to +0.0000")
     assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+
+
+def filed_anew(source: Path, target: Path, **header) -> Path:
+    """`source`'s film saved as `target` under new UIDs (a new study, series and image), with
+    `header` set: what a later study, or a copy passed through another system, looks like."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(source)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    for keyword, value in header.items():
+        setattr(ds, keyword, value)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(target)
+    return target
+
+
+def test_a_training_patients_follow_up_and_a_near_copy_of_a_training_film_are_refused(
+        store, demo_dataset, tmp_path, monkeypatch):
+    """Evaluate matched study and image ids and exact digests only: a training patient's new
+    study (new UIDs, another film) and a training film with +-1 noise under new UIDs passed as
+    unseen. Now the first is found by the patient's keyed pseudonym, the second as a
+    near-duplicate; two films of one patient the model never saw are scored. Under another
+    pseudonym key, patients cannot be matched: one line, unless overlap=ignore_patients."""
+    import pydicom
+
+    from covid_xray.serving.evaluate import logged_manifest
+    from tests.test_likeness import re_encoded
+
+    manifest = logged_manifest(store["outcome"].run_id)
+    train, test = (manifest[manifest.split == split] for split in ("train", "test"))
+    data_dir = tmp_path / "hospital"
+    films = {  # name -> (film, siim class)
+        "follow-up": (filed_anew(demo_dataset / test.path.iloc[0], tmp_path / "a.dcm",
+                                 PatientID=pydicom.dcmread(demo_dataset / train.path.iloc[0])
+                                 .PatientID), test.siim_class.iloc[0]),
+        "near copy": (filed_anew(re_encoded(demo_dataset / train.path.iloc[1],
+                                            tmp_path / "noisy.dcm", "noise +-1"),
+                                 tmp_path / "b.dcm", PatientID="NEVER-SEEN-1"),
+                      train.siim_class.iloc[1]),
+        **{f"unseen {index}": (filed_anew(demo_dataset / test.path.iloc[index],
+                                          tmp_path / f"c{index}.dcm", PatientID="NEVER-SEEN-2"),
+                               test.siim_class.iloc[index]) for index in (1, 2)},
+    }
+    rows = ["id,Negative for Pneumonia,Typical Appearance,Indeterminate Appearance,"
+            "Atypical Appearance"]
+    study_of = {}
+    for index, (name, (film, siim_class)) in enumerate(films.items()):
+        study_id = f"{index + 1:012x}"
+        target = data_dir / "train" / study_id / f"{index + 21:012x}" / f"{index + 41:012x}.dcm"
+        target.parent.mkdir(parents=True)
+        shutil.copy(film, target)
+        onehot = ["0"] * 4
+        onehot[int(siim_class)] = "1"
+        rows.append(f"{study_id}_study,{','.join(onehot)}")
+        study_of[name] = study_id
+    (data_dir / STUDY_CSV).write_text("\n".join(rows) + "\n")
+    config = EvaluateConfig(model_uri=CHAMPION, data_dir=str(data_dir), resamples=50,
+                            cache_dir=str(tmp_path / "cache"))
+
+    with pytest.raises(UserError, match=r"^2 of the 4 studies in .* trained or validated on "
+                       r"\(1 by patient, 1 by near-duplicate film\)"):
+        evaluate_model(config, progress=False)
+    dropped = evaluate_model(EvaluateConfig(**vars(config) | {"overlap": "drop"}),
+                             progress=False)
+    assert set(dropped.predictions.study_id) == {study_of["unseen 1"], study_of["unseen 2"]}
+
+    monkeypatch.setenv("COVID_XRAY_PSEUDONYM_KEY", "another machine's key " + "1" * 40)
+    with pytest.raises(UserError, match=r"^this machine's pseudonym key \(fingerprint \w+\) is "
+                       r"not the one the model's training named patients with"):
+        evaluate_model(config, progress=False)
+    with pytest.raises(UserError, match=r"^1 of the 4 studies .* \(1 by near-duplicate film\)"):
+        evaluate_model(EvaluateConfig(**vars(config) | {"overlap": "ignore_patients"}),
+                       progress=False)

@@ -18,8 +18,9 @@ import pandas as pd
 
 from covid_xray.config import BALANCES, TrainConfig
 from covid_xray.errors import DicomError, UserError
-from covid_xray.imaging.cache import ImageCache, pixel_digest
+from covid_xray.imaging.cache import ImageCache, load_entry, pixel_digest
 from covid_xray.imaging.gate import check
+from covid_xray.imaging.likeness import thumbnail
 
 STUDY_CSV = "train_study_level.csv"
 IMAGE_CSV = "train_image_level.csv"
@@ -285,6 +286,11 @@ class Manifest:
     unlabelled: list[str] = field(default_factory=list)  # folders absent from the CSV
     patient_id_read_errors: int = 0  # headers that could not be read (retried next run)
     refused_by_gate: list[str] = field(default_factory=list)  # lateral views, other parts
+
+    def thumbnails(self) -> np.ndarray:
+        """Each row's standardised thumbnail (imaging/likeness.py), same order: what finds a
+        re-encoded copy of one of these films later."""
+        return np.stack([thumbnail(load_entry(entry)) for entry in self.entries])
 
     def counts(self) -> dict[str, int]:
         """Studies per split and class, e.g. {'train/negative': 120, ...}, patients, drops."""

@@ -28,11 +28,20 @@ from covid_xray.errors import UserError
 from covid_xray.evaluation.report import Evaluation, evaluate
 from covid_xray.evaluation.subgroups import add_subgroups
 from covid_xray.files import atomic_write
-from covid_xray.imaging.cache import CacheParams, ImageCache, pixel_digest
+from covid_xray.imaging.cache import CacheParams, ImageCache, load_entry, pixel_digest
+from covid_xray.imaging.likeness import NEAR_DUPLICATE, SIDE, nearest_distance, thumbnail
 from covid_xray.imaging.workers import worker_count
 from covid_xray.model.pyfunc import DicomClassifier
+from covid_xray.pseudonyms import key_fingerprint, pseudonym_key
 from covid_xray.tracking import mlflow_run, registry
-from covid_xray.tracking.manifests import learned_from, logged_data_dir, logged_manifest
+from covid_xray.tracking.manifests import (
+    KEY_FINGERPRINT_TAG,
+    learned,
+    learned_from,
+    logged_data_dir,
+    logged_manifest,
+    logged_thumbnails,
+)
 from covid_xray.tracking.model_card import write_model_card
 
 # What the binary classes were called before they were named for what they are.
@@ -137,41 +146,85 @@ def own_test_split(run_id: str, manifest: pd.DataFrame | None, cache_dir: str,
     return labelled
 
 
-def check_overlap(labelled: LabelledSet, manifest: pd.DataFrame | None, model: DicomClassifier,
-                  config: EvaluateConfig, progress: bool) -> tuple[LabelledSet, int]:
+def check_overlap(labelled: LabelledSet, manifest: pd.DataFrame | None, run_id: str | None,
+                  model: DicomClassifier, config: EvaluateConfig, progress: bool
+                  ) -> tuple[LabelledSet, int]:
     """Refuse (or with overlap=drop, leave out) studies the model was trained or validated
-    on; returns the set to score and how many were dropped."""
+    on: the same study, image, file or pixels, the same patient (a follow-up study), or a
+    near-duplicate of a training film; returns the set to score and how many were dropped."""
     if config.overlap not in OVERLAP_RULES:
         raise UserError(f"overlap must be {' or '.join(OVERLAP_RULES)}, got {config.overlap!r}")
     if manifest is None:
         print("warning: the model's run logged no manifest of its training data, so overlap "
               "with it cannot be checked")
         return labelled, 0
-    pixels = None
+    paths = [labelled.data_dir / path for path in labelled.studies.path]
+    patients = _patients(paths, run_id, config, progress)
+    pixels = near_duplicates = None
     if "pixel_digest" in manifest:
         # The training cache's squares (same size and VOI rule): decoded once, then reused.
         cache = ImageCache(config.cache_dir, CacheParams(model.preprocessing.img_size,
                                                          model.preprocessing.apply_voi_lut))
-        paths = [labelled.data_dir / path for path in labelled.studies.path]
         entries, stats = cache.build(paths, num_workers=worker_count(config.num_workers,
                                                                      len(paths)),
                                      progress=progress)
-        pixels = ["" if str(path) in stats.unreadable else pixel_digest(entry)
-                  for path, entry in zip(paths, entries, strict=True)]
-    learned = learned_from(labelled.studies, manifest, pixels)
-    count = int(learned.sum())
+        readable = [str(path) not in stats.unreadable for path in paths]
+        pixels = [pixel_digest(entry) if ok else "" for entry, ok in
+                  zip(entries, readable, strict=True)]
+        near_duplicates = _near_duplicates(entries, readable, manifest, run_id)
+    found = learned_from(labelled.studies, manifest, pixels, patients, near_duplicates)
+    overlap = np.logical_or.reduce(list(found.values()))
+    count, total = int(overlap.sum()), len(overlap)
     if not count:
         return labelled, 0
-    total = len(learned)
-    if config.overlap == "refuse":
+    reasons = ", ".join(f"{int(mask.sum())} by {reason}" for reason, mask in found.items()
+                        if mask.any())
+    if config.overlap != "drop":
         raise UserError(
             f"{count} of the {total} studies in {labelled.data_dir} are ones the model was "
-            "trained or validated on (same study id, image id, file or pixels): scores on "
-            f"them would flatter it; evaluate on other studies, set overlap=drop to score the "
-            f"{total - count} others, or leave data_dir empty to rescore its own test split")
+            f"trained or validated on ({reasons}): scores on them would flatter it; evaluate "
+            f"on other studies, set overlap=drop to score the {total - count} others, or "
+            "leave data_dir empty to rescore its own test split")
     print(f"overlap=drop: left out {count} of {total} studies the model was trained or "
-          "validated on")
-    return labelled.without(learned), count
+          f"validated on ({reasons})")
+    return labelled.without(overlap), count
+
+
+def _patients(paths: list[Path], run_id: str | None, config: EvaluateConfig,
+              progress: bool) -> list[str] | None:
+    """Each study's patient pseudonym under this machine's key, when that is the key the
+    training run named its patients with; None when patients are not to be matched (asked,
+    or a run that recorded no key). Another key refuses, in one line: its pseudonyms would
+    match no one, and a follow-up study of a training patient would pass as unseen."""
+    if config.overlap == "ignore_patients" or not run_id:
+        return None
+    recorded = MlflowClient().get_run(run_id).data.tags.get(KEY_FINGERPRINT_TAG)
+    if not recorded:
+        print("warning: the model's run recorded no pseudonym key, so its patients cannot be "
+              "matched (studies, files and pixels are)")
+        return None
+    cache = ImageCache(config.cache_dir, CacheParams(0))
+    with cache.writing():
+        here = key_fingerprint(pseudonym_key(config.cache_dir))
+    if here != recorded:
+        raise UserError(f"this machine's pseudonym key (fingerprint {here}) is not the one the "
+                        f"model's training named patients with ({recorded}), so a training "
+                        "patient's new study cannot be recognised; set COVID_XRAY_PSEUDONYM_KEY "
+                        "to that key, or overlap=ignore_patients to match studies, files and "
+                        "pixels only")
+    return cache.patients(paths, progress)[0]
+
+
+def _near_duplicates(entries: list[Path], readable: list[bool], manifest: pd.DataFrame,
+                     run_id: str | None) -> np.ndarray | None:
+    """Which films are near-duplicates of a film the model learned from (imaging/
+    likeness.py); None for a run that logged no thumbnails."""
+    known = logged_thumbnails(run_id, learned(manifest).study_id) if run_id else None
+    if known is None:
+        return None
+    mine = np.stack([thumbnail(load_entry(entry)) if ok else np.zeros((SIDE, SIDE), np.float32)
+                     for entry, ok in zip(entries, readable, strict=True)])
+    return (nearest_distance(mine, known) < NEAR_DUPLICATE) & np.array(readable)
 
 
 def evaluate_model(config: EvaluateConfig, progress: bool = True,
@@ -210,7 +263,8 @@ def _studies_to_score(config: EvaluateConfig, run_id: str | None,
     seed = config.seed
     if config.data_dir:
         labelled = labelled or read_labelled_set(config.data_dir, config.cache_dir, progress)
-        labelled, dropped_overlap = check_overlap(labelled, manifest, model, config, progress)
+        labelled, dropped_overlap = check_overlap(labelled, manifest, run_id, model, config,
+                                                  progress)
         return labelled, max(seed, 0), dropped_overlap
     labelled = own_test_split(run_id, manifest, config.cache_dir, progress)
     if seed < 0:  # the seed its training run bootstrapped the test split with

@@ -20,6 +20,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 MANIFEST_ARTIFACT = "data/manifest.csv"
+THUMBNAILS_ARTIFACT = "data/thumbnails.npz"  # each manifest film's thumbnail (likeness.py)
+KEY_FINGERPRINT_TAG = "pseudonym_key_fingerprint"  # which key named the manifest's patients
 LEARNED_SPLITS = ("train", "val")  # the model's weights, epoch, temperature and threshold
 
 
@@ -42,16 +44,44 @@ def logged_data_dir(run_id: str) -> Path | None:
     return Path(data_dir).absolute() if data_dir else None
 
 
+def logged_thumbnails(run_id: str, study_ids: pd.Series) -> np.ndarray | None:
+    """The thumbnails the training run logged for `study_ids` (its learned studies), or None
+    for a run that logged none (a model trained before they were)."""
+    try:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id,
+                                                   artifact_path=THUMBNAILS_ARTIFACT)
+    except (MlflowException, OSError):
+        return None
+    with np.load(path, allow_pickle=False) as arrays:
+        by_study = dict(zip(arrays["study_id"], arrays["thumbnails"], strict=True))
+    return np.stack([by_study[study] for study in study_ids if study in by_study]).astype(
+        np.float32) if len(study_ids) else np.empty((0, 0, 0), np.float32)
+
+
+def learned(manifest: pd.DataFrame) -> pd.DataFrame:
+    """The manifest's studies the model learned from: its train and val splits."""
+    return manifest[manifest.split.isin(LEARNED_SPLITS)]
+
+
 def learned_from(studies: pd.DataFrame, manifest: pd.DataFrame,
-                 pixel_digests: list[str] | None = None) -> np.ndarray:
-    """Per study of `studies` (study_id, image_id, file_digest): True when it is one the model
-    was trained or validated on, by any of the four keys. `pixel_digests` (same order; "" for
-    a file that could not be decoded) adds the pixel match when the manifest has them."""
-    learned = manifest[manifest.split.isin(LEARNED_SPLITS)]
-    found = studies.study_id.isin(learned.study_id) | studies.image_id.isin(learned.image_id)
-    if "file_digest" in learned:
-        found |= studies.file_digest.isin(learned.file_digest)
-    if pixel_digests is not None and "pixel_digest" in learned:
-        known = set(learned.pixel_digest) - {""}
-        found |= np.array([digest in known for digest in pixel_digests])
-    return found.to_numpy()
+                 pixel_digests: list[str] | None = None, patients: list[str] | None = None,
+                 near_duplicates: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Per reason, which studies of `studies` (study_id, image_id, file_digest) the model
+    was trained or validated on: the same study or image id, file, decoded pixels
+    (`pixel_digests`, same order; "" for a film that could not be decoded), patient
+    (`patients`: keyed pseudonyms, under the key the manifest's were made with), or a
+    near-duplicate film (`near_duplicates`, a mask computed by the caller)."""
+    seen = learned(manifest)
+    found = {"study or image id": (studies.study_id.isin(seen.study_id)
+                                   | studies.image_id.isin(seen.image_id)).to_numpy()}
+    if "file_digest" in seen:
+        found["file"] = studies.file_digest.isin(seen.file_digest).to_numpy()
+    if pixel_digests is not None and "pixel_digest" in seen:
+        known = set(seen.pixel_digest) - {""}
+        found["pixels"] = np.array([digest in known for digest in pixel_digests], dtype=bool)
+    if patients is not None:
+        known = set(seen.patient_id) - {""}
+        found["patient"] = np.array([patient in known for patient in patients], dtype=bool)
+    if near_duplicates is not None:
+        found["near-duplicate film"] = np.asarray(near_duplicates, dtype=bool)
+    return found

@@ -31,6 +31,7 @@ from typing import Any
 import click
 import matplotlib.pyplot as plt
 import mlflow
+import numpy as np
 import pandas as pd
 import requests
 from matplotlib.figure import Figure
@@ -47,6 +48,7 @@ from covid_xray.model import artifacts, pyfunc
 from covid_xray.model.pyfunc import DicomClassifier
 from covid_xray.model.requests import example_input
 from covid_xray.tracking import registry
+from covid_xray.tracking.manifests import MANIFEST_ARTIFACT, THUMBNAILS_ARTIFACT
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # covid_xray/: logged whole with each model
 # What a logged model imports to load and predict (pinned to what trained it; MLflow adds
@@ -307,18 +309,26 @@ def log_evaluation(evaluation: Evaluation, prefix: str, *, model_id: str | None 
         mlflow.log_text(table.to_csv(index=False), f"{name}.csv")
 
 
-def log_manifest(table: pd.DataFrame, data_dir: Path, fingerprint: str
+def log_manifest(table: pd.DataFrame, data_dir: Path, fingerprint: str,
+                 thumbnails: np.ndarray | None = None
                  ) -> dict[str, mlflow.data.dataset.Dataset]:
     """Each split of the manifest as a dataset input of the run, context train / val / test
-    (the whole manifest also as a CSV artifact); returns them by split, so metrics can link
-    to the data they were measured on."""
+    (the whole manifest also as a CSV artifact, and each film's thumbnail, for finding its
+    near-duplicates later, as plain arrays); returns them by split, so metrics can link to
+    the data they were measured on."""
     datasets = {}
     for split in ("train", "val", "test"):
         digest = hashlib.blake2b(f"{fingerprint}:{split}".encode(), digest_size=8).hexdigest()
         datasets[split] = log_dataset(table[table.split == split].reset_index(drop=True),
                                       data_dir, digest, name=f"siim-{split}", context=split,
                                       targets="label")
-    mlflow.log_text(table.to_csv(index=False), "data/manifest.csv")
+    mlflow.log_text(table.to_csv(index=False), MANIFEST_ARTIFACT)
+    if thumbnails is not None:
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / Path(THUMBNAILS_ARTIFACT).name
+            np.savez_compressed(path, study_id=table.study_id.to_numpy(dtype=str),
+                                thumbnails=thumbnails.astype(np.float16))
+            mlflow.log_artifact(str(path), str(Path(THUMBNAILS_ARTIFACT).parent))
     return datasets
 
 

@@ -42,7 +42,9 @@ from covid_xray.imaging.preprocess import Preprocessing
 from covid_xray.imaging.workers import worker_context
 from covid_xray.model.networks import Classifier, build, resolve_device
 from covid_xray.model.pyfunc import DicomClassifier
+from covid_xray.pseudonyms import key_fingerprint, pseudonym_key
 from covid_xray.tracking import mlflow_run
+from covid_xray.tracking.manifests import KEY_FINGERPRINT_TAG
 from covid_xray.tracking.model_card import write_model_card
 from covid_xray.training import distributed
 from covid_xray.training.distributed import SOLO, World
@@ -201,14 +203,16 @@ def fit_in_run(prepared: Prepared, *, progress: bool = True,
     tune trial records (it is chosen on val; the chosen configuration is retrained)."""
     config, manifest, world = prepared.config, prepared.manifest, prepared.world
     if world.main:
-        prepared.provenance = ({"data_fingerprint": prepared.fingerprint}
-                               | mlflow_run.git_provenance())
+        # Which key named the manifest's patients: evaluate matches patients only under it.
+        key = key_fingerprint(pseudonym_key(config.cache_dir))
+        prepared.provenance = ({"data_fingerprint": prepared.fingerprint,
+                                KEY_FINGERPRINT_TAG: key} | mlflow_run.git_provenance())
         mlflow.set_tags((tags or {}) | prepared.provenance)
         mlflow_run.log_params(config.as_params() | {"data_fingerprint": prepared.fingerprint,
                                                     "device_used": str(prepared.device)}
                               | {f"count/{k}": v for k, v in manifest.counts().items()})
-        prepared.logged_datasets = mlflow_run.log_manifest(manifest.table, manifest.data_dir,
-                                                           prepared.fingerprint)
+        prepared.logged_datasets = mlflow_run.log_manifest(
+            manifest.table, manifest.data_dir, prepared.fingerprint, manifest.thumbnails())
 
     def after_epoch(row: dict[str, float]) -> None:
         mlflow_run.log_epoch(row)
