@@ -231,3 +231,66 @@ def test_nproc_below_one_is_refused(tmp_path):
                             env=clean_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'm.db'}"))
     assert result.returncode == 2
     assert result.stderr.strip() == "error: nproc must be 1 or more, got 0"
+
+
+def _loses_its_peer(rank: int, port: int, results: str) -> None:
+    """One process of `test_a_lost_process_is_one_line_in_the_others`."""
+    import os
+    import time
+
+    import numpy as np
+
+    from covid_xray.errors import UserError
+    from covid_xray.training.distributed import joined
+
+    os.environ |= {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    try:
+        with joined(torch.device("cpu")) as world:
+            world.gather(np.array([rank]))  # both alive
+            if rank == 1:
+                os._exit(9)  # killed: no goodbye to the group
+            time.sleep(1)
+            world.gather(np.array([rank]))
+    except UserError as error:
+        Path(results, f"{rank}.txt").write_text(str(error))
+
+
+@pytest.mark.slow
+def test_a_lost_process_is_one_line_in_the_others(tmp_path):
+    """A process of the group dies (kill -9, out of memory): the survivor's next collective
+    failed with 40 lines of gloo traceback before the one-line error. Now it is one line
+    naming the survivor, and the dead one's output is where the reason is."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = mp.get_context("spawn")
+    processes = [context.Process(target=_loses_its_peer, args=(rank, port, str(tmp_path)))
+                 for rank in (0, 1)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(120)
+    assert [process.exitcode for process in processes] == [0, 9]
+    said = (tmp_path / "0.txt").read_text()
+    assert "\n" not in said and said.startswith(
+        "process 0 of 2: another training process stopped (Connection closed by peer"), said
+    assert said.endswith("its own output says why, and every process stops")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", ["1", "2"])
+def test_a_batch_of_one_is_refused_in_one_line(nproc, tmp_path):
+    """batch_size=1 raised BatchNorm's ValueError mid-epoch, in every process."""
+    result = subprocess.run([sys.executable, "-m", "entrypoints.train", "--batch-size", "1",
+                             "--nproc", nproc, "--data-dir", str(tmp_path / "none")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env=clean_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'db'}"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: batch_size must be 2 or more, got 1: BatchNorm normalises each step by its "
+        "batch's statistics, and one film has no spread; use 2 or more (the default is 32)"]

@@ -19,6 +19,7 @@ import contextlib
 import datetime
 import logging
 import os
+import re
 import signal
 import sys
 import uuid
@@ -186,12 +187,40 @@ SOLO = World()
 
 @contextlib.contextmanager
 def joined(device: torch.device) -> Iterator[World]:
-    """`World.join` for the length of a block; the group is left however the block ends."""
+    """`World.join` for the length of a block; the group is left however the block ends.
+
+    A process of the group that dies (killed, out of memory, its machine gone) leaves the
+    others failing in their next collective with a backend traceback of 40 lines that says
+    nothing of use: here that is one line, naming this process, and the dead one's own
+    output says why it stopped."""
     world = World.join(device)
     try:
         yield world
+    except RuntimeError as error:
+        if not (world.grouped and lost_a_process(error)):
+            raise
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise UserError(f"process {world.rank} of {world.size}: another training process "
+                        f"stopped ({_without_source(first)[:160]}); its own output says why, "
+                        "and every process stops") from None
     finally:
-        world.leave()
+        world.leave()  # (a group with a dead member is left at once, and the exit is clean)
+
+
+# What the backends say when a peer is gone (gloo: the TCP pair; NCCL: its own error type).
+LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+             "Socket Timeout", "Timed out", "NCCL communicator was aborted")
+
+
+def lost_a_process(error: BaseException) -> bool:
+    """Whether `error` from a collective means a process of the group is gone."""
+    return isinstance(error, dist.DistError) or any(marker in str(error) for marker in
+                                                    LOST_PEER)
+
+
+def _without_source(text: str) -> str:
+    """A backend message without its source location ('[.../pair.cc:561] ')."""
+    return re.sub(r"^\[[^\]]*\]\s*", "", text)
 
 
 def project_root() -> Path:

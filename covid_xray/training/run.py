@@ -82,6 +82,16 @@ def effective_config(config: TrainConfig, world: World = SOLO) -> TrainConfig:
     return config
 
 
+def check_batch_size(config: TrainConfig) -> None:
+    """BatchNorm normalises each training step by its batch's own mean and spread, which a
+    batch of one film does not have (PyTorch raises in the middle of the first epoch)."""
+    if config.batch_size < 2:
+        raise UserError(f"batch_size must be 2 or more, got {config.batch_size}: BatchNorm "
+                        "normalises each step by its batch's statistics, and one film has no "
+                        "spread; use 2 or more (the default is "
+                        f"{TrainConfig().batch_size})")
+
+
 def prepare_data(config: TrainConfig, progress: bool = True) -> Manifest:
     """The manifest: studies selected and split by patient, each with its cached image."""
     cache = ImageCache(config.cache_dir, CacheParams(config.img_size, config.apply_voi_lut))
@@ -124,6 +134,7 @@ def prepare(config: TrainConfig, progress: bool = True, world: World = SOLO) -> 
     first (downloading the weights, filling the cache) and the others then find it done."""
     config = effective_config(config, world)
     parse_rule(config.operating_point)  # a typo should cost nothing
+    check_batch_size(config)
     device = world.device(resolve_device(config.device))
     seed_everything(config.seed)  # the same initial weights in every process
 
@@ -153,6 +164,7 @@ def train(config: TrainConfig) -> None:
     started by torchrun's launcher do, each running this same command."""
     if config.nproc < 1:
         raise UserError(f"nproc must be 1 or more, got {config.nproc}")
+    check_batch_size(config)  # here, before any process starts: one line, not one per rank
     if config.nproc > 1 and not distributed.launched_by_torchrun():
         distributed.launch(config.nproc, as_arguments(config), resolve_device(config.device))
     else:
