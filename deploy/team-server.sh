@@ -12,6 +12,11 @@
 #   AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, MLFLOW_S3_ENDPOINT_URL (MinIO)  for s3:// only
 #   MLFLOW_FLASK_SERVER_SECRET_KEY  CSRF key of the auth app; the same on every replica
 #                            (one server: a random key is made at each start)
+#   DEFAULT_PERMISSION (EDIT)  what a user may do in experiments and models others made:
+#                            EDIT lets every lab member log runs into the shared experiments
+#                            (Default included: `mlflow run` without --experiment-name) and
+#                            register versions; deleting and permissions stay with the
+#                            creator and the admin (MANAGE). READ makes them read-only.
 #   HOST (127.0.0.1), PORT (5000), WORKERS (4)
 set -euo pipefail
 
@@ -30,7 +35,7 @@ config="$(mktemp -t mlflow-auth.XXXXXX.ini)"
 chmod 600 "$config"
 cat > "$config" <<INI
 [mlflow]
-default_permission = READ
+default_permission = ${DEFAULT_PERMISSION:-EDIT}
 database_uri = ${MLFLOW_AUTH_DB_URI}
 admin_username = admin
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth

@@ -34,12 +34,14 @@ def test_train_and_tune_through_the_team_server(team_server, demo_dataset, tmp_p
                                                 monkeypatch):
     trained = subprocess.run(
         [str(Path(sys.executable).with_name("mlflow")), "run", str(ROOT), "-e", "train",
-         "--env-manager", "local", "--experiment-name", "team",
+         "--env-manager", "local",  # no --experiment-name: into Default, as documented
          "-P", f"data_dir={demo_dataset}", "-P", f"cache_dir={tmp_path / 'cache'}",
          "-P", "model=none", "-P", "img_size=32", "-P", "epochs=1", "-P", "num_workers=0",
          "-P", "dataset_size=60", "-P", "registered_model_name=team-model",
          "-P", "alias=champion"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600, env=as_alice(team_server))
+    # A user who is not the admin writes into Default (a 403 traceback when it was
+    # read-only to them).
     assert trained.returncode == 0, trained.stderr[-3000:]
     # The Optuna study lives in the same PostgreSQL instance, in its own database.
     tuned = subprocess.run(
@@ -61,6 +63,8 @@ def test_train_and_tune_through_the_team_server(team_server, demo_dataset, tmp_p
     names = sorted(run.info.run_name for run in runs)
     assert "study-team" in names and "trial-0" in names and "trial-1" in names
     assert {run.info.status for run in runs} == {"FINISHED"}
+    (train_run,) = [run for run in runs if run.info.run_name.startswith("train-")]
+    assert client.get_experiment(train_run.info.experiment_id).name == "Default"
     assert client.get_model_version_by_alias("team-model", "champion").version in ("1", 1)
 
     # Every secret stays out of every record: params, tags, artifacts, outputs, server log.
