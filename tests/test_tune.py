@@ -8,6 +8,7 @@ workers on PostgreSQL, `-P workers=2`, a killed worker, Ctrl-C)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -26,6 +27,8 @@ from covid_xray.cli import given_values
 from covid_xray.config import DEFAULT_SPACE, TrainConfig, TuneConfig
 from covid_xray.errors import UserError
 from covid_xray.training.tune import (
+    COUNTED,
+    CappedStorage,
     check_space,
     load_space,
     open_study,
@@ -174,6 +177,59 @@ def test_workers_started_together_run_exactly_n_trials_all_different(database, t
     assert len({tuple(sorted(trial.params.items())) for trial in study.trials}) == 6
     assert sum(len(numbers) for numbers in started.values()) == 6
     assert all(started.values()), started  # every worker ran some
+
+
+@pytest.mark.parametrize("locked", [True, False], ids=["with the lock", "lock removed"])
+def test_workers_released_together_inside_trial_creation_never_overshoot(locked, tmp_path,
+                                                                          monkeypatch):
+    """The race, forced: three workers of a study with n_trials=2 enter trial creation at
+    the same instant (a barrier just before the lock), and each pauses between counting the
+    trials and creating its own (the window a race needs). With the lock exactly 2 trials are
+    made and one worker starts none; with the lock removed the same race makes 3: the test can
+    fail, and the lock is what passes it."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    arrived = threading.Barrier(3, timeout=120)
+    first = threading.local()
+    one_at_a_time = CappedStorage._one_at_a_time
+    counted = CappedStorage.get_all_trials
+
+    @contextlib.contextmanager
+    def together_then_locked(self):
+        if not getattr(first, "done", False):
+            first.done = True
+            arrived.wait()  # every worker at the door at once
+        with (one_at_a_time(self) if locked else contextlib.nullcontext()):
+            yield
+
+    def slow_count(self, *args, **kwargs):
+        trials = counted(self, *args, **kwargs)
+        if kwargs.get("states") == COUNTED:
+            time.sleep(0.3)  # counted, not yet created: the others may count now
+        return trials
+
+    monkeypatch.setattr(CappedStorage, "_one_at_a_time", together_then_locked)
+    monkeypatch.setattr(CappedStorage, "get_all_trials", slow_count)
+    study = optuna.create_study(study_name="race", storage=storage)  # made before the race
+    started: list[list[int]] = []
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            started.append(a_worker(storage, "race", 2)[1])
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not errors, errors
+    made = len(optuna.load_study(study_name=study.study_name, storage=storage).trials)
+    if locked:
+        assert made == 2 and sorted(map(len, started)) == [0, 1, 1], started
+    else:
+        assert made == 3, made  # the race is real: without the lock, n_trials is overshot
 
 
 def test_a_failing_trial_is_that_trials_and_the_worker_goes_on(tmp_path, capsys):
