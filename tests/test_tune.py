@@ -522,15 +522,21 @@ def test_two_workers_share_a_postgresql_study(demo_dataset, tmp_path, sqlite_sto
         postgres.replace("postgres@", "postgres:***@")}
 
 
-def test_killed_worker_is_cleaned_up_and_study_resumes(demo_dataset, tmp_path, sqlite_store):
+def test_a_killed_worker_leaves_exactly_n_trials_and_nothing_running(demo_dataset, tmp_path,
+                                                                      sqlite_store):
+    """kill -9 of a worker mid-trial, every setting at its default (heartbeat 30 s, so 90 s
+    of grace): the other worker of the study used to count the dead trial among n_trials and
+    exit, leaving it and its runs RUNNING and the study one trial short. Now it waits out the
+    grace period, fails the lost trial (its runs KILLED), runs its configuration again, and
+    the study ends with exactly n_trials complete and nothing RUNNING."""
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    doomed = tune_worker(tmp_path, demo_dataset, "--n-trials", "5", "--study-name", "resume",
-                         "--heartbeat", "1", "--epochs", "200", "--patience", "200")
+    doomed = tune_worker(tmp_path, demo_dataset, "--n-trials", "2", "--study-name", "lost",
+                         "--epochs", "200", "--patience", "200")
     deadline = time.monotonic() + 300
-    while True:  # wait until a trial is running and has its MLflow run
+    while True:  # wait until its trial is running and has its MLflow run
         time.sleep(1)
         try:
-            trials = optuna.load_study(study_name="resume", storage=storage).trials
+            trials = optuna.load_study(study_name="lost", storage=storage).trials
         except KeyError:
             trials = []
         if any("mlflow_run_id" in t.user_attrs for t in trials):
@@ -538,22 +544,25 @@ def test_killed_worker_is_cleaned_up_and_study_resumes(demo_dataset, tmp_path, s
         assert doomed.poll() is None and time.monotonic() < deadline, doomed.communicate()
     doomed.send_signal(signal.SIGKILL)  # no chance to clean up: the hard case
     doomed.communicate()
-    time.sleep(4)  # past the 3 x heartbeat grace period
 
-    out, _ = finish(tune_worker(tmp_path, demo_dataset, "--n-trials", "1", "--study-name",
-                                "resume", "--heartbeat", "1", "--epochs", "1"))
+    out, _ = finish(tune_worker(tmp_path, demo_dataset, "--n-trials", "2", "--study-name",
+                                "lost", "--epochs", "1"))
     assert "trial 0 lost its worker: marked FAIL, its MLflow runs KILLED" in out
-    study = optuna.load_study(study_name="resume", storage=storage)
-    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"]
-    # The lost configuration is not dropped: it was queued again, once, and ran as trial 1.
-    lost, retry = study.trials
-    assert retry.system_attrs["failed_trial"] == 0 and retry.params == lost.params
+    study = optuna.load_study(study_name="lost", storage=storage)
+    states = [t.state.name for t in study.trials]
+    assert states.count("COMPLETE") == 2 and states.count("FAIL") == 1, states
+    assert "RUNNING" not in states
+    # The lost configuration is not dropped: it was queued again, once, and ran.
+    lost = study.trials[0]
+    (retry,) = [t for t in study.trials if t.system_attrs.get("failed_trial") == 0]
+    assert retry.params == lost.params and retry.state.name == "COMPLETE"
     runs = runs_of(tmp_path)
     assert not [run for run in runs if run.info.status == "RUNNING"]
     killed = {run.data.tags.get("mlflow.runName"): run.info.status for run in runs
               if run.info.status == "KILLED"}
-    assert killed == {"trial-0": "KILLED", "study-resume": "KILLED"}
-    (retry_run,) = [run for run in runs if run.data.tags.get("mlflow.runName") == "trial-1"]
+    assert killed == {"trial-0": "KILLED", "study-lost": "KILLED"}
+    (retry_run,) = [run for run in runs
+                    if run.data.tags.get("mlflow.runName") == f"trial-{retry.number}"]
     assert retry_run.data.tags["optuna_retry_of"] == "0" and retry_run.info.status == "FINISHED"
 
 

@@ -408,15 +408,43 @@ def run_trials(study: optuna.Study, objective: Callable[[optuna.Trial], float],
             print(f"trial {trial.number} failed: {type(error).__name__}: {error}")
             raise
 
+    deadline = time.monotonic() + config.timeout if config.timeout else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        try:
-            study.optimize(recorded, n_trials=config.n_trials,
-                           timeout=config.timeout or None, catch=(Exception,))
-        except StudyFull:
-            print(f"study {config.study_name} has its {config.n_trials} trials; this "
-                  f"worker ran {len(tally.started)} of them")
+        while len(tally.started) < config.n_trials:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            try:
+                study.optimize(recorded, n_trials=config.n_trials - len(tally.started),
+                               timeout=left, catch=(Exception,))
+                break
+            except StudyFull:
+                # Full, counting trials other workers are running: a worker killed mid-trial
+                # leaves one RUNNING until its heartbeat goes stale. Wait for them: a lost one
+                # is failed and queued again, and this worker runs it.
+                if not wait_for_running_trials(study, config.heartbeat, deadline):
+                    print(f"study {config.study_name} has its {config.n_trials} trials; this "
+                          f"worker ran {len(tally.started)} of them")
+                    break
     return tally
+
+
+def wait_for_running_trials(study: optuna.Study, heartbeat: float,
+                            deadline: float | None) -> bool:
+    """While trials of other workers are RUNNING, wait, failing those whose worker stopped
+    beating (Optuna's grace period: 3 heartbeats; the stale-trial callback ends their runs
+    KILLED and queues their configuration once more). True as soon as a queued trial waits
+    to be run; False when nothing runs any more (or past `deadline`)."""
+    running, waiting = (optuna.trial.TrialState.RUNNING,), (optuna.trial.TrialState.WAITING,)
+    while study.get_trials(deepcopy=False, states=running):
+        optuna.storages.fail_stale_trials(study)
+        if study.get_trials(deepcopy=False, states=waiting):
+            return True
+        if deadline is not None and time.monotonic() > deadline:
+            return False
+        time.sleep(min(5.0, heartbeat))
+    return bool(study.get_trials(deepcopy=False, states=waiting))
 
 
 def log_study(study: optuna.Study, config: TuneConfig) -> None:
