@@ -507,3 +507,45 @@ def test_no_failure_reaches_the_caller_as_an_exception(store, demo_dataset, monk
                                   "(RuntimeError)" for row in range(3)]
     assert (answer.reason == "model_error").all() and (answer.label == "").all()
     assert (answer.sr_base64 == "").all() and "secret" not in answer.to_string()
+
+
+def test_the_same_answer_is_the_same_object_and_another_is_not(tmp_path):
+    """Result UIDs are derived from what a result is about: made again (a rerun, a resend),
+    a report and a heatmap keep their SOP and series UIDs, so a PACS files them once; another
+    model version, or a study with one more film, gets new ones."""
+    first, second = (read_source(str(siim_film(tmp_path / f"{name}.dcm"))) for name in "ab")
+    second.SOPInstanceUID = "1.2.3.4"
+    films = np.array([[0.25, 0.75], [0.5, 0.5]])
+
+    def report(sources, model=MODEL):
+        return study_report(sources, films[: len(sources)], ["opacity"] * len(sources), model)
+
+    def heatmap(identity=IDENTITY):
+        results = StudyResults(ReportedModel(CLASSES, identity=identity), "folder")
+        return results.heatmap(first, np.zeros((48, 40, 3), np.uint8), "opacity")
+
+    again = report([first, second])
+    assert (again.SOPInstanceUID, again.SeriesInstanceUID) == (
+        report([first, second]).SOPInstanceUID, report([first, second]).SeriesInstanceUID)
+    assert (heatmap().SOPInstanceUID, heatmap().SeriesInstanceUID) == (
+        heatmap().SOPInstanceUID, heatmap().SeriesInstanceUID)
+    other_version = ReportedModel(CLASSES, MODEL.threshold, MODEL.training_prevalence,
+                                  ModelIdentity(IDENTITY.name, "8", IDENTITY.run_id))
+    assert report([first, second], other_version).SOPInstanceUID != again.SOPInstanceUID
+    assert report([first]).SOPInstanceUID != again.SOPInstanceUID
+    assert heatmap(other_version.identity).SOPInstanceUID != heatmap().SOPInstanceUID
+    for uid in (again.SOPInstanceUID, again.SeriesInstanceUID, heatmap().SOPInstanceUID):
+        assert uid.startswith("2.25.") and len(uid) <= 64
+    assert dciodvfy_errors(again) == []
+
+
+def test_predict_twice_writes_the_same_objects(store, demo_dataset, tmp_path):
+    folder = tmp_path / "in"
+    for study in sorted((demo_dataset / "train").iterdir())[:3]:
+        shutil.copytree(study, folder / study.name)
+    written = []
+    for attempt in ("first", "second"):
+        (tmp_path / attempt).mkdir()
+        _, out = predict_with_dicom_out(folder, tmp_path / attempt, batch_size=2)
+        written.append(sorted(path.relative_to(out) for path in out.rglob("*.dcm")))
+    assert written[0] and written[0] == written[1]

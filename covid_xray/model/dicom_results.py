@@ -7,8 +7,13 @@ reported (what predict's `.studies.csv` says), the call on it, the threshold, th
 prevalence the probabilities are calibrated to, how many of the study's films were scored,
 refused (by reason) or out of distribution, and which films the answer covers (`SCOPES`: a
 served request may hold part of a study). Per scored film: its Grad-CAM overlay as a
-Secondary Capture image, naming the class whose evidence it shows. Each kind goes into a new
-series of the source study; every object gets new UIDs (highdicom writes them).
+Secondary Capture image, naming the class whose evidence it shows.
+
+Result UIDs are derived, not drawn (`result_uid`): from the kind of object, the model that
+answered (name, version, training run) and the UIDs of the films it covers. The same answer
+made again (a rerun, a resend after a crash) is the same object, which a PACS keeps once; a
+study scored with another film, or by another model version, gets new ones. Each kind goes
+into a series of its own in the source study.
 
 Who answered, after the IHE AI Results profile: the Contributing Equipment Sequence names the
 model (manufacturer covid-xray, model name = registered name, software versions = version
@@ -88,6 +93,8 @@ TYPE_2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDa
 UID_PATTERN = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 # UUID v5 namespace of the UIDs derived from ids that are not UIDs (fixed: derivations agree).
 DERIVED_UID_NAMESPACE = uuid.UUID("6f1c7c52-5d0e-4a43-9f5b-3d2f6a1b8e07")
+# ... and of the results' own UIDs (`result_uid`).
+RESULT_UID_NAMESPACE = uuid.UUID("2b1d0f7e-8c3a-4e59-b6a4-5d9e0c7f1a23")
 
 
 @dataclass(frozen=True)
@@ -130,6 +137,13 @@ def as_uid(value: str) -> str:
     if len(value) <= 64 and UID_PATTERN.fullmatch(value):
         return value
     return f"2.25.{uuid.uuid5(DERIVED_UID_NAMESPACE, value).int}"
+
+
+def result_uid(kind: str, identity: ModelIdentity, *films: str) -> str:
+    """The UID of a result object (or series, or measurement group) of `kind` that the model
+    `identity` made about `films` (UIDs; their order does not matter): `2.25.<UUID v5>`."""
+    about = "|".join([kind, identity.name, identity.version, identity.run_id, *sorted(films)])
+    return f"2.25.{uuid.uuid5(RESULT_UID_NAMESPACE, about).int}"
 
 
 def read_source(file: str | BinaryIO) -> Dataset:
@@ -216,11 +230,14 @@ def study_report(sources: Sequence[Dataset], probabilities: np.ndarray, labels: 
     identity = model.identity
     algorithm = hd.sr.AlgorithmIdentification(name=identity.name or "covid-xray model",
                                               version=identity.version or "unregistered")
-    groups = [_film_group(number, source, values, label, model.class_names, algorithm)
+    films = [source.SOPInstanceUID for source in sources]
+    groups = [_film_group(number, source, values, label, model.class_names, algorithm,
+                          result_uid(f"film group {number}", identity, *films))
               for number, (source, values, label) in enumerate(
                   zip(sources, probabilities, labels, strict=True), start=1)]
     groups.append(_study_group(sources, np.asarray(probabilities, dtype=np.float64), model,
-                               replace(left_out, scored=len(sources)), scope, algorithm))
+                               replace(left_out, scored=len(sources)), scope, algorithm,
+                               result_uid("study group", identity, *films)))
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=as_uid(f"model run {identity.run_id}"), name=identity.describe()[:64],
         manufacturer_name=MANUFACTURER, model_name=(identity.name or "covid-xray model")[:64],
@@ -232,8 +249,11 @@ def study_report(sources: Sequence[Dataset], probabilities: np.ndarray, labels: 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # highdicom's advice on the source's name format
         document = hd.sr.Comprehensive3DSR(
-            evidence=list(sources), content=report, series_instance_uid=generate_uid(),
-            series_number=REPORT_SERIES, sop_instance_uid=generate_uid(), instance_number=1,
+            evidence=list(sources), content=report,
+            series_instance_uid=result_uid("report series", identity,
+                                           sources[0].StudyInstanceUID),
+            series_number=REPORT_SERIES, sop_instance_uid=result_uid("report", identity, *films),
+            instance_number=1,
             manufacturer=MANUFACTURER, contributing_equipment=[
                 _equipment(identity, "Class probabilities")],
             series_description=f"AI result, {NOT_FOR_DIAGNOSTIC_USE}")
@@ -246,12 +266,11 @@ def study_report(sources: Sequence[Dataset], probabilities: np.ndarray, labels: 
 
 
 def _film_group(number: int, source: Dataset, probabilities: np.ndarray, label: str,
-                class_names: Sequence[str], algorithm: hd.sr.AlgorithmIdentification
-                ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+                class_names: Sequence[str], algorithm: hd.sr.AlgorithmIdentification,
+                uid: str) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """One film's measurement group: its probabilities and the model's call on it."""
     return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(),
-                                                     identifier=f"film {number}"),
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier=f"film {number}"),
         algorithm_id=algorithm, measurements=_probabilities(class_names, probabilities,
                                                             algorithm),
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(MODEL_CALL, _class_code(label))],
@@ -260,8 +279,8 @@ def _film_group(number: int, source: Dataset, probabilities: np.ndarray, label: 
 
 
 def _study_group(sources: Sequence[Dataset], probabilities: np.ndarray, model: ReportedModel,
-                 counts: FilmCounts, scope: str, algorithm: hd.sr.AlgorithmIdentification
-                 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+                 counts: FilmCounts, scope: str, algorithm: hd.sr.AlgorithmIdentification,
+                 uid: str) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """The study's measurement group: the mean of its films' probabilities and the call on
     it, and what the answer rests on (threshold, training prevalence, films counted)."""
     mean = probabilities.mean(axis=0)
@@ -281,7 +300,7 @@ def _study_group(sources: Sequence[Dataset], probabilities: np.ndarray, model: R
     measurements += [hd.sr.Measurement(name=name, value=number, unit=FILMS,
                                        algorithm_id=algorithm) for name, number in counted]
     return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier="study"),
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier="study"),
         algorithm_id=algorithm, measurements=measurements,
         qualitative_evaluations=[
             hd.sr.QualitativeEvaluation(MODEL_CALL, _class_code(called)),
@@ -301,7 +320,8 @@ def heatmap_capture(source: Dataset, picture: np.ndarray, label: str, series_uid
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         image = hd.sc.SCImage.from_ref_dataset(
-            source, rgb, "RGB", 8, "PATIENT", series_uid, HEATMAP_SERIES, generate_uid(),
+            source, rgb, "RGB", 8, "PATIENT", series_uid, HEATMAP_SERIES,
+            result_uid(f"heatmap of {label}", identity, source.SOPInstanceUID),
             # highdicom insists on an orientation; the source's (or "unknown") replaces it
             instance, MANUFACTURER, patient_orientation=("L", "F"),
             transfer_syntax_uid=ExplicitVRLittleEndian,
@@ -357,7 +377,8 @@ class StudyResults:
         """The film's Grad-CAM overlay (of class `label`) as the next image of its study's
         heatmap series."""
         study = source.StudyInstanceUID
-        series = self.heatmap_series.setdefault(study, generate_uid())
+        series = self.heatmap_series.setdefault(
+            study, result_uid("heatmap series", self.model.identity, study))
         self.heatmaps_made[study] = self.heatmaps_made.get(study, 0) + 1
         return heatmap_capture(source, picture, label, series, self.heatmaps_made[study],
                                self.model.identity)
