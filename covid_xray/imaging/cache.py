@@ -215,7 +215,12 @@ def pixel_digest(entry: str | os.PathLike) -> str:
     """BLAKE2 of a cached square's pixels. Two files holding the same film (the same picture
     exported twice, under other UIDs and ids) differ in their bytes but decode to the same
     pixels, so equal pixel digests find repeated films where file digests cannot."""
-    return hashlib.blake2b(load_entry(entry).tobytes(), digest_size=16).hexdigest()
+    return square_digest(load_entry(entry))
+
+
+def square_digest(square: np.ndarray) -> str:
+    """`pixel_digest` of a square already loaded."""
+    return hashlib.blake2b(square.tobytes(), digest_size=16).hexdigest()
 
 
 def _build_entry_star(job: tuple[str, str, int, bool]) -> tuple[str, str | None]:

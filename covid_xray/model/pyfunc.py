@@ -102,16 +102,15 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
                 params: dict[str, Any] | None = None) -> pd.DataFrame:
         frame = pd.DataFrame(model_input)
         column, root = input_column(frame)  # else BadInput: a 400 saying what a request needs
+        dicom_results = bool((params or {}).get("dicom_results"))
         try:
-            result = self.answer_request(frame[column], column, root,
-                                         bool((params or {}).get("dicom_results")))
+            result = self.answer_request(frame[column], column, root, dicom_results)
         except Exception as error:  # a defect of ours: logged here, each row says so
             logger.exception("this request could not be answered")
             decoded = [Decoded(None) for _ in range(len(frame))]
             model_failed(decoded, error)
-            result = self.result_frame(np.full((len(frame), len(self.class_names)), np.nan),
-                                       decoded=decoded)
-            if (params or {}).get("dicom_results"):
+            result = self.result_frame(None, decoded=decoded)
+            if dicom_results:
                 result["sr_base64"] = result["heatmap_base64"] = ""
         if served():  # strict JSON; in process failed rows stay NaN, pandas' missing value
             nulls_for_json(result, [*(f"prob_{name}" for name in self.class_names),
@@ -126,8 +125,7 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
         try:
             probabilities, distances = self.answers(decoded)
         except Exception as error:  # the network itself failed (out of memory, say)
-            probabilities = np.full((len(decoded), len(self.class_names)), np.nan)
-            distances = np.full(len(decoded), np.nan)
+            probabilities = distances = None
             model_failed(decoded, error)
         result = self.result_frame(probabilities, distances, decoded)
         if dicom_results:
@@ -177,10 +175,13 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
                 probabilities, features = self.model.answer(batch)
         return probabilities.float().cpu().numpy(), features.float().cpu().numpy()
 
-    def result_frame(self, probabilities: np.ndarray, distances: np.ndarray | None = None,
+    def result_frame(self, probabilities: np.ndarray | None,
+                     distances: np.ndarray | None = None,
                      decoded: list[Decoded] | None = None) -> pd.DataFrame:
         """The answer table of these files (model/answers.py), with this model's classes,
-        threshold and out-of-distribution limit."""
+        threshold and out-of-distribution limit. No probabilities: none was scored."""
+        if probabilities is None:
+            probabilities = np.full((len(decoded), len(self.class_names)), np.nan)
         if distances is None:
             distances = np.full(len(decoded), np.nan)
         limit = self.outliers.threshold if self.outliers is not None else np.inf

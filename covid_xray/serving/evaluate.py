@@ -28,7 +28,7 @@ from covid_xray.errors import UserError
 from covid_xray.evaluation.report import Evaluation, evaluate
 from covid_xray.evaluation.subgroups import add_subgroups
 from covid_xray.files import atomic_write
-from covid_xray.imaging.cache import CacheParams, ImageCache, load_entry, pixel_digest
+from covid_xray.imaging.cache import CacheParams, ImageCache, load_entry, square_digest
 from covid_xray.imaging.likeness import NEAR_DUPLICATE, SIDE, nearest_distance, thumbnail
 from covid_xray.imaging.workers import worker_count
 from covid_xray.model.pyfunc import DicomClassifier
@@ -168,10 +168,12 @@ def check_overlap(labelled: LabelledSet, manifest: pd.DataFrame | None, run_id: 
         entries, stats = cache.build(paths, num_workers=worker_count(config.num_workers,
                                                                      len(paths)),
                                      progress=progress)
-        readable = [str(path) not in stats.unreadable for path in paths]
-        pixels = [pixel_digest(entry) if ok else "" for entry, ok in
-                  zip(entries, readable, strict=True)]
-        near_duplicates = _near_duplicates(entries, readable, manifest, run_id)
+        pixels, thumbnails = [], []
+        for path, entry in zip(paths, entries, strict=True):  # each square read once
+            square = None if str(path) in stats.unreadable else load_entry(entry)
+            pixels.append("" if square is None else square_digest(square))
+            thumbnails.append(None if square is None else thumbnail(square))
+        near_duplicates = _near_duplicates(thumbnails, manifest, run_id)
     found = learned_from(labelled.studies, manifest, pixels, patients, near_duplicates)
     overlap = np.logical_or.reduce(list(found.values()))
     count, total = int(overlap.sum()), len(overlap)
@@ -215,16 +217,18 @@ def _patients(paths: list[Path], run_id: str | None, config: EvaluateConfig,
     return cache.patients(paths, progress)[0]
 
 
-def _near_duplicates(entries: list[Path], readable: list[bool], manifest: pd.DataFrame,
+def _near_duplicates(thumbnails: list[np.ndarray | None], manifest: pd.DataFrame,
                      run_id: str | None) -> np.ndarray | None:
-    """Which films are near-duplicates of a film the model learned from (imaging/
-    likeness.py); None for a run that logged no thumbnails."""
+    """Which films (their thumbnails; None for one that could not be decoded) are
+    near-duplicates of a film the model learned from (imaging/likeness.py); None for a run
+    that logged no thumbnails."""
     known = logged_thumbnails(run_id, learned(manifest).study_id) if run_id else None
     if known is None:
         return None
-    mine = np.stack([thumbnail(load_entry(entry)) if ok else np.zeros((SIDE, SIDE), np.float32)
-                     for entry, ok in zip(entries, readable, strict=True)])
-    return (nearest_distance(mine, known) < NEAR_DUPLICATE) & np.array(readable)
+    readable = np.array([small is not None for small in thumbnails], dtype=bool)
+    mine = np.stack([small if small is not None else np.zeros((SIDE, SIDE), np.float32)
+                     for small in thumbnails])
+    return (nearest_distance(mine, known) < NEAR_DUPLICATE) & readable
 
 
 def evaluate_model(config: EvaluateConfig, progress: bool = True,

@@ -27,7 +27,6 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import mlflow
-import numpy as np
 import pandas as pd
 
 from covid_xray.config import ScoreSparkConfig
@@ -158,8 +157,7 @@ def skipped_rows(paths: list[str], model) -> pd.DataFrame:
             source = DicomError(f"row 0: cannot read ({type(error).__name__}: "
                                 f"{error.strerror or error})")
         decoded.append(decode(model.preprocessing, source))
-    answers = model.result_frame(np.full((len(paths), len(model.class_names)), np.nan),
-                                 decoded=decoded)
+    answers = model.result_frame(None, decoded=decoded)
     ids = [siim_ids(Path(path.removeprefix("file:"))) for path in paths]
     answers["path"] = paths
     answers["study_id"] = [study for study, _ in ids]

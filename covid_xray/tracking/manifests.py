@@ -54,8 +54,9 @@ def logged_thumbnails(run_id: str, study_ids: pd.Series) -> np.ndarray | None:
         return None
     with np.load(path, allow_pickle=False) as arrays:
         by_study = dict(zip(arrays["study_id"], arrays["thumbnails"], strict=True))
-    return np.stack([by_study[study] for study in study_ids if study in by_study]).astype(
-        np.float32) if len(study_ids) else np.empty((0, 0, 0), np.float32)
+        side = arrays["thumbnails"].shape[1:]
+    found = [by_study[study] for study in study_ids if study in by_study]
+    return np.stack(found).astype(np.float32) if found else np.empty((0, *side), np.float32)
 
 
 def learned(manifest: pd.DataFrame) -> pd.DataFrame:
