@@ -338,3 +338,35 @@ class TuneConfig:
     workers: int = option(1, "Worker processes on this machine, all on the one study "
                           "(n_trials counts the study's trials). With CUDA, worker k gets GPU "
                           "k mod #GPUs; on CPU the cores are divided between them.")
+
+
+@dataclass(frozen=True)
+class PacsConfig:
+    ae_title: str = option("COVIDXRAY", "This node's AE title (what the PACS calls it).")
+    host: str = option("127.0.0.1", "Address to listen on (0.0.0.0: every interface; only "
+                       "where a firewall decides who may connect).")
+    port: int = option(11112, "DICOM port to listen on.")
+    callers: str = option("*@127.0.0.1", "Who may send, comma-separated AET@HOST (an AE "
+                          "title or *, at an address or *); others are rejected at "
+                          "association.")
+    study_quiet_s: float = option(60.0, "A study is complete when none of its instances has "
+                                  "arrived for this many seconds.")
+    model_uri: str = option("models:/covid-xray-densenet@champion", "The model that scores "
+                            "each study, resolved again for every study (a moved alias is "
+                            "picked up without a restart).")
+    send_to: str = option("", "Where results go: dicomweb:URL (STOW-RS, confirmed by "
+                          "QIDO-RS) or dimse:AET@HOST:PORT (C-STORE); '' = keep them in "
+                          "state_dir/results.")
+    state_dir: str = option("pacs-state", "The spool of received films and the ledger "
+                            "(ledger.sqlite) of every study; a restart carries on from it.")
+    retries: int = option(5, "Sends of a study's results before it is marked failed (waits "
+                          "double from 1 s, at most 60 s between).")
+    max_spool_gb: float = option(10.0, "The spool's size cap: past it a C-STORE is answered "
+                                 "'out of resources' (0xA700).")
+    min_free_gb: float = option(1.0, "Free disk the spool always leaves (0xA700 below it).")
+    pull: str = option("", "One-shot: dicomweb:URL to fetch `study` from (WADO-RS), score "
+                       "and send as the node does, then exit ('' = run the node).")
+    study: str = option("", "StudyInstanceUID to pull (with `pull`).")
+    device: str = option("auto", "Where the model answers: auto, cpu or cuda.", DEVICES)
+    experiment_name: str = option("covid-xray", "MLflow experiment of the node's session run "
+                                  "(a run started by `mlflow run` keeps its own).")

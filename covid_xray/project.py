@@ -25,6 +25,7 @@ from covid_xray.config import (
     DEFAULT_SPACE,
     DownloadConfig,
     EvaluateConfig,
+    PacsConfig,
     PredictConfig,
     PromoteConfig,
     ScoreSparkConfig,
@@ -43,6 +44,7 @@ ENTRY_POINTS: dict[str, type] = {
     "promote": PromoteConfig,
     "predict": PredictConfig,
     "score_spark": ScoreSparkConfig,
+    "pacs": PacsConfig,
 }
 OPTIONS_DOC = ROOT / "docs" / "options.md"
 PYTHON = "3.11"
@@ -92,10 +94,19 @@ def mlproject() -> str:
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
+# Extras every MLproject entry point may need, so MLflow's environments install them: the
+# pacs node's DICOM networking (small, pure Python).
+ENVIRONMENT_EXTRAS = ("pacs",)
+
+
 def dependencies() -> list[str]:
-    """The project's runtime dependencies, as pyproject.toml lists them."""
+    """The project's runtime dependencies, as pyproject.toml lists them, with the extras an
+    entry point needs (`ENVIRONMENT_EXTRAS`)."""
     with open(ROOT / "pyproject.toml", "rb") as file:
-        return tomllib.load(file)["project"]["dependencies"]
+        project = tomllib.load(file)["project"]
+    extras = project["optional-dependencies"]
+    return [*project["dependencies"], *(item for name in ENVIRONMENT_EXTRAS
+                                        for item in extras[name])]
 
 
 def python_env() -> str:

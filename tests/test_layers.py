@@ -16,11 +16,13 @@ PACKAGE = ROOT / "covid_xray"
 # Lowest first; a module may import its own layer and the ones before it. The top-level
 # modules (config, cli, errors, lifecycle, files, project, pseudonyms) are the floor every
 # layer stands on.
-LAYERS = ("imaging", "data", "evaluation", "model", "tracking", "training", "serving")
+LAYERS = ("imaging", "data", "evaluation", "model", "tracking", "training", "serving", "pacs")
 BASE = ("config", "cli", "errors", "lifecycle", "files", "project", "pseudonyms")
 # The logged model (model/) is what a deployment machine loads: it must not need demo data,
 # splits or training code.
 MODEL_MAY_IMPORT = {"imaging", "evaluation", "model"}
+# The PACS node sits beside serving: it answers with the model, never trains or predicts folders.
+PACS_MAY_NOT_IMPORT = {"training", "serving"}
 
 
 def layer_of(module: str) -> str:
@@ -87,6 +89,9 @@ def test_layers_import_downwards_only():
                               f"({target})")
             if own == "model" and target not in MODEL_MAY_IMPORT | {"base"}:
                 upward.append(f"{path.relative_to(ROOT)}:{line}: the logged model imports "
+                              f"{imported}")
+            if own == "pacs" and target in PACS_MAY_NOT_IMPORT:
+                upward.append(f"{path.relative_to(ROOT)}:{line}: the PACS node imports "
                               f"{imported}")
     assert not upward, "\n".join(upward)
 

@@ -36,11 +36,12 @@ from covid_xray.model.requests import open_row
 logger = logging.getLogger(__name__)
 
 
-def study_results(classifier: Any, scope: str) -> StudyResults:
+def study_results(classifier: Any, scope: str,
+                  predecessors: dict[str, tuple[str, str]] | None = None) -> StudyResults:
     """An empty collection of a batch's results for this `DicomClassifier`'s answers."""
     return StudyResults(ReportedModel(classifier.class_names, classifier.threshold,
                                       classifier.operating.training_prevalence,
-                                      classifier.identity), scope)
+                                      classifier.identity), scope, predecessors)
 
 
 def heatmap_picture(classifier: Any, file: Any, item: Decoded, label: str) -> np.ndarray:
@@ -84,15 +85,18 @@ def left_out(answers: pd.DataFrame) -> dict[str, FilmCounts]:
 
 
 def attach_dicom_results(classifier: Any, result: pd.DataFrame, column: str,
-                         values: pd.Series, decoded: list[Decoded], root: str) -> None:
+                         values: pd.Series, decoded: list[Decoded], root: str,
+                         results: StudyResults | None = None) -> None:
     """`sr_base64` (the report of the row's study: the same bytes on every row of one
     study; it covers this request's films only) and `heatmap_base64` (the film's Grad-CAM
     Secondary Capture) as DICOM files in base64; empty for a row that was not scored.
 
     Whatever fails here costs the request its DICOM objects, never its answers: the scored
-    rows are flagged `no_dicom_result`, the server's log has the traceback, the client none."""
+    rows are flagged `no_dicom_result`, the server's log has the traceback, the client none.
+    `results`: where the objects are made (default: a request's, `study_results`)."""
     try:
-        _attach(classifier, result, column, values, decoded, root)
+        _attach(classifier, result, column, values, decoded, root,
+                results or study_results(classifier, "request"))
     except Exception:
         logger.exception("no DICOM results for this request")
         result["sr_base64"] = result["heatmap_base64"] = ""
@@ -100,8 +104,7 @@ def attach_dicom_results(classifier: Any, result: pd.DataFrame, column: str,
 
 
 def _attach(classifier: Any, result: pd.DataFrame, column: str, values: pd.Series,
-            decoded: list[Decoded], root: str) -> None:
-    results = study_results(classifier, "request")
+            decoded: list[Decoded], root: str, results: StudyResults) -> None:
     probabilities = result[[f"prob_{name}" for name in classifier.class_names]].to_numpy()
     heatmaps, studies = [""] * len(result), [""] * len(result)
     for row, (value, item, label) in enumerate(zip(values, decoded, result.label,

@@ -77,7 +77,8 @@ REFUSED = hd.sr.CodedConcept("films-refused", SCHEME, "Films refused (not in the
 SCOPE = hd.sr.CodedConcept("scope", SCHEME, "Films this answer covers")
 # Which of a study's films an answer covers: what the model was given, not the whole study.
 SCOPES = {"request": "Only the films of one request; the study may hold others",
-          "folder": "The films of this study found in the scored folder"}
+          "folder": "The films of this study found in the scored folder",
+          "study": "Every film of this study that the node received"}
 # Series numbers of the result series: high, so viewers list them after the films.
 REPORT_SERIES, HEATMAP_SERIES = 9001, 9002
 UTF_8 = "ISO_IR 192"  # every result's Specific Character Set
@@ -223,10 +224,12 @@ def _probabilities(names: Sequence[str], values: Sequence[float],
 
 def study_report(sources: Sequence[Dataset], probabilities: np.ndarray, labels: Sequence[str],
                  model: ReportedModel, left_out: FilmCounts = FilmCounts(),
-                 scope: str = "folder") -> Dataset:
+                 scope: str = "folder", predecessor: tuple[str, str] | None = None) -> Dataset:
     """The Structured Report of one study's scored films (`read_source` headers, with their
     calibrated probabilities and labels) and of the study's answer: their mean, called at the
-    model's threshold. `left_out` counts the study's films that are not in it."""
+    model's threshold. `left_out` counts the study's films that are not in it. A report that
+    replaces an earlier one of the study names it (`predecessor`: its series and SOP Instance
+    UIDs) in its Predecessor Documents Sequence, and gets a UID of its own."""
     identity = model.identity
     algorithm = hd.sr.AlgorithmIdentification(name=identity.name or "covid-xray model",
                                               version=identity.version or "unregistered")
@@ -252,7 +255,8 @@ def study_report(sources: Sequence[Dataset], probabilities: np.ndarray, labels: 
             evidence=list(sources), content=report,
             series_instance_uid=result_uid("report series", identity,
                                            sources[0].StudyInstanceUID),
-            series_number=REPORT_SERIES, sop_instance_uid=result_uid("report", identity, *films),
+            series_number=REPORT_SERIES,
+            sop_instance_uid=result_uid("report", identity, *films, *(predecessor or ())),
             instance_number=1,
             manufacturer=MANUFACTURER, contributing_equipment=[
                 _equipment(identity, "Class probabilities")],
@@ -262,7 +266,19 @@ def study_report(sources: Sequence[Dataset], probabilities: np.ndarray, labels: 
     scheme.CodingSchemeName = "covid-xray model outputs: its classes and its call"
     scheme.CodingSchemeResponsibleOrganization = MANUFACTURER
     document.CodingSchemeIdentificationSequence = [scheme]
+    if predecessor:
+        document.PredecessorDocumentsSequence = [
+            _reference(sources[0].StudyInstanceUID, *predecessor, document.SOPClassUID)]
     return document
+
+
+def _reference(study: str, series: str, sop: str, sop_class: str) -> Dataset:
+    """A Hierarchical SOP Instance Reference (PS3.3 C.17.2.1) to one object."""
+    instance, in_series, item = Dataset(), Dataset(), Dataset()
+    instance.ReferencedSOPClassUID, instance.ReferencedSOPInstanceUID = sop_class, sop
+    in_series.SeriesInstanceUID, in_series.ReferencedSOPSequence = series, [instance]
+    item.StudyInstanceUID, item.ReferencedSeriesSequence = study, [in_series]
+    return item
 
 
 def _film_group(number: int, source: Dataset, probabilities: np.ndarray, label: str,
@@ -359,9 +375,11 @@ class StudyResults:
     of the films it was given. Refused films are never given: they get no object, and the
     report counts them (`reports`' `left_out`)."""
 
-    def __init__(self, model: ReportedModel, scope: str):
+    def __init__(self, model: ReportedModel, scope: str,
+                 predecessors: dict[str, tuple[str, str]] | None = None):
         self.model = model
         self.scope = scope  # a SCOPES key: which of a study's films the answers cover
+        self.predecessors = predecessors or {}  # study -> the report a new one replaces
         self.films: dict[str, list[tuple[Dataset, np.ndarray, str]]] = {}
         self.heatmap_series: dict[str, str] = {}  # study -> its heatmap series' UID
         self.heatmaps_made: dict[str, int] = {}  # study -> instance number of the last one
@@ -399,7 +417,8 @@ class StudyResults:
                 report = study_report([source for source, _, _ in films],
                                       np.stack([values for _, values, _ in films]),
                                       [label for _, _, label in films], self.model,
-                                      (left_out or {}).get(study, FilmCounts()), self.scope)
+                                      (left_out or {}).get(study, FilmCounts()), self.scope,
+                                      self.predecessors.get(study))
                 to_bytes(report)  # a value the report took may still defeat the encoder
                 made[study] = report
             except Exception as error:

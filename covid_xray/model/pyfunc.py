@@ -36,7 +36,7 @@ from covid_xray.imaging.workers import Decoded, decode, decoded_batches
 from covid_xray.model import artifacts
 from covid_xray.model.answers import TEXT_COLUMNS, answer_frame, model_failed, nulls_for_json
 from covid_xray.model.dicom_answers import attach_dicom_results
-from covid_xray.model.dicom_results import ModelIdentity
+from covid_xray.model.dicom_results import ModelIdentity, StudyResults
 from covid_xray.model.networks import Classifier, resolve_device
 from covid_xray.model.requests import INPUT_COLUMNS, input_column, open_row, served
 
@@ -117,9 +117,10 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
                                     "ood_score"])
         return result
 
-    def answer_request(self, values: pd.Series, column: str, root: str, dicom_results: bool
-                       ) -> pd.DataFrame:
-        """The answer table of one request's column of files (and their DICOM results)."""
+    def answer_request(self, values: pd.Series, column: str, root: str, dicom_results: bool,
+                       results: StudyResults | None = None) -> pd.DataFrame:
+        """The answer table of one request's column of files (and their DICOM results, made
+        in `results` when given: another scope, a predecessor)."""
         decoded = [decode(self.preprocessing, open_row(column, value, row, root))
                    for row, value in enumerate(values)]
         try:
@@ -129,7 +130,7 @@ class DicomClassifier(mlflow.pyfunc.PythonModel):
             model_failed(decoded, error)
         result = self.result_frame(probabilities, distances, decoded)
         if dicom_results:
-            attach_dicom_results(self, result, column, values, decoded, root)
+            attach_dicom_results(self, result, column, values, decoded, root, results)
         return result
 
     def answer_files(self, paths: Sequence[str], batch_size: int, num_workers: int

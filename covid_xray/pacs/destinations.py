@@ -1,0 +1,141 @@
+"""Where a study's results go, and the proof they arrived.
+
+`dicomweb:URL`: STOW-RS, then a QIDO-RS search of the study: a 200 to the store is not proof
+(some servers answer 200 and keep nothing), so results count as delivered only when the
+search finds every one of them. The same server serves WADO-RS, from which a re-opened study
+fetches back the films the spool no longer has, and from which `-P pull` reads a study.
+`dimse:AET@HOST:PORT`: C-STORE, one association per study, every status checked.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import warnings
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import pydicom
+import requests
+
+from covid_xray.errors import UserError
+
+STORED = (0x0000, 0xB000, 0xB006, 0xB007)  # success, or stored with a warning (PS3.4 B.2.3)
+DIMSE_TARGET = re.compile(r"(?P<aet>[^@]{1,16})@(?P<host>[^:@]+):(?P<port>\d{1,5})")
+
+
+class SendError(Exception):
+    """A send that did not deliver: retried later."""
+
+
+class DicomWeb:
+    """A DICOMweb server (QIDO-RS, WADO-RS, STOW-RS). A user and password in the URL are
+    sent as HTTP basic auth and kept out of everything logged (`shown`)."""
+
+    def __init__(self, url: str):
+        from dicomweb_client.api import DICOMwebClient  # the `pacs` extra
+
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise UserError(f"dicomweb:{url}: not an http(s) URL; give e.g. "
+                            "dicomweb:http://127.0.0.1:8042/dicom-web")
+        session = requests.Session()
+        if parts.username:
+            session.auth = (parts.username, parts.password or "")
+        netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
+        self.url = urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+        self.shown = f"dicomweb:{self.url}"
+        self.client = DICOMwebClient(self.url, session=session, timeout=60)
+
+    def send(self, study: str, files: list[Path]) -> None:
+        datasets = [pydicom.dcmread(path) for path in files]
+        try:
+            answer = self.client.store_instances(datasets, study_instance_uid=study)
+        except (requests.RequestException, OSError) as error:
+            raise SendError(f"STOW-RS failed: {describe(error)}") from None
+        failed = getattr(answer, "FailedSOPSequence", None) if answer is not None else None
+        if failed:
+            raise SendError(f"STOW-RS refused {len(failed)} of {len(files)} objects")
+
+    def missing(self, study: str, uids: list[str]) -> list[str]:
+        """The results (SOP Instance UIDs) a QIDO-RS search of the study does not find."""
+        try:
+            found = self.client.search_for_instances(study_instance_uid=study,
+                                                     fields=["SOPInstanceUID"])
+        except (requests.RequestException, OSError) as error:
+            raise SendError(f"QIDO-RS failed: {describe(error)}") from None
+        present = {item.get("00080018", {}).get("Value", [""])[0] for item in found}
+        return [uid for uid in uids if uid not in present]
+
+    def study_instances(self, study: str) -> list[dict]:
+        """QIDO-RS: the study's instances (series, SOP, SOP class)."""
+        return self.client.search_for_instances(
+            study_instance_uid=study,
+            fields=["SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"])
+
+    def fetch(self, study: str, series: str, sop: str) -> bytes:
+        """WADO-RS: one instance as a DICOM file, in the syntax it is stored in."""
+        dataset = self.client.retrieve_instance(study, series, sop,
+                                                media_types=(("application/dicom", "*"),))
+        buffer = io.BytesIO()
+        dataset.save_as(buffer, enforce_file_format=True)
+        return buffer.getvalue()
+
+
+class Dimse:
+    """A DICOM node taking C-STORE: one association per study."""
+
+    def __init__(self, target: str, ae_title: str):
+        match = DIMSE_TARGET.fullmatch(target)
+        if not match:
+            raise UserError(f"dimse:{target}: not AET@HOST:PORT; give e.g. "
+                            "dimse:ORTHANC@127.0.0.1:4242")
+        self.called, self.host = match["aet"], match["host"]
+        self.port, self.ae_title = int(match["port"]), ae_title
+        self.shown = f"dimse:{target}"
+
+    def send(self, study: str, files: list[Path]) -> None:
+        from pynetdicom import AE  # the `pacs` extra
+
+        datasets = [pydicom.dcmread(path) for path in files]
+        ae = AE(ae_title=self.ae_title)
+        for sop_class in sorted({dataset.SOPClassUID for dataset in datasets}):
+            ae.add_requested_context(sop_class)
+        association = ae.associate(self.host, self.port, ae_title=self.called)
+        if not association.is_established:
+            raise SendError(f"no association with {self.shown}")
+        try:
+            for dataset in datasets:
+                status = association.send_c_store(dataset)
+                code = getattr(status, "Status", None)
+                if code not in STORED:
+                    raise SendError(f"C-STORE answered {'nothing' if code is None else hex(code)}")
+        finally:
+            association.release()
+
+    def missing(self, study: str, uids: list[str]) -> list[str]:
+        return []  # every C-STORE status was success: that is DIMSE's proof
+
+
+def destination(send_to: str, ae_title: str) -> DicomWeb | Dimse | None:
+    """The destination `send_to` names (None: results stay in state_dir)."""
+    if not send_to:
+        return None
+    scheme, _, rest = send_to.partition(":")
+    if scheme == "dicomweb":
+        return DicomWeb(rest)
+    if scheme == "dimse":
+        return Dimse(rest, ae_title)
+    raise UserError(f"send_to {shown_target(send_to)!r}: give dicomweb:URL or "
+                    "dimse:AET@HOST:PORT (or nothing, to keep results in state_dir)")
+
+
+def shown_target(text: str) -> str:
+    """`text` with any password in a URL removed: what may be logged."""
+    return re.sub(r"//[^/@]*@", "//", text)
+
+
+def describe(error: BaseException) -> str:
+    """An error in one line, without a URL's credentials."""
+    with warnings.catch_warnings():
+        return shown_target(f"{type(error).__name__}: {error}".splitlines()[0])[:300]

@@ -1,0 +1,224 @@
+"""The node's memory: one sqlite file saying, for every study it was sent, which instances
+arrived (UID, digest, spool file) and where the study stands.
+
+A study moves receiving -> complete (quiet for study_quiet_s) -> scored (its results written
+to state_dir/results) -> sent (every result found at the destination), or ends failed with
+the reason. Each move is one transaction, so a node killed at any moment restarts from a
+state that is true: a complete study is scored again, a scored one sent again, and since a
+result's UID is a function of what it is about, the second copy is the same object.
+
+A new instance (one not seen, or different bytes under a known UID) for a study already
+scored, sent or failed re-opens it: receiving again, scored again with all its films; the
+report it last delivered becomes the next report's predecessor.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+STATUSES = ("receiving", "complete", "scored", "sent", "failed")
+FINISHED = ("scored", "sent", "failed")  # a new instance re-opens these
+
+SCHEMA = """
+create table if not exists studies (
+    study text primary key,        -- StudyInstanceUID (as the results name it)
+    status text not null,
+    last_arrival real not null,    -- time.time() of its newest instance
+    complete_at real,              -- when it was found quiet (the latency clock starts)
+    sent_at real,
+    model_version text not null default '',
+    attempts integer not null default 0,   -- sends tried since it was last scored
+    next_try real not null default 0,
+    last_error text not null default '',
+    result_uids text not null default '[]',  -- SOP Instance UIDs of its results
+    report text not null default '',        -- [series UID, SOP UID] of its last report
+    delivered_report text not null default ''  -- the same, of the last one confirmed sent
+);
+create table if not exists instances (
+    study text not null,
+    sop text not null,
+    series text not null,
+    digest text not null,          -- sha256 of the received bytes
+    path text not null,            -- its spool file ('' once deleted)
+    received real not null,
+    primary key (study, sop)
+);
+"""
+
+
+@dataclass(frozen=True)
+class Study:
+    study: str
+    status: str
+    last_arrival: float
+    complete_at: float | None
+    model_version: str
+    attempts: int
+    last_error: str
+    result_uids: list[str]
+    report: list[str]
+    delivered_report: list[str]
+
+
+@dataclass(frozen=True)
+class Instance:
+    sop: str
+    series: str
+    digest: str
+    path: str
+    received: float
+
+
+class Ledger:
+    """The ledger in `state_dir/ledger.sqlite`, shared by the listener's threads and the
+    worker (one connection, one lock: writes are a few rows each)."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self.connection.execute("pragma journal_mode=wal")
+        self.connection.execute("pragma synchronous=full")  # a move survives a power cut
+        self.connection.executescript(SCHEMA)
+        self.lock = threading.Lock()
+
+    def _write(self, statements: list[tuple[str, tuple]]) -> int:
+        """Run `statements` as one transaction; the rows the first one changed."""
+        with self.lock:
+            self.connection.execute("begin immediate")
+            try:
+                changed = [self.connection.execute(sql, values).rowcount
+                           for sql, values in statements]
+                self.connection.execute("commit")
+            except BaseException:
+                self.connection.execute("rollback")
+                raise
+        return changed[0]
+
+    def _rows(self, sql: str, values: tuple = ()) -> list[tuple]:
+        with self.lock:
+            return self.connection.execute(sql, values).fetchall()
+
+    def known(self, study: str, sop: str, digest: str) -> bool:
+        """Whether exactly these bytes were received before (a resend: nothing to do)."""
+        return bool(self._rows("select 1 from instances where study=? and sop=? and digest=?",
+                               (study, sop, digest)))
+
+    def receive(self, study: str, sop: str, series: str, digest: str, path: str) -> str:
+        """Record an instance written to the spool; what it did to its study: "new",
+        "reopened" or ""."""
+        now = time.time()
+        with self.lock:
+            self.connection.execute("begin immediate")
+            try:
+                row = self.connection.execute("select status from studies where study=?",
+                                              (study,)).fetchone()
+                what = "new" if row is None else "reopened" if row[0] in FINISHED else ""
+                if row is None:
+                    self.connection.execute(
+                        "insert into studies (study, status, last_arrival) values (?, ?, ?)",
+                        (study, "receiving", now))
+                else:  # (complete: the quiet period starts again; scoring will see it)
+                    self.connection.execute(
+                        "update studies set status='receiving', last_arrival=?, attempts=0, "
+                        "next_try=0, last_error='' where study=?", (now, study))
+                self.connection.execute(
+                    "insert or replace into instances values (?, ?, ?, ?, ?, ?)",
+                    (study, sop, series, digest, path, now))
+                self.connection.execute("commit")
+            except BaseException:
+                self.connection.execute("rollback")
+                raise
+        return what
+
+    def mark_complete(self, quiet_s: float) -> list[str]:
+        """Studies none of whose instances arrived for `quiet_s`: complete now."""
+        now = time.time()
+        quiet = [study for (study,) in self._rows(
+            "select study from studies where status='receiving' and last_arrival<=?",
+            (now - quiet_s,))]
+        for study in quiet:
+            self._write([("update studies set status='complete', complete_at=? "
+                          "where study=? and status='receiving'", (now, study))])
+        return quiet
+
+    def due(self) -> list[Study]:
+        """Complete studies to score and scored ones whose next send is due, oldest first."""
+        return [self._study(row) for row in self._rows(
+            f"select {COLUMNS} from studies where status='complete' or (status='scored' "
+            "and sent_at is null and next_try<=?) order by complete_at", (time.time(),))]
+
+    def get(self, study: str) -> Study | None:
+        rows = self._rows(f"select {COLUMNS} from studies where study=?", (study,))
+        return self._study(rows[0]) if rows else None
+
+    def all(self) -> list[Study]:
+        return [self._study(row) for row in self._rows(f"select {COLUMNS} from studies")]
+
+    def instances(self, study: str) -> list[Instance]:
+        return [Instance(*row) for row in self._rows(
+            "select sop, series, digest, path, received from instances where study=? "
+            "order by received", (study,))]
+
+    def scored(self, study: str, version: str, result_uids: list[str], report: list[str]
+               ) -> bool:
+        """The study's results are written. False (and nothing changed) when an instance
+        arrived while it was being scored: it is receiving again and will be scored whole."""
+        return bool(self._write([(
+            "update studies set status='scored', model_version=?, result_uids=?, report=?, "
+            "attempts=0, next_try=0, last_error='', sent_at=null "
+            "where study=? and status='complete'",
+            (version, json.dumps(result_uids), json.dumps(report), study))]))
+
+    def send_failed(self, study: str, error: str, retries: int) -> str:
+        """One more failed send: the next is due after a doubling wait (1 s, 2 s, ... at most
+        60 s), or the study is failed when it has had `retries`. Returns its status."""
+        current = self.get(study)
+        attempts = current.attempts + 1
+        status = "failed" if attempts >= retries else "scored"
+        wait = min(2.0 ** (attempts - 1), 60.0)
+        self._write([("update studies set status=?, attempts=?, next_try=?, last_error=? "
+                      "where study=? and status='scored'",
+                      (status, attempts, time.time() + wait, error[:500], study))])
+        return status
+
+    def failed(self, study: str, error: str) -> None:
+        """The study cannot be scored (no model, say): failed, with why."""
+        self._write([("update studies set status='failed', last_error=? where study=? "
+                      "and status='complete'", (error[:500], study))])
+
+    def delivered(self, study: str, report: list[str], sops: list[str],
+                  final_status: str) -> None:
+        """Its results are confirmed where they went (`final_status` sent) or kept here
+        (scored, no destination): the report becomes the next one's predecessor, and the
+        scored instances' spool files are forgotten (the caller deletes them)."""
+        marks = ",".join("?" * len(sops))
+        self._write([
+            ("update studies set status=?, sent_at=?, delivered_report=? "
+             "where study=? and status='scored'",
+             (final_status, time.time(), json.dumps(report), study)),
+            (f"update instances set path='' where study=? and sop in ({marks})",
+             (study, *sops))])
+
+    def refetched(self, study: str, sop: str, path: str) -> None:
+        self._write([("update instances set path=? where study=? and sop=?",
+                      (path, study, sop))])
+
+    def close(self) -> None:
+        self.connection.close()
+
+    @staticmethod
+    def _study(row: tuple) -> Study:
+        values = dict(zip(COLUMN_NAMES, row, strict=True))
+        for name in ("result_uids", "report", "delivered_report"):
+            values[name] = json.loads(values[name] or "[]")
+        return Study(**values)
+
+
+COLUMN_NAMES = ("study", "status", "last_arrival", "complete_at", "model_version",
+                "attempts", "last_error", "result_uids", "report", "delivered_report")
+COLUMNS = ", ".join(COLUMN_NAMES)

@@ -1,0 +1,271 @@
+"""The PACS node: studies in over C-STORE, the registered model's results out to the PACS.
+
+    PACS --C-STORE--> listener -> spool + ledger --(quiet for study_quiet_s)--> complete
+         -> scored (model resolved now; results in state_dir/results) -> sent (STOW-RS and
+            found by QIDO-RS, or C-STORE statuses) -> the study's spooled films deleted
+
+One worker (this thread) takes one study at a time; the listener's threads only receive.
+Every step is recorded in the ledger before the next begins, so after a crash the node starts
+where the ledger says each study stands (pacs/ledger.py), and a result sent twice is the same
+object (its UID is derived from what it is about). A stop (Ctrl-C, SIGTERM) leaves the study
+in hand where the ledger says: one being scored is scored again on restart, one being sent
+sent again. One MLflow run per session records the settings and, every minute, the counts
+and the latency from study-complete to results-confirmed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+
+from covid_xray import lifecycle
+from covid_xray.config import PacsConfig
+from covid_xray.errors import UserError
+from covid_xray.pacs.destinations import DicomWeb, SendError, describe, destination, shown_target
+from covid_xray.pacs.ledger import Ledger, Study
+from covid_xray.pacs.listener import CHEST_STORAGE, Counts, Listener, parse_callers
+from covid_xray.pacs.scoring import score_study
+from covid_xray.pacs.spool import Spool, file_key
+from covid_xray.pseudonyms import pseudonym, pseudonym_key
+from covid_xray.tracking import mlflow_run, registry
+
+logger = logging.getLogger("covid_xray.pacs")
+METRICS_EVERY_S = 60.0
+POLL_S = 0.2
+
+
+class Node:
+    def __init__(self, config: PacsConfig):
+        self.config = config
+        self.callers = parse_callers(config.callers)
+        self.destination = destination(config.send_to, config.ae_title)
+        if config.pull and not config.study:
+            raise UserError("pull needs study=<StudyInstanceUID>: the study to fetch")
+        self.source = DicomWeb(config.pull.removeprefix("dicomweb:")) if config.pull else None
+        if config.pull and not config.pull.startswith("dicomweb:"):
+            raise UserError("pull: give dicomweb:URL (a WADO-RS server)")
+        state = Path(config.state_dir)
+        self.key = pseudonym_key(state)  # the log names UIDs by keyed pseudonyms only
+        self.ledger = Ledger(state / "ledger.sqlite")
+        self.spool = Spool(state / "spool", config.max_spool_gb, config.min_free_gb)
+        self.results = state / "results"
+        self.counts = Counts()
+        self.latencies: list[float] = []  # study complete -> results confirmed, seconds
+        self.model_key, self.model = "", None
+        self.started = time.monotonic()
+
+    def name(self, uid: str) -> str:
+        return pseudonym(uid, self.key)
+
+    # -- the session -----------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Listen and work until stopped (or, with `pull`, handle that one study)."""
+        model_name = self.config.model_uri.removeprefix("models:/").split("@")[0].split("/")[0]
+        with mlflow_run.tracked_run(self.config.experiment_name, system_metrics=True,
+                                    run_name=f"pacs-{self.config.ae_title}-{model_name}"):
+            mlflow_run.log_params(self.settings())
+            if self.source is not None:
+                self.pull()
+                return
+            listener = Listener(self.config.ae_title, self.config.host, self.config.port,
+                                self.callers, self.ledger, self.spool, self.counts, self.name)
+            listener.start()
+            print(f"listening as {self.config.ae_title} on {self.config.host}:"
+                  f"{self.config.port}; results to "
+                  f"{self.destination.shown if self.destination else self.results}; "
+                  "Ctrl-C stops", flush=True)
+            try:
+                self.work()
+            except KeyboardInterrupt:
+                print("stopping: the study in hand is left as the ledger says", flush=True)
+            finally:
+                with lifecycle.stops_quieted():
+                    listener.stop()
+                    self.log_metrics()
+                    print(self.summary(), flush=True)
+
+    def settings(self) -> dict[str, object]:
+        """The options as logged: URLs without credentials."""
+        values = {name: getattr(self.config, name) for name in PacsConfig.__dataclass_fields__}
+        return values | {"send_to": shown_target(self.config.send_to),
+                         "pull": shown_target(self.config.pull)}
+
+    def work(self) -> None:
+        next_metrics = time.monotonic() + METRICS_EVERY_S
+        while True:
+            for study in self.ledger.mark_complete(self.config.study_quiet_s):
+                logger.info("study %s complete", self.name(study))
+            for study in self.ledger.due():
+                self.handle(study)
+            if time.monotonic() >= next_metrics:
+                self.log_metrics()
+                next_metrics += METRICS_EVERY_S
+            time.sleep(POLL_S)
+
+    def pull(self) -> None:
+        """Fetch one study by WADO-RS (its chest radiographs), then score and send it."""
+        study = self.config.study
+        instances = [item for item in self.source.study_instances(study)
+                     if item.get("00080016", {}).get("Value", [""])[0] in CHEST_STORAGE]
+        if not instances:
+            raise UserError(f"study {self.name(study)}: no CR or DX instance at "
+                            f"{self.source.shown}")
+        for item in instances:
+            series = item["0020000E"]["Value"][0]
+            sop = item["00080018"]["Value"][0]
+            data = self.source.fetch(study, series, sop)
+            kept = self.spool.write(study, sop, data)
+            if isinstance(kept, str):
+                raise UserError(f"no room for the study: {kept}")
+            self.ledger.receive(study, sop, series, hashlib.sha256(data).hexdigest(), str(kept))
+        self.ledger.mark_complete(0)
+        while (current := self.ledger.get(study)) and current.status in ("complete", "scored"):
+            self.handle(current)
+            time.sleep(POLL_S)
+        self.log_metrics()
+        print(self.summary(), flush=True)
+        if current.status == "failed":
+            raise UserError(f"study {self.name(study)} failed: {current.last_error}")
+
+    # -- one study -------------------------------------------------------------------------
+
+    def handle(self, study: Study) -> None:
+        if study.status == "complete":
+            self.score(study)
+            study = self.ledger.get(study.study)
+        if study.status == "scored":
+            self.deliver(study)
+
+    def score(self, study: Study) -> None:
+        films, scope = self.films_of(study)
+        try:
+            version, model = self.model_now()
+        except Exception as error:
+            self.ledger.failed(study.study, f"the model could not be loaded: {describe(error)}")
+            self.counts.add("studies/failed")
+            logger.error("study %s: the model could not be loaded (%s)", self.name(study.study),
+                         describe(error))
+            return
+        lifecycle.pause_point("pacs-scoring")
+        outcome = score_study(model, study.study, films, self.spool.folder, self.results, scope,
+                              study.delivered_report)
+        self.counts.add("films/scored", outcome.scored)
+        for reason, count in outcome.reasons.items():
+            self.counts.add(f"films/refused/{reason}", count)
+        left_out = ", ".join(f"{reason} {count}" for reason, count in outcome.reasons.items())
+        if not outcome.report:
+            self.ledger.failed(study.study, f"no film could be scored ({left_out or 'none'})")
+            self.counts.add("studies/failed")
+            logger.warning("study %s: no film could be scored (%s)", self.name(study.study),
+                           left_out)
+            return
+        if self.ledger.scored(study.study, version, outcome.uids, outcome.report):
+            self.counts.add("studies/scored")
+            logger.info("study %s scored by version %s: %d films%s", self.name(study.study),
+                        version or "(unregistered)", outcome.scored,
+                        f", left out: {left_out}" if left_out else "")
+
+    def films_of(self, study: Study) -> tuple[list[Path], str]:
+        """The study's spooled films, and the report's scope. Films whose spool files were
+        deleted after an earlier delivery are fetched back by WADO-RS from a DICOMweb
+        destination; with another, the report covers the films at hand ("request")."""
+        films, scope = [], "study"
+        for instance in self.ledger.instances(study.study):
+            if instance.path and Path(instance.path).exists():
+                films.append(Path(instance.path))
+            elif isinstance(self.destination, DicomWeb):
+                data = self.destination.fetch(study.study, instance.series, instance.sop)
+                kept = self.spool.write(study.study, instance.sop, data)
+                if isinstance(kept, str):
+                    scope = "request"
+                    continue
+                self.ledger.refetched(study.study, instance.sop, str(kept))
+                films.append(kept)
+            else:
+                scope = "request"
+        return films, scope
+
+    def model_now(self) -> tuple[str, object]:
+        """The version `model_uri` names now, and its model (loaded again only when the
+        version changed)."""
+        version = registry.resolve_version(self.config.model_uri)
+        key = f"models:/{version.name}/{version.version}" if version else self.config.model_uri
+        if key != self.model_key:
+            _, self.model = registry.load_resolved(key)
+            self.model.to_device(self.config.device)
+            self.model_key = key
+            logger.info("scoring with %s", key)
+        return (str(version.version) if version else ""), self.model
+
+    def deliver(self, study: Study) -> None:
+        """Send the study's results and confirm them (or keep them here); then its spooled
+        films go."""
+        folder = self.results / file_key(study.study)
+        files = [folder / f"{uid}.dcm" for uid in study.result_uids]
+        # The films this scoring saw (one arriving after it re-opens the study and stays).
+        scored_films = [instance for instance in self.ledger.instances(study.study)
+                        if instance.received <= (study.complete_at or time.time())]
+        if self.destination is not None:
+            try:
+                self.destination.send(study.study, files)
+                missing = self.destination.missing(study.study, study.result_uids)
+                if missing:
+                    raise SendError(f"{len(missing)} of {len(files)} results not found by "
+                                    "QIDO-RS after the store")
+            except (SendError, OSError) as error:
+                status = self.ledger.send_failed(study.study, str(error), self.config.retries)
+                self.counts.add("sends/failed")
+                if status == "failed":
+                    self.counts.add("studies/failed")
+                logger.warning("study %s: send %d failed (%s)%s", self.name(study.study),
+                               study.attempts + 1, error,
+                               "; no retries left" if status == "failed" else "; will retry")
+                return
+        self.ledger.delivered(study.study, study.report, [i.sop for i in scored_films],
+                              "sent" if self.destination else "scored")
+        self.spool.delete([instance.path for instance in scored_films])
+        if self.destination is not None:
+            self.counts.add("studies/sent")
+            self.latencies.append(time.time() - (study.complete_at or time.time()))
+            logger.info("study %s: %d results delivered to %s", self.name(study.study),
+                        len(files), self.destination.shown)
+
+    # -- what the session reports ----------------------------------------------------------
+
+    def log_metrics(self) -> None:
+        step = int((time.monotonic() - self.started) // 60)
+        metrics = {name.replace("/", "_"): float(count)
+                   for name, count in self.counts.snapshot().items()}
+        if self.latencies:
+            metrics["latency_p50_s"] = float(np.percentile(self.latencies, 50))
+            metrics["latency_p95_s"] = float(np.percentile(self.latencies, 95))
+        if metrics:
+            mlflow.log_metrics(metrics, step=step)
+
+    def summary(self) -> str:
+        statuses: dict[str, int] = {}
+        for study in self.ledger.all():
+            statuses[study.status] = statuses.get(study.status, 0) + 1
+        counts = self.counts.snapshot()
+        return ("ledger: " + (", ".join(f"{status} {count}" for status, count
+                                        in sorted(statuses.items())) or "no study")
+                + f"; this session: {counts.get('instances/received', 0)} instances received, "
+                f"{counts.get('studies/scored', 0)} studies scored, "
+                f"{counts.get('studies/sent', 0)} sent, {counts.get('studies/failed', 0)} failed")
+
+
+def run_node(config: PacsConfig) -> None:
+    """The `pacs` entry point: the node (or, with `pull`, one study), logging to stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(handler)  # and its children's (listener)
+    logger.setLevel(logging.INFO)
+    mlflow_run.check_tracking_server()
+    Node(config).run()

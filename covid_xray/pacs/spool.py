@@ -1,0 +1,68 @@
+"""Received films on disk until their results are confirmed: `state_dir/spool/<study>/<sop>.dcm`,
+named by digests of the UIDs (a UID is the sender's text: it names no file of ours).
+
+The spool never fills the disk: past its size cap, or where a write would leave less free
+space than the floor, it takes nothing and the listener answers "out of resources" (0xA700),
+which a PACS retries later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import threading
+from pathlib import Path
+
+from covid_xray.files import atomic_write
+
+GB = 1e9
+
+
+def file_key(uid: str) -> str:
+    """A file name for a UID: 32 hex digits of its sha256."""
+    return hashlib.sha256(uid.encode()).hexdigest()[:32]
+
+
+class Spool:
+    def __init__(self, folder: Path, max_gb: float, min_free_gb: float):
+        self.folder = folder.resolve()  # the ledger's paths stay true from any working folder
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.max_bytes, self.min_free_bytes = max_gb * GB, min_free_gb * GB
+        self.lock = threading.Lock()
+        self.size = sum(path.stat().st_size for path in folder.rglob("*.dcm"))
+
+    def no_room(self, size: int) -> str:
+        """Why `size` more bytes cannot be taken ("" when they can)."""
+        if self.size + size > self.max_bytes:
+            return f"the spool holds {self.size / GB:.2f} GB of its {self.max_bytes / GB:g} GB"
+        free = shutil.disk_usage(self.folder).free
+        if free - size < self.min_free_bytes:
+            return (f"{free / GB:.2f} GB free on the spool's disk, the floor is "
+                    f"{self.min_free_bytes / GB:g} GB")
+        return ""
+
+    def path(self, study: str, sop: str) -> Path:
+        return self.folder / file_key(study) / f"{file_key(sop)}.dcm"
+
+    def write(self, study: str, sop: str, data: bytes) -> Path | str:
+        """The file written (whole or not at all), or why there was no room for it."""
+        with self.lock:
+            why = self.no_room(len(data))
+            if why:
+                return why
+            path = self.path(study, sop)
+            previous = path.stat().st_size if path.exists() else 0
+            atomic_write(path, lambda file: file.write(data))
+            self.size += len(data) - previous
+            return path
+
+    def delete(self, paths: list[str]) -> None:
+        """Forget these files (their study's folder too, once empty)."""
+        with self.lock:
+            for name in filter(None, paths):
+                path = Path(name)
+                if path.exists():
+                    self.size -= path.stat().st_size
+                    path.unlink()
+                if path.parent.exists() and not any(path.parent.iterdir()):
+                    path.parent.rmdir()
