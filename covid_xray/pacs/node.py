@@ -215,6 +215,7 @@ class Node:
         if self.destination is not None:
             try:
                 self.destination.send(study.study, files)
+                lifecycle.pause_point("pacs-confirming")  # (tests: killed here, sent again)
                 missing = self.destination.missing(study.study, study.result_uids)
                 if missing:
                     raise SendError(f"{len(missing)} of {len(files)} results not found by "

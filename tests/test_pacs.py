@@ -1,0 +1,470 @@
+"""The PACS node against a real PACS: Orthanc (Debian's, with its DICOMweb plugin) pushes
+studies to the node by C-STORE, the node sends its results back by STOW-RS, and the tests
+read them from Orthanc's DICOMweb. The ledger and the listener are also checked in process."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import highdicom as hd
+import mlflow
+import pandas as pd
+import pydicom
+import pytest
+import requests
+from pynetdicom import AE
+from pynetdicom.sop_class import (
+    ComputedRadiographyImageStorage,
+    MRImageStorage,
+    Verification,
+)
+
+from covid_xray.config import PredictConfig
+from covid_xray.errors import UserError
+from covid_xray.pacs.destinations import destination
+from covid_xray.pacs.ledger import Ledger
+from covid_xray.pacs.listener import TRANSFER_SYNTAXES, Counts, Listener, parse_callers
+from covid_xray.pacs.spool import Spool
+from covid_xray.serving.predict import predict_files
+from tests.conftest import ROOT, clean_env, free_port
+from tests.orthanc import Orthanc
+from tests.test_dicom_results import dciodvfy_errors
+
+QUIET_S = 3  # a study complete after 3 s without a film: two pushes 1 s apart are one study
+pytestmark = pytest.mark.xdist_group("pacs")  # one worker: one Orthanc, one node
+
+
+# -- in process: the ledger and the listener ------------------------------------------------
+
+def test_the_ledger_moves_a_study_through_its_states_and_reopens_it(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    assert ledger.receive("1.2.3", "1.2.3.1", "1.2.3.9", "d1", "/spool/a") == "new"
+    assert ledger.mark_complete(60) == []  # not quiet yet
+    assert ledger.mark_complete(0) == ["1.2.3"]
+    assert [study.status for study in ledger.due()] == ["complete"]
+    assert ledger.scored("1.2.3", "4", ["9.1", "9.2"], ["9.0", "9.1"])
+    assert ledger.send_failed("1.2.3", "STOW-RS failed", retries=3) == "scored"
+    assert ledger.due() == []  # waiting 1 s before the next try
+    assert ledger.get("1.2.3").attempts == 1
+    ledger.delivered("1.2.3", ["9.0", "9.1"], ["1.2.3.1"], "sent")
+    study = ledger.get("1.2.3")
+    assert (study.status, study.model_version, study.delivered_report) == ("sent", "4",
+                                                                          ["9.0", "9.1"])
+    assert ledger.instances("1.2.3")[0].path == ""  # its spool file is forgotten
+    assert ledger.known("1.2.3", "1.2.3.1", "d1") and not ledger.known("1.2.3", "1.2.3.1", "d2")
+    # A new film re-opens it; scoring that started before it arrived is not recorded.
+    assert ledger.receive("1.2.3", "1.2.3.2", "1.2.3.9", "d3", "/spool/b") == "reopened"
+    assert ledger.get("1.2.3").status == "receiving"
+    assert not ledger.scored("1.2.3", "4", ["9.3"], ["9.0", "9.3"])
+    # A send that keeps failing ends failed, with its reason.
+    ledger.mark_complete(0)
+    assert ledger.scored("1.2.3", "5", ["9.3"], ["9.0", "9.3"])
+    assert [ledger.send_failed("1.2.3", f"try {n}", retries=2) for n in (1, 2)] == [
+        "scored", "failed"]
+    assert (ledger.get("1.2.3").status, ledger.get("1.2.3").last_error) == ("failed", "try 2")
+
+
+def test_bad_settings_are_one_line_each():
+    with pytest.raises(UserError, match="not AET@HOST"):
+        parse_callers("ORTHANC")
+    with pytest.raises(UserError, match="dicomweb:URL or dimse:AET@HOST:PORT"):
+        destination("ftp://x", "COVIDXRAY")
+    with pytest.raises(UserError, match="not AET@HOST:PORT"):
+        destination("dimse:ORTHANC@host", "COVIDXRAY")
+    with pytest.raises(UserError, match="not an http"):
+        destination("dicomweb:127.0.0.1:8042", "COVIDXRAY")
+    shown = destination("dicomweb:http://user:secret@127.0.0.1:8042/dicom-web", "X").shown
+    assert shown == "dicomweb:http://127.0.0.1:8042/dicom-web"  # no password to log
+
+
+@pytest.fixture(scope="module")
+def films(tiny_dataset: Path) -> list[Path]:
+    """The demo generator's films: the kind the session's model was trained on."""
+    return sorted((tiny_dataset / "train").rglob("*.dcm"))
+
+
+def film(source: Path, path: Path, study: str, modality: str = "CR") -> Path:
+    """`source` as a film of `study` with new UIDs (from `path`'s name), a patient name for
+    the log check, and `modality` (MR: an MR SOP class)."""
+    dataset = pydicom.dcmread(source)
+    number = sum(map(ord, path.stem))  # a UID component from the file's name
+    dataset.StudyInstanceUID = study
+    dataset.SeriesInstanceUID = f"{study}.{number}"
+    dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = \
+        f"{study}.{number}.1"
+    dataset.PatientID, dataset.PatientName = "patient-7", "Doe^Jane"
+    if modality == "MR":
+        dataset.Modality = "MR"
+        dataset.SOPClassUID = dataset.file_meta.MediaStorageSOPClassUID = MRImageStorage
+    dataset.save_as(path, enforce_file_format=True)
+    return path
+
+
+def scu(ae_title: str, *sop_classes: str) -> AE:
+    """A sender proposing each class in every syntax the node takes, one context each."""
+    ae = AE(ae_title=ae_title)
+    for sop_class in sop_classes:
+        for syntax in TRANSFER_SYNTAXES if sop_class != Verification else [None]:
+            ae.add_requested_context(sop_class, *([syntax] if syntax else []))
+    return ae
+
+
+def test_the_listener_rejects_strangers_other_classes_and_fills_no_disk(films, tmp_path):
+    """Unknown caller: rejected at association. MR: refused at negotiation. A file whose UIDs
+    cannot be read: 0xC000, counted. Past the spool's cap: 0xA700, nothing written."""
+    counts, ledger = Counts(), Ledger(tmp_path / "ledger.sqlite")
+    port = free_port()
+    spool = Spool(tmp_path / "spool", max_gb=30e-6, min_free_gb=0)  # room for ~30 kB
+    listener = Listener("COVIDXRAY", "127.0.0.1", port, parse_callers("TESTSCU@127.0.0.1"),
+                        ledger, spool, counts, name=lambda uid: "p")
+    listener.start()
+    try:
+        stranger = scu("STRANGER", Verification).associate("127.0.0.1", port,
+                                                           ae_title="COVIDXRAY")
+        assert stranger.is_rejected
+        association = scu("TESTSCU", Verification, MRImageStorage,
+                          ComputedRadiographyImageStorage).associate(
+            "127.0.0.1", port, ae_title="COVIDXRAY")
+        assert association.is_established
+        assert association.send_c_echo().Status == 0x0000
+        accepted = {context.abstract_syntax for context in association.accepted_contexts}
+        assert MRImageStorage not in accepted and ComputedRadiographyImageStorage in accepted
+        first = pydicom.dcmread(film(films[0], tmp_path / "a.dcm", "1.2.826.0.1.3680043.8.498.1"))
+        assert association.send_c_store(first).Status == 0x0000
+        no_uids = pydicom.dcmread(tmp_path / "a.dcm")
+        del no_uids.StudyInstanceUID
+        no_uids.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.2"
+        assert association.send_c_store(no_uids).Status == 0xC000
+        big = pydicom.dcmread(tmp_path / "a.dcm")
+        big.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.3"
+        big.PixelData = bytes(40_000)  # past the cap: refused before anything is written
+        assert association.send_c_store(big).Status == 0xA700
+        association.release()
+    finally:
+        listener.stop()
+    assert [instance.sop for instance in ledger.instances("1.2.826.0.1.3680043.8.498.1")] == [
+        first.SOPInstanceUID]
+    assert len(list((tmp_path / "spool").rglob("*.dcm"))) == 1
+    assert counts.snapshot() == {"associations/rejected": 1, "instances/received": 1,
+                                 "studies/received": 1, "instances/refused/unreadable": 1,
+                                 "instances/refused/out_of_resources": 1}
+
+
+# -- against Orthanc ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pacs_store(trained_store: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A copy of the session's tracking store (its registry moves @champion here without
+    touching the other tests'), the model's artifacts read where they are."""
+    root = tmp_path_factory.mktemp("pacs-store")
+    shutil.copy(trained_store["root"] / "mlflow.db", root / "mlflow.db")
+    return {"uri": f"sqlite:///{root / 'mlflow.db'}", "root": root}
+
+
+class Node:
+    """`python -m entrypoints.pacs` as a service: started, stopped, killed."""
+
+    def __init__(self, store: dict, state: Path, port: int, send_to: str, **options: str):
+        self.store, self.state, self.port = store, state, port
+        self.log = state.with_suffix(".log")
+        self.command = [sys.executable, "-m", "entrypoints.pacs", "--port", str(port),
+                        "--state-dir", str(state), "--study-quiet-s", str(QUIET_S),
+                        "--send-to", send_to, "--experiment-name", "pacs", "--device", "cpu",
+                        *(item for name, value in options.items()
+                          for item in (f"--{name.replace('_', '-')}", value))]
+        self.process: subprocess.Popen | None = None
+
+    def start(self, until: str = "listening as", **env: str) -> Node:
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                self.command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                env=clean_env(MLFLOW_TRACKING_URI=self.store["uri"], **env))
+        self.wait_for(until)
+        return self
+
+    def wait_for(self, text: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.log.read_text(errors="replace"):
+            assert self.process.poll() is None or text in self.log.read_text(), \
+                self.log.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"no {text!r}: {self.log.read_text()[-3000:]}"
+            time.sleep(0.2)
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=30)
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=60)
+
+    def ledger(self) -> dict[str, dict]:
+        with sqlite3.connect(self.state / "ledger.sqlite") as connection:
+            connection.row_factory = sqlite3.Row
+            return {row["study"]: dict(row) for row in connection.execute(
+                "select * from studies")}
+
+
+@pytest.fixture(scope="module")
+def pacs(pacs_store: dict, tmp_path_factory: pytest.TempPathFactory):
+    """Orthanc, and a node it routes to (callers: Orthanc and the tests' own SCU)."""
+    folder = tmp_path_factory.mktemp("pacs")
+    node_port = free_port()
+    orthanc = Orthanc(folder / "orthanc", free_port(), free_port(),
+                      {"node": ["COVIDXRAY", "127.0.0.1", node_port]}).start()
+    node = Node(pacs_store, folder / "state", node_port, f"dicomweb:{orthanc.dicomweb}",
+                callers="ORTHANC@127.0.0.1,TESTSCU@127.0.0.1")
+    try:
+        node.start()
+        yield {"orthanc": orthanc, "node": node, "folder": folder}
+    finally:
+        if node.process is not None and node.process.poll() is None:
+            node.kill()
+        orthanc.stop()
+
+
+def wait_until(check, timeout: float = 90, what: str = ""):
+    deadline = time.monotonic() + timeout
+    while not (found := check()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.3)
+    return found
+
+
+def reports(orthanc: Orthanc, study: str, count: int = 1) -> list[pydicom.Dataset]:
+    """The study's SRs in Orthanc, once there are `count`."""
+    wait_until(lambda: sum(item.get("00080060", {}).get("Value", [""])[0] == "SR"
+                           for item in orthanc.instances(study)) >= count,
+               what=f"{count} report(s) of study {study}")
+    return orthanc.results(study, "SR")
+
+
+def film_values(report: pydicom.Dataset) -> dict[str, dict[str, float]]:
+    """Film SOP UID -> its probabilities, as the report states them."""
+    buffer = io.BytesIO()
+    report.save_as(buffer, enforce_file_format=True)
+    buffer.seek(0)
+    document = hd.sr.srread(buffer)
+    values = {}
+    for group in document.content.get_image_measurement_groups():
+        if group.tracking_identifier.startswith("film"):
+            (source,) = group.source_images
+            values[source.referenced_sop_instance_uid] = {
+                item.name.meaning: item.value for item in group.get_measurements()}
+    return values
+
+
+@pytest.mark.slow
+def test_studies_pushed_by_orthanc_come_back_as_a_report_and_heatmaps_equal_to_predict(
+        pacs, store, tiny_dataset, tmp_path):
+    """Two studies (one of two films, pushed in two associations a second apart: one study):
+    one SR each and a heatmap per film in Orthanc, dciodvfy-clean as Orthanc returns them,
+    probabilities equal to `-e predict`'s on the same files."""
+    orthanc, node = pacs["orthanc"], pacs["node"]
+    two_films = next(path for path in sorted((tiny_dataset / "train").iterdir())
+                     if len(list(path.rglob("*.dcm"))) == 2)
+    one_film = next(path for path in sorted((tiny_dataset / "train").iterdir())
+                    if len(list(path.rglob("*.dcm"))) == 1)
+    first, second = sorted(two_films.rglob("*.dcm"))
+    orthanc_ids = [orthanc.upload(path) for path in (first, second, *one_film.rglob("*.dcm"))]
+    instances = {item["MainDicomTags"]["SOPInstanceUID"]: item["ID"] for item in
+                 requests_json(f"{orthanc.url}/studies/{orthanc_ids[0]}/instances")}
+    orthanc.push("node", [instances[pydicom.dcmread(first).SOPInstanceUID]])
+    time.sleep(1)  # a second association, a second later: the same study
+    orthanc.push("node", [instances[pydicom.dcmread(second).SOPInstanceUID], orthanc_ids[2]])
+
+    studies = [pydicom.dcmread(path).StudyInstanceUID
+               for path in (first, next(one_film.rglob("*.dcm")))]
+    # predict on each study's files: the node scores a study in one batch, and a batch's
+    # size changes oneDNN's sums in the last bit (batch 1 vs 3: 3e-8), so this is the same run
+    predicted = pd.concat([predict_files(PredictConfig(
+        input=str(folder), output=str(tmp_path / f"{folder.name}.csv"), num_workers=0,
+        device="cpu"), progress=False) for folder in (two_films, one_film)])
+    for study in studies:
+        (report,) = reports(orthanc, study)
+        heatmaps = wait_until(lambda study=study: orthanc.results(study, "OT"),
+                              what="heatmaps")
+        films = predicted[predicted.study_instance_uid == study]
+        assert len(heatmaps) == len(films) == len(film_values(report))
+        for row in films.itertuples():
+            stated = film_values(report)[row.sop_instance_uid]
+            assert stated["Probability of negative"] == row.prob_negative  # exactly
+            assert stated["Probability of opacity"] == row.prob_opacity
+        for dataset in (report, *heatmaps):
+            path = tmp_path / f"{dataset.SOPInstanceUID}.dcm"
+            dataset.save_as(path, enforce_file_format=True)
+            assert dciodvfy_errors(path) == []
+    ledger = node.ledger()
+    assert {ledger[study]["status"] for study in studies} == {"sent"}
+    assert {ledger[study]["model_version"] for study in studies} == {"1"}
+    # Confirmed, so the spool has let their films go.
+    assert not list((pacs["folder"] / "state" / "spool").rglob("*.dcm"))
+    log = node.log.read_text()
+    assert "Doe^" not in log and not any(study in log for study in studies)
+
+
+def requests_json(url: str):
+    return requests.get(url, timeout=30).json()
+
+
+@pytest.mark.slow
+def test_a_late_film_reopens_its_study_and_the_new_report_names_the_first(pacs, films, tmp_path):
+    orthanc, node = pacs["orthanc"], pacs["node"]
+    study = "1.2.826.0.1.3680043.8.498.77001"
+    first_id = orthanc.upload(film(films[0], tmp_path / "1.dcm", study))
+    orthanc.push("node", [first_id])
+    (earlier,) = reports(orthanc, study)
+    late = film(films[1], tmp_path / "2.dcm", study)
+    orthanc.upload(late)
+    late_instance = [item["ID"] for item in requests_json(
+        f"{orthanc.url}/studies/{first_id}/instances")
+        if item["MainDicomTags"]["SOPInstanceUID"] == pydicom.dcmread(late).SOPInstanceUID]
+    orthanc.push("node", late_instance)  # only the late film: the node fetches the first back
+    both = reports(orthanc, study, count=2)
+    (newer,) = [report for report in both if report.SOPInstanceUID != earlier.SOPInstanceUID]
+    predecessor = newer.PredecessorDocumentsSequence[0]
+    assert predecessor.StudyInstanceUID == study
+    referenced = predecessor.ReferencedSeriesSequence[0]
+    assert referenced.SeriesInstanceUID == earlier.SeriesInstanceUID
+    assert referenced.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == \
+        earlier.SOPInstanceUID
+    assert len(film_values(newer)) == 2 and len(film_values(earlier)) == 1
+    assert len(orthanc.results(study, "OT")) == 2  # the first film's heatmap is the same object
+    path = tmp_path / "newer.dcm"
+    newer.save_as(path, enforce_file_format=True)
+    assert dciodvfy_errors(path) == []
+    assert node.ledger()[study]["status"] == "sent"
+
+
+@pytest.mark.slow
+def test_a_broken_file_is_counted_and_the_rest_of_its_study_is_scored(pacs, films, tmp_path):
+    orthanc, node = pacs["orthanc"], pacs["node"]
+    study = "1.2.826.0.1.3680043.8.498.77002"
+    good = pydicom.dcmread(film(films[0], tmp_path / "good.dcm", study))
+    broken = pydicom.dcmread(film(films[1], tmp_path / "broken.dcm", study))
+    broken.PixelData = broken.PixelData[:100]  # a cut-off transfer: the header is fine
+    association = scu("TESTSCU", ComputedRadiographyImageStorage).associate(
+        "127.0.0.1", node.port, ae_title="COVIDXRAY")
+    assert [association.send_c_store(item).Status for item in (good, broken)] == [0, 0]
+    association.release()
+    (report,) = reports(orthanc, study)
+    assert list(film_values(report)) == [good.SOPInstanceUID]
+    counted = {item.name.meaning: item.value for item in hd.sr.srread(
+        _file(report, tmp_path)).content.get_image_measurement_groups()[-1].get_measurements()}
+    assert counted["Films scored (in the study's mean)"] == 1
+    assert any("unreadable" in name and value == 1 for name, value in counted.items())
+
+
+def _file(dataset: pydicom.Dataset, tmp_path: Path) -> Path:
+    path = tmp_path / f"{dataset.SOPInstanceUID}.dcm"
+    dataset.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.slow
+def test_moving_champion_mid_session_scores_the_next_study_with_the_new_version(
+        pacs, pacs_store, films, tmp_path):
+    orthanc, node = pacs["orthanc"], pacs["node"]
+    mlflow.set_tracking_uri(pacs_store["uri"])  # (the registry resolves sources from here)
+    try:
+        client = mlflow.MlflowClient()
+        first = client.get_model_version("covid-xray-densenet", "1")
+        moved = client.create_model_version("covid-xray-densenet", first.source, first.run_id)
+        client.set_registered_model_alias("covid-xray-densenet", "champion", moved.version)
+    finally:
+        mlflow.set_tracking_uri(None)
+    study = "1.2.826.0.1.3680043.8.498.77003"
+    orthanc.push("node", [orthanc.upload(film(films[0], tmp_path / "f.dcm", study))])
+    (report,) = reports(orthanc, study)
+    assert node.ledger()[study]["model_version"] == str(moved.version) == "2"
+    # The report names who answered (its observer device, the algorithm's version).
+    stated = {str(element.value) for element in report.iterall() if element.VR != "SQ"}
+    assert "covid-xray-densenet v2" in stated
+
+
+@pytest.mark.slow
+def test_a_stop_ends_the_session_run_with_its_counts(pacs, pacs_store):
+    """Last of the node's tests: SIGTERM stops it cleanly, and its one MLflow run holds the
+    settings (no credentials), the counts and the latency."""
+    node = pacs["node"]
+    assert node.stop() == 0
+    assert "ledger:" in node.log.read_text()
+    client = mlflow.MlflowClient(pacs_store["uri"])
+    (run,) = client.search_runs([client.get_experiment_by_name("pacs").experiment_id],
+                                "attributes.run_name LIKE 'pacs-%'")
+    assert run.info.status == "FINISHED"
+    assert run.data.params["study_quiet_s"] == str(float(QUIET_S))
+    assert run.data.params["callers"] == "ORTHANC@127.0.0.1,TESTSCU@127.0.0.1"
+    metrics = run.data.metrics
+    assert metrics["studies_sent"] >= 5 and metrics["studies_received"] >= 5
+    assert metrics["films_refused_unreadable"] >= 1
+    assert 0 < metrics["latency_p50_s"] <= metrics["latency_p95_s"] < 60
+
+
+@pytest.mark.slow
+def test_kill_9_and_a_pacs_that_goes_away_still_deliver_each_report_once(
+        pacs_store, films, tmp_path):
+    """Killed while scoring, then restarted while the PACS is down: the node retries, the PACS
+    comes back, the results arrive; killed again right after a store but before the ledger
+    recorded it: sent again on restart, the same objects. One SR in the end."""
+    node_port = free_port()
+    orthanc = Orthanc(tmp_path / "orthanc", free_port(), free_port(),
+                      {"node": ["COVIDXRAY", "127.0.0.1", node_port]}).start()
+    node = Node(pacs_store, tmp_path / "state", node_port, f"dicomweb:{orthanc.dicomweb}",
+                callers="ORTHANC@127.0.0.1", retries="8")
+    study = "1.2.826.0.1.3680043.8.498.77004"
+    try:
+        node.start(COVID_XRAY_PAUSE_AT="pacs-scoring")
+        orthanc.push("node", [orthanc.upload(film(films[0], tmp_path / "f.dcm", study))])
+        node.wait_for("paused at pacs-scoring")
+        node.kill()
+        assert node.ledger()[study]["status"] == "complete"
+        orthanc.stop()
+        node.start(COVID_XRAY_PAUSE_AT="pacs-confirming")
+        node.wait_for("send 1 failed")
+        assert node.ledger()[study]["status"] == "scored"
+        orthanc.start()
+        node.wait_for("paused at pacs-confirming")  # stored in Orthanc, not yet in the ledger
+        node.kill()
+        assert node.ledger()[study]["status"] == "scored"
+        node.start()
+        wait_until(lambda: node.ledger()[study]["status"] == "sent", what="sent")
+        kinds = [item["00080060"]["Value"][0] for item in orthanc.instances(study)]
+        assert sorted(kinds) == ["CR", "OT", "SR"]
+        assert node.ledger()[study]["attempts"] >= 1
+        assert node.stop() == 0
+    finally:
+        if node.process.poll() is None:
+            node.kill()
+        orthanc.stop()
+
+
+@pytest.mark.slow
+def test_pull_fetches_one_study_by_wado_rs_scores_and_sends_it(pacs_store, films, tmp_path):
+    """`mlflow run . -e pacs -P pull=dicomweb:URL -P study=UID`, end to end."""
+    orthanc = Orthanc(tmp_path / "orthanc", free_port(), free_port()).start()
+    study = "1.2.826.0.1.3680043.8.498.77005"
+    try:
+        orthanc.upload(film(films[0], tmp_path / "f.dcm", study))
+        orthanc.upload(film(films[1], tmp_path / "mr.dcm", study, modality="MR"))
+        done = subprocess.run(
+            [str(Path(sys.executable).with_name("mlflow")), "run", str(ROOT), "-e", "pacs",
+             "--env-manager", "local", "--experiment-name", "pacs-pull",
+             "-P", f"pull=dicomweb:{orthanc.dicomweb}", "-P", f"study={study}",
+             "-P", f"send_to=dicomweb:{orthanc.dicomweb}", "-P", f"state_dir={tmp_path / 's'}",
+             "-P", "device=cpu"],
+            cwd=tmp_path, env=clean_env(MLFLOW_TRACKING_URI=pacs_store["uri"]),
+            capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        kinds = sorted(item["00080060"]["Value"][0] for item in orthanc.instances(study))
+        assert kinds == ["CR", "MR", "OT", "SR"]
+        assert "sent 1" in done.stdout + done.stderr
+    finally:
+        orthanc.stop()
