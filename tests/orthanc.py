@@ -4,8 +4,10 @@ free ports from a temporary JSON config (installed by .ci/run: `orthanc orthanc-
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,10 +18,17 @@ PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
 
 def orthanc_binary() -> str:
+    """Orthanc's program; outside CI a test without it skips, saying how to install it (CI
+    installs it: missing there is a failure)."""
     found = shutil.which("Orthanc") or next(
         (str(path) for path in [Path("/usr/sbin/Orthanc")] if path.exists()), None)
     if found is None or not PLUGIN.exists():
-        raise RuntimeError("Orthanc is not installed: apt-get install orthanc orthanc-dicomweb")
+        message = "Orthanc is not installed: apt-get install orthanc orthanc-dicomweb"
+        if os.environ.get("CI") or "pytest" not in sys.modules:
+            raise RuntimeError(message)
+        import pytest
+
+        pytest.skip(message)
     return found
 
 

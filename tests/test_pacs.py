@@ -448,7 +448,8 @@ def test_kill_9_and_a_pacs_that_goes_away_still_deliver_each_report_once(
 
 @pytest.mark.slow
 def test_pull_fetches_one_study_by_wado_rs_scores_and_sends_it(pacs_store, films, tmp_path):
-    """`mlflow run . -e pacs -P pull=dicomweb:URL -P study=UID`, end to end."""
+    """`mlflow run . -e pacs -P pull=dicomweb:URL -P study=UID`, end to end, the results sent
+    back by C-STORE (`send_to=dimse:...`): its chest film scored, the MR left alone."""
     orthanc = Orthanc(tmp_path / "orthanc", free_port(), free_port()).start()
     study = "1.2.826.0.1.3680043.8.498.77005"
     try:
@@ -458,7 +459,8 @@ def test_pull_fetches_one_study_by_wado_rs_scores_and_sends_it(pacs_store, films
             [str(Path(sys.executable).with_name("mlflow")), "run", str(ROOT), "-e", "pacs",
              "--env-manager", "local", "--experiment-name", "pacs-pull",
              "-P", f"pull=dicomweb:{orthanc.dicomweb}", "-P", f"study={study}",
-             "-P", f"send_to=dicomweb:{orthanc.dicomweb}", "-P", f"state_dir={tmp_path / 's'}",
+             "-P", f"send_to=dimse:ORTHANC@127.0.0.1:{orthanc.dicom_port}",
+             "-P", f"state_dir={tmp_path / 's'}",
              "-P", "device=cpu"],
             cwd=tmp_path, env=clean_env(MLFLOW_TRACKING_URI=pacs_store["uri"]),
             capture_output=True, text=True, timeout=300)

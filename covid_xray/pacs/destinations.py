@@ -46,6 +46,9 @@ class DicomWeb:
         self.url = urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
         self.shown = f"dicomweb:{self.url}"
         self.client = DICOMwebClient(self.url, session=session, timeout=60)
+        # The ledger's backoff is the one retry (each try recorded); the client's own would
+        # hold a send for half a minute without a word.
+        self.client.set_http_retry_params(retry=False)
 
     def send(self, study: str, files: list[Path]) -> None:
         datasets = [pydicom.dcmread(path) for path in files]
