@@ -152,6 +152,8 @@ def test_the_listener_rejects_strangers_other_classes_and_fills_no_disk(films, t
     assert [instance.sop for instance in ledger.instances("1.2.826.0.1.3680043.8.498.1")] == [
         first.SOPInstanceUID]
     assert len(list((tmp_path / "spool").rglob("*.dcm"))) == 1
+    # The free-disk floor refuses as the cap does (no disk this small to fill in a test).
+    assert "floor" in Spool(tmp_path / "other", max_gb=10, min_free_gb=1e9).no_room(1)
     assert counts.snapshot() == {"associations/rejected": 1, "instances/received": 1,
                                  "studies/received": 1, "instances/refused/unreadable": 1,
                                  "instances/refused/out_of_resources": 1}
@@ -344,22 +346,38 @@ def test_a_late_film_reopens_its_study_and_the_new_report_names_the_first(pacs, 
 
 
 @pytest.mark.slow
-def test_a_broken_file_is_counted_and_the_rest_of_its_study_is_scored(pacs, films, tmp_path):
+def test_hostile_films_are_counted_and_the_rest_of_their_study_is_scored(pacs, films, tmp_path):
+    """One study: a good film, one cut off mid-transfer, a lateral one and a bomb (a tiny file
+    claiming 60000 x 60000 pixels), sent by the tests' SCU; and an MR pushed by Orthanc,
+    refused at negotiation. The report has the good film and counts each refusal."""
     orthanc, node = pacs["orthanc"], pacs["node"]
     study = "1.2.826.0.1.3680043.8.498.77002"
     good = pydicom.dcmread(film(films[0], tmp_path / "good.dcm", study))
     broken = pydicom.dcmread(film(films[1], tmp_path / "broken.dcm", study))
     broken.PixelData = broken.PixelData[:100]  # a cut-off transfer: the header is fine
+    lateral = pydicom.dcmread(film(films[2], tmp_path / "lateral.dcm", study))
+    lateral.ViewPosition = "LL"
+    bomb = pydicom.dcmread(film(films[3], tmp_path / "bomb.dcm", study))
+    bomb.Rows = bomb.Columns = 60000
     association = scu("TESTSCU", ComputedRadiographyImageStorage).associate(
         "127.0.0.1", node.port, ae_title="COVIDXRAY")
-    assert [association.send_c_store(item).Status for item in (good, broken)] == [0, 0]
+    assert [association.send_c_store(item).Status for item in (good, broken, lateral, bomb)
+            ] == [0, 0, 0, 0]
     association.release()
+    mr = orthanc.upload(film(films[4], tmp_path / "mr.dcm", "1.2.826.0.1.3680043.8.498.77006",
+                             modality="MR"))
+    with pytest.raises(requests.HTTPError):
+        orthanc.push("node", [mr])  # no presentation context for MR: Orthanc's job fails
     (report,) = reports(orthanc, study)
     assert list(film_values(report)) == [good.SOPInstanceUID]
     counted = {item.name.meaning: item.value for item in hd.sr.srread(
         _file(report, tmp_path)).content.get_image_measurement_groups()[-1].get_measurements()}
     assert counted["Films scored (in the study's mean)"] == 1
-    assert any("unreadable" in name and value == 1 for name, value in counted.items())
+    refused = {name: value for name, value in counted.items() if name.startswith("Films refused")}
+    assert refused == {"Films refused (not in the mean)": 3, "Films refused: unreadable": 2,
+                       "Films refused: view": 1}
+    assert "1.2.826.0.1.3680043.8.498.77006" not in node.ledger()
+    assert "SOP classes refused" in node.log.read_text()
 
 
 def _file(dataset: pydicom.Dataset, tmp_path: Path) -> Path:

@@ -10,6 +10,7 @@ fetches back the films the spool no longer has, and from which `-P pull` reads a
 from __future__ import annotations
 
 import io
+import os
 import re
 import warnings
 from pathlib import Path
@@ -28,9 +29,15 @@ class SendError(Exception):
     """A send that did not deliver: retried later."""
 
 
+# A DICOMweb login outside the URL: `mlflow run` records every -P value as typed, a password
+# in `send_to` included, so under it the login goes here.
+USER_VARIABLE, PASSWORD_VARIABLE = "COVID_XRAY_DICOMWEB_USER", "COVID_XRAY_DICOMWEB_PASSWORD"
+
+
 class DicomWeb:
-    """A DICOMweb server (QIDO-RS, WADO-RS, STOW-RS). A user and password in the URL are
-    sent as HTTP basic auth and kept out of everything logged (`shown`)."""
+    """A DICOMweb server (QIDO-RS, WADO-RS, STOW-RS). A user and password in the URL, or in
+    $COVID_XRAY_DICOMWEB_USER and _PASSWORD, are sent as HTTP basic auth and kept out of
+    everything logged (`shown`)."""
 
     def __init__(self, url: str):
         from dicomweb_client.api import DICOMwebClient  # the `pacs` extra
@@ -42,6 +49,8 @@ class DicomWeb:
         session = requests.Session()
         if parts.username:
             session.auth = (parts.username, parts.password or "")
+        elif os.environ.get(USER_VARIABLE):
+            session.auth = (os.environ[USER_VARIABLE], os.environ.get(PASSWORD_VARIABLE, ""))
         netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
         self.url = urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
         self.shown = f"dicomweb:{self.url}"
