@@ -90,6 +90,30 @@ def films(tiny_dataset: Path) -> list[Path]:
     return sorted((tiny_dataset / "train").rglob("*.dcm"))
 
 
+def test_a_study_that_breaks_the_node_is_failed_with_its_reason_and_the_node_goes_on(
+        tmp_path, monkeypatch, caplog):
+    """Fault injection: scoring one study raises (a defect of ours, a PACS gone while its
+    films are fetched back): that study is failed, with the reason, and nothing escapes."""
+    from covid_xray.config import PacsConfig
+    from covid_xray.pacs import node as node_module
+
+    node = node_module.Node(PacsConfig(state_dir=str(tmp_path / "state")))
+    node.ledger.receive("1.2.3", "1.2.3.1", "1.2.3.9", "d1", str(tmp_path / "missing.dcm"))
+    node.ledger.mark_complete(0)
+    monkeypatch.setattr(node, "model_now", lambda: ("3", object()))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected: Doe^Jane")
+
+    monkeypatch.setattr(node_module, "score_study", broken)
+    (study,) = node.ledger.due()
+    node.handle(study)  # does not raise
+    failed = node.ledger.get("1.2.3")
+    assert (failed.status, failed.last_error) == ("failed", "RuntimeError: injected: Doe^Jane")
+    assert node.counts.snapshot() == {"studies/failed": 1}
+    assert "RuntimeError" in caplog.text and "Doe^" not in caplog.text  # the log: no names
+
+
 def film(source: Path, path: Path, study: str, modality: str = "CR") -> Path:
     """`source` as a film of `study` with new UIDs (from `path`'s name), a patient name for
     the log check, and `modality` (MR: an MR SOP class)."""

@@ -187,9 +187,9 @@ class Ledger:
         return status
 
     def failed(self, study: str, error: str) -> None:
-        """The study cannot be scored (no model, say): failed, with why."""
+        """The study cannot be scored (no model, say) or sent: failed, with why."""
         self._write([("update studies set status='failed', last_error=? where study=? "
-                      "and status='complete'", (error[:500], study))])
+                      "and status in ('complete', 'scored')", (error[:500], study))])
 
     def delivered(self, study: str, report: list[str], sops: list[str],
                   final_status: str) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import requests
 
 from covid_xray import lifecycle
 from covid_xray.config import PacsConfig
@@ -45,11 +46,11 @@ class Node:
         self.config = config
         self.callers = parse_callers(config.callers)
         self.destination = destination(config.send_to, config.ae_title)
+        if config.pull and not config.pull.startswith("dicomweb:"):
+            raise UserError("pull: give dicomweb:URL (a WADO-RS server)")
         if config.pull and not config.study:
             raise UserError("pull needs study=<StudyInstanceUID>: the study to fetch")
         self.source = DicomWeb(config.pull.removeprefix("dicomweb:")) if config.pull else None
-        if config.pull and not config.pull.startswith("dicomweb:"):
-            raise UserError("pull: give dicomweb:URL (a WADO-RS server)")
         state = Path(config.state_dir)
         self.key = pseudonym_key(state)  # the log names UIDs by keyed pseudonyms only
         self.ledger = Ledger(state / "ledger.sqlite")
@@ -112,36 +113,59 @@ class Node:
     def pull(self) -> None:
         """Fetch one study by WADO-RS (its chest radiographs), then score and send it."""
         study = self.config.study
-        instances = [item for item in self.source.study_instances(study)
-                     if item.get("00080016", {}).get("Value", [""])[0] in CHEST_STORAGE]
+        try:
+            instances = [item for item in self.source.study_instances(study)
+                         if item.get("00080016", {}).get("Value", [""])[0] in CHEST_STORAGE]
+            for item in instances:
+                self.keep(study, item["0020000E"]["Value"][0], item["00080018"]["Value"][0])
+        except (requests.RequestException, OSError, KeyError) as error:
+            raise UserError(f"could not fetch study {self.name(study)} from "
+                            f"{self.source.shown}: {describe(error)}") from None
         if not instances:
             raise UserError(f"study {self.name(study)}: no CR or DX instance at "
                             f"{self.source.shown}")
-        for item in instances:
-            series = item["0020000E"]["Value"][0]
-            sop = item["00080018"]["Value"][0]
-            data = self.source.fetch(study, series, sop)
-            kept = self.spool.write(study, sop, data)
-            if isinstance(kept, str):
-                raise UserError(f"no room for the study: {kept}")
-            self.ledger.receive(study, sop, series, hashlib.sha256(data).hexdigest(), str(kept))
         self.ledger.mark_complete(0)
-        while (current := self.ledger.get(study)) and current.status in ("complete", "scored"):
-            self.handle(current)
+        while (current := self.ledger.get(study)).status in ("complete", "scored"):
+            for due in self.ledger.due():
+                if due.study == study:
+                    self.handle(due)
             time.sleep(POLL_S)
         self.log_metrics()
         print(self.summary(), flush=True)
         if current.status == "failed":
             raise UserError(f"study {self.name(study)} failed: {current.last_error}")
 
+    def keep(self, study: str, series: str, sop: str) -> None:
+        """One instance fetched by WADO-RS into the spool and the ledger (the same bytes
+        again are nothing new)."""
+        data = self.source.fetch(study, series, sop)
+        digest = hashlib.sha256(data).hexdigest()
+        if self.ledger.known(study, sop, digest):
+            return
+        kept = self.spool.write(study, sop, data)
+        if isinstance(kept, str):
+            raise UserError(f"no room for the study: {kept}")
+        self.ledger.receive(study, sop, series, digest, str(kept))
+
     # -- one study -------------------------------------------------------------------------
 
     def handle(self, study: Study) -> None:
-        if study.status == "complete":
-            self.score(study)
-            study = self.ledger.get(study.study)
-        if study.status == "scored":
-            self.deliver(study)
+        """Score and send one study. Whatever goes wrong with it is its `failed` status and
+        reason in the ledger, never the node's end: the other studies go on."""
+        try:
+            if study.status == "complete":
+                self.score(study)
+                study = self.ledger.get(study.study)
+            if study.status == "scored":
+                self.deliver(study)
+        except Exception as error:
+            # The type only: an error's text may quote header values (names); the ledger,
+            # which stays on this machine, has it whole.
+            logger.error("study %s failed (%s); the ledger says why", self.name(study.study),
+                         type(error).__name__)
+            logger.debug("study %s failed", self.name(study.study), exc_info=True)
+            self.ledger.failed(study.study, describe(error))
+            self.counts.add("studies/failed")
 
     def score(self, study: Study) -> None:
         films, scope = self.films_of(study)
