@@ -28,6 +28,7 @@ import requests
 from covid_xray import lifecycle
 from covid_xray.config import PacsConfig
 from covid_xray.errors import UserError
+from covid_xray.files import atomic_write
 from covid_xray.pacs.destinations import DicomWeb, SendError, describe, destination, shown_target
 from covid_xray.pacs.ledger import Ledger, Study
 from covid_xray.pacs.listener import CHEST_STORAGE, Counts, Listener, parse_callers
@@ -51,7 +52,7 @@ class Node:
         if config.pull and not config.study:
             raise UserError("pull needs study=<StudyInstanceUID>: the study to fetch")
         self.source = DicomWeb(config.pull.removeprefix("dicomweb:")) if config.pull else None
-        state = Path(config.state_dir)
+        self.state = state = Path(config.state_dir)
         self.key = pseudonym_key(state)  # the log names UIDs by keyed pseudonyms only
         self.ledger = Ledger(state / "ledger.sqlite")
         self.spool = Spool(state / "spool", config.max_spool_gb, config.min_free_gb)
@@ -70,7 +71,8 @@ class Node:
         """Listen and work until stopped (or, with `pull`, handle that one study)."""
         model_name = self.config.model_uri.removeprefix("models:/").split("@")[0].split("/")[0]
         with mlflow_run.tracked_run(self.config.experiment_name, system_metrics=True,
-                                    run_name=f"pacs-{self.config.ae_title}-{model_name}"):
+                                    run_name=f"pacs-{self.config.ae_title}-{model_name}") as run:
+            self.close_previous_session(run.info.run_id)
             mlflow_run.log_params(self.settings())
             if self.source is not None:
                 self.pull()
@@ -91,6 +93,17 @@ class Node:
                     listener.stop()
                     self.log_metrics()
                     print(self.summary(), flush=True)
+
+    def close_previous_session(self, run_id: str) -> None:
+        """A session killed outright (kill -9, a power cut) could not end its run: the next
+        session of this state_dir ends it KILLED, and records its own."""
+        marker = self.state / "session-run"
+        if marker.exists():
+            for problem in lifecycle.end_if_running(
+                    [marker.read_text().strip()], "KILLED",
+                    {"covid_xray.ended_by": f"the next session of this node, run {run_id}"}):
+                logger.warning(problem)
+        atomic_write(marker, lambda file: file.write(run_id.encode()))
 
     def settings(self) -> dict[str, object]:
         """The options as logged: URLs without credentials."""
