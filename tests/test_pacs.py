@@ -69,6 +69,10 @@ def test_the_ledger_moves_a_study_through_its_states_and_reopens_it(tmp_path):
     assert [ledger.send_failed("1.2.3", f"try {n}", retries=2) for n in (1, 2)] == [
         "scored", "failed"]
     assert (ledger.get("1.2.3").status, ledger.get("1.2.3").last_error) == ("failed", "try 2")
+    ledger.receive("1.2.4", "1.2.4.1", "1.2.4.9", "d4", "/spool/c")
+    ledger.mark_complete(0)
+    ledger.failed("1.2.4", "no film could be scored (view 1)", ["1.2.4.1"])
+    assert (ledger.get("1.2.4").status, ledger.instances("1.2.4")[0].path) == ("failed", "")
 
 
 def test_bad_settings_are_one_line_each():

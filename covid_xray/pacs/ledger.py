@@ -186,10 +186,14 @@ class Ledger:
                       (status, attempts, time.time() + wait, error[:500], study))])
         return status
 
-    def failed(self, study: str, error: str) -> None:
-        """The study cannot be scored (no model, say) or sent: failed, with why."""
+    def failed(self, study: str, error: str, forget: list[str] = ()) -> None:
+        """The study cannot be scored (no model, say) or sent: failed, with why. `forget`:
+        SOP UIDs whose spool files go (the caller deletes them)."""
+        marks = ",".join("?" * len(forget))
         self._write([("update studies set status='failed', last_error=? where study=? "
-                      "and status in ('complete', 'scored')", (error[:500], study))])
+                      "and status in ('complete', 'scored')", (error[:500], study)),
+                     (f"update instances set path='' where study=? and sop in ({marks})",
+                      (study, *forget))])
 
     def delivered(self, study: str, report: list[str], sops: list[str],
                   final_status: str) -> None:

@@ -197,8 +197,11 @@ class Node:
         for reason, count in outcome.reasons.items():
             self.counts.add(f"films/refused/{reason}", count)
         left_out = ", ".join(f"{reason} {count}" for reason, count in outcome.reasons.items())
-        if not outcome.report:
-            self.ledger.failed(study.study, f"no film could be scored ({left_out or 'none'})")
+        if not outcome.report:  # nothing here can be scored: its films leave the spool
+            instances = self.ledger.instances(study.study)
+            self.ledger.failed(study.study, f"no film could be scored ({left_out or 'none'})",
+                               [instance.sop for instance in instances])
+            self.spool.delete([instance.path for instance in instances])
             self.counts.add("studies/failed")
             logger.warning("study %s: no film could be scored (%s)", self.name(study.study),
                            left_out)
