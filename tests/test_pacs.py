@@ -53,11 +53,13 @@ def test_the_ledger_moves_a_study_through_its_states_and_reopens_it(tmp_path):
     assert ledger.send_failed("1.2.3", "STOW-RS failed", retries=3) == "scored"
     assert ledger.due() == []  # waiting 1 s before the next try
     assert ledger.get("1.2.3").attempts == 1
+    assert ledger.in_hand("1.2.3")  # results still to deliver
     ledger.delivered("1.2.3", ["9.0", "9.1"], ["1.2.3.1"], "sent")
     study = ledger.get("1.2.3")
     assert (study.status, study.model_version, study.delivered_report) == ("sent", "4",
                                                                           ["9.0", "9.1"])
     assert ledger.instances("1.2.3")[0].path == ""  # its spool file is forgotten
+    assert not ledger.in_hand("1.2.3")
     assert ledger.known("1.2.3", "1.2.3.1", "d1") and not ledger.known("1.2.3", "1.2.3.1", "d2")
     # A new film re-opens it; scoring that started before it arrived is not recorded.
     assert ledger.receive("1.2.3", "1.2.3.2", "1.2.3.9", "d3", "/spool/b") == "reopened"
@@ -513,5 +515,14 @@ def test_pull_fetches_one_study_by_wado_rs_scores_and_sends_it(pacs_store, films
         kinds = sorted(item["00080060"]["Value"][0] for item in orthanc.instances(study))
         assert kinds == ["CR", "MR", "OT", "SR"]
         assert "sent 1" in done.stdout + done.stderr
+        # No send_to: the results stay in state_dir, and the pull ends (it looped before).
+        kept = subprocess.run(
+            [sys.executable, "-m", "entrypoints.pacs", "--pull", f"dicomweb:{orthanc.dicomweb}",
+             "--study", study, "--state-dir", str(tmp_path / "kept"), "--device", "cpu",
+             "--experiment-name", "pacs-pull"], cwd=ROOT, timeout=120,
+            env=clean_env(MLFLOW_TRACKING_URI=pacs_store["uri"]), capture_output=True, text=True)
+        assert kept.returncode == 0, kept.stderr[-3000:]
+        results = list((tmp_path / "kept" / "results").rglob("*.dcm"))
+        assert sorted(pydicom.dcmread(path).Modality for path in results) == ["OT", "SR"]
     finally:
         orthanc.stop()

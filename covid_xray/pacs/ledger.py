@@ -152,6 +152,11 @@ class Ledger:
             f"select {COLUMNS} from studies where status='complete' or (status='scored' "
             "and sent_at is null and next_try<=?) order by complete_at", (time.time(),))]
 
+    def in_hand(self, study: str) -> bool:
+        """Whether the node still owes `study` work: to score, or results to deliver."""
+        return bool(self._rows("select 1 from studies where study=? and (status='complete' "
+                               "or (status='scored' and sent_at is null))", (study,)))
+
     def get(self, study: str) -> Study | None:
         rows = self._rows(f"select {COLUMNS} from studies where study=?", (study,))
         return self._study(rows[0]) if rows else None

@@ -138,11 +138,12 @@ class Node:
             raise UserError(f"study {self.name(study)}: no CR or DX instance at "
                             f"{self.source.shown}")
         self.ledger.mark_complete(0)
-        while (current := self.ledger.get(study)).status in ("complete", "scored"):
+        while self.ledger.in_hand(study):  # (a failed send waits for its next try)
             for due in self.ledger.due():
                 if due.study == study:
                     self.handle(due)
             time.sleep(POLL_S)
+        current = self.ledger.get(study)
         self.log_metrics()
         print(self.summary(), flush=True)
         if current.status == "failed":
