@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import os
 import re
-import warnings
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -149,5 +148,4 @@ def shown_target(text: str) -> str:
 
 def describe(error: BaseException) -> str:
     """An error in one line, without a URL's credentials."""
-    with warnings.catch_warnings():
-        return shown_target(f"{type(error).__name__}: {error}".splitlines()[0])[:300]
+    return shown_target(f"{type(error).__name__}: {error}".splitlines()[0])[:300]

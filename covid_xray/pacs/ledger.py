@@ -14,10 +14,12 @@ report it last delivered becomes the next report's predecessor.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,17 +88,22 @@ class Ledger:
         self.connection.executescript(SCHEMA)
         self.lock = threading.Lock()
 
-    def _write(self, statements: list[tuple[str, tuple]]) -> int:
-        """Run `statements` as one transaction; the rows the first one changed."""
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One transaction, whole or not at all, one thread at a time."""
         with self.lock:
             self.connection.execute("begin immediate")
             try:
-                changed = [self.connection.execute(sql, values).rowcount
-                           for sql, values in statements]
+                yield self.connection
                 self.connection.execute("commit")
             except BaseException:
                 self.connection.execute("rollback")
                 raise
+
+    def _write(self, statements: list[tuple[str, tuple]]) -> int:
+        """Run `statements` as one transaction; the rows the first one changed."""
+        with self._transaction() as connection:
+            changed = [connection.execute(sql, values).rowcount for sql, values in statements]
         return changed[0]
 
     def _rows(self, sql: str, values: tuple = ()) -> list[tuple]:
@@ -112,27 +119,20 @@ class Ledger:
         """Record an instance written to the spool; what it did to its study: "new",
         "reopened" or ""."""
         now = time.time()
-        with self.lock:
-            self.connection.execute("begin immediate")
-            try:
-                row = self.connection.execute("select status from studies where study=?",
-                                              (study,)).fetchone()
-                what = "new" if row is None else "reopened" if row[0] in FINISHED else ""
-                if row is None:
-                    self.connection.execute(
-                        "insert into studies (study, status, last_arrival) values (?, ?, ?)",
-                        (study, "receiving", now))
-                else:  # (complete: the quiet period starts again; scoring will see it)
-                    self.connection.execute(
-                        "update studies set status='receiving', last_arrival=?, attempts=0, "
-                        "next_try=0, last_error='' where study=?", (now, study))
-                self.connection.execute(
-                    "insert or replace into instances values (?, ?, ?, ?, ?, ?)",
-                    (study, sop, series, digest, path, now))
-                self.connection.execute("commit")
-            except BaseException:
-                self.connection.execute("rollback")
-                raise
+        with self._transaction() as connection:
+            row = connection.execute("select status from studies where study=?",
+                                     (study,)).fetchone()
+            what = "new" if row is None else "reopened" if row[0] in FINISHED else ""
+            if row is None:
+                connection.execute(
+                    "insert into studies (study, status, last_arrival) values (?, ?, ?)",
+                    (study, "receiving", now))
+            else:  # (complete: the quiet period starts again; scoring will see it)
+                connection.execute(
+                    "update studies set status='receiving', last_arrival=?, attempts=0, "
+                    "next_try=0, last_error='' where study=?", (now, study))
+            connection.execute("insert or replace into instances values (?, ?, ?, ?, ?, ?)",
+                               (study, sop, series, digest, path, now))
         return what
 
     def mark_complete(self, quiet_s: float) -> list[str]:

@@ -17,6 +17,7 @@ import io
 import logging
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from threading import Lock
 
@@ -105,7 +106,8 @@ class Listener:
     """The SCP; `start` listens (in pynetdicom's threads), `stop` closes."""
 
     def __init__(self, ae_title: str, host: str, port: int, callers: list[Caller],
-                 ledger: Ledger, spool: Spool, counts: Counts, name: callable):
+                 ledger: Ledger, spool: Spool, counts: Counts,
+                 name: Callable[[str], str]):
         self.ae_title, self.host, self.port, self.callers = ae_title, host, port, callers
         self.ledger, self.spool, self.counts = ledger, spool, counts
         self.name = name  # UID -> its pseudonym, for the log
@@ -162,18 +164,30 @@ class Listener:
                            type(error).__name__)
             self.counts.add("instances/refused/unreadable")
             return CANNOT_UNDERSTAND
-        digest = hashlib.sha256(data).hexdigest()
-        if self.ledger.known(study, sop, digest):
+        what, no_room = take(self.ledger, self.spool, study, series, sop, data)
+        if what == "duplicate":
             self.counts.add("instances/duplicate")
             return SUCCESS
-        kept = self.spool.write(study, sop, data)
-        if isinstance(kept, str):
-            logger.warning("out of resources for instance %s: %s", self.name(sop), kept)
+        if no_room:
+            logger.warning("out of resources for instance %s: %s", self.name(sop), no_room)
             self.counts.add("instances/refused/out_of_resources")
             return OUT_OF_RESOURCES
-        what = self.ledger.receive(study, sop, series, digest, str(kept))
         self.counts.add("instances/received")
         if what:
             logger.info("study %s: %s", self.name(study), what)
             self.counts.add(f"studies/{'received' if what == 'new' else 'reopened'}")
         return SUCCESS
+
+
+def take(ledger: Ledger, spool: Spool, study: str, series: str, sop: str, data: bytes
+         ) -> tuple[str, str]:
+    """One received instance into the spool, then the ledger: (what it did to its study:
+    "duplicate" for bytes already received, else `Ledger.receive`'s "new", "reopened" or "";
+    why there was no room for it, "" when there was)."""
+    digest = hashlib.sha256(data).hexdigest()
+    if ledger.known(study, sop, digest):
+        return "duplicate", ""
+    kept = spool.write(study, sop, data)
+    if isinstance(kept, str):
+        return "", kept
+    return ledger.receive(study, sop, series, digest, str(kept)), ""

@@ -15,10 +15,10 @@ and the latency from study-complete to results-confirmed.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import mlflow
@@ -31,7 +31,7 @@ from covid_xray.errors import UserError
 from covid_xray.files import atomic_write
 from covid_xray.pacs.destinations import DicomWeb, SendError, describe, destination, shown_target
 from covid_xray.pacs.ledger import Ledger, Study
-from covid_xray.pacs.listener import CHEST_STORAGE, Counts, Listener, parse_callers
+from covid_xray.pacs.listener import CHEST_STORAGE, Counts, Listener, parse_callers, take
 from covid_xray.pacs.scoring import score_study
 from covid_xray.pacs.spool import Spool, file_key
 from covid_xray.pseudonyms import pseudonym, pseudonym_key
@@ -152,14 +152,10 @@ class Node:
     def keep(self, study: str, series: str, sop: str) -> None:
         """One instance fetched by WADO-RS into the spool and the ledger (the same bytes
         again are nothing new)."""
-        data = self.source.fetch(study, series, sop)
-        digest = hashlib.sha256(data).hexdigest()
-        if self.ledger.known(study, sop, digest):
-            return
-        kept = self.spool.write(study, sop, data)
-        if isinstance(kept, str):
-            raise UserError(f"no room for the study: {kept}")
-        self.ledger.receive(study, sop, series, digest, str(kept))
+        _, no_room = take(self.ledger, self.spool, study, series, sop,
+                          self.source.fetch(study, series, sop))
+        if no_room:
+            raise UserError(f"no room for the study: {no_room}")
 
     # -- one study -------------------------------------------------------------------------
 
@@ -292,9 +288,7 @@ class Node:
             mlflow.log_metrics(metrics, step=step)
 
     def summary(self) -> str:
-        statuses: dict[str, int] = {}
-        for study in self.ledger.all():
-            statuses[study.status] = statuses.get(study.status, 0) + 1
+        statuses = Counter(study.status for study in self.ledger.all())
         counts = self.counts.snapshot()
         return ("ledger: " + (", ".join(f"{status} {count}" for status, count
                                         in sorted(statuses.items())) or "no study")

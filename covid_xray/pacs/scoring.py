@@ -22,10 +22,10 @@ from covid_xray.pacs.spool import file_key
 
 @dataclass
 class Scored:
-    """What scoring one study made: result files, the report's [series, SOP] UIDs ([] when
-    no film could be scored), and the films' reason codes (refused, out of distribution)."""
+    """What scoring one study made: its results' SOP Instance UIDs (their files are
+    `<uid>.dcm` in the study's folder), the report's [series, SOP] UIDs ([] when no film could
+    be scored), and the films' reason codes (refused, out of distribution)."""
 
-    files: list[Path] = field(default_factory=list)
     uids: list[str] = field(default_factory=list)
     report: list[str] = field(default_factory=list)
     scored: int = 0
@@ -51,7 +51,6 @@ def score_study(model: Any, study: str, films: list[Path], spool: Path, results:
         header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
         path = folder / f"{header.SOPInstanceUID}.dcm"
         atomic_write(path, lambda file, data=data: file.write(data))
-        outcome.files.append(path)
         outcome.uids.append(str(header.SOPInstanceUID))
         if header.Modality == "SR":
             outcome.report = [str(header.SeriesInstanceUID), str(header.SOPInstanceUID)]

@@ -29,7 +29,7 @@ class Spool:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.max_bytes, self.min_free_bytes = max_gb * GB, min_free_gb * GB
         self.lock = threading.Lock()
-        self.size = sum(path.stat().st_size for path in folder.rglob("*.dcm"))
+        self.size = sum(path.stat().st_size for path in self.folder.rglob("*.dcm"))
 
     def no_room(self, size: int) -> str:
         """Why `size` more bytes cannot be taken ("" when they can)."""
