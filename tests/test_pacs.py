@@ -120,6 +120,30 @@ def test_a_study_that_breaks_the_node_is_failed_with_its_reason_and_the_node_goe
     assert "RuntimeError" in caplog.text and "Doe^" not in caplog.text  # the log: no names
 
 
+def test_a_taken_port_is_one_line_before_any_run(tmp_path, monkeypatch):
+    """The port is bound before the session's MLflow run starts: a taken one leaves no run."""
+    import socket
+
+    from covid_xray.config import PacsConfig
+    from covid_xray.pacs.node import Node
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        node = Node(PacsConfig(port=taken.getsockname()[1], state_dir=str(tmp_path / "s")))
+        try:
+            with pytest.raises(UserError, match=r"cannot listen on 127\.0\.0\.1:\d+ \(Address already in use\)"):
+                node.run()
+            client = mlflow.MlflowClient()
+            assert client.search_runs([e.experiment_id for e in client.search_experiments()]
+                                      ) == []
+        finally:
+            mlflow.set_tracking_uri(None)
+
+
 def film(source: Path, path: Path, study: str, modality: str = "CR") -> Path:
     """`source` as a film of `study` with new UIDs (from `path`'s name), a patient name for
     the log check, and `modality` (MR: an MR SOP class)."""

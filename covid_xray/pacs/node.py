@@ -69,30 +69,40 @@ class Node:
 
     def run(self) -> None:
         """Listen and work until stopped (or, with `pull`, handle that one study)."""
-        model_name = self.config.model_uri.removeprefix("models:/").split("@")[0].split("/")[0]
-        with mlflow_run.tracked_run(self.config.experiment_name, system_metrics=True,
-                                    run_name=f"pacs-{self.config.ae_title}-{model_name}") as run:
-            self.close_previous_session(run.info.run_id)
-            mlflow_run.log_params(self.settings())
-            if self.source is not None:
-                self.pull()
-                return
+        listener = None
+        if self.source is None:  # the port first: one that is taken stops us before any run
             listener = Listener(self.config.ae_title, self.config.host, self.config.port,
                                 self.callers, self.ledger, self.spool, self.counts, self.name)
             listener.start()
-            print(f"listening as {self.config.ae_title} on {self.config.host}:"
-                  f"{self.config.port}; results to "
-                  f"{self.destination.shown if self.destination else self.results}; "
-                  "Ctrl-C stops", flush=True)
-            try:
-                self.work()
-            except KeyboardInterrupt:
-                print("stopping: the study in hand is left as the ledger says", flush=True)
-            finally:
+        model_name = self.config.model_uri.removeprefix("models:/").split("@")[0].split("/")[0]
+        try:
+            with mlflow_run.tracked_run(self.config.experiment_name, system_metrics=True,
+                                        run_name=f"pacs-{self.config.ae_title}-{model_name}"
+                                        ) as run:
+                self.close_previous_session(run.info.run_id)
+                mlflow_run.log_params(self.settings())
+                if listener is None:
+                    self.pull()
+                else:
+                    self.serve()
+        finally:
+            if listener is not None:
                 with lifecycle.stops_quieted():
                     listener.stop()
-                    self.log_metrics()
-                    print(self.summary(), flush=True)
+
+    def serve(self) -> None:
+        """Work until stopped; then the session's last counts and where the ledger stands."""
+        print(f"listening as {self.config.ae_title} on {self.config.host}:{self.config.port};"
+              f" results to {self.destination.shown if self.destination else self.results}; "
+              "Ctrl-C stops", flush=True)
+        try:
+            self.work()
+        except KeyboardInterrupt:
+            print("stopping: the study in hand is left as the ledger says", flush=True)
+        finally:
+            with lifecycle.stops_quieted():
+                self.log_metrics()
+                print(self.summary(), flush=True)
 
     def close_previous_session(self, run_id: str) -> None:
         """A session killed outright (kill -9, a power cut) could not end its run: the next
