@@ -169,3 +169,14 @@ def test_the_model_answers_on_the_device_it_is_given():
             model.to_device("cuda")
     with pytest.raises(UserError, match="device must be one of auto, cpu, cuda, got 'gpu'"):
         model.to_device("gpu")
+
+
+def test_a_table_of_no_rows_has_the_columns_and_types_of_a_full_one():
+    """score_spark builds the rows of files Spark skipped; on a clean folder that is no rows,
+    and its `error.str` raised (pandas typed the empty text columns as float)."""
+    model = DicomClassifier(Classifier(Fixed([0.0, 1.0]), ("negative", "opacity")),
+                            Preprocessing(img_size=32))
+    full = model.result_frame(None, decoded=[Decoded(None, error="row 0: x", reason="unreadable")])
+    empty = model.result_frame(None, decoded=[])
+    pd.testing.assert_series_equal(empty.dtypes, full.dtypes)
+    assert empty.error.str.replace("^row ", "", regex=True).tolist() == []

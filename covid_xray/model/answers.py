@@ -9,7 +9,7 @@ scored: a gate's or reader's reason code, `model_error`, or `out_of_distribution
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -35,14 +35,14 @@ def answer_frame(probabilities: np.ndarray, distances: np.ndarray, decoded: list
     labels = [class_names[index] for index in called]
     outside = [not item.error and distance > ood_limit
                for item, distance in zip(decoded, distances, strict=True)]
-    frame["label"] = [label if not item.error and not far else "" for label, item, far in
-                      zip(labels, decoded, outside, strict=True)]
-    frame["error"] = [item.error for item in decoded]
-    frame["reason"] = ["out_of_distribution" if far else item.reason
-                       for item, far in zip(decoded, outside, strict=True)]
-    frame["flags"] = [" ".join(item.flags) for item in decoded]
+    frame["label"] = _text(label if not item.error and not far else "" for label, item, far
+                           in zip(labels, decoded, outside, strict=True))
+    frame["error"] = _text(item.error for item in decoded)
+    frame["reason"] = _text("out_of_distribution" if far else item.reason
+                            for item, far in zip(decoded, outside, strict=True))
+    frame["flags"] = _text(" ".join(item.flags) for item in decoded)
     for key in UID_FIELDS:
-        frame[key] = [item.uids.get(key, "") for item in decoded]
+        frame[key] = _text(item.uids.get(key, "") for item in decoded)
     mixed = mixed_patient_studies(frame.study_instance_uid,
                                   [item.uids.get(PATIENT_KEY, "") for item in decoded])
     flag_rows(frame, frame.study_instance_uid.isin(list(mixed)), "patient_mismatch")
@@ -53,6 +53,12 @@ def answer_frame(probabilities: np.ndarray, distances: np.ndarray, decoded: list
          for item, distance, far in zip(decoded, distances, outside, strict=True)],
         dtype=object)
     return frame
+
+
+def _text(values: Iterable[str]) -> pd.Series:
+    """A text column, typed as text even with no rows: pandas infers an empty list as
+    float, and a table of no rows must still take `.str` like any other."""
+    return pd.Series(list(values), dtype=str)
 
 
 def model_failed(decoded: list[Decoded], error: Exception) -> None:
