@@ -41,6 +41,9 @@ def pytest_configure(config: pytest.Config) -> None:
     itself unset it). Under pytest-xdist, each worker (and every process it starts) uses one
     thread for torch and OpenCV: two workers on two cores, not four threads fighting."""
     os.environ.setdefault("COVID_XRAY_PSEUDONYM_KEY", "covid-xray test suite key " + "0" * 40)
+    # A test that unsets that variable gets a key file in the user's config folder: here a
+    # folder of the run's own, never the user's ~/.config.
+    os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="covid-xray-config-")
     if os.environ.get("PYTEST_XDIST_WORKER"):
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
         import torch

@@ -235,21 +235,55 @@ def test_unreadable_files_are_counted_listed_and_can_be_skipped(tiny_dataset, tm
     assert manifest.counts()["dropped_unreadable"] == 2
 
 
-def test_placeholder_patient_id_is_refused(tmp_path):
+def test_a_placeholder_patient_id_is_no_patient_in_splitting(tmp_path, capsys):
+    """Every third study's PatientID is ANONYMOUS: that is no patient, exactly as a blank tag
+    is. Before, it was one giant patient the balanced draw could not take: 15 studies selected,
+    not 20 (on 400 synthetic studies 176 of 400; on 400 real ones 0, then a traceback)."""
+    data_dir = make_dataset(tmp_path / "anonymous", num_studies=45, image_size=16,
+                            multi_image_studies=0, seed=3, progress=False)
+    blank = tmp_path / "blank"
+    shutil.copytree(data_dir, blank)
+    for index, path in enumerate(sorted((data_dir / "train").glob("*/*/*.dcm"))):
+        if index % 3 == 0:
+            for root, patient_id in ((data_dir, " anonymous "), (blank, "")):
+                film = pydicom.dcmread(root / path.relative_to(data_dir))
+                film.PatientID = patient_id
+                film.save_as(root / path.relative_to(data_dir))
+    manifests = [build_manifest(root, ImageCache(tmp_path / "cache", CacheParams(16)),
+                                progress=False).table for root in (data_dir, blank)]
+    columns = ["study_id", "patient_id", "group_id", "split"]
+    pd.testing.assert_frame_equal(manifests[0][columns], manifests[1][columns])
+    assert len(manifests[0]) == 20 and (manifests[0].patient_id == "").sum() == 8
+
+
+def test_a_patient_id_on_implausibly_many_studies_is_no_patient(tmp_path, capsys):
+    """A code no list knows (a site's) on every study: it was refused ('one PatientID ... is
+    a placeholder'), and on a third of them it made one giant patient. Now no patient, said
+    in one line naming the count and the rule; a balanced draw that can take nothing is one
+    line too."""
     data_dir = tmp_path / "data"
     rows = []
     for index in range(6):
         study = f"{index:012x}"
         path = data_dir / "train" / study / "aaaaaaaaaaaa" / f"{index + 100:012x}.dcm"
         path.parent.mkdir(parents=True)
-        write_dicom(path, np.full((8, 8), index * 100), patient_id="ANONYMOUS")
+        write_dicom(path, np.random.default_rng(index).integers(0, 4000, (8, 8)),
+                    patient_id="SITE-7")
         rows.append(f"{study}_study,{int(index % 2 == 0)},{int(index % 2 == 1)},0,0\n")
     (data_dir / STUDY_CSV).write_text(HEADER + "".join(rows))
+    manifest = build_manifest(data_dir, ImageCache(tmp_path / "cache", CacheParams(8)))
     key = pseudonym_key(tmp_path / "cache")
-    with pytest.raises(UserError, match=rf"one PatientID \(pseudonym "
-                                        rf"{pseudonym('ANONYMOUS', key)}\) is on 6 of 6 studies"):
+    assert (f"one PatientID (pseudonym {pseudonym('SITE-7', key)}) is on 6 of 6 studies (more "
+            "than 50 studies, or more than 20% of the set and more than 5): a placeholder, not "
+            "a patient; those studies count as patients of their own") in capsys.readouterr().out
+    assert manifest.table.patient_id.tolist() == [""] * 6
+    assert manifest.counts()["studies_without_patient_id"] == 6
+
+    (data_dir / STUDY_CSV).write_text(HEADER + "".join(
+        f"{index:012x}_study,1,0,0,0\n" for index in range(6)))
+    with pytest.raises(UserError, match=r"^no study could be selected for the 2-class task "
+                       r"from 6 studies \(SIIM classes negative 6, balance=undersample\)"):
         build_manifest(data_dir, ImageCache(tmp_path / "cache", CacheParams(8)), progress=False)
-    assert not (tmp_path / "cache" / "size8-voi1-v1").exists()  # refused before decoding
 
 
 def test_image_level_csv_is_read_when_present(tiny_dataset):
@@ -312,18 +346,21 @@ def test_too_few_studies_to_train_on(tiny_dataset, tmp_path):
 
 def test_pseudonyms_are_keyed_and_the_key_stays_on_this_machine(tmp_path, monkeypatch, capsys):
     """HMAC-SHA256 under a secret key: an unkeyed hash of an enumerable record number is
-    reversed by hashing every possible number. The key is made once, mode 0600, in the cache
-    folder (or taken from COVID_XRAY_PSEUDONYM_KEY), and equal ids still get equal names."""
+    reversed by hashing every possible number. The key is made once, mode 0600, in the user's
+    config folder (or taken from COVID_XRAY_PSEUDONYM_KEY), and equal ids still get equal
+    names."""
     import hashlib
     import hmac
     import stat
 
     monkeypatch.delenv("COVID_XRAY_PSEUDONYM_KEY", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     key = pseudonym_key(tmp_path / "cache")
-    key_file = tmp_path / "cache" / "pseudonym.key"
+    key_file = tmp_path / "config" / "covid-xray" / "pseudonym.key"
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     assert len(key) == 64 and key_file.read_text() == key.decode() + "\n"
-    assert "created the pseudonym key" in capsys.readouterr().out
+    assert f"created the pseudonym key {key_file}" in capsys.readouterr().out
+    assert not (tmp_path / "cache").exists()  # a cache is disposable: the key is not in it
     assert pseudonym_key(tmp_path / "cache") == key  # made once, then reused
     assert capsys.readouterr().out == ""
     expected = hmac.new(key, b"MRN-004217", hashlib.sha256).hexdigest()[:16]
@@ -341,6 +378,41 @@ def test_pseudonyms_are_keyed_and_the_key_stays_on_this_machine(tmp_path, monkey
     with pytest.raises(UserError, match=r"^COVID_XRAY_PSEUDONYM_KEY has 13 characters; a "
                                         r"pseudonym key needs at least 32 \(make one with"):
         pseudonym_key(tmp_path / "elsewhere")
+
+
+def test_a_users_key_outlives_every_cache_and_an_old_cache_key_is_adopted_once(
+        tmp_path, monkeypatch, capsys):
+    """The key lived in the cache folder: another cache_dir, or a deleted cache, silently made
+    a new key, and every model trained under the old one lost its patient check. Now the key
+    is the user's; a key an earlier version left in a cache becomes it, once, with a line."""
+    monkeypatch.delenv("COVID_XRAY_PSEUDONYM_KEY", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    old_cache, other_cache = tmp_path / "old-cache", tmp_path / "other-cache"
+    old_cache.mkdir()
+    other_cache.mkdir()
+    (old_cache / "pseudonym.key").write_text("a" * 64 + "\n")  # as the earlier version wrote
+    (other_cache / "pseudonym.key").write_text("b" * 64 + "\n")
+    key_file = tmp_path / "config" / "covid-xray" / "pseudonym.key"
+
+    assert pseudonym_key(old_cache) == b"a" * 64  # the user's pseudonyms stay theirs
+    assert capsys.readouterr().out == (f"adopted the pseudonym key of {old_cache / 'pseudonym.key'}"
+                                       f" as {key_file}: every cache and run of this user now "
+                                       "uses it (the cache's copy is no longer read)\n")
+    assert pseudonym_key(other_cache) == b"a" * 64  # adopted once: one key per user
+    shutil.rmtree(old_cache)
+    assert pseudonym_key(tmp_path / "new-cache") == b"a" * 64
+    assert capsys.readouterr().out == "" and not (tmp_path / "new-cache").exists()
+
+    key_file.write_text("")
+    with pytest.raises(UserError, match=rf"^{key_file}: the pseudonym key file is empty; "
+                                        "restore it from a backup"):
+        pseudonym_key(old_cache)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "not-a-folder"))
+    (tmp_path / "not-a-folder").write_text("a file")
+    with pytest.raises(UserError, match=r"^cannot make the pseudonym key .*not-a-folder/"
+                                        r"covid-xray/pseudonym.key \(Not a directory\); set "
+                                        "XDG_CONFIG_HOME to a folder this user can write"):
+        pseudonym_key(old_cache)
 
 
 def test_the_data_step_says_what_it_left_out(tiny_dataset, tmp_path, capsys, monkeypatch):

@@ -3,6 +3,7 @@ calibration; promotion on evaluations of the same files."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -386,6 +387,9 @@ def test_a_training_patients_follow_up_and_a_near_copy_of_a_training_film_are_re
         **{f"unseen {index}": (filed_anew(demo_dataset / test.path.iloc[index],
                                           tmp_path / f"c{index}.dcm", PatientID="NEVER-SEEN-2"),
                                test.siim_class.iloc[index]) for index in (1, 2)},
+        # An anonymiser's placeholder names no one: this film is compared by film only.
+        "anonymised": (filed_anew(demo_dataset / test.path.iloc[3], tmp_path / "d.dcm",
+                                  PatientID="ANONYMOUS"), test.siim_class.iloc[3]),
     }
     rows = ["id,Negative for Pneumonia,Typical Appearance,Indeterminate Appearance,"
             "Atypical Appearance"]
@@ -403,17 +407,67 @@ def test_a_training_patients_follow_up_and_a_near_copy_of_a_training_film_are_re
     config = EvaluateConfig(model_uri=CHAMPION, data_dir=str(data_dir), resamples=50,
                             cache_dir=str(tmp_path / "cache"))
 
-    with pytest.raises(UserError, match=r"^2 of the 4 studies in .* trained or validated on "
-                       r"\(1 by patient, 1 by near-duplicate film\)"):
+    refused = (r"^2 of the 5 studies in .* trained or validated on \(1 by patient, 1 by "
+               r"near-duplicate film; 1 of the 5 had no usable PatientID and were compared by "
+               r"film only\)")
+    with pytest.raises(UserError, match=refused):
         evaluate_model(config, progress=False)
     dropped = evaluate_model(EvaluateConfig(**vars(config) | {"overlap": "drop"}),
                              progress=False)
-    assert set(dropped.predictions.study_id) == {study_of["unseen 1"], study_of["unseen 2"]}
+    assert set(dropped.predictions.study_id) == {study_of["unseen 1"], study_of["unseen 2"],
+                                                 study_of["anonymised"]}
 
+    suite_key = os.environ["COVID_XRAY_PSEUDONYM_KEY"]
     monkeypatch.setenv("COVID_XRAY_PSEUDONYM_KEY", "another machine's key " + "1" * 40)
-    with pytest.raises(UserError, match=r"^this machine's pseudonym key \(fingerprint \w+\) is "
-                       r"not the one the model's training named patients with"):
+    with pytest.raises(UserError, match=r"^this machine's pseudonym key \(\$COVID_XRAY_PSEUDONYM"
+                       r"_KEY, fingerprint \w+\) is not the one the model's training named "
+                       r"patients with"):
         evaluate_model(config, progress=False)
-    with pytest.raises(UserError, match=r"^1 of the 4 studies .* \(1 by near-duplicate film\)"):
+    with pytest.raises(UserError, match=r"^1 of the 5 studies .* \(1 by near-duplicate film\)"):
         evaluate_model(EvaluateConfig(**vars(config) | {"overlap": "ignore_patients"}),
                        progress=False)
+
+    # The key is the user's, not a cache's: the training key an earlier version kept in its
+    # cache is adopted once, and another cache, or that one deleted, still finds the patient
+    # (before: a new key appeared in the other cache, and evaluate refused).
+    monkeypatch.delenv("COVID_XRAY_PSEUDONYM_KEY")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    old_cache = tmp_path / "old-cache"
+    old_cache.mkdir()
+    (old_cache / "pseudonym.key").write_text(suite_key + "\n")
+    with pytest.raises(UserError, match=refused):
+        evaluate_model(EvaluateConfig(**vars(config) | {"cache_dir": str(old_cache)}),
+                       progress=False)
+    shutil.rmtree(old_cache)
+    with pytest.raises(UserError, match=refused):
+        evaluate_model(config, progress=False)
+    # Another user's key: the refusal names the key file, the fingerprint it needs, and a
+    # cache that still holds that key.
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config-2"))
+    (tmp_path / "config-2" / "covid-xray").mkdir(parents=True)
+    (tmp_path / "config-2" / "covid-xray" / "pseudonym.key").write_text("c" * 64)
+    (old_cache / "pseudonym.key").parent.mkdir()
+    (old_cache / "pseudonym.key").write_text(suite_key + "\n")
+    recorded = MlflowClient().get_run(store["outcome"].run_id).data.tags[
+        "pseudonym_key_fingerprint"]
+    with pytest.raises(UserError, match=(
+            rf"^this machine's pseudonym key \({tmp_path}/config-2/covid-xray/pseudonym.key, "
+            rf"fingerprint \w+\) is not the one the model's training named patients with "
+            rf"\(fingerprint {recorded}\), so a training patient's new study cannot be "
+            rf"recognised; {old_cache}/pseudonym.key holds it")):
+        evaluate_model(EvaluateConfig(**vars(config) | {"cache_dir": str(old_cache)}),
+                       progress=False)
+
+
+def test_a_placeholder_in_an_older_models_manifest_matches_no_one():
+    """A model trained before placeholders counted as no patient has one pseudonym on many of
+    its manifest's studies: every evaluation study carrying it was refused as a follow-up."""
+    from covid_xray.tracking.manifests import learned_from
+
+    manifest = pd.DataFrame({"study_id": [f"s{index}" for index in range(60)],
+                             "image_id": [f"i{index}" for index in range(60)],
+                             "patient_id": ["placeholder"] * 51 + [f"p{i}" for i in range(9)],
+                             "split": ["train"] * 60})
+    studies = pd.DataFrame({"study_id": ["n1", "n2", "n3"], "image_id": ["m1", "m2", "m3"]})
+    found = learned_from(studies, manifest, patients=["placeholder", "p3", "unseen"])
+    assert found["patient"].tolist() == [False, True, False]

@@ -21,6 +21,7 @@ from covid_xray.errors import DicomError, UserError
 from covid_xray.imaging.cache import ImageCache, load_entry, pixel_digest
 from covid_xray.imaging.gate import check
 from covid_xray.imaging.likeness import thumbnail
+from covid_xray.pseudonyms import IMPLAUSIBLE_RULE, implausible_patients
 
 STUDY_CSV = "train_study_level.csv"
 IMAGE_CSV = "train_image_level.csv"
@@ -301,6 +302,8 @@ class Manifest:
         studies_per_patient = patients.value_counts()
         counts["patients"] = len(studies_per_patient)
         counts["patients_with_several_studies"] = int((studies_per_patient > 1).sum())
+        # No PatientID, a placeholder, or one on implausibly many studies: each its own.
+        counts["studies_without_patient_id"] = int((self.table.patient_id == "").sum())
         counts["repeated_films"] = len(self.repeated_films)
         counts["dropped_multi_image"] = len(self.multi_image)
         counts["dropped_missing_file"] = len(self.missing_files)
@@ -321,9 +324,10 @@ class Manifest:
                         counts["dropped_by_gate"],
                     "repeated films": counts["repeated_films"]}
         lines = [f"{len(self.table)} studies of {counts['patients']} patients "
-                 f"({counts['patients_with_several_studies']} with several studies); split by "
-                 "patient: " + ", ".join(f"{name} {(self.table.split == name).sum()}"
-                                         for name in SPLITS),
+                 f"({counts['patients_with_several_studies']} with several studies, "
+                 f"{counts['studies_without_patient_id']} studies without a usable PatientID, "
+                 "each its own); split by patient: "
+                 + ", ".join(f"{name} {(self.table.split == name).sum()}" for name in SPLITS),
                  "studies left out: " + ", ".join(f"{count} {what}" for what, count in
                                                   left_out.items())]
         if self.unlabelled:
@@ -372,10 +376,17 @@ def build_manifest(
     studies = studies[[not bad for bad in refused]].reset_index(drop=True)
     patients = [fields["patient"] for fields, bad in zip(headers, refused, strict=True)
                 if not bad]
-    _refuse_placeholder_patients(patients)
-    studies = studies.assign(patient_id=patients)
+    studies = studies.assign(patient_id=without_placeholders(patients, progress))
     selected = select_studies(studies.assign(group_id=assign_groups(studies)), num_classes,
                               dataset_size, seed, balance)
+    if selected.empty:
+        counts = studies.siim_class.value_counts().sort_index()
+        raise UserError(f"no study could be selected for the {num_classes}-class task from "
+                        f"{len(studies)} studies (SIIM classes " + ", ".join(
+                            f"{CLASS_NAMES[4][index]} {count}" for index, count in
+                            counts.items()) + f", balance={balance}); a balanced binary task "
+                        "needs negative and opacity studies: add studies of the missing class "
+                        "or set balance=weights")
 
     paths = [data_dir / path for path in selected.path]
     entries, stats = cache.build(paths, num_workers=num_workers, progress=progress)
@@ -414,17 +425,15 @@ def passes_gate(fields: dict[str, str]) -> bool:
     return True
 
 
-def _refuse_placeholder_patients(patients: list[str]) -> None:
-    """One PatientID on most of a dataset is an anonymiser's placeholder, not a patient: it
-    would make one group of everything, and no patient-level split would be possible.
-    (`patients` are pseudonyms: the placeholder is named by its pseudonym.)"""
-    named = pd.Series([patient for patient in patients if patient])
-    if len(patients) < 4 or named.empty:
-        return
-    top, count = named.value_counts().index[0], int(named.value_counts().iloc[0])
-    if count > len(patients) / 2:
-        raise UserError(
-            f"one PatientID (pseudonym {top}) is on {count} of {len(patients)} studies: that "
-            "is a placeholder, not a patient, and no split by patient is possible; give the "
-            "files their real (pseudonymised) PatientIDs, or blank the tag so each study "
-            "counts as its own patient")
+def without_placeholders(patients: list[str], say: bool = True) -> list[str]:
+    """`patients` (one pseudonym per study) with those naming implausibly many studies
+    blanked: such a PatientID is a placeholder (a site's code, say), and kept it would make
+    one giant "patient", all in one split, whose every later study is refused as a
+    follow-up. A blank study is a patient of its own, as one without a PatientID. Says so."""
+    implausible = implausible_patients(patients)
+    if say:
+        for patient, count in implausible.items():
+            print(f"one PatientID (pseudonym {patient}) is on {count} of {len(patients)} "
+                  f"studies ({IMPLAUSIBLE_RULE}): a placeholder, not a patient; those studies "
+                  "count as patients of their own")
+    return ["" if patient in implausible else patient for patient in patients]

@@ -30,13 +30,13 @@ from covid_xray.files import atomic_write
 from covid_xray.imaging.decoders import decode_on_one_thread
 from covid_xray.imaging.dicom import HEADER_FIELDS, error_line, read_header
 from covid_xray.imaging.preprocess import load_square
-from covid_xray.pseudonyms import key_fingerprint, pseudonym, pseudonym_key
+from covid_xray.pseudonyms import key_fingerprint, patient_pseudonym, pseudonym_key
 
 # What the header memo holds per file: the header fields but the PatientID, and its pseudonym.
 MEMO_FIELDS = (*(name for name in HEADER_FIELDS if name != "PatientID"), "patient")
 # The header memo's folder (one per pseudonym key); renamed when what it holds changes, so
-# old memos are read afresh (v2 held raw PatientIDs).
-HEADER_MEMO = "headers-v3"
+# old memos are read afresh (v2 held raw PatientIDs; v3 named placeholders like patients).
+HEADER_MEMO = "headers-v4"
 # Bump when load_square's output changes for the same input, so old entries are not served.
 FORMAT_VERSION = 1
 
@@ -191,9 +191,10 @@ class ImageCache:
 
 
 def _header_json(path: Path, key: bytes) -> str:
-    """What the memo keeps of a header: its fields, the PatientID as its pseudonym only."""
+    """What the memo keeps of a header: its fields, the PatientID as its pseudonym only
+    (none for an anonymiser's placeholder)."""
     fields = read_header(path)
-    fields["patient"] = pseudonym(fields.pop("PatientID"), key)
+    fields["patient"] = patient_pseudonym(fields.pop("PatientID"), key)
     return json.dumps(fields, sort_keys=True)
 
 

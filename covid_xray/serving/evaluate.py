@@ -23,7 +23,12 @@ from mlflow.tracking import MlflowClient
 from tqdm import tqdm
 
 from covid_xray.config import OVERLAP_RULES, EvaluateConfig
-from covid_xray.data.studies import CLASS_NAMES, DOWNLOAD_HINT, find_studies
+from covid_xray.data.studies import (
+    CLASS_NAMES,
+    DOWNLOAD_HINT,
+    find_studies,
+    without_placeholders,
+)
 from covid_xray.errors import UserError
 from covid_xray.evaluation.report import Evaluation, evaluate
 from covid_xray.evaluation.subgroups import add_subgroups
@@ -32,7 +37,12 @@ from covid_xray.imaging.cache import CacheParams, ImageCache, load_entry, square
 from covid_xray.imaging.likeness import NEAR_DUPLICATE, SIDE, nearest_distance, thumbnail
 from covid_xray.imaging.workers import worker_count
 from covid_xray.model.pyfunc import DicomClassifier
-from covid_xray.pseudonyms import key_fingerprint, pseudonym_key
+from covid_xray.pseudonyms import (
+    cached_key_fingerprints,
+    key_fingerprint,
+    key_source,
+    pseudonym_key,
+)
 from covid_xray.tracking import mlflow_run, registry
 from covid_xray.tracking.manifests import (
     KEY_FINGERPRINT_TAG,
@@ -177,10 +187,17 @@ def check_overlap(labelled: LabelledSet, manifest: pd.DataFrame | None, run_id: 
     found = learned_from(labelled.studies, manifest, pixels, patients, near_duplicates)
     overlap = np.logical_or.reduce(list(found.values()))
     count, total = int(overlap.sum()), len(overlap)
+    # Studies whose PatientID names no one (blank, a placeholder, one on implausibly many
+    # studies) could not be matched as a follow-up: only their films were compared.
+    film_only = sum(not patient for patient in patients) if patients is not None else 0
+    by_film = (f"; {film_only} of the {total} had no usable PatientID and were compared by "
+               "film only") if film_only else ""
     if not count:
+        if by_film:
+            print(f"none of the {total} studies is one the model learned from{by_film}")
         return labelled, 0
     reasons = ", ".join(f"{int(mask.sum())} by {reason}" for reason, mask in found.items()
-                        if mask.any())
+                        if mask.any()) + by_film
     if config.overlap != "drop":
         raise UserError(
             f"{count} of the {total} studies in {labelled.data_dir} are ones the model was "
@@ -206,15 +223,19 @@ def _patients(paths: list[Path], run_id: str | None, config: EvaluateConfig,
               "matched (studies, files and pixels are)")
         return None
     cache = ImageCache(config.cache_dir, CacheParams(0))
-    with cache.writing():
-        here = key_fingerprint(pseudonym_key(config.cache_dir))
+    here = key_fingerprint(pseudonym_key(config.cache_dir))
     if here != recorded:
-        raise UserError(f"this machine's pseudonym key (fingerprint {here}) is not the one the "
-                        f"model's training named patients with ({recorded}), so a training "
-                        "patient's new study cannot be recognised; set COVID_XRAY_PSEUDONYM_KEY "
-                        "to that key, or overlap=ignore_patients to match studies, files and "
-                        "pixels only")
-    return cache.patients(paths, progress)[0]
+        # A cache an earlier version kept its key in may still hold the one needed.
+        found = cached_key_fingerprints(config.cache_dir).get(recorded)
+        where = (f"; {found} holds it: set COVID_XRAY_PSEUDONYM_KEY to its contents, or "
+                 f"copy it over that file") if found else (
+            "; set COVID_XRAY_PSEUDONYM_KEY to the key that has it (the training machine's)")
+        raise UserError(f"this machine's pseudonym key ({key_source()}, fingerprint {here}) is "
+                        f"not the one the model's training named patients with (fingerprint "
+                        f"{recorded}), so a training patient's new study cannot be "
+                        f"recognised{where}, or overlap=ignore_patients to match studies, files "
+                        "and pixels only")
+    return without_placeholders(cache.patients(paths, progress)[0], say=progress)
 
 
 def _near_duplicates(thumbnails: list[np.ndarray | None], manifest: pd.DataFrame,

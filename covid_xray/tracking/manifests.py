@@ -19,6 +19,8 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from covid_xray.pseudonyms import implausible_patients
+
 MANIFEST_ARTIFACT = "data/manifest.csv"
 THUMBNAILS_ARTIFACT = "data/thumbnails.npz"  # each manifest film's thumbnail (likeness.py)
 KEY_FINGERPRINT_TAG = "pseudonym_key_fingerprint"  # which key named the manifest's patients
@@ -81,7 +83,9 @@ def learned_from(studies: pd.DataFrame, manifest: pd.DataFrame,
         known = set(seen.pixel_digest) - {""}
         found["pixels"] = np.array([digest in known for digest in pixel_digests], dtype=bool)
     if patients is not None:
-        known = set(seen.patient_id) - {""}
+        # A PatientID on implausibly many of the manifest's studies (from a model trained
+        # before such ids counted as none) is a placeholder: it names no one here either.
+        known = set(seen.patient_id) - {""} - set(implausible_patients(manifest.patient_id))
         found["patient"] = np.array([patient in known for patient in patients], dtype=bool)
     if near_duplicates is not None:
         found["near-duplicate film"] = np.asarray(near_duplicates, dtype=bool)
