@@ -69,3 +69,65 @@ def test_the_python_in_the_docs_runs(document, store, tmp_path):
                           text=True, timeout=300,
                           env=clean_env(MLFLOW_TRACKING_URI=store["uri"]))
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_workers_on_a_new_experiment_start_as_the_docs_say(mlflow_server, monkeypatch):
+    """Three `mlflow run --experiment-name team` started together on a new experiment: MLflow's
+    CLI looks the name up and creates it before our code runs, and one ended in its
+    RESOURCE_ALREADY_EXISTS traceback. The docs say to create it first; here that command,
+    as docs/tuning.md writes it, runs through MLflow's CLI against a real server, then three
+    lookups as `mlflow run` makes them (projects._resolve_experiment_id), each held until all
+    have looked: all use the one experiment. Not created first, two of the three fail."""
+    import shlex
+    import threading
+
+    from click.testing import CliRunner
+    from mlflow.cli import cli
+    from mlflow.projects import _resolve_experiment_id
+    from mlflow.tracking import MlflowClient
+
+    create = "mlflow experiments create --experiment-name team"
+    for name in ("tuning.md", "team-server.md"):
+        assert create in " ".join((ROOT / "docs" / name).read_text().split()), name
+    block = re.search(r"```bash\n(.*?)```", (ROOT / "docs" / "tuning.md").read_text().split(
+        "new experiment", 1)[1], flags=re.DOTALL).group(1)
+    first = block.strip().splitlines()[0].split("#")[0]
+    assert first.strip() == create
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    done = CliRunner().invoke(cli, shlex.split(first)[1:])
+    assert done.exit_code == 0, done.output
+
+    lookup = MlflowClient.get_experiment_by_name
+
+    def started_together(name: str) -> tuple[list[str], list[BaseException]]:
+        looked, first_call = threading.Barrier(3, timeout=60), threading.local()
+
+        def look_then_wait(self, *args, **kwargs):
+            found = lookup(self, *args, **kwargs)
+            if not getattr(first_call, "done", False):
+                first_call.done = True
+                looked.wait()  # nobody creates before everybody has looked
+            return found
+
+        ids, errors = [], []
+
+        def worker() -> None:
+            try:
+                ids.append(_resolve_experiment_id(experiment_name=name))
+            except BaseException as error:
+                errors.append(error)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(MlflowClient, "get_experiment_by_name", look_then_wait)
+            threads = [threading.Thread(target=worker) for _ in range(3)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=120)
+        return ids, errors
+
+    ids, errors = started_together("team")
+    assert not errors and len(ids) == 3 and len(set(ids)) == 1
+    ids, errors = started_together("team-not-created-first")  # the race is real
+    assert len(ids) == 1 and len(errors) == 2
+    assert all("RESOURCE_ALREADY_EXISTS" in str(error) for error in errors), errors
