@@ -131,3 +131,14 @@ def test_workers_on_a_new_experiment_start_as_the_docs_say(mlflow_server, monkey
     ids, errors = started_together("team-not-created-first")  # the race is real
     assert len(ids) == 1 and len(errors) == 2
     assert all("RESOURCE_ALREADY_EXISTS" in str(error) for error in errors), errors
+
+
+def test_every_documented_pacs_command_names_the_projects_experiment():
+    """`mlflow run` makes the run before our code runs, in `--experiment-name`'s experiment or
+    else in Default (opened in the UI's GenAI view): docs/pacs.md promised `covid-xray` while
+    its commands landed the session in Default."""
+    commands = [" ".join(command.split()) for document in DOCS for command in re.findall(
+        r"mlflow run \. -e pacs[^`|\n]*(?:\\\n[^`\n]*)*", document.read_text())]
+    assert len(commands) >= 3, commands
+    for command in commands:
+        assert "--experiment-name covid-xray" in command, command

@@ -116,8 +116,33 @@ def test_a_study_that_breaks_the_node_is_failed_with_its_reason_and_the_node_goe
     node.handle(study)  # does not raise
     failed = node.ledger.get("1.2.3")
     assert (failed.status, failed.last_error) == ("failed", "RuntimeError: injected: Doe^Jane")
-    assert node.counts.snapshot() == {"studies/failed": 1}
+    assert {name: count for name, count in node.counts.snapshot().items() if count} == {
+        "studies/failed": 1}
     assert "RuntimeError" in caplog.text and "Doe^" not in caplog.text  # the log: no names
+
+
+def test_a_session_of_duplicates_only_logs_every_count_zeros_included(tmp_path, monkeypatch):
+    """Zeros are counts: a session that received only duplicates logged instances_duplicate
+    and nothing else, so its run could not say that nothing was scored, sent or failed."""
+    from covid_xray.config import PacsConfig
+    from covid_xray.pacs.node import Node
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    try:
+        node = Node(PacsConfig(state_dir=str(tmp_path / "state")))
+        node.counts.add("instances/duplicate", 3)
+        with mlflow.start_run() as run:
+            node.log_metrics()
+        metrics = mlflow.MlflowClient().get_run(run.info.run_id).data.metrics
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert metrics["instances_duplicate"] == 3.0
+    for name in ("instances_received", "studies_received", "studies_scored", "studies_sent",
+                 "studies_failed", "films_scored", "films_refused_view", "sends_failed"):
+        assert metrics[name] == 0.0, name
+    assert len(metrics) == 19 and sum(metrics.values()) == 3.0
 
 
 def test_a_taken_port_is_one_line_before_any_run(tmp_path, monkeypatch):
@@ -208,9 +233,9 @@ def test_the_listener_rejects_strangers_other_classes_and_fills_no_disk(films, t
     assert len(list((tmp_path / "spool").rglob("*.dcm"))) == 1
     # The free-disk floor refuses as the cap does (no disk this small to fill in a test).
     assert "floor" in Spool(tmp_path / "other", max_gb=10, min_free_gb=1e9).no_room(1)
-    assert counts.snapshot() == {"associations/rejected": 1, "instances/received": 1,
-                                 "studies/received": 1, "instances/refused/unreadable": 1,
-                                 "instances/refused/out_of_resources": 1}
+    assert {name: count for name, count in counts.snapshot().items() if count} == {
+        "associations/rejected": 1, "instances/received": 1, "studies/received": 1,
+        "instances/refused/unreadable": 1, "instances/refused/out_of_resources": 1}
 
 
 # -- against Orthanc ------------------------------------------------------------------------
@@ -528,7 +553,7 @@ def test_pull_fetches_one_study_by_wado_rs_scores_and_sends_it(pacs_store, films
         orthanc.upload(film(films[1], tmp_path / "mr.dcm", study, modality="MR"))
         done = subprocess.run(
             [str(Path(sys.executable).with_name("mlflow")), "run", str(ROOT), "-e", "pacs",
-             "--env-manager", "local", "--experiment-name", "pacs-pull",
+             "--env-manager", "local", "--experiment-name", "covid-xray",  # as docs/pacs.md
              "-P", f"pull=dicomweb:{orthanc.dicomweb}", "-P", f"study={study}",
              "-P", f"send_to=dimse:ORTHANC@127.0.0.1:{orthanc.dicom_port}",
              "-P", f"state_dir={tmp_path / 's'}",
@@ -539,6 +564,12 @@ def test_pull_fetches_one_study_by_wado_rs_scores_and_sends_it(pacs_store, films
         kinds = sorted(item["00080060"]["Value"][0] for item in orthanc.instances(study))
         assert kinds == ["CR", "MR", "OT", "SR"]
         assert "sent 1" in done.stdout + done.stderr
+        client = mlflow.MlflowClient(pacs_store["uri"])
+        (session,) = client.search_runs(
+            [client.get_experiment_by_name("covid-xray").experiment_id],
+            "attributes.run_name LIKE 'pacs-%'")
+        assert (session.data.metrics["studies_sent"], session.data.metrics["studies_failed"],
+                session.data.metrics["instances_duplicate"]) == (1.0, 0.0, 0.0)
         # No send_to: the results stay in state_dir, and the pull ends (it looped before).
         kept = subprocess.run(
             [sys.executable, "-m", "entrypoints.pacs", "--pull", f"dicomweb:{orthanc.dicomweb}",

@@ -32,6 +32,7 @@ from pynetdicom.sop_class import (
 )
 
 from covid_xray.errors import UserError
+from covid_xray.imaging.gate import REASONS
 from covid_xray.model.dicom_results import as_uid
 from covid_xray.pacs.ledger import Ledger
 from covid_xray.pacs.spool import Spool
@@ -74,12 +75,22 @@ def parse_callers(text: str) -> list[Caller]:
     return callers
 
 
+# Every count a session reports, there from the start: a session that received only
+# duplicates logs its zeros too (a zero is a count; a missing metric is a question).
+SESSION_COUNTS = ("associations/rejected", "instances/received", "instances/duplicate",
+                  "instances/refused/unreadable", "instances/refused/out_of_resources",
+                  "studies/received", "studies/reopened", "studies/scored", "studies/sent",
+                  "studies/failed", "sends/failed", "films/scored",
+                  *(f"films/refused/{reason}" for reason in
+                    (*REASONS, "model_error", "out_of_distribution")))
+
+
 class Counts:
     """The session's counters, shared by the listener's threads and the worker."""
 
     def __init__(self):
         self.lock = Lock()
-        self.counter: Counter[str] = Counter()
+        self.counter: Counter[str] = Counter(dict.fromkeys(SESSION_COUNTS, 0))
 
     def add(self, name: str, number: int = 1) -> None:
         with self.lock:

@@ -294,8 +294,7 @@ class Node:
         if self.latencies:
             metrics["latency_p50_s"] = float(np.percentile(self.latencies, 50))
             metrics["latency_p95_s"] = float(np.percentile(self.latencies, 95))
-        if metrics:
-            mlflow.log_metrics(metrics, step=step)
+        mlflow.log_metrics(metrics, step=step)
 
     def summary(self) -> str:
         statuses = Counter(study.status for study in self.ledger.all())
