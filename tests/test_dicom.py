@@ -224,6 +224,42 @@ def test_truncated_file(tmp_path, syntax):
         read_xray(tmp_path / "x.dcm")
 
 
+def test_threads_reading_at_once_get_their_solo_answers_and_leave_warnings_alone(tmp_path):
+    """Truncation was told by catching pydicom's "End of file" warning per call, and
+    catch_warnings swaps the process's warning machinery: under threads one film's warning
+    landed in another call's list (the good film refused as truncated, the cut one read as
+    having no pixel data), and the swap could outlive every call. Now it is decided from the
+    file, and the result writer and the node's listener no longer swap filters either."""
+    import io
+    from concurrent.futures import ThreadPoolExecutor
+
+    from covid_xray.model.dicom_results import read_source
+    from covid_xray.pacs.listener import read_uids
+
+    write_dicom(tmp_path / "good.dcm", random_stored(12, (64, 64)), syntax=JPEG2000Lossless)
+    data = (tmp_path / "good.dcm").read_bytes()
+    (tmp_path / "cut.dcm").write_bytes(data[: len(data) * 2 // 3])
+
+    def answer(name: str) -> str:
+        try:
+            image = read_xray(tmp_path / name)
+        except DicomError as error:
+            return str(error)
+        read_uids(data)
+        read_source(io.BytesIO(data))
+        return f"read {image.shape}"
+
+    solo = {name: answer(name) for name in ("good.dcm", "cut.dcm")}
+    assert solo["good.dcm"] == "read (64, 64)"
+    assert solo["cut.dcm"] == (f"{tmp_path / 'cut.dcm'}: truncated DICOM (the file ends "
+                               "inside its pixel data)")
+    filters, show = list(warnings.filters), warnings.showwarning
+    names = ["good.dcm", "cut.dcm"] * 200
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(answer, names)) == [solo[name] for name in names]
+    assert warnings.filters == filters and warnings.showwarning is show
+
+
 def test_corrupt_codestream_is_one_line_naming_every_decoder_tried(tmp_path):
     write_dicom(tmp_path / "x.dcm", random_stored(12, (64, 64)), syntax=JPEG2000Lossless)
     ds = pydicom.dcmread(tmp_path / "x.dcm")

@@ -21,7 +21,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi, get_decoder
 
 from covid_xray.errors import DicomError
-from covid_xray.imaging import decoders
+from covid_xray.imaging import decoders, quiet  # noqa: F401 (quiet: its filters, once)
 from covid_xray.imaging.gate import check
 
 GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
@@ -201,9 +201,7 @@ def read_patient_id(path: str | PathLike) -> str:
 
 def _read_dataset(path: str | PathLike | BinaryIO, name: object) -> pydicom.Dataset:
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            ds = pydicom.dcmread(path)
+        ds = pydicom.dcmread(path)
     except FileNotFoundError:
         raise DicomError(f"{name}: file not found") from None
     except InvalidDicomError:
@@ -212,15 +210,11 @@ def _read_dataset(path: str | PathLike | BinaryIO, name: object) -> pydicom.Data
         raise DicomError(f"{name}: cannot open ({error.strerror or _one_line(error)})") from None
     except Exception as error:  # pydicom raises many types for a cut-off or garbled file
         raise DicomError(f"{name}: unreadable DICOM, truncated or corrupt ({error})") from None
-    # pydicom only warns when a file ends inside an element and then drops that element: for
-    # encapsulated (compressed) pixel data that would read as "no pixel data", which misleads.
-    for warning in caught:
-        if "End of file" in str(warning.message):
-            raise DicomError(f"{name}: truncated DICOM ({warning.message})")
-        warnings.warn_explicit(warning.message, warning.category, warning.filename,
-                               warning.lineno)
-
     if "PixelData" not in ds:
+        # pydicom only warns when a file ends inside an element, and drops it: cut inside
+        # encapsulated (compressed) pixel data, a film would read as "no pixel data".
+        if _holds_pixel_data_tag(path):
+            raise DicomError(f"{name}: truncated DICOM (the file ends inside its pixel data)")
         raise DicomError(f"{name}: DICOM has no pixel data (not an image)")
     modality = str(ds.get("Modality", "") or "").strip().upper()
     if modality and modality not in RADIOGRAPHY:
@@ -233,6 +227,19 @@ def _read_dataset(path: str | PathLike | BinaryIO, name: object) -> pydicom.Data
             f"{ds.get('SamplesPerPixel', '?')} samples per pixel); chest X-rays must be "
             "grayscale", reason="photometric")
     return ds
+
+
+def _holds_pixel_data_tag(path: str | PathLike | BinaryIO) -> bool:
+    """Whether the file's bytes hold the Pixel Data tag (7FE0,0010), little or big endian:
+    decided from the file itself, since a warning caught per call is caught for every thread
+    (catch_warnings swaps the process's filters: one film's warning lands in another's list)."""
+    if hasattr(path, "seek"):
+        path.seek(0)
+        data = path.read()
+    else:
+        with open(path, "rb") as file:
+            data = file.read()
+    return b"\xe0\x7f\x10\x00" in data or b"\x7f\xe0\x00\x10" in data
 
 
 def _decode_first_frame(ds: pydicom.Dataset, name: object) -> np.ndarray:

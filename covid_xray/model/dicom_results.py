@@ -41,7 +41,6 @@ from __future__ import annotations
 import io
 import re
 import uuid
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -60,6 +59,7 @@ from pydicom.valuerep import validate_value
 
 from covid_xray.evaluation.calibration import predicted_classes
 from covid_xray.files import atomic_write
+from covid_xray.imaging import quiet  # noqa: F401 (its warning filters, set once)
 
 NOT_FOR_DIAGNOSTIC_USE = "not for diagnostic use"
 MANUFACTURER = "covid-xray"
@@ -153,12 +153,11 @@ def read_source(file: str | BinaryIO) -> Dataset:
     film, so the file is known to be DICOM."""
     if hasattr(file, "seek"):
         file.seek(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a malformed value is checked below, not warned about
-        header = pydicom.dcmread(file, stop_before_pixels=True, specific_tags=[
-            "SpecificCharacterSet", *COPIED])
-        if "SpecificCharacterSet" not in header:  # pydicom's default decoding is Latin-1
-            header.SpecificCharacterSet = "ISO_IR 100"
+    # A malformed value is checked below (imaging/quiet.py keeps its warning out of the log).
+    header = pydicom.dcmread(file, stop_before_pixels=True, specific_tags=[
+        "SpecificCharacterSet", *COPIED])
+    if "SpecificCharacterSet" not in header:  # pydicom's default decoding is Latin-1
+        header.SpecificCharacterSet = "ISO_IR 100"
     source = Dataset()
     source.SpecificCharacterSet = UTF_8  # highdicom copies it into every result
     for keyword in COPIED:
@@ -249,18 +248,17 @@ def study_report(sources: Sequence[Dataset], probabilities: np.ndarray, labels: 
         observation_context=hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
             observer_type=codes.DCM.Device, observer_identifying_attributes=device)),
         procedure_reported=codes.SCT.ChestImaging, imaging_measurements=groups)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # highdicom's advice on the source's name format
-        document = hd.sr.Comprehensive3DSR(
-            evidence=list(sources), content=report,
-            series_instance_uid=result_uid("report series", identity,
-                                           sources[0].StudyInstanceUID),
-            series_number=REPORT_SERIES,
-            sop_instance_uid=result_uid("report", identity, *films, *(predecessor or ())),
-            instance_number=1,
-            manufacturer=MANUFACTURER, contributing_equipment=[
-                _equipment(identity, "Class probabilities")],
-            series_description=f"AI result, {NOT_FOR_DIAGNOSTIC_USE}")
+    # highdicom's advice on the source's name format quotes it: imaging/quiet.py silences it.
+    document = hd.sr.Comprehensive3DSR(
+        evidence=list(sources), content=report,
+        series_instance_uid=result_uid("report series", identity,
+                                       sources[0].StudyInstanceUID),
+        series_number=REPORT_SERIES,
+        sop_instance_uid=result_uid("report", identity, *films, *(predecessor or ())),
+        instance_number=1,
+        manufacturer=MANUFACTURER, contributing_equipment=[
+            _equipment(identity, "Class probabilities")],
+        series_description=f"AI result, {NOT_FOR_DIAGNOSTIC_USE}")
     scheme = Dataset()
     scheme.CodingSchemeDesignator = SCHEME
     scheme.CodingSchemeName = "covid-xray model outputs: its classes and its call"
@@ -333,16 +331,14 @@ def heatmap_capture(source: Dataset, picture: np.ndarray, label: str, series_uid
     evidence for class `label`, as a Secondary Capture image in the source's study. All
     heatmaps of one study share `series_uid`; `instance` numbers them."""
     rgb = np.ascontiguousarray(picture[..., ::-1])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        image = hd.sc.SCImage.from_ref_dataset(
-            source, rgb, "RGB", 8, "PATIENT", series_uid, HEATMAP_SERIES,
-            result_uid(f"heatmap of {label}", identity, source.SOPInstanceUID),
-            # highdicom insists on an orientation; the source's (or "unknown") replaces it
-            instance, MANUFACTURER, patient_orientation=("L", "F"),
-            transfer_syntax_uid=ExplicitVRLittleEndian,
-            contributing_equipment=[_equipment(identity, "Grad-CAM overlay")],
-            series_description=f"AI heatmap (Grad-CAM), {NOT_FOR_DIAGNOSTIC_USE}")
+    image = hd.sc.SCImage.from_ref_dataset(
+        source, rgb, "RGB", 8, "PATIENT", series_uid, HEATMAP_SERIES,
+        result_uid(f"heatmap of {label}", identity, source.SOPInstanceUID),
+        # highdicom insists on an orientation; the source's (or "unknown") replaces it
+        instance, MANUFACTURER, patient_orientation=("L", "F"),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        contributing_equipment=[_equipment(identity, "Grad-CAM overlay")],
+        series_description=f"AI heatmap (Grad-CAM), {NOT_FOR_DIAGNOSTIC_USE}")
     image.PatientOrientation = source.PatientOrientation  # empty (Type 2) when unknown
     # The gate let only chest films through; a chest is not a paired part: no Laterality.
     image.BodyPartExamined = "CHEST"

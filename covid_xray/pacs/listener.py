@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from pynetdicom.sop_class import (
 )
 
 from covid_xray.errors import UserError
+from covid_xray.imaging import quiet  # noqa: F401 (its warning filters, set once)
 from covid_xray.imaging.gate import REASONS
 from covid_xray.model.dicom_results import as_uid
 from covid_xray.pacs.ledger import Ledger
@@ -103,10 +103,8 @@ class Counts:
 
 def read_uids(data: bytes) -> tuple[str, str, str]:
     """(study, series, SOP instance) UIDs of a received file, as the results name them."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=[
-            "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"])
+    header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=[
+        "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"])
     study, sop = str(header.get("StudyInstanceUID", "")), str(header.get("SOPInstanceUID", ""))
     if not study.strip() or not sop.strip():
         raise ValueError("no StudyInstanceUID or SOPInstanceUID")
