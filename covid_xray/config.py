@@ -340,6 +340,9 @@ class TuneConfig:
                           "k mod #GPUs; on CPU the cores are divided between them.")
 
 
+PACS_ACTIONS = ("serve", "status", "retry")
+
+
 @dataclass(frozen=True)
 class PacsConfig:
     ae_title: str = option("COVIDXRAY", "This node's AE title (what the PACS calls it).")
@@ -359,14 +362,21 @@ class PacsConfig:
                           "state_dir/results.")
     state_dir: str = option("pacs-state", "The spool of received films and the ledger "
                             "(ledger.sqlite) of every study; a restart carries on from it.")
-    retries: int = option(5, "Sends of a study's results before it is marked failed (waits "
-                          "double from 1 s, at most 60 s between).")
+    retry_for_h: float = option(24.0, "How long a study's results are sent again after a "
+                                "failed send (waits double from 1 s, at most 10 min between: "
+                                "a PACS restarting or down for an upgrade is waited out); "
+                                "then the study is failed.")
     max_spool_gb: float = option(10.0, "The spool's size cap: past it a C-STORE is answered "
                                  "'out of resources' (0xA700).")
     min_free_gb: float = option(1.0, "Free disk the spool always leaves (0xA700 below it).")
     pull: str = option("", "One-shot: dicomweb:URL to fetch `study` from (WADO-RS), score "
                        "and send as the node does, then exit ('' = run the node).")
-    study: str = option("", "StudyInstanceUID to pull (with `pull`).")
+    study: str = option("", "StudyInstanceUID to pull (with `pull`); with action=retry, the "
+                        "study to queue again (its UID, or the pseudonym `status` prints).")
+    action: str = option("serve", "serve: run the node (or, with `pull`, one study); status: "
+                         "print where its studies stand, spool, results and free disk; retry: "
+                         "queue its failed studies again (all, or `study`). status and retry "
+                         "start no MLflow run and are safe while the node runs.", PACS_ACTIONS)
     device: str = option("auto", "Where the model answers: auto, cpu or cuda.", DEVICES)
     experiment_name: str = option("covid-xray", "MLflow experiment of the node's session run "
                                   "(a run started by `mlflow run` keeps its own).")

@@ -5,6 +5,7 @@ read them from Orthanc's DICOMweb. The ledger and the listener are also checked 
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import signal
 import sqlite3
@@ -32,6 +33,7 @@ from covid_xray.pacs.destinations import destination
 from covid_xray.pacs.ledger import Ledger
 from covid_xray.pacs.listener import TRANSFER_SYNTAXES, Counts, Listener, parse_callers
 from covid_xray.pacs.spool import Spool
+from covid_xray.pseudonyms import pseudonym, pseudonym_key
 from covid_xray.serving.predict import predict_files
 from tests.conftest import ROOT, clean_env, free_port
 from tests.orthanc import Orthanc
@@ -50,7 +52,7 @@ def test_the_ledger_moves_a_study_through_its_states_and_reopens_it(tmp_path):
     assert ledger.mark_complete(0) == ["1.2.3"]
     assert [study.status for study in ledger.due()] == ["complete"]
     assert ledger.scored("1.2.3", "4", ["9.1", "9.2"], ["9.0", "9.1"])
-    assert ledger.send_failed("1.2.3", "STOW-RS failed", retries=3) == "scored"
+    assert ledger.send_failed("1.2.3", "STOW-RS failed", retry_for_s=3600) == "scored"
     assert ledger.due() == []  # waiting 1 s before the next try
     assert ledger.get("1.2.3").attempts == 1
     assert ledger.in_hand("1.2.3")  # results still to deliver
@@ -65,16 +67,141 @@ def test_the_ledger_moves_a_study_through_its_states_and_reopens_it(tmp_path):
     assert ledger.receive("1.2.3", "1.2.3.2", "1.2.3.9", "d3", "/spool/b") == "reopened"
     assert ledger.get("1.2.3").status == "receiving"
     assert not ledger.scored("1.2.3", "4", ["9.3"], ["9.0", "9.3"])
-    # A send that keeps failing ends failed, with its reason.
+    # A send that keeps failing past the horizon ends failed, with its reason.
     ledger.mark_complete(0)
     assert ledger.scored("1.2.3", "5", ["9.3"], ["9.0", "9.3"])
-    assert [ledger.send_failed("1.2.3", f"try {n}", retries=2) for n in (1, 2)] == [
-        "scored", "failed"]
-    assert (ledger.get("1.2.3").status, ledger.get("1.2.3").last_error) == ("failed", "try 2")
+    assert ledger.send_failed("1.2.3", "try 1", retry_for_s=0) == "failed"
+    assert (ledger.get("1.2.3").status, ledger.get("1.2.3").last_error) == ("failed", "try 1")
     ledger.receive("1.2.4", "1.2.4.1", "1.2.4.9", "d4", "/spool/c")
     ledger.mark_complete(0)
     ledger.failed("1.2.4", "no film could be scored (view 1)", ["1.2.4.1"])
     assert (ledger.get("1.2.4").status, ledger.instances("1.2.4")[0].path) == ("failed", "")
+
+
+def test_a_pacs_down_for_hours_is_waited_out_and_then_the_study_fails(tmp_path, monkeypatch):
+    """retries=5 waited 1+2+4+8 s and failed the study for good: a 15-second PACS restart
+    lost it. Now sends are tried again for retry_for (waits doubling to at most 10 min)."""
+    from covid_xray.pacs import ledger as ledger_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(ledger_module.time, "time", lambda: clock[0])
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    ledger.receive("1.2.3", "1.2.3.1", "1.2.3.9", "d1", "/spool/a")
+    ledger.mark_complete(0)
+    ledger.scored("1.2.3", "4", ["9.1"], ["9.0", "9.1"])
+    waits = []
+    while (status := ledger.send_failed("1.2.3", "STOW-RS failed: ConnectionError",
+                                        retry_for_s=24 * 3600)) == "scored":
+        waits.append(ledger.due() == [])  # not due before its wait is over
+        clock[0] = ledger._rows("select next_try from studies")[0][0]
+        assert [study.study for study in ledger.due()] == ["1.2.3"]
+    assert status == "failed" and all(waits)
+    # Waits of 1, 2, ... 512 s (1,023 s in all), then 600 s each, until a try comes 24 h
+    # after the first: 10 + 143 waits, the 154th try fails the study. (Before: the 5th, 15 s
+    # after the first.)
+    assert ledger.get("1.2.3").attempts == 154 and len(waits) == 153
+    assert clock[0] - 1000.0 == 1023 + 143 * 600 >= 24 * 3600
+
+
+def test_the_operator_sees_where_studies_stand_and_retries_failed_ones(tmp_path, capsys):
+    """status and retry instead of an sqlite line: one line each, pseudonyms only, nothing
+    started; a study failed sending goes back to be sent, one failed scoring to be scored,
+    one whose films are gone says so."""
+    from covid_xray.config import PacsConfig
+    from covid_xray.pacs.node import run_node
+    from covid_xray.pacs.operations import retry, status
+    from covid_xray.pacs.spool import file_key
+
+    state = tmp_path / "state"
+    with pytest.raises(UserError, match=r"state: no node's state here \(no ledger.sqlite\)"):
+        status(str(state))
+    assert not state.exists()
+    ledger = Ledger(state / "ledger.sqlite")
+    film = state / "spool" / "a.dcm"
+    film.parent.mkdir(parents=True)
+    film.write_bytes(b"x" * 1000)
+    for study, path in (("1.1", str(film)), ("1.2", ""), ("1.3", ""), ("1.4", "")):
+        ledger.receive(study, f"{study}.1", f"{study}.9", "d", path)
+    ledger.mark_complete(0)
+    ledger.failed("1.1", "the model could not be loaded: MlflowException")  # films here
+    ledger.scored("1.2", "4", ["9.2"], ["9.0", "9.2"])
+    (state / "results" / file_key("1.2")).mkdir(parents=True)
+    (state / "results" / file_key("1.2") / "9.2.dcm").write_bytes(b"y" * 500)
+    ledger.send_failed("1.2", "STOW-RS failed: HTTPError: HTTP 503", retry_for_s=0)
+    ledger.failed("1.3", "no film could be scored (view 1)", ["1.3.1"])  # films gone
+    key = pseudonym_key(state)
+    names = {study: pseudonym(study, key) for study in ("1.1", "1.2", "1.3")}
+
+    lines = status(str(state))
+    assert lines[0] == "studies: receiving 0, complete 1, scored 0, sent 0, failed 3"
+    assert lines[1].startswith("waiting: 1, the oldest for 0 min")
+    assert lines[2:5] == [
+        f"failed {names['1.1']}: the model could not be loaded: MlflowException (0 sends)",
+        f"failed {names['1.2']}: STOW-RS failed: HTTPError: HTTP 503 (1 sends)",
+        f"failed {names['1.3']}: no film could be scored (view 1) (0 sends)"]
+    assert lines[5].startswith("spool 0.000 GB, results 0.000 GB, free disk ")
+    assert not any(uid in "\n".join(lines) for uid in ("1.1", "1.2", "1.3"))
+
+    with pytest.raises(UserError, match=r"^no failed study 1.4 in .*state \(`status` lists"):
+        retry(str(state), "1.4")
+    assert retry(str(state), names["1.2"]) == [f"{names['1.2']}: queued to be sent again"]
+    run_node(PacsConfig(state_dir=str(state), action="retry"))
+    assert capsys.readouterr().out == (
+        f"{names['1.1']}: queued to be scored again\n{names['1.3']}: cannot be retried: its "
+        "films are no longer in the spool (a new film of the study re-opens it)\n")
+    assert {study: ledger.get(study).status for study in ("1.1", "1.2", "1.3")} == {
+        "1.1": "complete", "1.2": "scored", "1.3": "failed"}
+    assert {study.study for study in ledger.due()} == {"1.1", "1.2", "1.4"}
+    assert not list(Path.cwd().glob("mlruns")) and not (state / "node.lock").exists()
+
+
+def test_one_node_per_state_dir_and_no_uid_in_what_it_records(tmp_path, monkeypatch):
+    """A second node (or a pull) on a held state_dir shared the ledger and ended the first
+    one's run KILLED; now it is one line before it touches anything. A failed send's error
+    quoted requests' text, whose URL names the study by its UID; the pull's study was a
+    param as typed."""
+    import http.server
+    import threading
+
+    from covid_xray.config import PacsConfig
+    from covid_xray.pacs.destinations import DicomWeb, SendError
+    from covid_xray.pacs.node import Node
+
+    first = Node(PacsConfig(state_dir=str(tmp_path / "state")))
+    ledger_bytes = (tmp_path / "state" / "ledger.sqlite").read_bytes()
+    with pytest.raises(UserError, match=rf"^{tmp_path}/state is in use by another node \(pid "
+                       rf"{os.getpid()}\): one node per state_dir"):
+        Node(PacsConfig(state_dir=str(tmp_path / "state"), pull="dicomweb:http://127.0.0.1:1",
+                        study="1.2.3"))
+    assert (tmp_path / "state" / "ledger.sqlite").read_bytes() == ledger_bytes
+    first.held.close()  # the first one ends: the state_dir is free
+    pull = Node(PacsConfig(state_dir=str(tmp_path / "state"),
+                           pull="dicomweb:http://127.0.0.1:1", study="1.2.840.77.5"))
+    assert pull.settings()["study"] == pseudonym("1.2.840.77.5", pull.key)
+
+    class Refusing(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.send_response(503)
+            self.end_headers()
+
+        do_GET = do_POST
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        web = DicomWeb(f"http://127.0.0.1:{server.server_port}/dicom-web")
+        with pytest.raises(SendError) as refused:
+            web.missing("1.2.840.77.5", ["9.1"])
+        down = DicomWeb(f"http://127.0.0.1:{free_port()}/dicom-web")
+        with pytest.raises(SendError) as unreachable:
+            down.missing("1.2.840.77.5", ["9.1"])
+    finally:
+        server.shutdown()
+    assert str(refused.value) == "QIDO-RS failed: HTTPError: HTTP 503"
+    assert str(unreachable.value) == "QIDO-RS failed: ConnectionError"
 
 
 def test_bad_settings_are_one_line_each():
@@ -499,7 +626,7 @@ def test_kill_9_and_a_pacs_that_goes_away_still_deliver_each_report_once(
                       {"node": ["COVIDXRAY", "127.0.0.1", node_port]}).start()
     login = orthanc.dicomweb.replace("//", "//nodeuser:s3cret@")  # (Orthanc ignores it)
     node = Node(pacs_store, tmp_path / "state", node_port, f"dicomweb:{login}",
-                callers="ORTHANC@127.0.0.1", retries="8")
+                callers="ORTHANC@127.0.0.1")
     study = "1.2.826.0.1.3680043.8.498.77004"
     try:
         node.start(COVID_XRAY_PAUSE_AT="pacs-scoring")

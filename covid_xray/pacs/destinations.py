@@ -147,5 +147,10 @@ def shown_target(text: str) -> str:
 
 
 def describe(error: BaseException) -> str:
-    """An error in one line, without a URL's credentials."""
+    """An error in one line, without a URL's credentials; an HTTP error as its type and
+    status only, since its text quotes the URL, whose path names the study by its UID."""
+    if isinstance(error, requests.RequestException):
+        response = getattr(error, "response", None)
+        status = f": HTTP {response.status_code}" if response is not None else ""
+        return f"{type(error).__name__}{status}"
     return shown_target(f"{type(error).__name__}: {error}".splitlines()[0])[:300]

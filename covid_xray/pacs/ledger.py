@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 STATUSES = ("receiving", "complete", "scored", "sent", "failed")
+# The longest wait between two tries of a send: a PACS back from an outage is used within it.
+MAX_WAIT_S = 600.0
 FINISHED = ("scored", "sent", "failed")  # a new instance re-opens these
 
 SCHEMA = """
@@ -36,6 +38,7 @@ create table if not exists studies (
     model_version text not null default '',
     attempts integer not null default 0,   -- sends tried since it was last scored
     next_try real not null default 0,
+    failing_since real,            -- when its first failed send since it was scored failed
     last_error text not null default '',
     result_uids text not null default '[]',  -- SOP Instance UIDs of its results
     report text not null default '',        -- [series UID, SOP UID] of its last report
@@ -65,6 +68,8 @@ class Study:
     result_uids: list[str]
     report: list[str]
     delivered_report: list[str]
+    failing_since: float | None = None  # its first failed send since it was scored
+    sent_at: float | None = None  # when its results were delivered (or kept, with no send_to)
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,9 @@ class Ledger:
         self.connection.execute("pragma journal_mode=wal")
         self.connection.execute("pragma synchronous=full")  # a move survives a power cut
         self.connection.executescript(SCHEMA)
+        columns = {row[1] for row in self.connection.execute("pragma table_info(studies)")}
+        if "failing_since" not in columns:  # a ledger an earlier version made
+            self.connection.execute("alter table studies add column failing_since real")
         self.lock = threading.Lock()
 
     @contextlib.contextmanager
@@ -130,7 +138,8 @@ class Ledger:
             else:  # (complete: the quiet period starts again; scoring will see it)
                 connection.execute(
                     "update studies set status='receiving', last_arrival=?, attempts=0, "
-                    "next_try=0, last_error='' where study=?", (now, study))
+                    "next_try=0, failing_since=null, last_error='' where study=?",
+                    (now, study))
             connection.execute("insert or replace into instances values (?, ?, ?, ?, ?, ?)",
                                (study, sop, series, digest, path, now))
         return what
@@ -175,21 +184,32 @@ class Ledger:
         arrived while it was being scored: it is receiving again and will be scored whole."""
         return bool(self._write([(
             "update studies set status='scored', model_version=?, result_uids=?, report=?, "
-            "attempts=0, next_try=0, last_error='', sent_at=null "
+            "attempts=0, next_try=0, failing_since=null, last_error='', sent_at=null "
             "where study=? and status='complete'",
             (version, json.dumps(result_uids), json.dumps(report), study))]))
 
-    def send_failed(self, study: str, error: str, retries: int) -> str:
+    def send_failed(self, study: str, error: str, retry_for_s: float,
+                    max_wait_s: float = MAX_WAIT_S) -> str:
         """One more failed send: the next is due after a doubling wait (1 s, 2 s, ... at most
-        60 s), or the study is failed when it has had `retries`. Returns its status."""
+        `max_wait_s`) while the first failure is less than `retry_for_s` ago, else the study
+        is failed: a PACS restarting, or down for an upgrade, is waited out. Its status."""
+        now = time.time()
         current = self.get(study)
         attempts = current.attempts + 1
-        status = "failed" if attempts >= retries else "scored"
-        wait = min(2.0 ** (attempts - 1), 60.0)
-        self._write([("update studies set status=?, attempts=?, next_try=?, last_error=? "
-                      "where study=? and status='scored'",
-                      (status, attempts, time.time() + wait, error[:500], study))])
+        since = current.failing_since if current.failing_since is not None else now
+        status = "failed" if now - since >= retry_for_s else "scored"
+        wait = min(2.0 ** (attempts - 1), max_wait_s)
+        self._write([("update studies set status=?, attempts=?, next_try=?, failing_since=?, "
+                      "last_error=? where study=? and status='scored'",
+                      (status, attempts, now + wait, since, error[:500], study))])
         return status
+
+    def requeue(self, study: str, status: str) -> bool:
+        """A failed study back to `status` (complete: scored again; scored: sent again), its
+        send clock reset: the operator's retry. False when it is not failed (any more)."""
+        return bool(self._write([(
+            "update studies set status=?, attempts=0, next_try=0, failing_since=null, "
+            "last_error='' where study=? and status='failed'", (status, study))]))
 
     def failed(self, study: str, error: str, forget: list[str] = ()) -> None:
         """The study cannot be scored (no model, say) or sent: failed, with why. `forget`:
@@ -229,5 +249,6 @@ class Ledger:
 
 
 COLUMN_NAMES = ("study", "status", "last_arrival", "complete_at", "model_version",
-                "attempts", "last_error", "result_uids", "report", "delivered_report")
+                "attempts", "last_error", "result_uids", "report", "delivered_report",
+                "failing_since", "sent_at")
 COLUMNS = ", ".join(COLUMN_NAMES)

@@ -15,11 +15,14 @@ and the latency from study-complete to results-confirmed.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import IO
 
 import mlflow
 import numpy as np
@@ -29,6 +32,7 @@ from covid_xray import lifecycle
 from covid_xray.config import PacsConfig
 from covid_xray.errors import UserError
 from covid_xray.files import atomic_write
+from covid_xray.pacs import operations
 from covid_xray.pacs.destinations import DicomWeb, SendError, describe, destination, shown_target
 from covid_xray.pacs.ledger import Ledger, Study
 from covid_xray.pacs.listener import CHEST_STORAGE, Counts, Listener, parse_callers, take
@@ -53,6 +57,7 @@ class Node:
             raise UserError("pull needs study=<StudyInstanceUID>: the study to fetch")
         self.source = DicomWeb(config.pull.removeprefix("dicomweb:")) if config.pull else None
         self.state = state = Path(config.state_dir)
+        self.held = hold(state)  # before anything here is read or written
         self.key = pseudonym_key(state)  # the log names UIDs by keyed pseudonyms only
         self.ledger = Ledger(state / "ledger.sqlite")
         self.spool = Spool(state / "spool", config.max_spool_gb, config.min_free_gb)
@@ -116,10 +121,11 @@ class Node:
         atomic_write(marker, lambda file: file.write(run_id.encode()))
 
     def settings(self) -> dict[str, object]:
-        """The options as logged: URLs without credentials."""
+        """The options as logged: URLs without credentials, a study by its pseudonym."""
         values = {name: getattr(self.config, name) for name in PacsConfig.__dataclass_fields__}
         return values | {"send_to": shown_target(self.config.send_to),
-                         "pull": shown_target(self.config.pull)}
+                         "pull": shown_target(self.config.pull),
+                         "study": self.name(self.config.study)}
 
     def work(self) -> None:
         next_metrics = time.monotonic() + METRICS_EVERY_S
@@ -268,13 +274,15 @@ class Node:
                     raise SendError(f"{len(missing)} of {len(files)} results not found by "
                                     "QIDO-RS after the store")
             except (SendError, OSError) as error:
-                status = self.ledger.send_failed(study.study, str(error), self.config.retries)
+                status = self.ledger.send_failed(study.study, str(error),
+                                                 self.config.retry_for_h * 3600)
                 self.counts.add("sends/failed")
                 if status == "failed":
                     self.counts.add("studies/failed")
                 logger.warning("study %s: send %d failed (%s)%s", self.name(study.study),
                                study.attempts + 1, error,
-                               "; no retries left" if status == "failed" else "; will retry")
+                               f"; failing for {self.config.retry_for_h:g} h: given up"
+                               if status == "failed" else "; will retry")
                 return
         self.ledger.delivered(study.study, study.report, [i.sop for i in scored_films],
                               "sent" if self.destination else "scored")
@@ -306,8 +314,38 @@ class Node:
                 f"{counts.get('studies/sent', 0)} sent, {counts.get('studies/failed', 0)} failed")
 
 
+def hold(state: Path) -> IO[str]:
+    """This process's hold on `state` (one node per state_dir, a pull included: two would
+    share a ledger and spool, and the second end the first one's run KILLED); kept while the
+    returned file is open, and released by the system whenever the process ends."""
+    state.mkdir(parents=True, exist_ok=True)
+    held = open(state / "node.lock", "a+")  # noqa: SIM115 (open for the node's life)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        held.seek(0)
+        holder = held.read().strip() or "?"
+        held.close()
+        raise UserError(f"{state} is in use by another node (pid {holder}): one node per "
+                        "state_dir; stop that one, or give this one its own state_dir (a pull "
+                        "beside a running node too)") from None
+    held.seek(0)
+    held.truncate()
+    held.write(f"{os.getpid()}\n")
+    held.flush()
+    return held
+
+
 def run_node(config: PacsConfig) -> None:
-    """The `pacs` entry point: the node (or, with `pull`, one study), logging to stderr."""
+    """The `pacs` entry point: the node (or, with `pull`, one study), logging to stderr; or
+    the operator's `status` and `retry`, which print and start nothing."""
+    if config.action in ("status", "retry"):
+        lines = (operations.status(config.state_dir) if config.action == "status"
+                 else operations.retry(config.state_dir, config.study))
+        print("\n".join(lines))
+        return
+    if config.action != "serve":
+        raise UserError(f"action must be serve, status or retry, got {config.action!r}")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logger.addHandler(handler)  # and its children's (listener)
