@@ -708,3 +708,21 @@ def test_pull_fetches_one_study_by_wado_rs_scores_and_sends_it(pacs_store, films
         assert sorted(pydicom.dcmread(path).Modality for path in results) == ["OT", "SR"]
     finally:
         orthanc.stop()
+
+
+def test_a_spooled_film_is_on_disk_before_the_store_is_answered(tmp_path, monkeypatch):
+    """The spool wrote by rename without fsync, and C-STORE success was answered after it: a
+    power cut could leave the ledger (synchronous=full) pointing at an empty file the PACS
+    will not send again. The film's bytes and its folder's entry are now fsynced first."""
+    synced: list[int] = []  # inodes handed to fsync, calling the real one
+    real_fsync = os.fsync
+
+    def recording_fsync(descriptor: int) -> None:
+        synced.append(os.fstat(descriptor).st_ino)
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    spool = Spool(tmp_path / "spool", max_gb=1, min_free_gb=0)
+    path = spool.write("1.2.3", "1.2.3.4", b"DICM film bytes")
+    assert path.read_bytes() == b"DICM film bytes"
+    assert synced == [path.stat().st_ino, path.parent.stat().st_ino]

@@ -52,7 +52,7 @@ class Spool:
                 return why
             path = self.path(study, sop)
             previous = path.stat().st_size if path.exists() else 0
-            atomic_write(path, lambda file: file.write(data))
+            atomic_write(path, lambda file: file.write(data), durable=True)
             self.size += len(data) - previous
             return path
 
