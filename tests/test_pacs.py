@@ -112,6 +112,7 @@ def test_the_operator_sees_where_studies_stand_and_retries_failed_ones(tmp_path,
     from covid_xray.pacs.operations import retry, status
     from covid_xray.pacs.spool import file_key
 
+    a, b, c, d = (f"1.2.826.0.1.3680043.8.498.{number}" for number in (71, 72, 73, 74))
     state = tmp_path / "state"
     with pytest.raises(UserError, match=r"state: no node's state here \(no ledger.sqlite\)"):
         status(str(state))
@@ -120,39 +121,39 @@ def test_the_operator_sees_where_studies_stand_and_retries_failed_ones(tmp_path,
     film = state / "spool" / "a.dcm"
     film.parent.mkdir(parents=True)
     film.write_bytes(b"x" * 1000)
-    for study, path in (("1.1", str(film)), ("1.2", ""), ("1.3", ""), ("1.4", "")):
+    for study, path in ((a, str(film)), (b, ""), (c, ""), (d, "")):
         ledger.receive(study, f"{study}.1", f"{study}.9", "d", path)
     ledger.mark_complete(0)
-    ledger.failed("1.1", "the model could not be loaded: MlflowException")  # films here
-    ledger.scored("1.2", "4", ["9.2"], ["9.0", "9.2"])
-    (state / "results" / file_key("1.2")).mkdir(parents=True)
-    (state / "results" / file_key("1.2") / "9.2.dcm").write_bytes(b"y" * 500)
-    ledger.send_failed("1.2", "STOW-RS failed: HTTPError: HTTP 503", retry_for_s=0)
-    ledger.failed("1.3", "no film could be scored (view 1)", ["1.3.1"])  # films gone
+    ledger.failed(a, "the model could not be loaded: MlflowException")  # its film is here
+    ledger.scored(b, "4", ["9.2"], ["9.0", "9.2"])
+    (state / "results" / file_key(b)).mkdir(parents=True)
+    (state / "results" / file_key(b) / "9.2.dcm").write_bytes(b"y" * 500)
+    ledger.send_failed(b, "STOW-RS failed: HTTPError: HTTP 503", retry_for_s=0)
+    ledger.failed(c, "no film could be scored (view 1)", [f"{c}.1"])  # its films are gone
     key = pseudonym_key(state)
-    names = {study: pseudonym(study, key) for study in ("1.1", "1.2", "1.3")}
+    names = {study: pseudonym(study, key) for study in (a, b, c)}
 
     lines = status(str(state))
     assert lines[0] == "studies: receiving 0, complete 1, scored 0, sent 0, failed 3"
     assert lines[1].startswith("waiting: 1, the oldest for 0 min")
     assert lines[2:5] == [
-        f"failed {names['1.1']}: the model could not be loaded: MlflowException (0 sends)",
-        f"failed {names['1.2']}: STOW-RS failed: HTTPError: HTTP 503 (1 sends)",
-        f"failed {names['1.3']}: no film could be scored (view 1) (0 sends)"]
+        f"failed {names[a]}: the model could not be loaded: MlflowException (0 sends)",
+        f"failed {names[b]}: STOW-RS failed: HTTPError: HTTP 503 (1 sends)",
+        f"failed {names[c]}: no film could be scored (view 1) (0 sends)"]
     assert lines[5].startswith("spool 0.000 GB, results 0.000 GB, free disk ")
-    assert not any(uid in "\n".join(lines) for uid in ("1.1", "1.2", "1.3"))
+    assert "1.2.826" not in "\n".join(lines)
 
-    with pytest.raises(UserError, match=r"^no failed study 1.4 in .*state \(`status` lists"):
-        retry(str(state), "1.4")
-    assert retry(str(state), names["1.2"]) == [f"{names['1.2']}: queued to be sent again"]
+    with pytest.raises(UserError, match=rf"^no failed study {d} in .*state \(`status` lists"):
+        retry(str(state), d)
+    assert retry(str(state), names[b]) == [f"{names[b]}: queued to be sent again"]
     run_node(PacsConfig(state_dir=str(state), action="retry"))
     assert capsys.readouterr().out == (
-        f"{names['1.1']}: queued to be scored again\n{names['1.3']}: cannot be retried: its "
+        f"{names[a]}: queued to be scored again\n{names[c]}: cannot be retried: its "
         "films are no longer in the spool (a new film of the study re-opens it)\n")
-    assert {study: ledger.get(study).status for study in ("1.1", "1.2", "1.3")} == {
-        "1.1": "complete", "1.2": "scored", "1.3": "failed"}
-    assert {study.study for study in ledger.due()} == {"1.1", "1.2", "1.4"}
-    assert not list(Path.cwd().glob("mlruns")) and not (state / "node.lock").exists()
+    assert {study: ledger.get(study).status for study in (a, b, c)} == {
+        a: "complete", b: "scored", c: "failed"}
+    assert {study.study for study in ledger.due()} == {a, b, d}
+    assert not (state / "node.lock").exists()  # status and retry take no node's place
 
 
 def test_one_node_per_state_dir_and_no_uid_in_what_it_records(tmp_path, monkeypatch):
@@ -269,7 +270,7 @@ def test_a_session_of_duplicates_only_logs_every_count_zeros_included(tmp_path, 
     for name in ("instances_received", "studies_received", "studies_scored", "studies_sent",
                  "studies_failed", "films_scored", "films_refused_view", "sends_failed"):
         assert metrics[name] == 0.0, name
-    assert len(metrics) == 19 and sum(metrics.values()) == 3.0
+    assert len(metrics) == 20 and sum(metrics.values()) == 3.0
 
 
 def test_a_taken_port_is_one_line_before_any_run(tmp_path, monkeypatch):
@@ -726,3 +727,59 @@ def test_a_spooled_film_is_on_disk_before_the_store_is_answered(tmp_path, monkey
     path = spool.write("1.2.3", "1.2.3.4", b"DICM film bytes")
     assert path.read_bytes() == b"DICM film bytes"
     assert synced == [path.stat().st_ino, path.parent.stat().st_ino]
+
+
+@pytest.mark.slow
+def test_a_registry_that_goes_away_leaves_the_model_in_hand_scoring(
+        pacs_store, films, tmp_path, monkeypatch, caplog):
+    """A real tracking server stopped mid-session: the registry's error was read as "no
+    version", the node reloaded by alias, failed, and failed the study (after minutes of
+    MLflow's own retries); the report named "unregistered". Now the model in hand scores on
+    under the version it was loaded as, within the node's deadlines; a node with no model yet
+    keeps the study (and its film) to score later, never failing or deleting it."""
+    from covid_xray.config import PacsConfig
+    from covid_xray.pacs import node as node_module
+    from tests.conftest import serving
+
+    for name, value in node_module.MLFLOW_DEADLINES.items():  # as run_node sets them
+        monkeypatch.setenv(name, value)
+    shutil.copy(pacs_store["root"] / "mlflow.db", tmp_path / "mlflow.db")
+    port = free_port()
+    command = [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri",
+               f"sqlite:///{tmp_path / 'mlflow.db'}", "--host", "127.0.0.1", "--port",
+               str(port), "--workers", "1"]
+
+    def arrives(node: node_module.Node, study: str) -> None:
+        sop = f"{study}.1"
+        node.ledger.receive(study, sop, f"{study}.9", "d", str(node.spool.write(
+            study, sop, films[0].read_bytes())))
+        node.ledger.mark_complete(0)
+        (due,) = [item for item in node.ledger.due() if item.study == study]
+        node.handle(due)
+
+    with serving(command, f"http://127.0.0.1:{port}", "/health", tmp_path / "server.log",
+                 cwd=tmp_path) as url:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        mlflow.set_tracking_uri(url)
+        node = node_module.Node(PacsConfig(state_dir=str(tmp_path / "a"), device="cpu"))
+        arrives(node, "1.2.840.1")
+        assert (node.ledger.get("1.2.840.1").status,
+                node.ledger.get("1.2.840.1").model_version) == ("scored", "1")
+    try:  # the server is stopped
+        started = time.monotonic()
+        arrives(node, "1.2.840.2")
+        assert time.monotonic() - started < 30
+        second = node.ledger.get("1.2.840.2")
+        assert (second.status, second.model_version) == ("scored", "1")
+        assert node.counts.snapshot()["registry/unreachable"] == 1
+        assert "scoring with the model in hand, models:/covid-xray-densenet/1" in caplog.text
+        fresh = node_module.Node(PacsConfig(state_dir=str(tmp_path / "b"), device="cpu"))
+        arrives(fresh, "1.2.840.3")
+        waiting = fresh.ledger.get("1.2.840.3")
+        assert (waiting.status, waiting.attempts) == ("complete", 1)
+        assert waiting.last_error.startswith("the model could not be loaded: UserError: the "
+                                             "model registry cannot resolve")
+        assert fresh.ledger.due() == []  # tried again after its wait, not at once
+        assert Path(fresh.ledger.instances("1.2.840.3")[0].path).is_file()
+    finally:
+        mlflow.set_tracking_uri(None)

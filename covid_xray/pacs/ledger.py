@@ -36,7 +36,7 @@ create table if not exists studies (
     complete_at real,              -- when it was found quiet (the latency clock starts)
     sent_at real,
     model_version text not null default '',
-    attempts integer not null default 0,   -- sends tried since it was last scored
+    attempts integer not null default 0,   -- failed tries (to score or send) since its last move
     next_try real not null default 0,
     failing_since real,            -- when its first failed send since it was scored failed
     last_error text not null default '',
@@ -156,10 +156,11 @@ class Ledger:
         return quiet
 
     def due(self) -> list[Study]:
-        """Complete studies to score and scored ones whose next send is due, oldest first."""
+        """Complete studies to score and scored ones to send whose next try is due, oldest
+        first."""
         return [self._study(row) for row in self._rows(
-            f"select {COLUMNS} from studies where status='complete' or (status='scored' "
-            "and sent_at is null and next_try<=?) order by complete_at", (time.time(),))]
+            f"select {COLUMNS} from studies where (status='complete' or (status='scored' and "
+            "sent_at is null)) and next_try<=? order by complete_at", (time.time(),))]
 
     def in_hand(self, study: str) -> bool:
         """Whether the node still owes `study` work: to score, or results to deliver."""
@@ -188,20 +189,28 @@ class Ledger:
             "where study=? and status='complete'",
             (version, json.dumps(result_uids), json.dumps(report), study))]))
 
-    def send_failed(self, study: str, error: str, retry_for_s: float,
-                    max_wait_s: float = MAX_WAIT_S) -> str:
-        """One more failed send: the next is due after a doubling wait (1 s, 2 s, ... at most
-        `max_wait_s`) while the first failure is less than `retry_for_s` ago, else the study
-        is failed: a PACS restarting, or down for an upgrade, is waited out. Its status."""
+    def send_failed(self, study: str, error: str, retry_for_s: float) -> str:
+        """One more failed send: tried again after a doubling wait (1 s, 2 s, ... at most
+        MAX_WAIT_S) while the first failure is less than `retry_for_s` ago, else the study is
+        failed: a PACS restarting, or down for an upgrade, is waited out. Its status."""
+        return self._try_later(study, "scored", error, retry_for_s)
+
+    def score_failed(self, study: str, error: str, retry_for_s: float) -> str:
+        """The model could not be had for a complete study (a registry away, no model loaded
+        yet, a weight file that does not load): scored later, as a send is tried again, its
+        films kept; failed past `retry_for_s`. Its status."""
+        return self._try_later(study, "complete", error, retry_for_s)
+
+    def _try_later(self, study: str, status_now: str, error: str, retry_for_s: float) -> str:
         now = time.time()
         current = self.get(study)
-        attempts = current.attempts + 1
+        tries = current.attempts + 1
         since = current.failing_since if current.failing_since is not None else now
-        status = "failed" if now - since >= retry_for_s else "scored"
-        wait = min(2.0 ** (attempts - 1), max_wait_s)
+        status = "failed" if now - since >= retry_for_s else status_now
+        wait = min(2.0 ** (tries - 1), MAX_WAIT_S)
         self._write([("update studies set status=?, attempts=?, next_try=?, failing_since=?, "
-                      "last_error=? where study=? and status='scored'",
-                      (status, attempts, now + wait, since, error[:500], study))])
+                      "last_error=? where study=? and status=?",
+                      (status, tries, now + wait, since, error[:500], study, status_now))])
         return status
 
     def requeue(self, study: str, status: str) -> bool:

@@ -80,7 +80,7 @@ def parse_callers(text: str) -> list[Caller]:
 SESSION_COUNTS = ("associations/rejected", "instances/received", "instances/duplicate",
                   "instances/refused/unreadable", "instances/refused/out_of_resources",
                   "studies/received", "studies/reopened", "studies/scored", "studies/sent",
-                  "studies/failed", "sends/failed", "films/scored",
+                  "studies/failed", "sends/failed", "films/scored", "registry/unreachable",
                   *(f"films/refused/{reason}" for reason in
                     (*REASONS, "model_error", "out_of_distribution")))
 

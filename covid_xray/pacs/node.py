@@ -43,6 +43,10 @@ from covid_xray.tracking import mlflow_run, registry
 
 logger = logging.getLogger("covid_xray.pacs")
 METRICS_EVERY_S = 60.0
+# MLflow's client tries a request again for minutes before it gives up (a study waited four
+# while the tracking server was away): the node asks once, briefly, and goes on with what it
+# has (the model in hand; its metrics again in a minute).
+MLFLOW_DEADLINES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 POLL_S = 0.2
 
 
@@ -64,7 +68,7 @@ class Node:
         self.results = state / "results"
         self.counts = Counts()
         self.latencies: list[float] = []  # study complete -> results confirmed, seconds
-        self.model_key, self.model = "", None
+        self.model_key, self.model, self.model_version = "", None, ""
         self.started = time.monotonic()
 
     def name(self, uid: str) -> str:
@@ -197,11 +201,15 @@ class Node:
         films, scope = self.films_of(study)
         try:
             version, model = self.model_now()
-        except Exception as error:
-            self.ledger.failed(study.study, f"the model could not be loaded: {describe(error)}")
-            self.counts.add("studies/failed")
-            logger.error("study %s: the model could not be loaded (%s)", self.name(study.study),
-                         describe(error))
+        except Exception as error:  # none in hand: the study waits, its films kept
+            status = self.ledger.score_failed(
+                study.study, f"the model could not be loaded: {describe(error)}",
+                self.config.retry_for_h * 3600)
+            if status == "failed":
+                self.counts.add("studies/failed")
+            logger.warning("study %s: no model could be loaded (%s); %s", self.name(study.study),
+                           type(error).__name__, "given up" if status == "failed"
+                           else "it waits and is tried again")
             return
         lifecycle.pause_point("pacs-scoring")
         outcome = score_study(model, study.study, films, self.spool.folder, self.results, scope,
@@ -247,15 +255,28 @@ class Node:
 
     def model_now(self) -> tuple[str, object]:
         """The version `model_uri` names now, and its model (loaded again only when the
-        version changed)."""
-        version = registry.resolve_version(self.config.model_uri)
-        key = f"models:/{version.name}/{version.version}" if version else self.config.model_uri
-        if key != self.model_key:
-            _, self.model = registry.load_resolved(key)
-            self.model.to_device(self.config.device)
-            self.model_key = key
-            logger.info("scoring with %s", key)
-        return (str(version.version) if version else ""), self.model
+        version changed). When the registry cannot answer, or the new version cannot be
+        loaded, the model in hand scores on, under the version it was loaded as (said in the
+        log and counted): a registry away for an hour does not stop a hospital's studies.
+        With none in hand, this raises and the study waits."""
+        try:
+            version = registry.resolve_version(self.config.model_uri)
+            key = (f"models:/{version.name}/{version.version}" if version
+                   else self.config.model_uri)
+            if key != self.model_key:
+                _, model = registry.load_resolved(key)
+                model.to_device(self.config.device)
+                self.model, self.model_key = model, key
+                self.model_version = str(version.version) if version else ""
+                logger.info("scoring with %s", key)
+        except Exception as error:
+            if self.model is None:
+                raise
+            self.counts.add("registry/unreachable")
+            logger.warning("the model registry cannot be reached or the model loaded (%s): "
+                           "scoring with the model in hand, %s", type(error).__name__,
+                           self.model_key)
+        return self.model_version, self.model
 
     def deliver(self, study: Study) -> None:
         """Send the study's results and confirm them (or keep them here); then its spooled
@@ -296,13 +317,19 @@ class Node:
     # -- what the session reports ----------------------------------------------------------
 
     def log_metrics(self) -> None:
+        """The session's counts and latency into its run: best-effort, since a tracking
+        server that is away must not stop the node (the next minute logs them all again)."""
         step = int((time.monotonic() - self.started) // 60)
         metrics = {name.replace("/", "_"): float(count)
                    for name, count in self.counts.snapshot().items()}
         if self.latencies:
             metrics["latency_p50_s"] = float(np.percentile(self.latencies, 50))
             metrics["latency_p95_s"] = float(np.percentile(self.latencies, 95))
-        mlflow.log_metrics(metrics, step=step)
+        try:
+            mlflow.log_metrics(metrics, step=step)
+        except Exception as error:
+            logger.warning("the session's metrics were not logged (%s); they are again in a "
+                           "minute", type(error).__name__)
 
     def summary(self) -> str:
         statuses = Counter(study.status for study in self.ledger.all())
@@ -346,6 +373,8 @@ def run_node(config: PacsConfig) -> None:
         return
     if config.action != "serve":
         raise UserError(f"action must be serve, status or retry, got {config.action!r}")
+    for name, value in MLFLOW_DEADLINES.items():  # this process is the node's alone
+        os.environ.setdefault(name, value)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logger.addHandler(handler)  # and its children's (listener)

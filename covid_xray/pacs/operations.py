@@ -74,12 +74,13 @@ def retry(state_dir: str, study: str = "") -> list[str]:
 
 
 def _what_again(state: Path, ledger: Ledger, study: Study) -> str:
-    """The status a failed study goes back to: scored (send again) when a send failed and
-    its results are all here, complete (score again) when any of its films is; else ""."""
+    """The status a failed study goes back to: scored (send again) when it failed sending
+    results all still here (a report not yet delivered), complete (score again) when any of
+    its films is; else ""."""
     folder = state / "results" / file_key(study.study)
     results_here = bool(study.result_uids) and all(
         (folder / f"{uid}.dcm").is_file() for uid in study.result_uids)
-    if study.attempts and results_here:
+    if results_here and study.report and study.report != study.delivered_report:
         return "scored"
     if any(instance.path and Path(instance.path).is_file()
            for instance in ledger.instances(study.study)):

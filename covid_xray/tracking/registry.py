@@ -55,9 +55,16 @@ def load_resolved(model_uri: str) -> tuple[Any, DicomClassifier]:
     return version, model
 
 
+# What the registry answers for a name, version or alias it does not have. Anything else (a
+# server that does not answer, a 500) is not "no such version" and is never read as one.
+NOT_THERE = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
+
+
 def resolve_version(model_uri: str):
     """The registered version a `models:/` URI points at (by number, stage or alias), or None
-    for URIs outside the registry (runs:/, a folder, a bare logged model)."""
+    for URIs outside the registry (runs:/, a folder, a bare logged model) and for a version
+    it does not have. A registry that cannot answer is one line (UserError), not None: read
+    as "unregistered", a model loaded by its alias named no version in its reports."""
     if not model_uri.startswith("models:/") or model_uri.startswith("models:/m-"):
         return None
     reference = model_uri.removeprefix("models:/")
@@ -72,8 +79,12 @@ def resolve_version(model_uri: str):
             warnings.simplefilter("ignore")
             found = client.get_latest_versions(name, None if which == "latest" else [which])
         return max(found, key=lambda version: int(version.version)) if found else None
-    except MlflowException:
-        return None
+    except MlflowException as error:
+        if error.error_code in NOT_THERE:
+            return None
+        first_line = (str(error.message).strip().splitlines() or [""])[0][:300]
+        raise UserError(f"the model registry cannot resolve {model_uri} now ({first_line})"
+                        ) from None
 
 
 def run_id_of(model_uri: str) -> str | None:
