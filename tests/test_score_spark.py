@@ -76,13 +76,23 @@ def test_a_clean_folder_is_scored_as_predict_scores_it(store, demo_dataset, tmp_
 
 def test_spark_rows_equal_predicts_csv(store, dicom_folder, tmp_path, capsys):
     """Row for row, predict's answers; every entry predict lists is a row (Spark's reader
-    skipped the empty file and the links: 4 of 11 entries had no row, and it exited 0)."""
-    from covid_xray.serving.score_spark import score_spark
+    skipped the empty file and the links: 4 of 11 entries had no row, and it exited 0).
+    hdfs://, s3a://: no symbolic links there, but empty files, which Spark's reader skips:
+    Hadoop's listing (here on file://, the same API) names them."""
+    from covid_xray.serving.score_spark import listed_files, score_spark, spark_session
+
+    config = ScoreSparkConfig(model_uri=PRODUCTION, input=str(dicom_folder),
+                              output=str(tmp_path / "scored.parquet"),
+                              csv=str(tmp_path / "scored.csv"), master="local[2]",
+                              files_per_batch=4)
+    # The session score_spark then takes up (getOrCreate), so Spark starts once here.
+    listed = listed_files(spark_session(config), f"file://{dicom_folder}", None)
+    files = {f"file:{path}" for path in dicom_folder.rglob("*")
+             if path.suffix.lower() == ".dcm" and not path.is_symlink()}
+    assert set(listed) == files and f"file:{dicom_folder}/empty.dcm" in files
 
     output = tmp_path / "scored.parquet"
-    score_spark(ScoreSparkConfig(model_uri=PRODUCTION, input=str(dicom_folder),
-                                 output=str(output), csv=str(tmp_path / "scored.csv"),
-                                 master="local[2]", files_per_batch=4))
+    score_spark(config)
     spark_rows = pd.read_parquet(output)
     spark_rows["path"] = spark_rows.path.str.removeprefix("file:")
     spark_rows = spark_rows.sort_values("path").reset_index(drop=True)
@@ -122,8 +132,9 @@ def test_spark_rows_equal_predicts_csv(store, dicom_folder, tmp_path, capsys):
     assert len(csv) == len(spark_rows)
 
     # A run records what was scored, by which version; no paths.
-    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list",
-                                filter_string="attributes.run_name LIKE 'score_spark-%'")
+    run = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                             filter_string="attributes.run_name LIKE 'score_spark-%'",
+                             order_by=["attributes.start_time DESC"])[0]  # this test's
     assert run.info.run_name == "score_spark-covid-xray-densenet-v1"
     assert run.data.params["count/files"] == run.data.params["count/listed"] == str(
         len(spark_rows))
@@ -147,18 +158,3 @@ def test_a_missing_input_is_one_line_before_spark_starts(store, tmp_path):
         score_spark(ScoreSparkConfig(model_uri=PRODUCTION, input=str(tmp_path / "nothere"),
                                      output=str(tmp_path / "o.parquet")))
     assert not (tmp_path / "o.parquet").exists()
-
-
-def test_a_remote_path_is_listed_by_hadoop_empty_files_included(dicom_folder):
-    """hdfs://, s3a://: no symbolic links there, but empty files, which Spark's reader skips:
-    Hadoop's listing (here on file://, the same API) names them."""
-    from covid_xray.serving.score_spark import listed_files, spark_session
-
-    spark = spark_session(ScoreSparkConfig(master="local[1]"))
-    try:
-        listed = listed_files(spark, f"file://{dicom_folder}", None)
-    finally:
-        spark.stop()
-    files = {f"file:{path}" for path in dicom_folder.rglob("*")
-             if path.suffix.lower() == ".dcm" and not path.is_symlink()}
-    assert set(listed) == files and f"file:{dicom_folder}/empty.dcm" in files
