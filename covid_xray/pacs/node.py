@@ -29,7 +29,7 @@ import numpy as np
 import requests
 
 from covid_xray import lifecycle
-from covid_xray.config import PacsConfig
+from covid_xray.config import PACS_ACTIONS, PacsConfig
 from covid_xray.errors import UserError
 from covid_xray.files import atomic_write
 from covid_xray.pacs import operations
@@ -366,13 +366,14 @@ def hold(state: Path) -> IO[str]:
 def run_node(config: PacsConfig) -> None:
     """The `pacs` entry point: the node (or, with `pull`, one study), logging to stderr; or
     the operator's `status` and `retry`, which print and start nothing."""
-    if config.action in ("status", "retry"):
-        lines = (operations.status(config.state_dir) if config.action == "status"
-                 else operations.retry(config.state_dir, config.study))
-        print("\n".join(lines))
+    operator = {"status": lambda: operations.status(config.state_dir),
+                "retry": lambda: operations.retry(config.state_dir, config.study)}
+    if config.action in operator:
+        print("\n".join(operator[config.action]()))
         return
     if config.action != "serve":
-        raise UserError(f"action must be serve, status or retry, got {config.action!r}")
+        raise UserError(f"action must be one of {', '.join(PACS_ACTIONS)}, got "
+                        f"{config.action!r}")
     for name, value in MLFLOW_DEADLINES.items():  # this process is the node's alone
         os.environ.setdefault(name, value)
     handler = logging.StreamHandler(sys.stderr)
