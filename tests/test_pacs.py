@@ -786,3 +786,30 @@ def test_a_registry_that_goes_away_leaves_the_model_in_hand_scoring(
         assert Path(fresh.ledger.instances("1.2.840.3")[0].path).is_file()
     finally:
         mlflow.set_tracking_uri(None)
+
+
+@pytest.mark.slow
+def test_confirmation_finds_every_result_past_the_archives_search_limit(films, tmp_path):
+    """QIDO-RS confirmation read the study's search answer, which an archive cuts at its
+    result limit (Orthanc's LimitFindInstances): a result stored but past the limit counted as
+    missing, and the study's sends failed until it was failed. Each result is now searched
+    for by its own UID."""
+    import json
+
+    orthanc = Orthanc(tmp_path / "orthanc", free_port(), free_port())
+    config = json.loads(orthanc.config.read_text())
+    orthanc.config.write_text(json.dumps(config | {"LimitFindInstances": 1}))
+    study = "1.2.826.0.1.3680043.8.498.77009"
+    orthanc.start()
+    try:
+        uids = []
+        for index, source in enumerate(films[:3]):
+            stored = film(source, tmp_path / f"f{index}.dcm", study)
+            orthanc.upload(stored)
+            uids.append(pydicom.dcmread(stored).SOPInstanceUID)
+        web = destination(f"dicomweb:{orthanc.dicomweb}", "COVIDXRAY")
+        assert len(web.client.search_for_instances(study_instance_uid=study)) < 3  # the cut
+        assert web.missing(study, uids) == []
+        assert web.missing(study, [*uids, f"{study}.404"]) == [f"{study}.404"]
+    finally:
+        orthanc.stop()
