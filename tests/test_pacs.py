@@ -20,6 +20,7 @@ import pandas as pd
 import pydicom
 import pytest
 import requests
+import torch
 from pynetdicom import AE
 from pynetdicom.sop_class import (
     ComputedRadiographyImageStorage,
@@ -32,7 +33,7 @@ from covid_xray.errors import UserError
 from covid_xray.pacs.destinations import destination
 from covid_xray.pacs.ledger import Ledger
 from covid_xray.pacs.listener import TRANSFER_SYNTAXES, Counts, Listener, parse_callers
-from covid_xray.pacs.spool import Spool
+from covid_xray.pacs.spool import Spool, file_key
 from covid_xray.pseudonyms import pseudonym, pseudonym_key
 from covid_xray.serving.predict import predict_files
 from tests.conftest import ROOT, clean_env, free_port
@@ -736,7 +737,8 @@ def test_a_registry_that_goes_away_leaves_the_model_in_hand_scoring(
     version", the node reloaded by alias, failed, and failed the study (after minutes of
     MLflow's own retries); the report named "unregistered". Now the model in hand scores on
     under the version it was loaded as, within the node's deadlines; a node with no model yet
-    keeps the study (and its film) to score later, never failing or deleting it."""
+    keeps the study (and its film) to score later, never failing or deleting it. So does a
+    network that fails on a study's films (out of memory)."""
     from covid_xray.config import PacsConfig
     from covid_xray.pacs import node as node_module
     from tests.conftest import serving
@@ -784,6 +786,27 @@ def test_a_registry_that_goes_away_leaves_the_model_in_hand_scoring(
                                              "model registry cannot resolve")
         assert fresh.ledger.due() == []  # tried again after its wait, not at once
         assert Path(fresh.ledger.instances("1.2.840.3")[0].path).is_file()
+
+        def out_of_memory(batch):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        # The network itself fails: the study waits and is scored again, its film kept (it
+        # was failed as "no film could be scored (model_error 1)" and its film deleted).
+        with monkeypatch.context() as patched:
+            patched.setattr(node.model, "forward_with_features", out_of_memory)
+            arrives(node, "1.2.840.4")
+        broken = node.ledger.get("1.2.840.4")
+        assert (broken.status, broken.attempts, broken.last_error) == (
+            "complete", 1, "the model failed on the study's films: OutOfMemoryError")
+        assert Path(node.ledger.instances("1.2.840.4")[0].path).is_file()
+        assert not (node.results / file_key("1.2.840.4")).exists()  # nothing half-made
+        counts = node.counts.snapshot()
+        assert counts["studies/waited_for_model"] == 1 and "films/refused/model_error" not in counts
+        # The model recovers (the patch is gone): the study's next try scores it.
+        time.sleep(1.1)  # its first wait: 1 s
+        (due,) = node.ledger.due()
+        node.handle(due)
+        assert node.ledger.get("1.2.840.4").status == "scored"
     finally:
         mlflow.set_tracking_uri(None)
 

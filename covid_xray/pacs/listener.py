@@ -81,8 +81,8 @@ SESSION_COUNTS = ("associations/rejected", "instances/received", "instances/dupl
                   "instances/refused/unreadable", "instances/refused/out_of_resources",
                   "studies/received", "studies/reopened", "studies/scored", "studies/sent",
                   "studies/failed", "sends/failed", "films/scored", "registry/unreachable",
-                  *(f"films/refused/{reason}" for reason in
-                    (*REASONS, "model_error", "out_of_distribution")))
+                  "studies/waited_for_model",
+                  *(f"films/refused/{reason}" for reason in (*REASONS, "out_of_distribution")))
 
 
 class Counts:

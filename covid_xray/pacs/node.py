@@ -36,7 +36,7 @@ from covid_xray.pacs import operations
 from covid_xray.pacs.destinations import DicomWeb, SendError, describe, destination, shown_target
 from covid_xray.pacs.ledger import Ledger, Study
 from covid_xray.pacs.listener import CHEST_STORAGE, Counts, Listener, parse_callers, take
-from covid_xray.pacs.scoring import score_study
+from covid_xray.pacs.scoring import ModelFailed, score_study
 from covid_xray.pacs.spool import Spool, file_key
 from covid_xray.pseudonyms import pseudonym, pseudonym_key
 from covid_xray.tracking import mlflow_run, registry
@@ -202,18 +202,15 @@ class Node:
         try:
             version, model = self.model_now()
         except Exception as error:  # none in hand: the study waits, its films kept
-            status = self.ledger.score_failed(
-                study.study, f"the model could not be loaded: {describe(error)}",
-                self.config.retry_for_h * 3600)
-            if status == "failed":
-                self.counts.add("studies/failed")
-            logger.warning("study %s: no model could be loaded (%s); %s", self.name(study.study),
-                           type(error).__name__, "given up" if status == "failed"
-                           else "it waits and is tried again")
+            self.wait_for_model(study, "could not be loaded", describe(error))
             return
         lifecycle.pause_point("pacs-scoring")
-        outcome = score_study(model, study.study, films, self.spool.folder, self.results, scope,
-                              study.delivered_report)
+        try:
+            outcome = score_study(model, study.study, films, self.spool.folder, self.results,
+                                  scope, study.delivered_report)
+        except ModelFailed as error:  # out of memory, say: not the films' fault
+            self.wait_for_model(study, "failed on the study's films", str(error))
+            return
         self.counts.add("films/scored", outcome.scored)
         for reason, count in outcome.reasons.items():
             self.counts.add(f"films/refused/{reason}", count)
@@ -232,6 +229,19 @@ class Node:
             logger.info("study %s scored by version %s: %d films%s", self.name(study.study),
                         version or "(unregistered)", outcome.scored,
                         f", left out: {left_out}" if left_out else "")
+
+    def wait_for_model(self, study: Study, what: str, why: str) -> None:
+        """The model could not score `study` (none could be loaded, or the network failed):
+        it waits and is scored again, as a failed send is tried again; failed only past
+        `retry_for_h`, its films kept either way (they may be the only copy)."""
+        status = self.ledger.score_failed(study.study, f"the model {what}: {why}",
+                                          self.config.retry_for_h * 3600)
+        self.counts.add("studies/waited_for_model")
+        if status == "failed":
+            self.counts.add("studies/failed")
+        logger.warning("study %s: the model %s (%s); %s", self.name(study.study), what,
+                       why.split(":")[0], "given up" if status == "failed"
+                       else "it waits and is tried again")
 
     def films_of(self, study: Study) -> tuple[list[Path], str]:
         """The study's spooled films, and the report's scope. Films whose spool files were

@@ -20,6 +20,11 @@ from covid_xray.model.dicom_answers import study_results
 from covid_xray.pacs.spool import file_key
 
 
+class ModelFailed(Exception):
+    """The network failed on the study's films (out of memory, a corrupt weight): nothing of
+    the study was scored, and it is scored again later, its films kept."""
+
+
 @dataclass
 class Scored:
     """What scoring one study made: its results' SOP Instance UIDs (their files are
@@ -35,10 +40,14 @@ class Scored:
 def score_study(model: Any, study: str, films: list[Path], spool: Path, results: Path,
                 scope: str, predecessor: list[str]) -> Scored:
     """Score `films` (spool files) of `study`; write its results into `results/<study>/`
-    (what was there before is replaced: it belonged to an earlier scoring)."""
+    (what was there before is replaced: it belonged to an earlier scoring). Raises
+    ModelFailed, writing nothing, when the network failed on them."""
     made = study_results(model, scope, {study: tuple(predecessor)} if predecessor else None)
     answers = model.answer_request(pd.Series([str(path) for path in films]), "path",
                                    str(spool), True, made)
+    failed = answers.error[answers.reason == "model_error"]
+    if len(failed):  # "row N: the model could not score this input (OutOfMemoryError)"
+        raise ModelFailed(failed.iloc[0].rpartition("(")[2].rstrip(")"))
     folder = results / file_key(study)
     shutil.rmtree(folder, ignore_errors=True)
     outcome = Scored(scored=int((answers.label != "").sum()),
