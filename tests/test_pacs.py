@@ -456,12 +456,15 @@ def reports(orthanc: Orthanc, study: str, count: int = 1) -> list[pydicom.Datase
     return orthanc.results(study, "SR")
 
 
+def dicom_bytes(dataset: pydicom.Dataset) -> bytes:
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
 def film_values(report: pydicom.Dataset) -> dict[str, dict[str, float]]:
     """Film SOP UID -> its probabilities, as the report states them."""
-    buffer = io.BytesIO()
-    report.save_as(buffer, enforce_file_format=True)
-    buffer.seek(0)
-    document = hd.sr.srread(buffer)
+    document = hd.sr.srread(io.BytesIO(dicom_bytes(report)))
     values = {}
     for group in document.content.get_image_measurement_groups():
         if group.tracking_identifier.startswith("film"):
@@ -552,6 +555,36 @@ def test_a_late_film_reopens_its_study_and_the_new_report_names_the_first(pacs, 
     path = tmp_path / "newer.dcm"
     newer.save_as(path, enforce_file_format=True)
     assert dciodvfy_errors(path) == []
+    assert node.ledger()[study]["status"] == "sent"
+
+
+@pytest.mark.slow
+def test_a_late_film_of_a_study_sent_straight_from_a_modality_is_reported_on_what_is_at_hand(
+        pacs, films, tmp_path):
+    """Films a modality sends straight to the node were never at the destination: a late
+    film made the node fetch the first back by WADO-RS, get 404, and fail the study, so its
+    second report never went out. Now that report covers the films at hand and says so."""
+    orthanc, node = pacs["orthanc"], pacs["node"]
+    study = "1.2.826.0.1.3680043.8.498.77002"
+
+    def modality_sends(path: Path) -> None:
+        association = scu("TESTSCU", ComputedRadiographyImageStorage).associate(
+            "127.0.0.1", node.port, ae_title="COVIDXRAY")
+        assert association.send_c_store(pydicom.dcmread(path)).Status == 0x0000
+        association.release()
+
+    modality_sends(film(films[0], tmp_path / "1.dcm", study))
+    (earlier,) = reports(orthanc, study)
+    wait_until(lambda: node.ledger()[study]["status"] == "sent", what="the first delivery")
+    modality_sends(film(films[2], tmp_path / "2.dcm", study))
+    both = reports(orthanc, study, count=2)
+    (newer,) = [report for report in both if report.SOPInstanceUID != earlier.SOPInstanceUID]
+    assert newer.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0] \
+        .ReferencedSOPSequence[0].ReferencedSOPInstanceUID == earlier.SOPInstanceUID
+    assert list(film_values(newer)) == [pydicom.dcmread(tmp_path / "2.dcm").SOPInstanceUID]
+    document = hd.sr.srread(io.BytesIO(dicom_bytes(newer)))
+    scope = document.content.get_image_measurement_groups()[-1].get_qualitative_evaluations()
+    assert scope[1].value.value == "request"
     assert node.ledger()[study]["status"] == "sent"
 
 
@@ -801,7 +834,7 @@ def test_a_registry_that_goes_away_leaves_the_model_in_hand_scoring(
         assert Path(node.ledger.instances("1.2.840.4")[0].path).is_file()
         assert not (node.results / file_key("1.2.840.4")).exists()  # nothing half-made
         counts = node.counts.snapshot()
-        assert counts["studies/waited_for_model"] == 1 and "films/refused/model_error" not in counts
+        assert counts["studies/scoring_postponed"] == 1 and "films/refused/model_error" not in counts
         # The model recovers (the patch is gone): the study's next try scores it.
         time.sleep(1.1)  # its first wait: 1 s
         (due,) = node.ledger.due()

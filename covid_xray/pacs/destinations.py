@@ -91,10 +91,17 @@ class DicomWeb:
             study_instance_uid=study,
             fields=["SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"])
 
-    def fetch(self, study: str, series: str, sop: str) -> bytes:
-        """WADO-RS: one instance as a DICOM file, in the syntax it is stored in."""
-        dataset = self.client.retrieve_instance(study, series, sop,
-                                                media_types=(("application/dicom", "*"),))
+    def fetch(self, study: str, series: str, sop: str) -> bytes | None:
+        """WADO-RS: one instance as a DICOM file, in the syntax it is stored in; None when
+        the server has no such instance (404). A server that cannot answer: SendError."""
+        try:
+            dataset = self.client.retrieve_instance(study, series, sop,
+                                                    media_types=(("application/dicom", "*"),))
+        except (requests.RequestException, OSError) as error:
+            response = getattr(error, "response", None)
+            if response is not None and response.status_code == 404:
+                return None
+            raise SendError(f"WADO-RS failed: {describe(error)}") from None
         buffer = io.BytesIO()
         dataset.save_as(buffer, enforce_file_format=True)
         return buffer.getvalue()

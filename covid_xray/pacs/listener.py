@@ -81,7 +81,7 @@ SESSION_COUNTS = ("associations/rejected", "instances/received", "instances/dupl
                   "instances/refused/unreadable", "instances/refused/out_of_resources",
                   "studies/received", "studies/reopened", "studies/scored", "studies/sent",
                   "studies/failed", "sends/failed", "films/scored", "registry/unreachable",
-                  "studies/waited_for_model",
+                  "studies/scoring_postponed",
                   *(f"films/refused/{reason}" for reason in (*REASONS, "out_of_distribution")))
 
 

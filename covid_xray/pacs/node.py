@@ -151,7 +151,7 @@ class Node:
                          if item.get("00080016", {}).get("Value", [""])[0] in CHEST_STORAGE]
             for item in instances:
                 self.keep(study, item["0020000E"]["Value"][0], item["00080018"]["Value"][0])
-        except (requests.RequestException, OSError, KeyError) as error:
+        except (SendError, requests.RequestException, OSError, KeyError) as error:
             raise UserError(f"could not fetch study {self.name(study)} from "
                             f"{self.source.shown}: {describe(error)}") from None
         if not instances:
@@ -172,8 +172,10 @@ class Node:
     def keep(self, study: str, series: str, sop: str) -> None:
         """One instance fetched by WADO-RS into the spool and the ledger (the same bytes
         again are nothing new)."""
-        _, no_room = take(self.ledger, self.spool, study, series, sop,
-                          self.source.fetch(study, series, sop))
+        data = self.source.fetch(study, series, sop)
+        if data is None:
+            raise SendError("WADO-RS: HTTP 404 for an instance its search listed")
+        _, no_room = take(self.ledger, self.spool, study, series, sop, data)
         if no_room:
             raise UserError(f"no room for the study: {no_room}")
 
@@ -198,18 +200,22 @@ class Node:
             self.counts.add("studies/failed")
 
     def score(self, study: Study) -> None:
-        films, scope = self.films_of(study)
+        try:
+            films, scope = self.films_of(study)
+        except SendError as error:  # the destination is away: fetched back on a later try
+            self.score_later(study, "its films could not be fetched back", str(error))
+            return
         try:
             version, model = self.model_now()
         except Exception as error:  # none in hand: the study waits, its films kept
-            self.wait_for_model(study, "could not be loaded", describe(error))
+            self.score_later(study, "the model could not be loaded", describe(error))
             return
         lifecycle.pause_point("pacs-scoring")
         try:
             outcome = score_study(model, study.study, films, self.spool.folder, self.results,
                                   scope, study.delivered_report)
         except ModelFailed as error:  # out of memory, say: not the films' fault
-            self.wait_for_model(study, "failed on the study's films", str(error))
+            self.score_later(study, "the model failed on the study's films", str(error))
             return
         self.counts.add("films/scored", outcome.scored)
         for reason, count in outcome.reasons.items():
@@ -230,29 +236,35 @@ class Node:
                         version or "(unregistered)", outcome.scored,
                         f", left out: {left_out}" if left_out else "")
 
-    def wait_for_model(self, study: Study, what: str, why: str) -> None:
-        """The model could not score `study` (none could be loaded, or the network failed):
-        it waits and is scored again, as a failed send is tried again; failed only past
-        `retry_for_h`, its films kept either way (they may be the only copy)."""
-        status = self.ledger.score_failed(study.study, f"the model {what}: {why}",
+    def score_later(self, study: Study, what: str, why: str) -> None:
+        """`study` cannot be scored now (no model could be loaded, the network failed, its
+        films could not be fetched back): it waits and is scored again, as a failed send is
+        tried again; failed only past `retry_for_h`, its films kept either way (they may be
+        the only copy)."""
+        status = self.ledger.score_failed(study.study, f"{what}: {why}",
                                           self.config.retry_for_h * 3600)
-        self.counts.add("studies/waited_for_model")
+        self.counts.add("studies/scoring_postponed")
         if status == "failed":
             self.counts.add("studies/failed")
-        logger.warning("study %s: the model %s (%s); %s", self.name(study.study), what,
+        logger.warning("study %s: %s (%s); %s", self.name(study.study), what,
                        why.split(":")[0], "given up" if status == "failed"
                        else "it waits and is tried again")
 
     def films_of(self, study: Study) -> tuple[list[Path], str]:
         """The study's spooled films, and the report's scope. Films whose spool files were
         deleted after an earlier delivery are fetched back by WADO-RS from a DICOMweb
-        destination; with another, the report covers the films at hand ("request")."""
+        destination; when they cannot be (a DIMSE destination; films a modality sent straight
+        here, which the destination never had), the report covers the films at hand
+        ("request")."""
         films, scope = [], "study"
         for instance in self.ledger.instances(study.study):
             if instance.path and Path(instance.path).exists():
                 films.append(Path(instance.path))
             elif isinstance(self.destination, DicomWeb):
                 data = self.destination.fetch(study.study, instance.series, instance.sop)
+                if data is None:  # never there: a modality sent it straight to the node
+                    scope = "request"
+                    continue
                 kept = self.spool.write(study.study, instance.sop, data)
                 if isinstance(kept, str):
                     scope = "request"
