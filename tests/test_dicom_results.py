@@ -28,6 +28,7 @@ from covid_xray.model.dicom_results import (
     StudyResults,
     as_uid,
     heatmap_capture,
+    pixel_digest,
     read_source,
     study_report,
     to_bytes,
@@ -513,15 +514,17 @@ def test_the_same_answer_is_the_same_object_and_another_is_not(tmp_path):
     """Result UIDs are derived from what a result is about: made again (a rerun, a resend),
     a report and a heatmap keep their SOP and series UIDs, so a PACS files them once; another
     model version, or a study with one more film, gets new ones."""
-    first, second = (read_source(str(siim_film(tmp_path / f"{name}.dcm"))) for name in "ab")
+    first_path = siim_film(tmp_path / "a.dcm")
+    first, second = read_source(str(first_path)), read_source(str(siim_film(tmp_path / "b.dcm")))
     second.SOPInstanceUID = "1.2.3.4"
     films = np.array([[0.25, 0.75], [0.5, 0.5]])
 
     def report(sources, model=MODEL):
         return study_report(sources, films[: len(sources)], ["opacity"] * len(sources), model)
 
-    def heatmap(identity=IDENTITY):
+    def heatmap(identity=IDENTITY, pixels=""):
         results = StudyResults(ReportedModel(CLASSES, identity=identity), "folder")
+        results.add(first, films[0], "opacity", pixels or pixel_digest(str(first_path)))
         return results.heatmap(first, np.zeros((48, 40, 3), np.uint8), "opacity")
 
     again = report([first, second])
@@ -534,6 +537,16 @@ def test_the_same_answer_is_the_same_object_and_another_is_not(tmp_path):
     assert report([first, second], other_version).SOPInstanceUID != again.SOPInstanceUID
     assert report([first]).SOPInstanceUID != again.SOPInstanceUID
     assert heatmap(other_version.identity).SOPInstanceUID != heatmap().SOPInstanceUID
+    # A corrected film: its SOP Instance UID, new pixels. The heatmap of the first film kept
+    # its UID, so an archive holding it kept the stale picture under it.
+    corrected = pydicom.dcmread(first_path)
+    corrected.PixelData = bytes(len(corrected.PixelData))
+    corrected.save_as(tmp_path / "corrected.dcm")
+    assert pixel_digest(str(tmp_path / "corrected.dcm")) != pixel_digest(str(first_path))
+    assert heatmap(pixels=pixel_digest(str(tmp_path / "corrected.dcm"))).SOPInstanceUID \
+        != heatmap().SOPInstanceUID
+    assert study_report([first], films[:1], ["opacity"], MODEL, pixels=["other"]) \
+        .SOPInstanceUID != report([first]).SOPInstanceUID
     for uid in (again.SOPInstanceUID, again.SeriesInstanceUID, heatmap().SOPInstanceUID):
         assert uid.startswith("2.25.") and len(uid) <= 64
     assert dciodvfy_errors(again) == []

@@ -558,6 +558,14 @@ def test_a_late_film_reopens_its_study_and_the_new_report_names_the_first(pacs, 
     assert node.ledger()[study]["status"] == "sent"
 
 
+def modality_sends(node: Node, path: Path) -> None:
+    """`path` sent straight to the node, as a modality's storescu would."""
+    association = scu("TESTSCU", ComputedRadiographyImageStorage).associate(
+        "127.0.0.1", node.port, ae_title="COVIDXRAY")
+    assert association.send_c_store(pydicom.dcmread(path)).Status == 0x0000
+    association.release()
+
+
 @pytest.mark.slow
 def test_a_late_film_of_a_study_sent_straight_from_a_modality_is_reported_on_what_is_at_hand(
         pacs, films, tmp_path):
@@ -566,17 +574,10 @@ def test_a_late_film_of_a_study_sent_straight_from_a_modality_is_reported_on_wha
     second report never went out. Now that report covers the films at hand and says so."""
     orthanc, node = pacs["orthanc"], pacs["node"]
     study = "1.2.826.0.1.3680043.8.498.77002"
-
-    def modality_sends(path: Path) -> None:
-        association = scu("TESTSCU", ComputedRadiographyImageStorage).associate(
-            "127.0.0.1", node.port, ae_title="COVIDXRAY")
-        assert association.send_c_store(pydicom.dcmread(path)).Status == 0x0000
-        association.release()
-
-    modality_sends(film(films[0], tmp_path / "1.dcm", study))
+    modality_sends(node, film(films[0], tmp_path / "1.dcm", study))
     (earlier,) = reports(orthanc, study)
     wait_until(lambda: node.ledger()[study]["status"] == "sent", what="the first delivery")
-    modality_sends(film(films[2], tmp_path / "2.dcm", study))
+    modality_sends(node, film(films[2], tmp_path / "2.dcm", study))
     both = reports(orthanc, study, count=2)
     (newer,) = [report for report in both if report.SOPInstanceUID != earlier.SOPInstanceUID]
     assert newer.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0] \
@@ -586,6 +587,32 @@ def test_a_late_film_of_a_study_sent_straight_from_a_modality_is_reported_on_wha
     scope = document.content.get_image_measurement_groups()[-1].get_qualitative_evaluations()
     assert scope[1].value.value == "request"
     assert node.ledger()[study]["status"] == "sent"
+
+
+@pytest.mark.slow
+def test_a_corrected_film_gets_a_new_heatmap_and_a_report_naming_the_first(
+        pacs, films, tmp_path):
+    """A correction: the same SOP Instance UID with new pixels. Its heatmap's UID came from
+    the film's UID, label and model only, so the new picture went out under the old UID, the
+    archive kept the stale one, and QIDO-RS found it: 'sent'. Now it is a new object."""
+    orthanc, node = pacs["orthanc"], pacs["node"]
+    study = "1.2.826.0.1.3680043.8.498.77003"
+    first = film(films[0], tmp_path / "first.dcm", study)
+    modality_sends(node, first)
+    (earlier,) = reports(orthanc, study)
+    wait_until(lambda: node.ledger()[study]["status"] == "sent", what="the first delivery")
+    (tmp_path / "corrected").mkdir()  # the same name: the same UIDs; another film's pixels
+    corrected = pydicom.dcmread(film(films[1], tmp_path / "corrected" / "first.dcm", study))
+    assert corrected.SOPInstanceUID == pydicom.dcmread(first).SOPInstanceUID
+    modality_sends(node, tmp_path / "corrected" / "first.dcm")
+    both = reports(orthanc, study, count=2)
+    (newer,) = [report for report in both if report.SOPInstanceUID != earlier.SOPInstanceUID]
+    assert list(film_values(newer)) == [corrected.SOPInstanceUID]
+    assert newer.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0] \
+        .ReferencedSOPSequence[0].ReferencedSOPInstanceUID == earlier.SOPInstanceUID
+    heatmaps = orthanc.results(study, "OT")
+    assert len(heatmaps) == 2 and len({image.SOPInstanceUID for image in heatmaps}) == 2
+    wait_until(lambda: node.ledger()[study]["status"] == "sent", what="the second delivery")
 
 
 @pytest.mark.slow

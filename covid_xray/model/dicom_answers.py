@@ -28,6 +28,7 @@ from covid_xray.model.dicom_results import (
     ReportedModel,
     StudyResults,
     as_uid,
+    pixel_digest,
     read_source,
     to_bytes,
 )
@@ -60,13 +61,13 @@ def add_film(results: StudyResults, file: Any, item: Decoded, probabilities: np.
     when the header cannot be read: the study then gets no report, since it would leave the
     film out of a mean that counts it."""
     try:
-        source = read_source(file)
+        source, pixels = read_source(file), pixel_digest(file)
     except Exception:
         if item.uids.get("study_instance_uid"):
             results.withhold(as_uid(item.uids["study_instance_uid"]),
                              "a film's header could not be read")
         return None
-    results.add(source, probabilities, label)
+    results.add(source, probabilities, label, pixels)
     return source
 
 

@@ -38,6 +38,7 @@ arrives as its sender most likely meant it rather than as `?`.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 import uuid
@@ -186,6 +187,16 @@ def read_source(file: str | BinaryIO) -> Dataset:
     return source
 
 
+def pixel_digest(file: str | BinaryIO) -> str:
+    """A digest of the film's pixels as stored: what its results show. A corrected film
+    (the same SOP Instance UID, new pixels) gets results of new UIDs, so an archive that keeps
+    the first object under a UID does not keep a stale heatmap or report."""
+    if hasattr(file, "seek"):
+        file.seek(0)
+    pixels = pydicom.dcmread(file, specific_tags=["PixelData"]).get("PixelData") or b""
+    return hashlib.blake2b(pixels, digest_size=16).hexdigest()
+
+
 def _valid(vr: str, value: object) -> bool:
     """Whether `value` is one pydicom would write without complaint for `vr`."""
     try:
@@ -223,16 +234,18 @@ def _probabilities(names: Sequence[str], values: Sequence[float],
 
 def study_report(sources: Sequence[Dataset], probabilities: np.ndarray, labels: Sequence[str],
                  model: ReportedModel, left_out: FilmCounts = FilmCounts(),
-                 scope: str = "folder", predecessor: tuple[str, str] | None = None) -> Dataset:
+                 scope: str = "folder", predecessor: tuple[str, str] | None = None,
+                 pixels: Sequence[str] = ()) -> Dataset:
     """The Structured Report of one study's scored films (`read_source` headers, with their
     calibrated probabilities and labels) and of the study's answer: their mean, called at the
     model's threshold. `left_out` counts the study's films that are not in it. A report that
     replaces an earlier one of the study names it (`predecessor`: its series and SOP Instance
-    UIDs) in its Predecessor Documents Sequence, and gets a UID of its own."""
+    UIDs) in its Predecessor Documents Sequence, and gets a UID of its own; so does one of
+    films with other pixels (`pixels`: their `pixel_digest`s)."""
     identity = model.identity
     algorithm = hd.sr.AlgorithmIdentification(name=identity.name or "covid-xray model",
                                               version=identity.version or "unregistered")
-    films = [source.SOPInstanceUID for source in sources]
+    films = [source.SOPInstanceUID for source in sources] + list(pixels)
     groups = [_film_group(number, source, values, label, model.class_names, algorithm,
                           result_uid(f"film group {number}", identity, *films))
               for number, (source, values, label) in enumerate(
@@ -326,14 +339,15 @@ def _study_group(sources: Sequence[Dataset], probabilities: np.ndarray, model: R
 
 
 def heatmap_capture(source: Dataset, picture: np.ndarray, label: str, series_uid: str,
-                    instance: int, identity: ModelIdentity) -> Dataset:
+                    instance: int, identity: ModelIdentity, pixels: str = "") -> Dataset:
     """A Grad-CAM overlay (`gradcam.overlay`'s picture: the film at its own size, BGR) of the
     evidence for class `label`, as a Secondary Capture image in the source's study. All
-    heatmaps of one study share `series_uid`; `instance` numbers them."""
+    heatmaps of one study share `series_uid`; `instance` numbers them. Its UID derives from
+    the film's UID and its `pixel_digest` (`pixels`)."""
     rgb = np.ascontiguousarray(picture[..., ::-1])
     image = hd.sc.SCImage.from_ref_dataset(
         source, rgb, "RGB", 8, "PATIENT", series_uid, HEATMAP_SERIES,
-        result_uid(f"heatmap of {label}", identity, source.SOPInstanceUID),
+        result_uid(f"heatmap of {label}", identity, source.SOPInstanceUID, pixels),
         # highdicom insists on an orientation; the source's (or "unknown") replaces it
         instance, MANUFACTURER, patient_orientation=("L", "F"),
         transfer_syntax_uid=ExplicitVRLittleEndian,
@@ -380,9 +394,13 @@ class StudyResults:
         self.heatmap_series: dict[str, str] = {}  # study -> its heatmap series' UID
         self.heatmaps_made: dict[str, int] = {}  # study -> instance number of the last one
         self.withheld: dict[str, str] = {}  # study -> why it gets no report
+        self.pixels: dict[str, str] = {}  # film's SOP Instance UID -> its pixel_digest
 
-    def add(self, source: Dataset, probabilities: np.ndarray, label: str) -> None:
-        """A scored film (its `read_source` header), for its study's report."""
+    def add(self, source: Dataset, probabilities: np.ndarray, label: str,
+            pixels: str = "") -> None:
+        """A scored film (its `read_source` header and `pixel_digest`), for its study's
+        report and heatmap."""
+        self.pixels[source.SOPInstanceUID] = pixels
         if source.StudyInstanceUID not in self.withheld:
             self.films.setdefault(source.StudyInstanceUID, []).append(
                 (source, np.asarray(probabilities, dtype=np.float64), label))
@@ -395,7 +413,7 @@ class StudyResults:
             study, result_uid("heatmap series", self.model.identity, study))
         self.heatmaps_made[study] = self.heatmaps_made.get(study, 0) + 1
         return heatmap_capture(source, picture, label, series, self.heatmaps_made[study],
-                               self.model.identity)
+                               self.model.identity, self.pixels.get(source.SOPInstanceUID, ""))
 
     def withhold(self, study: str, why: str) -> None:
         """No report for `study` (`reports` says why): its films must not be reported on."""
@@ -414,7 +432,9 @@ class StudyResults:
                                       np.stack([values for _, values, _ in films]),
                                       [label for _, _, label in films], self.model,
                                       (left_out or {}).get(study, FilmCounts()), self.scope,
-                                      self.predecessors.get(study))
+                                      self.predecessors.get(study),
+                                      [self.pixels[source.SOPInstanceUID]
+                                       for source, _, _ in films])
                 to_bytes(report)  # a value the report took may still defeat the encoder
                 made[study] = report
             except Exception as error:
