@@ -368,7 +368,13 @@ class PacsConfig:
                                 "then the study is failed.")
     max_spool_gb: float = option(10.0, "The spool's size cap: past it a C-STORE is answered "
                                  "'out of resources' (0xA700).")
-    min_free_gb: float = option(1.0, "Free disk the spool always leaves (0xA700 below it).")
+    min_free_gb: float = option(1.0, "Free disk every write of the node leaves: below it a "
+                                "C-STORE is answered 0xA700 and scoring waits.")
+    max_results_gb: float = option(10.0, "With no send_to: the results kept in state_dir/"
+                                   "results, the oldest deleted past this (with send_to, "
+                                   "results go once the destination confirms them).")
+    keep_failed_days: float = option(14.0, "How long a failed study's films and results are "
+                                     "kept for action=retry; then deleted, with a log line.")
     pull: str = option("", "One-shot: dicomweb:URL to fetch `study` from (WADO-RS), score "
                        "and send as the node does, then exit ('' = run the node).")
     study: str = option("", "StudyInstanceUID to pull (with `pull`); with action=retry, the "

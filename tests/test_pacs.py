@@ -4,7 +4,9 @@ read them from Orthanc's DICOMweb. The ledger and the listener are also checked 
 
 from __future__ import annotations
 
+import hashlib
 import io
+import logging
 import os
 import shutil
 import signal
@@ -248,6 +250,69 @@ def test_a_study_that_breaks_the_node_is_failed_with_its_reason_and_the_node_goe
     assert {name: count for name, count in node.counts.snapshot().items() if count} == {
         "studies/failed": 1}
     assert "RuntimeError" in caplog.text and "Doe^" not in caplog.text  # the log: no names
+
+
+def test_the_node_keeps_its_disk_bounded(tmp_path, caplog):
+    """Results were never deleted and a failed study's films stayed for ever. Now: results
+    kept here (no send_to) stay under max_results_gb, oldest delivered first; a failed
+    study's films and results go after keep_failed_days (a film written anew meanwhile is
+    kept); a restart deletes the results of confirmed or unknown studies; and scoring waits
+    while the disk is below its floor."""
+    from covid_xray.config import PacsConfig
+    from covid_xray.pacs.node import Node
+
+    state = tmp_path / "state"
+    node = Node(PacsConfig(state_dir=str(state), max_results_gb=2500e-9))  # 2,500 bytes
+
+    def delivered_here(study: str) -> None:
+        node.ledger.receive(study, f"{study}.1", f"{study}.9", "d", "")
+        node.ledger.mark_complete(0)
+        node.ledger.scored(study, "1", [f"{study}.7"], [f"{study}.8", f"{study}.7"])
+        node.ledger.delivered(study, [f"{study}.8", f"{study}.7"], [], "scored")
+        (node.results / file_key(study)).mkdir(parents=True)
+        (node.results / file_key(study) / "report.dcm").write_bytes(bytes(1000))
+
+    def failed(study: str, days_ago: float, films: int = 1) -> list[Path]:
+        paths = []
+        for number in range(films):
+            sop, data = f"{study}.{number}", f"{study} film {number}".encode()
+            paths.append(node.spool.write(study, sop, data))
+            node.ledger.receive(study, sop, f"{study}.9", hashlib.sha256(data).hexdigest(),
+                                str(paths[-1]))
+        node.ledger.mark_complete(0)
+        node.ledger.failed(study, "no film could be scored")
+        with sqlite3.connect(state / "ledger.sqlite") as connection:
+            connection.execute("update studies set failed_at=? where study=?",
+                               (time.time() - days_ago * 86400, study))
+        return paths
+
+    for study in ("1.1", "1.2", "1.3"):
+        delivered_here(study)
+    old_film, new_film = failed("2.1", days_ago=15, films=2)
+    recent = failed("2.2", days_ago=1)
+    node.spool.write("2.1", "2.1.1", b"new pixels")  # arriving now: its ledger row is next
+    caplog.set_level(logging.INFO, "covid_xray.pacs")
+    node.keep_disk_bounded()
+    assert [(node.results / file_key(study)).exists() for study in ("1.1", "1.2", "1.3")] == [
+        False, True, True]
+    assert not old_film.exists() and new_film.read_bytes() == b"new pixels"
+    assert [item.path for item in node.ledger.instances("2.1")] == ["", str(new_film)]
+    assert recent[0].exists()
+    assert "failed over 14 days ago; its 1 spooled films and its results deleted" in caplog.text
+    assert "its results deleted, the oldest kept here past max_results_gb" in caplog.text
+
+    node.ledger.delivered("1.2", [], [], "sent")  # (as if confirmed, then the node killed)
+    (node.results / ("0" * 32)).mkdir()  # a study the ledger never recorded
+    node.held.close()
+    node = Node(PacsConfig(state_dir=str(state), min_free_gb=1e9))  # and the disk is full
+    assert sorted(folder.name for folder in node.results.iterdir()) == [file_key("1.3")]
+    node.ledger.receive("3.1", "3.1.1", "3.1.9", "d", "")
+    node.ledger.mark_complete(0)
+    (study,) = node.ledger.due()
+    node.handle(study)
+    waiting = node.ledger.get("3.1")
+    assert (waiting.status, waiting.attempts) == ("complete", 1)
+    assert waiting.last_error.startswith("no room for its results: ")
 
 
 def test_a_session_of_duplicates_only_logs_every_count_zeros_included(tmp_path, monkeypatch):
@@ -519,8 +584,10 @@ def test_studies_pushed_by_orthanc_come_back_as_a_report_and_heatmaps_equal_to_p
     champion = mlflow.MlflowClient(pacs["store"]["uri"]).get_model_version_by_alias(
         "covid-xray-densenet", "champion").version  # (1, unless a test moved it before)
     assert {ledger[study]["model_version"] for study in studies} == {str(champion)}
-    # Confirmed, so the spool has let their films go.
+    # Confirmed, so the spool has let their films go, and the results are the archive's.
     assert not list((pacs["folder"] / "state" / "spool").rglob("*.dcm"))
+    assert not any((pacs["folder"] / "state" / "results" / file_key(study)).exists()
+                   for study in studies)
     log = node.log.read_text()
     assert "Doe^" not in log and not any(study in log for study in studies)
 

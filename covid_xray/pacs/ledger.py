@@ -39,6 +39,7 @@ create table if not exists studies (
     attempts integer not null default 0,   -- failed tries (to score or send) since its last move
     next_try real not null default 0,
     failing_since real,            -- when its first failed send since it was scored failed
+    failed_at real,                -- when it was failed (its spooled films age out from then)
     last_error text not null default '',
     result_uids text not null default '[]',  -- SOP Instance UIDs of its results
     report text not null default '',        -- [series UID, SOP UID] of its last report
@@ -92,8 +93,9 @@ class Ledger:
         self.connection.execute("pragma synchronous=full")  # a move survives a power cut
         self.connection.executescript(SCHEMA)
         columns = {row[1] for row in self.connection.execute("pragma table_info(studies)")}
-        if "failing_since" not in columns:  # a ledger an earlier version made
-            self.connection.execute("alter table studies add column failing_since real")
+        for column in ("failing_since", "failed_at"):  # a ledger an earlier version made
+            if column not in columns:
+                self.connection.execute(f"alter table studies add column {column} real")
         self.lock = threading.Lock()
 
     @contextlib.contextmanager
@@ -209,8 +211,9 @@ class Ledger:
         status = "failed" if now - since >= retry_for_s else status_now
         wait = min(2.0 ** (tries - 1), MAX_WAIT_S)
         self._write([("update studies set status=?, attempts=?, next_try=?, failing_since=?, "
-                      "last_error=? where study=? and status=?",
-                      (status, tries, now + wait, since, error[:500], study, status_now))])
+                      "last_error=?, failed_at=? where study=? and status=?",
+                      (status, tries, now + wait, since, error[:500],
+                       now if status == "failed" else None, study, status_now))])
         return status
 
     def requeue(self, study: str, status: str) -> bool:
@@ -224,8 +227,9 @@ class Ledger:
         """The study cannot be scored (no model, say) or sent: failed, with why. `forget`:
         SOP UIDs whose spool files go (the caller deletes them)."""
         marks = ",".join("?" * len(forget))
-        self._write([("update studies set status='failed', last_error=? where study=? "
-                      "and status in ('complete', 'scored')", (error[:500], study)),
+        self._write([("update studies set status='failed', last_error=?, failed_at=? "
+                      "where study=? and status in ('complete', 'scored')",
+                      (error[:500], time.time(), study)),
                      (f"update instances set path='' where study=? and sop in ({marks})",
                       (study, *forget))])
 
@@ -241,6 +245,31 @@ class Ledger:
              (final_status, time.time(), json.dumps(report), study)),
             (f"update instances set path='' where study=? and sop in ({marks})",
              (study, *sops))])
+
+    def failed_before(self, cutoff: float) -> dict[str, list[Instance]]:
+        """Studies failed before `cutoff` (time.time()) that still have spooled films: those
+        instances, by study."""
+        kept: dict[str, list[Instance]] = {}
+        for study, *row in self._rows(
+                "select i.study, i.sop, i.series, i.digest, i.path, i.received from instances i "
+                "join studies s on s.study=i.study where s.status='failed' and s.failed_at<? "
+                "and i.path!=''", (cutoff,)):
+            kept.setdefault(study, []).append(Instance(*row))
+        return kept
+
+    def delivered_here(self) -> list[str]:
+        """Studies whose results were kept here (no destination), delivered longest ago
+        first."""
+        return [study for (study,) in self._rows(
+            "select study from studies where status='scored' and sent_at is not null "
+            "order by sent_at")]
+
+    def forget(self, study: str, instances: list[Instance]) -> None:
+        """These instances' spool files are gone: each is forgotten unless it was received
+        anew since (another digest: the new film's file is kept)."""
+        if instances:
+            self._write([("update instances set path='' where study=? and sop=? and digest=?",
+                          (study, instance.sop, instance.digest)) for instance in instances])
 
     def refetched(self, study: str, sop: str, path: str) -> None:
         self._write([("update instances set path=? where study=? and sop=?",

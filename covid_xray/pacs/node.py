@@ -18,6 +18,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import shutil
 import sys
 import time
 from collections import Counter
@@ -32,7 +33,7 @@ from covid_xray import lifecycle
 from covid_xray.config import PACS_ACTIONS, PacsConfig
 from covid_xray.errors import UserError
 from covid_xray.files import atomic_write
-from covid_xray.pacs import operations
+from covid_xray.pacs import housekeeping, operations
 from covid_xray.pacs.destinations import DicomWeb, SendError, describe, destination, shown_target
 from covid_xray.pacs.ledger import Ledger, Study
 from covid_xray.pacs.listener import CHEST_STORAGE, Counts, Listener, parse_callers, take
@@ -66,6 +67,9 @@ class Node:
         self.ledger = Ledger(state / "ledger.sqlite")
         self.spool = Spool(state / "spool", config.max_spool_gb, config.min_free_gb)
         self.results = state / "results"
+        tidied = housekeeping.tidy_at_start(self.ledger, self.results)
+        if tidied:
+            logger.info("%d results folders of confirmed or unknown studies deleted", tidied)
         self.counts = Counts()
         self.latencies: list[float] = []  # study complete -> results confirmed, seconds
         self.model_key, self.model, self.model_version = "", None, ""
@@ -132,16 +136,26 @@ class Node:
                          "study": self.name(self.config.study)}
 
     def work(self) -> None:
-        next_metrics = time.monotonic() + METRICS_EVERY_S
+        next_minute = time.monotonic()
         while True:
+            if time.monotonic() >= next_minute:  # (at once, then every minute)
+                self.keep_disk_bounded()
+                self.log_metrics()
+                next_minute += METRICS_EVERY_S
             for study in self.ledger.mark_complete(self.config.study_quiet_s):
                 logger.info("study %s complete", self.name(study))
             for study in self.ledger.due():
                 self.handle(study)
-            if time.monotonic() >= next_metrics:
-                self.log_metrics()
-                next_metrics += METRICS_EVERY_S
             time.sleep(POLL_S)
+
+    def keep_disk_bounded(self) -> None:
+        """Failed studies' films and results age out; results kept here stay under their
+        cap (pacs/housekeeping.py)."""
+        for line in [*housekeeping.age_out_failed(self.ledger, self.spool, self.results,
+                                                  self.config.keep_failed_days, self.name),
+                     *housekeeping.bound_results(self.ledger, self.results,
+                                                 self.config.max_results_gb, self.name)]:
+            logger.info(line)
 
     def pull(self) -> None:
         """Fetch one study by WADO-RS (its chest radiographs), then score and send it."""
@@ -200,6 +214,10 @@ class Node:
             self.counts.add("studies/failed")
 
     def score(self, study: Study) -> None:
+        low = self.spool.low_disk()
+        if low:  # its results would break the free-disk floor
+            self.score_later(study, "no room for its results", low)
+            return
         try:
             films, scope = self.films_of(study)
         except SendError as error:  # the destination is away: fetched back on a later try
@@ -330,7 +348,8 @@ class Node:
         self.ledger.delivered(study.study, study.report, [i.sop for i in scored_films],
                               "sent" if self.destination else "scored")
         self.spool.delete([instance.path for instance in scored_films])
-        if self.destination is not None:
+        if self.destination is not None:  # the archive has them now
+            shutil.rmtree(folder, ignore_errors=True)
             self.counts.add("studies/sent")
             self.latencies.append(time.time() - (study.complete_at or time.time()))
             logger.info("study %s: %d results delivered to %s", self.name(study.study),

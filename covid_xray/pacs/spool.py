@@ -35,9 +35,14 @@ class Spool:
         """Why `size` more bytes cannot be taken ("" when they can)."""
         if self.size + size > self.max_bytes:
             return f"the spool holds {self.size / GB:.2f} GB of its {self.max_bytes / GB:g} GB"
+        return self.low_disk(size)
+
+    def low_disk(self, size: int = 0) -> str:
+        """Why writing `size` more bytes to this disk would break its free floor ("" when it
+        would not): every write the node makes (films, results) keeps to it."""
         free = shutil.disk_usage(self.folder).free
         if free - size < self.min_free_bytes:
-            return (f"{free / GB:.2f} GB free on the spool's disk, the floor is "
+            return (f"{free / GB:.2f} GB free on the state_dir's disk, the floor is "
                     f"{self.min_free_bytes / GB:g} GB")
         return ""
 
@@ -55,6 +60,25 @@ class Spool:
             atomic_write(path, lambda file: file.write(data), durable=True)
             self.size += len(data) - previous
             return path
+
+    def delete_unchanged(self, files: dict[str, str]) -> list[str]:
+        """Delete the files (path -> the sha256 the ledger has of its bytes) that still hold
+        those bytes; one written anew meanwhile (a film sent again with new pixels, whose
+        ledger row is on its way) is kept. Under the spool's lock, which every write takes,
+        so no film changes between the check and the delete. The paths deleted."""
+        deleted = []
+        with self.lock:
+            for name, digest in files.items():
+                path = Path(name)
+                if path.exists() and hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+                    continue
+                if path.exists():
+                    self.size -= path.stat().st_size
+                    path.unlink()
+                if path.parent.exists() and not any(path.parent.iterdir()):
+                    path.parent.rmdir()
+                deleted.append(name)
+        return deleted
 
     def delete(self, paths: list[str]) -> None:
         """Forget these files (their study's folder too, once empty)."""
