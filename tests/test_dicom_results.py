@@ -4,11 +4,13 @@ valid by dciodvfy (dicom3tools), read back by highdicom, filed against the sourc
 from __future__ import annotations
 
 import base64
+import io
 import os
 import shutil
 import subprocess
 from pathlib import Path
 
+import cv2
 import highdicom as hd
 import mlflow
 import numpy as np
@@ -19,6 +21,7 @@ from pydicom.valuerep import PersonName
 
 from covid_xray.config import PredictConfig
 from covid_xray.errors import UserError
+from covid_xray.imaging.dicom import read_xray
 from covid_xray.imaging.writer import write_dicom
 from covid_xray.model.dicom_results import (
     SCOPES,
@@ -188,9 +191,33 @@ def test_report_and_heatmap_are_valid_dicom_filed_against_the_source(source_kind
         assert "not for diagnostic use" in equipment.ContributionDescription
         assert "not for diagnostic use" in made.SeriesDescription
     assert heatmap.SourceImageSequence[0].ReferencedSOPInstanceUID == film_uid
-    assert heatmap.pixel_array.shape == (50, 40, 3)
-    assert tuple(heatmap.pixel_array[0, 0]) == (255, 128, 0)  # BGR in, RGB in the file
+    assert heatmap.pixel_array.shape == (50, 40, 3)  # a small film's: its own size
+    # BGR in, RGB out of the file (JPEG: within a few levels)
+    assert np.abs(heatmap.pixel_array[0, 0].astype(int) - (255, 128, 0)).max() <= 4
     assert "Grad-CAM of class opacity" in heatmap.ImageComments  # whose evidence it shows
+
+
+def test_the_heatmap_of_a_3000_by_2500_film_is_a_jpeg_under_a_megabyte(tmp_path):
+    """A heatmap was the film's raw RGB at full size: 22.5 MB for a 3000 x 2500 film, more
+    than the film. Now at most 1024 px on its long side, JPEG baseline, and valid."""
+    film = cv2.resize(read_xray(REAL_DICOM), (3000, 2500), interpolation=cv2.INTER_LINEAR)
+    picture = cv2.cvtColor(np.round(film * 255).astype(np.uint8), cv2.COLOR_GRAY2BGR)
+    heat = cv2.applyColorMap(np.tile(np.linspace(0, 255, 2500, dtype=np.uint8), (2500, 1)),
+                             cv2.COLORMAP_JET)
+    picture[:, 250:2750] = cv2.addWeighted(picture[:, 250:2750], 0.6, heat, 0.4, 0)
+    heatmap = heatmap_capture(read_source(str(REAL_DICOM)), picture, "opacity",
+                              pydicom.uid.generate_uid(), 1, IDENTITY)
+    data = to_bytes(heatmap)
+    assert len(data) <= 1_000_000, len(data)
+    assert (heatmap.Columns, heatmap.Rows) == (1024, 853)
+    assert heatmap.file_meta.TransferSyntaxUID == pydicom.uid.JPEGBaseline8Bit
+    assert (heatmap.LossyImageCompression, heatmap.LossyImageCompressionMethod) == (
+        "01", "ISO_10918_1") and float(heatmap.LossyImageCompressionRatio) > 10
+    assert "(3000 x 2500 pixels), shown at 1024 x 853" in heatmap.DerivationDescription
+    read_back = pydicom.dcmread(io.BytesIO(data))
+    expected = cv2.resize(picture, (1024, 853), interpolation=cv2.INTER_AREA)[..., ::-1]
+    assert np.abs(read_back.pixel_array.astype(int) - expected).mean() < 3
+    assert dciodvfy_errors(heatmap) == []
 
 
 def to_file(dataset, path: Path) -> Path:

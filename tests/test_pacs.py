@@ -579,6 +579,11 @@ def test_studies_pushed_by_orthanc_come_back_as_a_report_and_heatmaps_equal_to_p
             path = tmp_path / f"{dataset.SOPInstanceUID}.dcm"
             dataset.save_as(path, enforce_file_format=True)
             assert dciodvfy_errors(path) == []
+        for heatmap in heatmaps:  # JPEG baseline: Orthanc decodes and renders it
+            (found,) = requests.post(f"{orthanc.url}/tools/lookup", timeout=10,
+                                     data=heatmap.SOPInstanceUID).json()
+            preview = requests.get(f"{orthanc.url}/instances/{found['ID']}/preview", timeout=30)
+            assert preview.status_code == 200 and preview.content[:4] == b"\x89PNG"
     ledger = node.ledger()
     assert {ledger[study]["status"] for study in studies} == {"sent"}
     champion = mlflow.MlflowClient(pacs["store"]["uri"]).get_model_version_by_alias(
@@ -640,7 +645,7 @@ def test_a_late_film_of_a_study_sent_straight_from_a_modality_is_reported_on_wha
     film made the node fetch the first back by WADO-RS, get 404, and fail the study, so its
     second report never went out. Now that report covers the films at hand and says so."""
     orthanc, node = pacs["orthanc"], pacs["node"]
-    study = "1.2.826.0.1.3680043.8.498.77002"
+    study = "1.2.826.0.1.3680043.8.498.77010"
     modality_sends(node, film(films[0], tmp_path / "1.dcm", study))
     (earlier,) = reports(orthanc, study)
     wait_until(lambda: node.ledger()[study]["status"] == "sent", what="the first delivery")
@@ -663,7 +668,7 @@ def test_a_corrected_film_gets_a_new_heatmap_and_a_report_naming_the_first(
     the film's UID, label and model only, so the new picture went out under the old UID, the
     archive kept the stale one, and QIDO-RS found it: 'sent'. Now it is a new object."""
     orthanc, node = pacs["orthanc"], pacs["node"]
-    study = "1.2.826.0.1.3680043.8.498.77003"
+    study = "1.2.826.0.1.3680043.8.498.77011"
     first = film(films[0], tmp_path / "first.dcm", study)
     modality_sends(node, first)
     (earlier,) = reports(orthanc, study)

@@ -48,6 +48,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
 
+import cv2
 import highdicom as hd
 import numpy as np
 import pydicom
@@ -55,7 +56,7 @@ from highdicom.base_content import ContributingEquipment
 from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import JPEGBaseline8Bit, generate_uid
 from pydicom.valuerep import validate_value
 
 from covid_xray.evaluation.calibration import predicted_classes
@@ -93,6 +94,8 @@ TYPE_2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDa
           "StudyTime", "AccessionNumber", "StudyID", "ReferringPhysicianName",
           "PatientOrientation")
 UID_PATTERN = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+# A heatmap's long side at most: what a reading room's viewer shows of it.
+HEATMAP_LONG_SIDE = 1024
 # UUID v5 namespace of the UIDs derived from ids that are not UIDs (fixed: derivations agree).
 DERIVED_UID_NAMESPACE = uuid.UUID("6f1c7c52-5d0e-4a43-9f5b-3d2f6a1b8e07")
 # ... and of the results' own UIDs (`result_uid`).
@@ -341,30 +344,51 @@ def _study_group(sources: Sequence[Dataset], probabilities: np.ndarray, model: R
 def heatmap_capture(source: Dataset, picture: np.ndarray, label: str, series_uid: str,
                     instance: int, identity: ModelIdentity, pixels: str = "") -> Dataset:
     """A Grad-CAM overlay (`gradcam.overlay`'s picture: the film at its own size, BGR) of the
-    evidence for class `label`, as a Secondary Capture image in the source's study. All
+    evidence for class `label`, as a Secondary Capture image in the source's study, at most
+    HEATMAP_LONG_SIDE pixels on its long side and JPEG-compressed (the film's own size is in
+    its Derivation Description). All
     heatmaps of one study share `series_uid`; `instance` numbers them. Its UID derives from
     the film's UID and its `pixel_digest` (`pixels`)."""
-    rgb = np.ascontiguousarray(picture[..., ::-1])
+    rows, columns = picture.shape[:2]
+    rgb = np.ascontiguousarray(shrunk(picture, HEATMAP_LONG_SIDE)[..., ::-1])
     image = hd.sc.SCImage.from_ref_dataset(
-        source, rgb, "RGB", 8, "PATIENT", series_uid, HEATMAP_SERIES,
+        source, rgb, "YBR_FULL_422", 8, "PATIENT", series_uid, HEATMAP_SERIES,
         result_uid(f"heatmap of {label}", identity, source.SOPInstanceUID, pixels),
         # highdicom insists on an orientation; the source's (or "unknown") replaces it
         instance, MANUFACTURER, patient_orientation=("L", "F"),
-        transfer_syntax_uid=ExplicitVRLittleEndian,
+        # JPEG baseline: what every archive and viewer decodes (PS3.5 A.4.1), about 0.5 MB
+        # where the raw RGB of a 3000 x 2500 film is 22 MB.
+        transfer_syntax_uid=JPEGBaseline8Bit,
         contributing_equipment=[_equipment(identity, "Grad-CAM overlay")],
         series_description=f"AI heatmap (Grad-CAM), {NOT_FOR_DIAGNOSTIC_USE}")
     image.PatientOrientation = source.PatientOrientation  # empty (Type 2) when unknown
     # The gate let only chest films through; a chest is not a paired part: no Laterality.
     image.BodyPartExamined = "CHEST"
     image.BurnedInAnnotation = "NO"
+    image.LossyImageCompression = "01"  # a viewer says so (PS3.3 C.7.6.1.1.5)
+    image.LossyImageCompressionMethod = "ISO_10918_1"
+    image.LossyImageCompressionRatio = f"{rgb.nbytes / len(image.PixelData):.2f}"
     # Which class's evidence the colours show (the model's call on this film).
     image.ImageComments = f"Grad-CAM of class {label}, {NOT_FOR_DIAGNOSTIC_USE}"
-    image.DerivationDescription = f"Grad-CAM evidence for class {label} over the film"
+    image.DerivationDescription = (
+        f"Grad-CAM evidence for class {label} over the film ({columns} x {rows} pixels), "
+        f"shown at {image.Columns} x {image.Rows}, JPEG baseline (lossy)")
     derivation = Dataset()  # which film this picture was made from
     derivation.ReferencedSOPClassUID = source.SOPClassUID
     derivation.ReferencedSOPInstanceUID = source.SOPInstanceUID
     image.SourceImageSequence = [derivation]
     return image
+
+
+def shrunk(picture: np.ndarray, long_side: int) -> np.ndarray:
+    """`picture` with its long side at most `long_side` pixels (area-averaged), its shape
+    kept."""
+    rows, columns = picture.shape[:2]
+    scale = long_side / max(rows, columns)
+    if scale >= 1:
+        return picture
+    size = (max(1, round(columns * scale)), max(1, round(rows * scale)))
+    return cv2.resize(picture, size, interpolation=cv2.INTER_AREA)
 
 
 def to_bytes(dataset: Dataset) -> bytes:

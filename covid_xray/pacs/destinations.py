@@ -124,8 +124,10 @@ class Dimse:
 
         datasets = [pydicom.dcmread(path) for path in files]
         ae = AE(ae_title=self.ae_title)
-        for sop_class in sorted({dataset.SOPClassUID for dataset in datasets}):
-            ae.add_requested_context(sop_class)
+        # Each object in the syntax it is stored in (heatmaps are JPEG baseline).
+        for sop_class, syntax in sorted({(dataset.SOPClassUID, dataset.file_meta.TransferSyntaxUID)
+                                         for dataset in datasets}):
+            ae.add_requested_context(sop_class, syntax)
         association = ae.associate(self.host, self.port, ae_title=self.called)
         if not association.is_established:
             raise SendError(f"no association with {self.shown}")
