@@ -315,6 +315,66 @@ def test_the_node_keeps_its_disk_bounded(tmp_path, caplog):
     assert waiting.last_error.startswith("no room for its results: ")
 
 
+def test_no_film_is_lost_to_a_race(tmp_path, caplog):
+    """A film arriving between the quiet check's select and its update completed its study
+    early; two associations sending one SOP Instance UID with other bytes could leave one's
+    file under the other's digest; a crash between the ledger's move and the spool delete (or
+    in a write) left files counted for ever. Each checked against what it must be."""
+    import threading
+
+    from covid_xray.config import PacsConfig
+    from covid_xray.pacs.listener import take
+    from covid_xray.pacs.node import Node
+
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    ledger.receive("1.1", "1.1.1", "1.1.9", "d1", "")
+    time.sleep(0.05)
+    select = ledger._rows
+
+    def film_arrives_after_the_select(sql: str, values: tuple = ()) -> list[tuple]:
+        rows = select(sql, values)
+        if sql.startswith("select study from studies where status='receiving'"):
+            ledger.receive("1.1", "1.1.2", "1.1.9", "d2", "")
+        return rows
+
+    ledger._rows = film_arrives_after_the_select
+    assert ledger.mark_complete(0.01) == []
+    assert ledger.get("1.1").status == "receiving"
+    ledger._rows = select
+
+    node = Node(PacsConfig(state_dir=str(tmp_path / "state")))
+    first, second = b"first bytes" * 100, b"second bytes" * 100
+    second_recorded, receive = threading.Event(), node.ledger.receive
+
+    def first_recorded_last(study, sop, series, digest, path):  # the race's bad order
+        if digest == hashlib.sha256(first).hexdigest():
+            second_recorded.wait(timeout=1)  # (with the instance's lock held, it never comes)
+        what = receive(study, sop, series, digest, path)
+        second_recorded.set()
+        return what
+
+    node.ledger.receive = first_recorded_last
+    senders = [threading.Thread(target=take, args=(node.ledger, node.spool, "2.1", "2.1.9",
+                                                   "2.1.1", data)) for data in (first, second)]
+    senders[0].start()
+    wait_until(node.spool.path("2.1", "2.1.1").exists, timeout=10, what="the first file")
+    senders[1].start()
+    for thread in senders:
+        thread.join()
+    (instance,) = node.ledger.instances("2.1")
+    assert hashlib.sha256(Path(instance.path).read_bytes()).hexdigest() == instance.digest
+
+    orphan = node.spool.path("2.1", "2.1.404")
+    orphan.write_bytes(b"delivered, then the node was killed before the delete")
+    (orphan.parent / ".cut.dcm.x.tmp").write_bytes(b"killed mid-write")
+    node.held.close()
+    caplog.set_level(logging.INFO, "covid_xray.pacs")
+    node = Node(PacsConfig(state_dir=str(tmp_path / "state")))
+    assert sorted(path.name for path in orphan.parent.iterdir()) == [Path(instance.path).name]
+    assert node.spool.size == Path(instance.path).stat().st_size
+    assert "and 2 spool files the ledger does not name deleted" in caplog.text
+
+
 def test_a_session_of_duplicates_only_logs_every_count_zeros_included(tmp_path, monkeypatch):
     """Zeros are counts: a session that received only duplicates logged instances_duplicate
     and nothing else, so its run could not say that nothing was scored, sent or failed."""

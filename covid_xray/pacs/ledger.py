@@ -152,10 +152,10 @@ class Ledger:
         quiet = [study for (study,) in self._rows(
             "select study from studies where status='receiving' and last_arrival<=?",
             (now - quiet_s,))]
-        for study in quiet:
-            self._write([("update studies set status='complete', complete_at=? "
-                          "where study=? and status='receiving'", (now, study))])
-        return quiet
+        # The update asks again: a film that arrived since the select keeps its study open.
+        return [study for study in quiet if self._write([(
+            "update studies set status='complete', complete_at=? where study=? and "
+            "status='receiving' and last_arrival<=?", (now, study, now - quiet_s))])]
 
     def due(self) -> list[Study]:
         """Complete studies to score and scored ones to send whose next try is due, oldest
@@ -256,6 +256,10 @@ class Ledger:
                 "and i.path!=''", (cutoff,)):
             kept.setdefault(study, []).append(Instance(*row))
         return kept
+
+    def spool_paths(self) -> set[str]:
+        """Every spool file the ledger names."""
+        return {path for (path,) in self._rows("select path from instances where path!=''")}
 
     def delivered_here(self) -> list[str]:
         """Studies whose results were kept here (no destination), delivered longest ago

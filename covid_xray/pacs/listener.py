@@ -194,9 +194,13 @@ def take(ledger: Ledger, spool: Spool, study: str, series: str, sop: str, data: 
     "duplicate" for bytes already received, else `Ledger.receive`'s "new", "reopened" or "";
     why there was no room for it, "" when there was)."""
     digest = hashlib.sha256(data).hexdigest()
-    if ledger.known(study, sop, digest):
-        return "duplicate", ""
-    kept = spool.write(study, sop, data)
-    if isinstance(kept, str):
-        return "", kept
-    return ledger.receive(study, sop, series, digest, str(kept)), ""
+    # One instance at a time from the file to its ledger row: two associations sending one
+    # SOP Instance UID with other bytes would otherwise leave one's file under the other's
+    # digest.
+    with spool.instance_lock(study, sop):
+        if ledger.known(study, sop, digest):
+            return "duplicate", ""
+        kept = spool.write(study, sop, data)
+        if isinstance(kept, str):
+            return "", kept
+        return ledger.receive(study, sop, series, digest, str(kept)), ""

@@ -68,8 +68,10 @@ class Node:
         self.spool = Spool(state / "spool", config.max_spool_gb, config.min_free_gb)
         self.results = state / "results"
         tidied = housekeeping.tidy_at_start(self.ledger, self.results)
-        if tidied:
-            logger.info("%d results folders of confirmed or unknown studies deleted", tidied)
+        orphans = self.spool.reconcile(self.ledger.spool_paths())
+        if tidied or orphans:
+            logger.info("at start: %d results folders of confirmed or unknown studies and %d "
+                        "spool files the ledger does not name deleted", tidied, orphans)
         self.counts = Counts()
         self.latencies: list[float] = []  # study complete -> results confirmed, seconds
         self.model_key, self.model, self.model_version = "", None, ""

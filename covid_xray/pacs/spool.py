@@ -16,6 +16,7 @@ from pathlib import Path
 from covid_xray.files import atomic_write
 
 GB = 1e9
+INSTANCE_LOCKS = 64
 
 
 def file_key(uid: str) -> str:
@@ -29,7 +30,13 @@ class Spool:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.max_bytes, self.min_free_bytes = max_gb * GB, min_free_gb * GB
         self.lock = threading.Lock()
+        # Locks by instance, striped: bounded however many instances pass in a year.
+        self.instance_locks = [threading.Lock() for _ in range(INSTANCE_LOCKS)]
         self.size = sum(path.stat().st_size for path in self.folder.rglob("*.dcm"))
+
+    def instance_lock(self, study: str, sop: str) -> threading.Lock:
+        """The lock of one instance's spool file (shared with a few others by hash)."""
+        return self.instance_locks[hash((study, sop)) % INSTANCE_LOCKS]
 
     def no_room(self, size: int) -> str:
         """Why `size` more bytes cannot be taken ("" when they can)."""
@@ -79,6 +86,20 @@ class Spool:
                     path.parent.rmdir()
                 deleted.append(name)
         return deleted
+
+    def reconcile(self, kept: set[str]) -> int:
+        """Delete the spool files the ledger does not name (`kept`: the paths it does): a
+        crash between the ledger's move and the delete, or in the middle of a write (its
+        temporary file), left them, counted for ever. Before the listener starts. How many."""
+        orphans = [path for path in self.folder.rglob("*")
+                   if path.is_file() and str(path) not in kept]
+        for path in orphans:
+            path.unlink()
+        for folder in self.folder.iterdir():
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        self.size = sum(path.stat().st_size for path in self.folder.rglob("*.dcm"))
+        return len(orphans)
 
     def delete(self, paths: list[str]) -> None:
         """Forget these files (their study's folder too, once empty)."""
