@@ -59,7 +59,7 @@ def test_the_ledger_moves_a_study_through_its_states_and_reopens_it(tmp_path):
     assert ledger.due() == []  # waiting 1 s before the next try
     assert ledger.get("1.2.3").attempts == 1
     assert ledger.in_hand("1.2.3")  # results still to deliver
-    ledger.delivered("1.2.3", ["9.0", "9.1"], ["1.2.3.1"], "sent")
+    ledger.delivered("1.2.3", ["9.0", "9.1"], ledger.instances("1.2.3"), "sent")
     study = ledger.get("1.2.3")
     assert (study.status, study.model_version, study.delivered_report) == ("sent", "4",
                                                                           ["9.0", "9.1"])
@@ -77,7 +77,7 @@ def test_the_ledger_moves_a_study_through_its_states_and_reopens_it(tmp_path):
     assert (ledger.get("1.2.3").status, ledger.get("1.2.3").last_error) == ("failed", "try 1")
     ledger.receive("1.2.4", "1.2.4.1", "1.2.4.9", "d4", "/spool/c")
     ledger.mark_complete(0)
-    ledger.failed("1.2.4", "no film could be scored (view 1)", ["1.2.4.1"])
+    ledger.failed("1.2.4", "no film could be scored (view 1)", ledger.instances("1.2.4"))
     assert (ledger.get("1.2.4").status, ledger.instances("1.2.4")[0].path) == ("failed", "")
 
 
@@ -132,7 +132,7 @@ def test_the_operator_sees_where_studies_stand_and_retries_failed_ones(tmp_path,
     (state / "results" / file_key(b)).mkdir(parents=True)
     (state / "results" / file_key(b) / "9.2.dcm").write_bytes(b"y" * 500)
     ledger.send_failed(b, "STOW-RS failed: HTTPError: HTTP 503", retry_for_s=0)
-    ledger.failed(c, "no film could be scored (view 1)", [f"{c}.1"])  # its films are gone
+    ledger.failed(c, "no film could be scored (view 1)", ledger.instances(c))  # films gone
     key = pseudonym_key(state)
     names = {study: pseudonym(study, key) for study in (a, b, c)}
 
@@ -373,6 +373,40 @@ def test_no_film_is_lost_to_a_race(tmp_path, caplog):
     assert sorted(path.name for path in orphan.parent.iterdir()) == [Path(instance.path).name]
     assert node.spool.size == Path(instance.path).stat().st_size
     assert "and 2 spool files the ledger does not name deleted" in caplog.text
+
+
+def test_a_film_sent_anew_during_the_send_is_kept_and_the_next_report_names_this_one(
+        tmp_path):
+    """The PACS sends a film again with new bytes while its study's results are being sent:
+    the delivery cleared and deleted it with the old ones (the same SOP, the same spool
+    path), and, the study being open again, did not record the delivered report, so the next
+    one named no predecessor and the PACS's resend was answered 'duplicate'."""
+    from covid_xray.config import PacsConfig
+    from covid_xray.pacs.listener import take
+    from covid_xray.pacs.node import Node
+
+    node = Node(PacsConfig(state_dir=str(tmp_path / "state")))
+    take(node.ledger, node.spool, "4.1", "4.1.9", "4.1.1", b"first pixels")
+    node.ledger.mark_complete(0)
+    node.ledger.scored("4.1", "1", [], ["4.1.80", "4.1.81"])
+
+    class ArchiveWhileTheFilmIsResent:
+        shown = "dicomweb:http://archive"
+
+        def send(self, study: str, files: list[Path]) -> None:
+            take(node.ledger, node.spool, "4.1", "4.1.9", "4.1.1", b"corrected pixels")
+
+        def missing(self, study: str, uids: list[str]) -> list[str]:
+            return []
+
+    node.destination = ArchiveWhileTheFilmIsResent()
+    node.deliver(node.ledger.get("4.1"))
+    (instance,) = node.ledger.instances("4.1")
+    assert Path(instance.path).read_bytes() == b"corrected pixels"
+    study = node.ledger.get("4.1")
+    assert (study.status, study.delivered_report) == ("receiving", ["4.1.80", "4.1.81"])
+    assert take(node.ledger, node.spool, "4.1", "4.1.9", "4.1.1", b"corrected pixels") == (
+        "duplicate", "")
 
 
 def test_a_session_of_duplicates_only_logs_every_count_zeros_included(tmp_path, monkeypatch):

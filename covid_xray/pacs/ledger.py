@@ -223,28 +223,27 @@ class Ledger:
             "update studies set status=?, attempts=0, next_try=0, failing_since=null, "
             "last_error='' where study=? and status='failed'", (status, study))]))
 
-    def failed(self, study: str, error: str, forget: list[str] = ()) -> None:
+    def failed(self, study: str, error: str, forget: list[Instance] = ()) -> None:
         """The study cannot be scored (no model, say) or sent: failed, with why. `forget`:
-        SOP UIDs whose spool files go (the caller deletes them)."""
-        marks = ",".join("?" * len(forget))
+        instances whose spool files go (the caller deletes them; one received anew meanwhile
+        keeps its file)."""
         self._write([("update studies set status='failed', last_error=?, failed_at=? "
                       "where study=? and status in ('complete', 'scored')",
-                      (error[:500], time.time(), study)),
-                     (f"update instances set path='' where study=? and sop in ({marks})",
-                      (study, *forget))])
+                      (error[:500], time.time(), study)), *self._forgetting(study, forget)])
 
-    def delivered(self, study: str, report: list[str], sops: list[str],
+    def delivered(self, study: str, report: list[str], instances: list[Instance],
                   final_status: str) -> None:
         """Its results are confirmed where they went (`final_status` sent) or kept here
         (scored, no destination): the report becomes the next one's predecessor, and the
-        scored instances' spool files are forgotten (the caller deletes them)."""
-        marks = ",".join("?" * len(sops))
+        scored instances' spool files are forgotten (the caller deletes them). A study a film
+        re-opened during the send stays open, and its next report names this one; an
+        instance received anew meanwhile (another digest) keeps its file."""
         self._write([
-            ("update studies set status=?, sent_at=?, delivered_report=? "
-             "where study=? and status='scored'",
-             (final_status, time.time(), json.dumps(report), study)),
-            (f"update instances set path='' where study=? and sop in ({marks})",
-             (study, *sops))])
+            ("update studies set sent_at=?, delivered_report=? where study=?",
+             (time.time(), json.dumps(report), study)),
+            ("update studies set status=? where study=? and status='scored'",
+             (final_status, study)),
+            *self._forgetting(study, instances)])
 
     def failed_before(self, cutoff: float) -> dict[str, list[Instance]]:
         """Studies failed before `cutoff` (time.time()) that still have spooled films: those
@@ -272,8 +271,12 @@ class Ledger:
         """These instances' spool files are gone: each is forgotten unless it was received
         anew since (another digest: the new film's file is kept)."""
         if instances:
-            self._write([("update instances set path='' where study=? and sop=? and digest=?",
-                          (study, instance.sop, instance.digest)) for instance in instances])
+            self._write(self._forgetting(study, instances))
+
+    @staticmethod
+    def _forgetting(study: str, instances: list[Instance]) -> list[tuple[str, tuple]]:
+        return [("update instances set path='' where study=? and sop=? and digest=?",
+                 (study, instance.sop, instance.digest)) for instance in instances]
 
     def refetched(self, study: str, sop: str, path: str) -> None:
         self._write([("update instances set path=? where study=? and sop=?",

@@ -244,8 +244,8 @@ class Node:
         if not outcome.report:  # nothing here can be scored: its films leave the spool
             instances = self.ledger.instances(study.study)
             self.ledger.failed(study.study, f"no film could be scored ({left_out or 'none'})",
-                               [instance.sop for instance in instances])
-            self.spool.delete([instance.path for instance in instances])
+                               instances)
+            self.spool.delete_unchanged({item.path: item.digest for item in instances})
             self.counts.add("studies/failed")
             logger.warning("study %s: no film could be scored (%s)", self.name(study.study),
                            left_out)
@@ -347,9 +347,9 @@ class Node:
                                f"; failing for {self.config.retry_for_h:g} h: given up"
                                if status == "failed" else "; will retry")
                 return
-        self.ledger.delivered(study.study, study.report, [i.sop for i in scored_films],
+        self.ledger.delivered(study.study, study.report, scored_films,
                               "sent" if self.destination else "scored")
-        self.spool.delete([instance.path for instance in scored_films])
+        self.spool.delete_unchanged({item.path: item.digest for item in scored_films})
         if self.destination is not None:  # the archive has them now
             shutil.rmtree(folder, ignore_errors=True)
             self.counts.add("studies/sent")
