@@ -782,6 +782,43 @@ def test_a_corrected_film_gets_a_new_heatmap_and_a_report_naming_the_first(
 
 
 @pytest.mark.slow
+def test_a_study_with_no_scorable_film_gets_a_report_that_says_why(pacs, films, tmp_path):
+    """A study none of whose films could be scored (a lateral film only), and one whose films
+    name two patients, got nothing back ('failed', films deleted): the reading room could
+    not tell "the model declined" from "the model never ran". Each now gets a report with no
+    answer, each film with its reason, and no heatmap."""
+    orthanc, node = pacs["orthanc"], pacs["node"]
+    lateral_study, two_patients = ("1.2.826.0.1.3680043.8.498.77012",
+                                   "1.2.826.0.1.3680043.8.498.77013")
+    lateral = pydicom.dcmread(film(films[0], tmp_path / "lateral.dcm", lateral_study))
+    lateral.ViewPosition = "LL"
+    lateral.save_as(tmp_path / "lateral.dcm", enforce_file_format=True)
+    modality_sends(node, tmp_path / "lateral.dcm")
+    for number in (1, 2):
+        mixed = pydicom.dcmread(film(films[number], tmp_path / f"p{number}.dcm", two_patients))
+        mixed.PatientID = f"patient-{number}"
+        mixed.save_as(tmp_path / f"p{number}.dcm", enforce_file_format=True)
+        modality_sends(node, tmp_path / f"p{number}.dcm")
+    for study, reasons in ((lateral_study, ["view"]),
+                           (two_patients, ["patient_mismatch", "patient_mismatch"])):
+        (report,) = reports(orthanc, study)
+        groups = hd.sr.srread(io.BytesIO(dicom_bytes(report))).content \
+            .get_image_measurement_groups()
+        said = [group.get_qualitative_evaluations()[0] for group in groups]
+        assert [(item.name.value, item.value.value) for item in said] == [
+            *(("not-scored", reason) for reason in reasons), ("call", "no-answer")]
+        counted = {item.name.meaning: item.value for item in groups[-1].get_measurements()}
+        assert counted["Films scored (in the study's mean)"] == 0
+        assert counted[f"Films refused: {reasons[0]}"] == len(reasons)
+        assert not any(item.name.meaning.startswith("Probability") for item in
+                       groups[-1].get_measurements())
+        assert orthanc.results(study, "OT") == []
+        assert dciodvfy_errors(_file(report, tmp_path)) == []
+        wait_until(lambda study=study: node.ledger()[study]["status"] == "sent",
+                   what="the delivery")
+
+
+@pytest.mark.slow
 def test_hostile_films_are_counted_and_the_rest_of_their_study_is_scored(pacs, films, tmp_path):
     """One study: a good film, one cut off mid-transfer, a lateral one and a bomb (a tiny file
     claiming 60000 x 60000 pixels), sent by the tests' SCU; and an MR pushed by Orthanc,

@@ -38,11 +38,12 @@ logger = logging.getLogger(__name__)
 
 
 def study_results(classifier: Any, scope: str,
-                  predecessors: dict[str, tuple[str, str]] | None = None) -> StudyResults:
+                  predecessors: dict[str, tuple[str, str]] | None = None,
+                  every_study: bool = False) -> StudyResults:
     """An empty collection of a batch's results for this `DicomClassifier`'s answers."""
     return StudyResults(ReportedModel(classifier.class_names, classifier.threshold,
                                       classifier.operating.training_prevalence,
-                                      classifier.identity), scope, predecessors)
+                                      classifier.identity), scope, predecessors, every_study)
 
 
 def heatmap_picture(classifier: Any, file: Any, item: Decoded, label: str) -> np.ndarray:
@@ -69,6 +70,18 @@ def add_film(results: StudyResults, file: Any, item: Decoded, probabilities: np.
         return None
     results.add(source, probabilities, label, pixels)
     return source
+
+
+def decline_film(results: StudyResults, file: Any, reason: str) -> str:
+    """A film that was not scored into its study's report (`StudyResults.every_study`), with
+    its reason code; its study's UID, or "" when even its header cannot be read (then it is
+    only counted)."""
+    try:
+        source = read_source(file)
+    except Exception:
+        return ""
+    results.decline(source, reason)
+    return source.StudyInstanceUID
 
 
 def left_out(answers: pd.DataFrame) -> dict[str, FilmCounts]:
@@ -110,8 +123,13 @@ def _attach(classifier: Any, result: pd.DataFrame, column: str, values: pd.Serie
     heatmaps, studies = [""] * len(result), [""] * len(result)
     for row, (value, item, label) in enumerate(zip(values, decoded, result.label,
                                                    strict=True)):
-        if not label or has_flag(result["flags"][row], "patient_mismatch"):
-            continue  # refused, or its study names two patients: no DICOM result
+        mismatch = has_flag(result["flags"][row], "patient_mismatch")
+        if not label or mismatch:  # refused, or its study names two patients: no result
+            if results.every_study:  # ... but its study's report names it, and why
+                studies[row] = decline_film(results, open_row(column, value, row, root),
+                                            "patient_mismatch" if mismatch
+                                            else result.reason[row])
+            continue
         file = open_row(column, value, row, root)
         source = add_film(results, file, item, probabilities[row], label)
         if source is None:

@@ -77,6 +77,9 @@ OUT_OF_DISTRIBUTION = hd.sr.CodedConcept("films-ood", SCHEME,
                                          "Films out of distribution (not in the mean)")
 REFUSED = hd.sr.CodedConcept("films-refused", SCHEME, "Films refused (not in the mean)")
 SCOPE = hd.sr.CodedConcept("scope", SCHEME, "Films this answer covers")
+NOT_SCORED = hd.sr.CodedConcept("not-scored", SCHEME, "Film not scored, for this reason")
+NO_ANSWER = hd.sr.CodedConcept("no-answer", SCHEME,
+                               "No answer: none of the study's films could be scored")
 # Which of a study's films an answer covers: what the model was given, not the whole study.
 SCOPES = {"request": "Only the films of one request; the study may hold others",
           "folder": "The films of this study found in the scored folder",
@@ -238,22 +241,29 @@ def _probabilities(names: Sequence[str], values: Sequence[float],
 def study_report(sources: Sequence[Dataset], probabilities: np.ndarray, labels: Sequence[str],
                  model: ReportedModel, left_out: FilmCounts = FilmCounts(),
                  scope: str = "folder", predecessor: tuple[str, str] | None = None,
-                 pixels: Sequence[str] = ()) -> Dataset:
+                 pixels: Sequence[str] = (), declined: Sequence[tuple[Dataset, str]] = ()
+                 ) -> Dataset:
     """The Structured Report of one study's scored films (`read_source` headers, with their
     calibrated probabilities and labels) and of the study's answer: their mean, called at the
     model's threshold. `left_out` counts the study's films that are not in it. A report that
     replaces an earlier one of the study names it (`predecessor`: its series and SOP Instance
     UIDs) in its Predecessor Documents Sequence, and gets a UID of its own; so does one of
-    films with other pixels (`pixels`: their `pixel_digest`s)."""
+    films with other pixels (`pixels`: their `pixel_digest`s). `declined`: films named in
+    the report with the reason code they were not scored for; with no scored film, the
+    report says the study has no answer (the model declined; it did run)."""
     identity = model.identity
     algorithm = hd.sr.AlgorithmIdentification(name=identity.name or "covid-xray model",
                                               version=identity.version or "unregistered")
-    films = [source.SOPInstanceUID for source in sources] + list(pixels)
+    evidence = [*sources, *(source for source, _ in declined)]
+    films = [source.SOPInstanceUID for source in evidence] + list(pixels)
     groups = [_film_group(number, source, values, label, model.class_names, algorithm,
                           result_uid(f"film group {number}", identity, *films))
               for number, (source, values, label) in enumerate(
                   zip(sources, probabilities, labels, strict=True), start=1)]
-    groups.append(_study_group(sources, np.asarray(probabilities, dtype=np.float64), model,
+    groups += [_declined_group(number, source, reason, algorithm,
+                               result_uid(f"film group {number}", identity, *films))
+               for number, (source, reason) in enumerate(declined, start=len(sources) + 1)]
+    groups.append(_study_group(evidence, np.asarray(probabilities, dtype=np.float64), model,
                                replace(left_out, scored=len(sources)), scope, algorithm,
                                result_uid("study group", identity, *films)))
     device = hd.sr.DeviceObserverIdentifyingAttributes(
@@ -266,9 +276,9 @@ def study_report(sources: Sequence[Dataset], probabilities: np.ndarray, labels: 
         procedure_reported=codes.SCT.ChestImaging, imaging_measurements=groups)
     # highdicom's advice on the source's name format quotes it: imaging/quiet.py silences it.
     document = hd.sr.Comprehensive3DSR(
-        evidence=list(sources), content=report,
+        evidence=evidence, content=report,
         series_instance_uid=result_uid("report series", identity,
-                                       sources[0].StudyInstanceUID),
+                                       evidence[0].StudyInstanceUID),
         series_number=REPORT_SERIES,
         sop_instance_uid=result_uid("report", identity, *films, *(predecessor or ())),
         instance_number=1,
@@ -282,7 +292,7 @@ def study_report(sources: Sequence[Dataset], probabilities: np.ndarray, labels: 
     document.CodingSchemeIdentificationSequence = [scheme]
     if predecessor:
         document.PredecessorDocumentsSequence = [
-            _reference(sources[0].StudyInstanceUID, *predecessor, document.SOPClassUID)]
+            _reference(evidence[0].StudyInstanceUID, *predecessor, document.SOPClassUID)]
     return document
 
 
@@ -308,14 +318,30 @@ def _film_group(number: int, source: Dataset, probabilities: np.ndarray, label: 
                                                             source.SOPInstanceUID)])
 
 
+def _declined_group(number: int, source: Dataset, reason: str,
+                    algorithm: hd.sr.AlgorithmIdentification,
+                    uid: str) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """A film that was not scored: why (its reason code), and no probabilities."""
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier=f"film {number}"),
+        algorithm_id=algorithm, qualitative_evaluations=[hd.sr.QualitativeEvaluation(
+            NOT_SCORED, hd.sr.CodedConcept(reason, SCHEME, f"Not scored: {reason}"))],
+        source_images=[hd.sr.SourceImageForMeasurementGroup(source.SOPClassUID,
+                                                            source.SOPInstanceUID)])
+
+
 def _study_group(sources: Sequence[Dataset], probabilities: np.ndarray, model: ReportedModel,
                  counts: FilmCounts, scope: str, algorithm: hd.sr.AlgorithmIdentification,
                  uid: str) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """The study's measurement group: the mean of its films' probabilities and the call on
-    it, and what the answer rests on (threshold, training prevalence, films counted)."""
-    mean = probabilities.mean(axis=0)
-    called = model.class_names[predicted_classes(mean[None], model.threshold)[0]]
-    measurements = _probabilities(model.class_names, mean, algorithm)
+    it, and what the answer rests on (threshold, training prevalence, films counted); with
+    no film scored, no mean and the call "no answer"."""
+    measurements, call = [], NO_ANSWER
+    if len(probabilities):
+        mean = probabilities.mean(axis=0)
+        call = _class_code(model.class_names[predicted_classes(mean[None],
+                                                               model.threshold)[0]])
+        measurements = _probabilities(model.class_names, mean, algorithm)
     if model.threshold is not None:
         measurements.append(hd.sr.Measurement(name=THRESHOLD, value=float(model.threshold),
                                               unit=NO_UNITS, algorithm_id=algorithm))
@@ -333,7 +359,7 @@ def _study_group(sources: Sequence[Dataset], probabilities: np.ndarray, model: R
         tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier="study"),
         algorithm_id=algorithm, measurements=measurements,
         qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(MODEL_CALL, _class_code(called)),
+            hd.sr.QualitativeEvaluation(MODEL_CALL, call),
             hd.sr.QualitativeEvaluation(SCOPE, hd.sr.CodedConcept(scope, SCHEME,
                                                                   SCOPES[scope]))],
         source_images=[hd.sr.SourceImageForMeasurementGroup(source.SOPClassUID,
@@ -410,8 +436,13 @@ class StudyResults:
     report counts them (`reports`' `left_out`)."""
 
     def __init__(self, model: ReportedModel, scope: str,
-                 predecessors: dict[str, tuple[str, str]] | None = None):
+                 predecessors: dict[str, tuple[str, str]] | None = None,
+                 every_study: bool = False):
         self.model = model
+        # Also a report for a study none of whose films was scored, saying why film by film
+        # (the PACS node: a reading room must tell "declined" from "never ran").
+        self.every_study = every_study
+        self.declined: dict[str, list[tuple[Dataset, str]]] = {}  # study -> films, reasons
         self.scope = scope  # a SCOPES key: which of a study's films the answers cover
         self.predecessors = predecessors or {}  # study -> the report a new one replaces
         self.films: dict[str, list[tuple[Dataset, np.ndarray, str]]] = {}
@@ -439,6 +470,20 @@ class StudyResults:
         return heatmap_capture(source, picture, label, series, self.heatmaps_made[study],
                                self.model.identity, self.pixels.get(source.SOPInstanceUID, ""))
 
+    def decline(self, source: Dataset, reason: str) -> None:
+        """A film that was not scored (its header, its reason code), for `every_study`."""
+        self.declined.setdefault(source.StudyInstanceUID, []).append((source, reason))
+
+    def _counts(self, study: str, left_out: dict[str, FilmCounts] | None) -> FilmCounts:
+        """The study's films not in its answer: `left_out`'s, and for a report of declined
+        films those declined because the study names two patients."""
+        counts = (left_out or {}).get(study, FilmCounts())
+        mismatched = sum(reason == "patient_mismatch" for _, reason
+                         in self.declined.get(study, []) if study not in self.films)
+        if mismatched:
+            counts = replace(counts, refused={**counts.refused, "patient_mismatch": mismatched})
+        return counts
+
     def withhold(self, study: str, why: str) -> None:
         """No report for `study` (`reports` says why): its films must not be reported on."""
         self.films.pop(study, None)
@@ -450,15 +495,18 @@ class StudyResults:
         `left_out` counts, by study, the films not given (refused, out of distribution). A
         study whose headers defeat the writer gets no report, not a crash."""
         made, failed = {}, dict(self.withheld)
-        for study, films in self.films.items():
+        declined_only = {study: [] for study in self.declined
+                         if study not in self.films and study not in self.withheld}
+        for study, films in {**self.films, **declined_only}.items():
             try:
                 report = study_report([source for source, _, _ in films],
-                                      np.stack([values for _, values, _ in films]),
+                                      np.array([values for _, values, _ in films]),
                                       [label for _, _, label in films], self.model,
-                                      (left_out or {}).get(study, FilmCounts()), self.scope,
+                                      self._counts(study, left_out), self.scope,
                                       self.predecessors.get(study),
                                       [self.pixels[source.SOPInstanceUID]
-                                       for source, _, _ in films])
+                                       for source, _, _ in films],
+                                      [] if films else self.declined[study])
                 to_bytes(report)  # a value the report took may still defeat the encoder
                 made[study] = report
             except Exception as error:

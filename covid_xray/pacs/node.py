@@ -241,7 +241,7 @@ class Node:
         for reason, count in outcome.reasons.items():
             self.counts.add(f"films/refused/{reason}", count)
         left_out = ", ".join(f"{reason} {count}" for reason, count in outcome.reasons.items())
-        if not outcome.report:  # nothing here can be scored: its films leave the spool
+        if not outcome.report:  # not even a header could be read: its films leave the spool
             instances = self.ledger.instances(study.study)
             self.ledger.failed(study.study, f"no film could be scored ({left_out or 'none'})",
                                instances)

@@ -28,8 +28,10 @@ class ModelFailed(Exception):
 @dataclass
 class Scored:
     """What scoring one study made: its results' SOP Instance UIDs (their files are
-    `<uid>.dcm` in the study's folder), the report's [series, SOP] UIDs ([] when no film could
-    be scored), and the films' reason codes (refused, out of distribution)."""
+    `<uid>.dcm` in the study's folder), the report's [series, SOP] UIDs (a study none of
+    whose films could be scored gets a report that says why, film by film; [] only when no
+    film's header could be read), and the films' reason codes (refused, out of
+    distribution)."""
 
     uids: list[str] = field(default_factory=list)
     report: list[str] = field(default_factory=list)
@@ -42,7 +44,8 @@ def score_study(model: Any, study: str, films: list[Path], spool: Path, results:
     """Score `films` (spool files) of `study`; write its results into `results/<study>/`
     (what was there before is replaced: it belonged to an earlier scoring). Raises
     ModelFailed, writing nothing, when the network failed on them."""
-    made = study_results(model, scope, {study: tuple(predecessor)} if predecessor else None)
+    made = study_results(model, scope, {study: tuple(predecessor)} if predecessor else None,
+                         every_study=True)
     answers = model.answer_request(pd.Series([str(path) for path in films]), "path",
                                    str(spool), True, made)
     failed = answers.error[answers.reason == "model_error"]
