@@ -16,6 +16,8 @@ import requests
 
 PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
+REFUSED_KNOWN = "refused an instance it holds:"
+
 
 def orthanc_binary() -> str:
     """Orthanc's program; outside CI a test without it skips, saying how to install it (CI
@@ -49,8 +51,31 @@ class Orthanc:
             "DicomPort": dicom_port, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False, "Plugins": [str(PLUGIN)],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            "LuaScripts": [str(self.refuse_known_uids())],
             "DicomModalities": modalities or {}}, indent=1))
         self.process: subprocess.Popen | None = None
+
+    def refuse_known_uids(self) -> Path:
+        """A strict archive, as some are: an instance whose SOP Instance UID it already holds
+        is refused, and said in its log (`refused_known`). (Orthanc 1.10 still answers such
+        a STOW-RS with success, so the log is how a test sees a sender send a known object.)"""
+        script = self.folder / "refuse-known-uids.lua"
+        script.write_text(
+            "function ReceivedInstanceFilter(dicom, origin, info)\n"
+            "  local known = ParseJson(RestApiPost('/tools/lookup', dicom.SOPInstanceUID))\n"
+            "  if #known > 0 then\n"
+            "    print('" + REFUSED_KNOWN + " ' .. dicom.SOPInstanceUID)\n"
+            "    return false\n"
+            "  end\n"
+            "  return true\n"
+            "end\n")
+        return script
+
+    def refused_known(self) -> list[str]:
+        """The SOP Instance UIDs it refused because it held them already."""
+        log = (self.folder / "orthanc.log").read_text(errors="replace")
+        return [line.split(REFUSED_KNOWN, 1)[1].strip() for line in log.splitlines()
+                if REFUSED_KNOWN in line]
 
     def start(self) -> Orthanc:
         with open(self.folder / "orthanc.log", "ab") as log:

@@ -388,7 +388,7 @@ def test_a_film_sent_anew_during_the_send_is_kept_and_the_next_report_names_this
     node = Node(PacsConfig(state_dir=str(tmp_path / "state")))
     take(node.ledger, node.spool, "4.1", "4.1.9", "4.1.1", b"first pixels")
     node.ledger.mark_complete(0)
-    node.ledger.scored("4.1", "1", [], ["4.1.80", "4.1.81"])
+    node.ledger.scored("4.1", "1", ["4.1.81"], ["4.1.80", "4.1.81"])
 
     class ArchiveWhileTheFilmIsResent:
         shown = "dicomweb:http://archive"
@@ -398,6 +398,9 @@ def test_a_film_sent_anew_during_the_send_is_kept_and_the_next_report_names_this
 
         def missing(self, study: str, uids: list[str]) -> list[str]:
             return []
+
+        def already_there(self, study: str, uids: list[str]) -> set[str]:
+            return set()
 
     node.destination = ArchiveWhileTheFilmIsResent()
     node.deliver(node.ledger.get("4.1"))
@@ -722,6 +725,7 @@ def test_a_late_film_reopens_its_study_and_the_new_report_names_the_first(pacs, 
     newer.save_as(path, enforce_file_format=True)
     assert dciodvfy_errors(path) == []
     assert node.ledger()[study]["status"] == "sent"
+    assert orthanc.refused_known() == []  # the unchanged heatmap was not sent again
 
 
 def modality_sends(node: Node, path: Path) -> None:
@@ -911,6 +915,7 @@ def test_kill_9_and_a_pacs_that_goes_away_still_deliver_each_report_once(
         wait_until(lambda: node.ledger()[study]["status"] == "sent", what="sent")
         kinds = [item["00080060"]["Value"][0] for item in orthanc.instances(study)]
         assert sorted(kinds) == ["CR", "OT", "SR"]
+        assert orthanc.refused_known() == []  # what Orthanc had was asked for, not resent
         assert node.ledger()[study]["attempts"] >= 1
         assert node.stop() == 0  # SIGTERM: a clean stop
     finally:

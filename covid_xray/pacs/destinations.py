@@ -85,6 +85,12 @@ class DicomWeb:
                 missing.append(uid)
         return missing
 
+    def already_there(self, study: str, uids: list[str]) -> set[str]:
+        """The results the server has already (a send before a crash, or a re-opened study's
+        unchanged heatmaps): not sent again, since an archive may refuse, or keep the first
+        of, an object whose UID it knows."""
+        return set(uids) - set(self.missing(study, uids))
+
     def study_instances(self, study: str) -> list[dict]:
         """QIDO-RS: the study's instances (series, SOP, SOP class)."""
         return self.client.search_for_instances(
@@ -142,6 +148,9 @@ class Dimse:
 
     def missing(self, study: str, uids: list[str]) -> list[str]:
         return []  # every C-STORE status was success: that is DIMSE's proof
+
+    def already_there(self, study: str, uids: list[str]) -> set[str]:
+        return set()  # (no query here: every result is sent, the archive keeps one)
 
 
 def destination(send_to: str, ae_title: str) -> DicomWeb | Dimse | None:

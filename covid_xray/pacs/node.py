@@ -330,7 +330,11 @@ class Node:
                         if instance.received <= (study.complete_at or time.time())]
         if self.destination is not None:
             try:
-                self.destination.send(study.study, files)
+                there = self.destination.already_there(study.study, study.result_uids)
+                unsent = [file for uid, file in zip(study.result_uids, files, strict=True)
+                          if uid not in there]
+                if unsent:
+                    self.destination.send(study.study, unsent)
                 lifecycle.pause_point("pacs-confirming")  # (tests: killed here, sent again)
                 missing = self.destination.missing(study.study, study.result_uids)
                 if missing:
