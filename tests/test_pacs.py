@@ -425,7 +425,7 @@ def test_a_session_of_duplicates_only_logs_every_count_zeros_included(tmp_path, 
         node = Node(PacsConfig(state_dir=str(tmp_path / "state")))
         node.counts.add("instances/duplicate", 3)
         with mlflow.start_run() as run:
-            node.log_metrics()
+            node.log_metrics(run.info.run_id)
         metrics = mlflow.MlflowClient().get_run(run.info.run_id).data.metrics
     finally:
         mlflow.set_tracking_uri(None)
@@ -1070,6 +1070,8 @@ def test_a_registry_that_goes_away_leaves_the_model_in_hand_scoring(
         assert not (node.results / file_key("1.2.840.4")).exists()  # nothing half-made
         counts = node.counts.snapshot()
         assert counts["studies/scoring_postponed"] == 1 and "films/refused/model_error" not in counts
+        # ... with the model in hand, the registry not asked again for a minute (no storm)
+        assert counts["registry/unreachable"] == 1 and "asked again in 60 s" in caplog.text
         # The model recovers (the patch is gone): the study's next try scores it.
         time.sleep(1.1)  # its first wait: 1 s
         (due,) = node.ledger.due()

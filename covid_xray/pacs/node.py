@@ -20,14 +20,16 @@ import logging
 import os
 import shutil
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
 from typing import IO
 
-import mlflow
 import numpy as np
 import requests
+from mlflow import MlflowClient
+from mlflow.entities import Metric
 
 from covid_xray import lifecycle
 from covid_xray.config import PACS_ACTIONS, PacsConfig
@@ -48,6 +50,9 @@ METRICS_EVERY_S = 60.0
 # while the tracking server was away): the node asks once, briefly, and goes on with what it
 # has (the model in hand; its metrics again in a minute).
 MLFLOW_DEADLINES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+# After the registry failed to answer, the model in hand scores on without asking it again for
+# this long: a tracking server that is away costs one deadline a minute, not one per study.
+REGISTRY_PAUSE_S = 60.0
 POLL_S = 0.2
 
 
@@ -75,7 +80,9 @@ class Node:
         self.counts = Counts()
         self.latencies: list[float] = []  # study complete -> results confirmed, seconds
         self.model_key, self.model, self.model_version = "", None, ""
+        self.registry_paused_until = 0.0  # time.monotonic()
         self.started = time.monotonic()
+        self.stopping = threading.Event()  # the session is ending: metrics stop too
 
     def name(self, uid: str) -> str:
         return pseudonym(uid, self.key)
@@ -97,27 +104,38 @@ class Node:
                 self.close_previous_session(run.info.run_id)
                 mlflow_run.log_params(self.settings())
                 if listener is None:
-                    self.pull()
+                    self.pull(run.info.run_id)
                 else:
-                    self.serve()
+                    self.serve(run.info.run_id)
         finally:
             if listener is not None:
                 with lifecycle.stops_quieted():
                     listener.stop()
 
-    def serve(self) -> None:
+    def serve(self, run_id: str) -> None:
         """Work until stopped; then the session's last counts and where the ledger stands."""
         print(f"listening as {self.config.ae_title} on {self.config.host}:{self.config.port};"
               f" results to {self.destination.shown if self.destination else self.results}; "
               "Ctrl-C stops", flush=True)
+        self.report_every_minute(run_id)
         try:
             self.work()
         except KeyboardInterrupt:
             print("stopping: the study in hand is left as the ledger says", flush=True)
         finally:
+            self.stopping.set()
             with lifecycle.stops_quieted():
-                self.log_metrics()
+                self.log_metrics(run_id)
                 print(self.summary(), flush=True)
+
+    def report_every_minute(self, run_id: str) -> None:
+        """The session's metrics every minute from a thread of their own: a tracking server
+        that is away (each try up to MLflow's deadline) never holds up a study."""
+        def report() -> None:
+            while not self.stopping.wait(METRICS_EVERY_S):
+                self.log_metrics(run_id)
+
+        threading.Thread(target=report, name="pacs-metrics", daemon=True).start()
 
     def close_previous_session(self, run_id: str) -> None:
         """A session killed outright (kill -9, a power cut) could not end its run: the next
@@ -142,7 +160,6 @@ class Node:
         while True:
             if time.monotonic() >= next_minute:  # (at once, then every minute)
                 self.keep_disk_bounded()
-                self.log_metrics()
                 next_minute += METRICS_EVERY_S
             for study in self.ledger.mark_complete(self.config.study_quiet_s):
                 logger.info("study %s complete", self.name(study))
@@ -159,7 +176,7 @@ class Node:
                                                  self.config.max_results_gb, self.name)]:
             logger.info(line)
 
-    def pull(self) -> None:
+    def pull(self, run_id: str) -> None:
         """Fetch one study by WADO-RS (its chest radiographs), then score and send it."""
         study = self.config.study
         try:
@@ -180,7 +197,7 @@ class Node:
                     self.handle(due)
             time.sleep(POLL_S)
         current = self.ledger.get(study)
-        self.log_metrics()
+        self.log_metrics(run_id)
         print(self.summary(), flush=True)
         if current.status == "failed":
             raise UserError(f"study {self.name(study)} failed: {current.last_error}")
@@ -301,6 +318,8 @@ class Node:
         loaded, the model in hand scores on, under the version it was loaded as (said in the
         log and counted): a registry away for an hour does not stop a hospital's studies.
         With none in hand, this raises and the study waits."""
+        if self.model is not None and time.monotonic() < self.registry_paused_until:
+            return self.model_version, self.model  # the registry failed a moment ago
         try:
             version = registry.resolve_version(self.config.model_uri)
             key = (f"models:/{version.name}/{version.version}" if version
@@ -315,9 +334,10 @@ class Node:
             if self.model is None:
                 raise
             self.counts.add("registry/unreachable")
+            self.registry_paused_until = time.monotonic() + REGISTRY_PAUSE_S
             logger.warning("the model registry cannot be reached or the model loaded (%s): "
-                           "scoring with the model in hand, %s", type(error).__name__,
-                           self.model_key)
+                           "scoring with the model in hand, %s; asked again in %g s",
+                           type(error).__name__, self.model_key, REGISTRY_PAUSE_S)
         return self.model_version, self.model
 
     def deliver(self, study: Study) -> None:
@@ -363,17 +383,20 @@ class Node:
 
     # -- what the session reports ----------------------------------------------------------
 
-    def log_metrics(self) -> None:
+    def log_metrics(self, run_id: str) -> None:
         """The session's counts and latency into its run: best-effort, since a tracking
-        server that is away must not stop the node (the next minute logs them all again)."""
-        step = int((time.monotonic() - self.started) // 60)
-        metrics = {name.replace("/", "_"): float(count)
-                   for name, count in self.counts.snapshot().items()}
-        if self.latencies:
-            metrics["latency_p50_s"] = float(np.percentile(self.latencies, 50))
-            metrics["latency_p95_s"] = float(np.percentile(self.latencies, 95))
+        server that is away must not stop the node (the next minute logs them all again).
+        By run id, from any thread (the active run is the main thread's)."""
+        step, now = int((time.monotonic() - self.started) // 60), int(time.time() * 1000)
+        values = {name.replace("/", "_"): float(count)
+                  for name, count in self.counts.snapshot().items()}
+        latencies = list(self.latencies)  # (appended by the worker meanwhile)
+        if latencies:
+            values["latency_p50_s"] = float(np.percentile(latencies, 50))
+            values["latency_p95_s"] = float(np.percentile(latencies, 95))
         try:
-            mlflow.log_metrics(metrics, step=step)
+            MlflowClient().log_batch(run_id, metrics=[
+                Metric(name, value, now, step) for name, value in values.items()])
         except Exception as error:
             logger.warning("the session's metrics were not logged (%s); they are again in a "
                            "minute", type(error).__name__)
