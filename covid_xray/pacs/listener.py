@@ -7,7 +7,8 @@ C-STORE is answered, so "success" means "kept": a node killed a moment later sti
 
 A file whose UIDs cannot be read is refused (0xC000, counted); one that can is kept whatever
 else is wrong with it, and the scoring refuses it with a reason code that the study's report
-counts. A full spool answers 0xA700 (out of resources): the PACS sends it again later.
+counts. A full spool answers 0xA700 (out of resources), counted: whether the film comes
+again is the sender's (Orthanc fails its push job).
 """
 
 from __future__ import annotations
