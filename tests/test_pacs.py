@@ -387,6 +387,9 @@ def test_a_film_sent_anew_during_the_send_is_kept_and_the_next_report_names_this
 
     node = Node(PacsConfig(state_dir=str(tmp_path / "state")))
     take(node.ledger, node.spool, "4.1", "4.1.9", "4.1.1", b"first pixels")
+    # A film delivered before, its spool file forgotten (path ''): the delivery raised
+    # IsADirectoryError on it ('' is the working folder) after recording the study sent.
+    node.ledger.receive("4.1", "4.1.2", "4.1.9", "d-earlier", "")
     node.ledger.mark_complete(0)
     node.ledger.scored("4.1", "1", ["4.1.81"], ["4.1.80", "4.1.81"])
 
@@ -404,7 +407,7 @@ def test_a_film_sent_anew_during_the_send_is_kept_and_the_next_report_names_this
 
     node.destination = ArchiveWhileTheFilmIsResent()
     node.deliver(node.ledger.get("4.1"))
-    (instance,) = node.ledger.instances("4.1")
+    instance = next(item for item in node.ledger.instances("4.1") if item.sop == "4.1.1")
     assert Path(instance.path).read_bytes() == b"corrected pixels"
     study = node.ledger.get("4.1")
     assert (study.status, study.delivered_report) == ("receiving", ["4.1.80", "4.1.81"])

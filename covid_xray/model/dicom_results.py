@@ -372,9 +372,8 @@ def heatmap_capture(source: Dataset, picture: np.ndarray, label: str, series_uid
     """A Grad-CAM overlay (`gradcam.overlay`'s picture: the film at its own size, BGR) of the
     evidence for class `label`, as a Secondary Capture image in the source's study, at most
     HEATMAP_LONG_SIDE pixels on its long side and JPEG-compressed (the film's own size is in
-    its Derivation Description). All
-    heatmaps of one study share `series_uid`; `instance` numbers them. Its UID derives from
-    the film's UID and its `pixel_digest` (`pixels`)."""
+    its Derivation Description). All heatmaps of one study share `series_uid`; `instance`
+    numbers them. Its UID derives from the film's UID and its `pixel_digest` (`pixels`)."""
     rows, columns = picture.shape[:2]
     rgb = np.ascontiguousarray(shrunk(picture, HEATMAP_LONG_SIDE)[..., ::-1])
     image = hd.sc.SCImage.from_ref_dataset(

@@ -70,16 +70,19 @@ class Spool:
 
     def delete_unchanged(self, files: dict[str, str]) -> list[str]:
         """Delete the files (path -> the sha256 the ledger has of its bytes) that still hold
-        those bytes; one written anew meanwhile (a film sent again with new pixels, whose
-        ledger row is on its way) is kept. Under the spool's lock, which every write takes,
-        so no film changes between the check and the delete. The paths deleted."""
+        those bytes, and their study's folder once empty; one written anew meanwhile (a film
+        sent again with new pixels, whose ledger row is on its way) is kept. Under the spool's
+        lock, which every write takes, so no film changes between the check and the delete.
+        A path of '' (a file forgotten before) is skipped. The paths deleted (or gone)."""
         deleted = []
         with self.lock:
             for name, digest in files.items():
-                path = Path(name)
-                if path.exists() and hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+                if not name:
                     continue
+                path = Path(name)
                 if path.exists():
+                    if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+                        continue
                     self.size -= path.stat().st_size
                     path.unlink()
                 if path.parent.exists() and not any(path.parent.iterdir()):
@@ -100,14 +103,3 @@ class Spool:
                 folder.rmdir()
         self.size = sum(path.stat().st_size for path in self.folder.rglob("*.dcm"))
         return len(orphans)
-
-    def delete(self, paths: list[str]) -> None:
-        """Forget these files (their study's folder too, once empty)."""
-        with self.lock:
-            for name in filter(None, paths):
-                path = Path(name)
-                if path.exists():
-                    self.size -= path.stat().st_size
-                    path.unlink()
-                if path.parent.exists() and not any(path.parent.iterdir()):
-                    path.parent.rmdir()
