@@ -144,9 +144,7 @@ def main(studies: int, every_s: float, orthanc_outage_s: float, server_outage_s:
         # push of the whole study would offer the node its own JPEG heatmaps, which it refuses.
         films_of: dict[str, list[str]] = {}
         for path in films:
-            stored = requests.post(f"{orthanc.url}/instances", data=path.read_bytes(), timeout=30)
-            stored.raise_for_status()
-            films_of.setdefault(stored.json()["ParentStudy"], []).append(stored.json()["ID"])
+            films_of.setdefault(orthanc.upload(path), []).append(orthanc.upload(path, "ID"))
         ids = sorted(films_of)
         state = scratch / "state"
         node = Service([sys.executable, "-m", "entrypoints.pacs", "--port", str(node_port),

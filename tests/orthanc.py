@@ -99,11 +99,11 @@ class Orthanc:
             self.process.terminate()
             self.process.wait(timeout=30)
 
-    def upload(self, path: Path) -> str:
-        """Store a file through the REST API; its study's Orthanc id."""
+    def upload(self, path: Path, level: str = "ParentStudy") -> str:
+        """Store a file through the REST API; its study's Orthanc id (level "ID": its own)."""
         answer = requests.post(f"{self.url}/instances", data=path.read_bytes(), timeout=30)
         answer.raise_for_status()
-        return answer.json()["ParentStudy"]
+        return answer.json()[level]
 
     def add_modality(self, name: str, ae_title: str, port: int) -> None:
         requests.put(f"{self.url}/modalities/{name}", timeout=10, json={

@@ -79,6 +79,13 @@ def test_the_ledger_moves_a_study_through_its_states_and_reopens_it(tmp_path):
     ledger.mark_complete(0)
     ledger.failed("1.2.4", "no film could be scored (view 1)", ledger.instances("1.2.4"))
     assert (ledger.get("1.2.4").status, ledger.instances("1.2.4")[0].path) == ("failed", "")
+    # Films refused for room are counted until they are received after all.
+    ledger.refuse("1.2.5", "1.2.5.1", "no_room")
+    ledger.refuse("1.2.5", "1.2.5.2", "no_room")
+    ledger.refuse("1.2.5", "1.2.5.2", "no_room")  # sent again, refused again: one film
+    assert ledger.refusals("1.2.5") == {"no_room": 2}
+    ledger.receive("1.2.5", "1.2.5.1", "1.2.5.9", "d5", "/spool/d")
+    assert ledger.refusals("1.2.5") == {"no_room": 1} and ledger.refusals("1.2.3") == {}
 
 
 def test_a_pacs_down_for_hours_is_waited_out_and_then_the_study_fails(tmp_path, monkeypatch):
@@ -892,17 +899,27 @@ def test_kill_9_and_a_pacs_that_goes_away_still_deliver_each_report_once(
         pacs_store, films, tmp_path):
     """Killed while scoring, then restarted while the PACS is down: the node retries, the PACS
     comes back, the results arrive; killed again right after a store but before the ledger
-    recorded it: sent again on restart, the same objects. One SR in the end."""
+    recorded it: sent again on restart, the same objects. One SR in the end, which counts
+    the study's second film, refused for room (0xA700) on the way in (it was not counted)."""
     node_port = free_port()
     orthanc = Orthanc(tmp_path / "orthanc", free_port(), free_port(),
                       {"node": ["COVIDXRAY", "127.0.0.1", node_port]}).start()
     login = orthanc.dicomweb.replace("//", "//nodeuser:s3cret@")  # (Orthanc ignores it)
-    node = Node(pacs_store, tmp_path / "state", node_port, f"dicomweb:{login}",
-                callers="ORTHANC@127.0.0.1")
     study = "1.2.826.0.1.3680043.8.498.77004"
+    first, big = film(films[0], tmp_path / "f.dcm", study), film(films[1], tmp_path / "b.dcm",
+                                                                  study)
+    large = pydicom.dcmread(big)
+    large.Rows = large.Columns = 1024
+    large.PixelData = bytes(1024 * 1024 * large.BitsAllocated // 8)
+    large.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    large.save_as(big, enforce_file_format=True)
+    room = first.stat().st_size + big.stat().st_size // 2  # the first film fits, not both
+    node = Node(pacs_store, tmp_path / "state", node_port, f"dicomweb:{login}",
+                callers="ORTHANC@127.0.0.1", max_spool_gb=str(room / 1e9))
     try:
         node.start(COVID_XRAY_PAUSE_AT="pacs-scoring")
-        orthanc.push("node", [orthanc.upload(film(films[0], tmp_path / "f.dcm", study))])
+        with pytest.raises(requests.HTTPError):  # Orthanc's job fails on the refused film
+            orthanc.push("node", [orthanc.upload(first, "ID"), orthanc.upload(big, "ID")])
         node.wait_for("paused at pacs-scoring")
         node.kill()
         assert node.ledger()[study]["status"] == "complete"
@@ -917,8 +934,13 @@ def test_kill_9_and_a_pacs_that_goes_away_still_deliver_each_report_once(
         node.start()
         wait_until(lambda: node.ledger()[study]["status"] == "sent", what="sent")
         kinds = [item["00080060"]["Value"][0] for item in orthanc.instances(study)]
-        assert sorted(kinds) == ["CR", "OT", "SR"]
+        assert sorted(kinds) == ["CR", "CR", "OT", "SR"]
         assert orthanc.refused_known() == []  # what Orthanc had was asked for, not resent
+        (report,) = orthanc.results(study, "SR")
+        counted = {item.name.meaning: item.value for item in hd.sr.srread(_file(
+            report, tmp_path)).content.get_image_measurement_groups()[-1].get_measurements()}
+        assert (counted["Films scored (in the study's mean)"],
+                counted["Films refused: no_room"]) == (1, 1)
         assert node.ledger()[study]["attempts"] >= 1
         assert node.stop() == 0  # SIGTERM: a clean stop
     finally:

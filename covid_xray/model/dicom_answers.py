@@ -39,11 +39,13 @@ logger = logging.getLogger(__name__)
 
 def study_results(classifier: Any, scope: str,
                   predecessors: dict[str, tuple[str, str]] | None = None,
-                  every_study: bool = False) -> StudyResults:
+                  every_study: bool = False,
+                  refused_on_arrival: dict[str, dict[str, int]] | None = None) -> StudyResults:
     """An empty collection of a batch's results for this `DicomClassifier`'s answers."""
     return StudyResults(ReportedModel(classifier.class_names, classifier.threshold,
                                       classifier.operating.training_prevalence,
-                                      classifier.identity), scope, predecessors, every_study)
+                                      classifier.identity), scope, predecessors, every_study,
+                        refused_on_arrival)
 
 
 def heatmap_picture(classifier: Any, file: Any, item: Decoded, label: str) -> np.ndarray:

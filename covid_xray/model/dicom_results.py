@@ -42,6 +42,7 @@ import hashlib
 import io
 import re
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -436,8 +437,11 @@ class StudyResults:
 
     def __init__(self, model: ReportedModel, scope: str,
                  predecessors: dict[str, tuple[str, str]] | None = None,
-                 every_study: bool = False):
+                 every_study: bool = False,
+                 refused_on_arrival: dict[str, dict[str, int]] | None = None):
         self.model = model
+        # study -> films that never reached the model, by reason (the node: no_room)
+        self.refused_on_arrival = refused_on_arrival or {}
         # Also a report for a study none of whose films was scored, saying why film by film
         # (the PACS node: a reading room must tell "declined" from "never ran").
         self.every_study = every_study
@@ -474,14 +478,16 @@ class StudyResults:
         self.declined.setdefault(source.StudyInstanceUID, []).append((source, reason))
 
     def _counts(self, study: str, left_out: dict[str, FilmCounts] | None) -> FilmCounts:
-        """The study's films not in its answer: `left_out`'s, and for a report of declined
-        films those declined because the study names two patients."""
+        """The study's films not in its answer: `left_out`'s, those refused on arrival, and
+        for a report of declined films those declined because the study names two
+        patients."""
         counts = (left_out or {}).get(study, FilmCounts())
-        mismatched = sum(reason == "patient_mismatch" for _, reason
-                         in self.declined.get(study, []) if study not in self.films)
-        if mismatched:
-            counts = replace(counts, refused={**counts.refused, "patient_mismatch": mismatched})
-        return counts
+        refused = Counter(counts.refused) + Counter(self.refused_on_arrival.get(study, {}))
+        refused["patient_mismatch"] += sum(
+            reason == "patient_mismatch" for _, reason in self.declined.get(study, [])
+            if study not in self.films)
+        return replace(counts, refused={reason: number for reason, number
+                                        in refused.items() if number})
 
     def withhold(self, study: str, why: str) -> None:
         """No report for `study` (`reports` says why): its films must not be reported on."""

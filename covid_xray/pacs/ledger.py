@@ -54,6 +54,13 @@ create table if not exists instances (
     received real not null,
     primary key (study, sop)
 );
+create table if not exists refused (   -- films answered 0xA700: no room to keep them
+    study text not null,
+    sop text not null,
+    reason text not null,          -- a report's reason code (no_room)
+    at real not null,
+    primary key (study, sop)
+);
 """
 
 
@@ -144,7 +151,19 @@ class Ledger:
                     (now, study))
             connection.execute("insert or replace into instances values (?, ?, ?, ?, ?, ?)",
                                (study, sop, series, digest, path, now))
+            connection.execute("delete from refused where study=? and sop=?", (study, sop))
         return what
+
+    def refuse(self, study: str, sop: str, reason: str) -> None:
+        """An instance the node could not keep (`reason`: no_room): its study's next report
+        counts it, unless it is received after all."""
+        self._write([("insert or replace into refused values (?, ?, ?, ?)",
+                      (study, sop, reason, time.time()))])
+
+    def refusals(self, study: str) -> dict[str, int]:
+        """The study's films refused on arrival and never received since, by reason."""
+        return dict(self._rows("select reason, count(*) from refused where study=? "
+                               "group by reason", (study,)))
 
     def mark_complete(self, quiet_s: float) -> list[str]:
         """Studies none of whose instances arrived for `quiet_s`: complete now."""

@@ -7,8 +7,9 @@ C-STORE is answered, so "success" means "kept": a node killed a moment later sti
 
 A file whose UIDs cannot be read is refused (0xC000, counted); one that can is kept whatever
 else is wrong with it, and the scoring refuses it with a reason code that the study's report
-counts. A full spool answers 0xA700 (out of resources), counted: whether the film comes
-again is the sender's (Orthanc fails its push job).
+counts. A full spool answers 0xA700 (out of resources), counted, and the study's report
+counts the film refused (`no_room`): whether the film comes again is the sender's (Orthanc
+fails its push job).
 """
 
 from __future__ import annotations
@@ -203,5 +204,6 @@ def take(ledger: Ledger, spool: Spool, study: str, series: str, sop: str, data: 
             return "duplicate", ""
         kept = spool.write(study, sop, data)
         if isinstance(kept, str):
+            ledger.refuse(study, sop, "no_room")  # counted in its study's report
             return "", kept
         return ledger.receive(study, sop, series, digest, str(kept)), ""

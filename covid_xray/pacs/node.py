@@ -250,7 +250,8 @@ class Node:
         lifecycle.pause_point("pacs-scoring")
         try:
             outcome = score_study(model, study.study, films, self.spool.folder, self.results,
-                                  scope, study.delivered_report)
+                                  scope, study.delivered_report,
+                                  self.ledger.refusals(study.study))
         except ModelFailed as error:  # out of memory, say: not the films' fault
             self.score_later(study, "the model failed on the study's films", str(error))
             return

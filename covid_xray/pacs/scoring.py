@@ -40,12 +40,13 @@ class Scored:
 
 
 def score_study(model: Any, study: str, films: list[Path], spool: Path, results: Path,
-                scope: str, predecessor: list[str]) -> Scored:
+                scope: str, predecessor: list[str], refused: dict[str, int]) -> Scored:
     """Score `films` (spool files) of `study`; write its results into `results/<study>/`
-    (what was there before is replaced: it belonged to an earlier scoring). Raises
-    ModelFailed, writing nothing, when the network failed on them."""
+    (what was there before is replaced: it belonged to an earlier scoring). `refused`: its
+    films the node could not keep, by reason, which the report counts. Raises ModelFailed,
+    writing nothing, when the network failed on them."""
     made = study_results(model, scope, {study: tuple(predecessor)} if predecessor else None,
-                         every_study=True)
+                         every_study=True, refused_on_arrival={study: refused})
     answers = model.answer_request(pd.Series([str(path) for path in films]), "path",
                                    str(spool), True, made)
     failed = answers.error[answers.reason == "model_error"]
