@@ -901,10 +901,6 @@ def test_kill_9_and_a_pacs_that_goes_away_still_deliver_each_report_once(
     comes back, the results arrive; killed again right after a store but before the ledger
     recorded it: sent again on restart, the same objects. One SR in the end, which counts
     the study's second film, refused for room (0xA700) on the way in (it was not counted)."""
-    node_port = free_port()
-    orthanc = Orthanc(tmp_path / "orthanc", free_port(), free_port(),
-                      {"node": ["COVIDXRAY", "127.0.0.1", node_port]}).start()
-    login = orthanc.dicomweb.replace("//", "//nodeuser:s3cret@")  # (Orthanc ignores it)
     study = "1.2.826.0.1.3680043.8.498.77004"
     first, big = film(films[0], tmp_path / "f.dcm", study), film(films[1], tmp_path / "b.dcm",
                                                                   study)
@@ -914,6 +910,10 @@ def test_kill_9_and_a_pacs_that_goes_away_still_deliver_each_report_once(
     large.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
     large.save_as(big, enforce_file_format=True)
     room = first.stat().st_size + big.stat().st_size // 2  # the first film fits, not both
+    node_port = free_port()
+    orthanc = Orthanc(tmp_path / "orthanc", free_port(), free_port(),
+                      {"node": ["COVIDXRAY", "127.0.0.1", node_port]}).start()
+    login = orthanc.dicomweb.replace("//", "//nodeuser:s3cret@")  # (Orthanc ignores it)
     node = Node(pacs_store, tmp_path / "state", node_port, f"dicomweb:{login}",
                 callers="ORTHANC@127.0.0.1", max_spool_gb=str(room / 1e9))
     try:
@@ -1111,7 +1111,7 @@ def test_confirmation_finds_every_result_past_the_archives_search_limit(films, t
     """QIDO-RS confirmation read the study's search answer, which an archive cuts at its
     result limit (Orthanc's LimitFindInstances): a result stored but past the limit counted as
     missing, and the study's sends failed until it was failed. Each result is now searched
-    for by its own UID."""
+    for by its own UID. A pull lists a study's films by WADO-RS metadata, not cut either."""
     import json
 
     orthanc = Orthanc(tmp_path / "orthanc", free_port(), free_port())
@@ -1129,5 +1129,8 @@ def test_confirmation_finds_every_result_past_the_archives_search_limit(films, t
         assert len(web.client.search_for_instances(study_instance_uid=study)) < 3  # the cut
         assert web.missing(study, uids) == []
         assert web.missing(study, [*uids, f"{study}.404"]) == [f"{study}.404"]
+        # ... and a pull lists the whole study (its QIDO search listed 1 of 3 films)
+        assert sorted(item["00080018"]["Value"][0] for item in web.study_instances(study)) == \
+            sorted(uids)
     finally:
         orthanc.stop()

@@ -92,10 +92,10 @@ class DicomWeb:
         return set(uids) - set(self.missing(study, uids))
 
     def study_instances(self, study: str) -> list[dict]:
-        """QIDO-RS: the study's instances (series, SOP, SOP class)."""
-        return self.client.search_for_instances(
-            study_instance_uid=study,
-            fields=["SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"])
+        """The study's instances (DICOM JSON: series, SOP, SOP class ...), by WADO-RS
+        metadata, which is whole: a QIDO-RS search of the study is cut at the server's
+        result limit (Orthanc's LimitFindInstances), and would leave films out of a pull."""
+        return self.client.retrieve_study_metadata(study)
 
     def fetch(self, study: str, series: str, sop: str) -> bytes | None:
         """WADO-RS: one instance as a DICOM file, in the syntax it is stored in; None when
