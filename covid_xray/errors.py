@@ -22,6 +22,14 @@ class DicomError(UserError):
         self.reason = reason
 
 
+def first_line(error: BaseException | str, limit: int = 300) -> str:
+    """The first line of an error's message (an MlflowException's `message`, without its
+    code), at most `limit` characters; "" when it has none. Messages from other libraries
+    run to many lines (a server's HTML page, a Java stack): a user's line quotes this."""
+    text = str(getattr(error, "message", error)).strip()
+    return text.splitlines()[0].strip()[:limit] if text else ""
+
+
 class RunStopped(Exception):
     """Ends a run on purpose (an Optuna pruning decision): its MLflow run is KILLED, not
     FAILED."""

@@ -22,6 +22,8 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from covid_xray.errors import first_line
+
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # Test hook: a process started with COVID_XRAY_PAUSE_AT=<point> says "paused at <point>" there
 # and waits for a stop signal, so tests can stop it at an exact phase (before data, while
@@ -97,7 +99,7 @@ def end_if_running(run_ids: Iterable[str], status: str, tags: dict[str, str] | N
                     client.set_tag(run_id, key, value)
                 client.set_terminated(run_id, status)
         except Exception as error:  # stopping must not fail on a tracking hiccup
-            reason = str(getattr(error, "message", error)).strip().splitlines()[0]
+            reason = first_line(error)
             problems.append(f"could not end MLflow run {run_id} as {status} ({reason})")
     return problems
 

@@ -161,3 +161,19 @@ def test_allowed_values_are_written_once_in_config():
             if len(values) >= 2 and any(values <= set(allowed) for allowed in choices):
                 written.append(f"{path.relative_to(ROOT)}:{node.lineno} {sorted(values)}")
     assert not written, "\n".join(written)
+
+
+def test_an_errors_first_line_is_what_a_users_line_quotes():
+    """One rule for every message that quotes another library's error: its first line
+    (an MlflowException's message, without the error code), at most 300 characters."""
+    from mlflow.exceptions import MlflowException
+
+    from covid_xray.errors import first_line
+
+    assert first_line(ValueError("\n  no such table: runs  \n[SQL: select ...]")) == \
+        "no such table: runs"
+    assert first_line(MlflowException("Registered Model 'x' not found\n<html>...",
+                                      error_code="RESOURCE_DOES_NOT_EXIST")) == \
+        "Registered Model 'x' not found"
+    assert first_line(RuntimeError()) == "" and first_line("  ") == ""
+    assert first_line("y" * 400) == "y" * 300 and first_line("y" * 400, 20) == "y" * 20

@@ -20,7 +20,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi, get_decoder
 
-from covid_xray.errors import DicomError
+from covid_xray.errors import DicomError, first_line
 from covid_xray.imaging import decoders, quiet  # noqa: F401 (quiet: its filters, once)
 from covid_xray.imaging.gate import check
 
@@ -172,8 +172,8 @@ def error_line(name: object, error: BaseException) -> str:
 
 def _one_line(error: BaseException) -> str:
     """An exception as one short line: its type and first line of text."""
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
+    text = first_line(error, 200)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 # Read from every header once (with the PatientID that groups studies by patient) and kept

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pydicom
 import requests
 
-from covid_xray.errors import UserError
+from covid_xray.errors import UserError, first_line
 
 STORED = (0x0000, 0xB000, 0xB006, 0xB007)  # success, or stored with a warning (PS3.4 B.2.3)
 DIMSE_TARGET = re.compile(r"(?P<aet>[^@]{1,16})@(?P<host>[^:@]+):(?P<port>\d{1,5})")
@@ -178,4 +178,4 @@ def describe(error: BaseException) -> str:
         response = getattr(error, "response", None)
         status = f": HTTP {response.status_code}" if response is not None else ""
         return f"{type(error).__name__}{status}"
-    return shown_target(f"{type(error).__name__}: {error}".splitlines()[0])[:300]
+    return shown_target(f"{type(error).__name__}: {first_line(error)}")[:300]

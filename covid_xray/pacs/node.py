@@ -96,7 +96,7 @@ class Node:
             listener = Listener(self.config.ae_title, self.config.host, self.config.port,
                                 self.callers, self.ledger, self.spool, self.counts, self.name)
             listener.start()
-        model_name = self.config.model_uri.removeprefix("models:/").split("@")[0].split("/")[0]
+        model_name = registry.model_name(self.config.model_uri)
         try:
             with mlflow_run.tracked_run(self.config.experiment_name, system_metrics=True,
                                         run_name=f"pacs-{self.config.ae_title}-{model_name}"
@@ -323,8 +323,7 @@ class Node:
             return self.model_version, self.model  # the registry failed a moment ago
         try:
             version = registry.resolve_version(self.config.model_uri)
-            key = (f"models:/{version.name}/{version.version}" if version
-                   else self.config.model_uri)
+            key = registry.version_uri(version) if version else self.config.model_uri
             if key != self.model_key:
                 _, model = registry.load_resolved(key)
                 model.to_device(self.config.device)

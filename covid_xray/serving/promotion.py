@@ -24,7 +24,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from covid_xray.config import EvaluateConfig, PromoteConfig
-from covid_xray.errors import UserError
+from covid_xray.errors import UserError, first_line
 from covid_xray.evaluation.report import PairedDifference, paired_difference
 from covid_xray.serving.evaluate import (
     FINGERPRINT_TAG,
@@ -171,7 +171,7 @@ def _check_same_task(name: str, versions: list[str]
             metadata = mlflow.models.get_model_info(f"models:/{name}/{version}").metadata
         except MlflowException as error:
             raise UserError(f"cannot read version {version} of {name}: "
-                            f"{str(error.message).splitlines()[0]}") from None
+                            f"{first_line(error)}") from None
         tasks[version] = tuple((metadata or {}).get("class_names", ()))
         thresholds[version] = (metadata or {}).get("threshold")
     if len(set(tasks.values())) > 1:

@@ -30,7 +30,7 @@ import mlflow
 import pandas as pd
 
 from covid_xray.config import ScoreSparkConfig
-from covid_xray.errors import DicomError, UserError
+from covid_xray.errors import DicomError, UserError, first_line
 from covid_xray.imaging.workers import decode
 from covid_xray.model.answers import TEXT_COLUMNS
 from covid_xray.serving.predict import (
@@ -62,7 +62,7 @@ def score_spark(config: ScoreSparkConfig) -> pd.DataFrame:
                         "overwritten)")
     # Loaded here first: a bad URI fails in one line, not inside Spark.
     version, model = registry.load_resolved(config.model_uri)
-    model_uri = f"models:/{version.name}/{version.version}" if version else config.model_uri
+    model_uri = registry.version_uri(version) if version else config.model_uri
     spark = spark_session(config)
     try:
         files = dicom_files(spark, config.input)
@@ -109,9 +109,8 @@ def spark_session(config: ScoreSparkConfig):
     try:
         return builder.getOrCreate()
     except Exception as error:  # no Java, a master that does not answer, ...
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise UserError(f"cannot start Spark on {config.master}: {type(error).__name__}: "
-                        f"{first[:300]} ({SPARK_HINT})") from None
+                        f"{first_line(error)} ({SPARK_HINT})") from None
 
 
 def dicom_files(spark, path: str):
@@ -122,7 +121,7 @@ def dicom_files(spark, path: str):
         return (spark.read.format("binaryFile").option("recursiveFileLookup", "true")
                 .option("pathGlobFilter", "*.[dD][cC][mM]").load(path))
     except AnalysisException as error:  # a path that is not there (hdfs://, s3a:// too)
-        raise UserError(f"{path}: cannot list it ({str(error).splitlines()[0]})") from None
+        raise UserError(f"{path}: cannot list it ({first_line(error)})") from None
 
 
 def listed_files(spark, path: str, local: Path | None) -> list[str]:

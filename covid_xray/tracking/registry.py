@@ -16,7 +16,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from covid_xray.config import HELD_STAGES, STAGES
-from covid_xray.errors import UserError
+from covid_xray.errors import UserError, first_line
 from covid_xray.model.dicom_results import ModelIdentity
 from covid_xray.model.pyfunc import DicomClassifier
 
@@ -29,8 +29,7 @@ def load(model_uri: str) -> DicomClassifier:
             warnings.simplefilter("ignore")
             loaded = mlflow.pyfunc.load_model(model_uri)
     except MlflowException as error:
-        first_line = str(error.message).strip().splitlines()[0]
-        raise UserError(f"cannot load model {model_uri!r}: {first_line}") from None
+        raise UserError(f"cannot load model {model_uri!r}: {first_line(error)}") from None
     except OSError as error:
         raise UserError(f"cannot load model {model_uri!r}: {error}") from None
     try:
@@ -49,7 +48,7 @@ def load_resolved(model_uri: str) -> tuple[Any, DicomClassifier]:
     once and the version loaded by number: resolved twice, a move in between would have a run
     name a version that never answered."""
     version = resolve_version(model_uri)
-    model = load(f"models:/{version.name}/{version.version}" if version else model_uri)
+    model = load(version_uri(version) if version else model_uri)
     if version:
         model.identity = ModelIdentity(version.name, str(version.version), version.run_id)
     return version, model
@@ -58,6 +57,17 @@ def load_resolved(model_uri: str) -> tuple[Any, DicomClassifier]:
 # What the registry answers for a name, version or alias it does not have. Anything else (a
 # server that does not answer, a 500) is not "no such version" and is never read as one.
 NOT_THERE = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
+
+
+def version_uri(version: Any) -> str:
+    """`models:/<name>/<number>` of a registered version: that version, whatever moves."""
+    return f"models:/{version.name}/{version.version}"
+
+
+def model_name(model_uri: str) -> str:
+    """The registered name in a `models:/` URI (by number, stage or alias); the URI itself
+    otherwise."""
+    return model_uri.removeprefix("models:/").split("@")[0].split("/")[0]
 
 
 def resolve_version(model_uri: str):
@@ -72,7 +82,8 @@ def resolve_version(model_uri: str):
     try:
         if "@" in reference:
             return client.get_model_version_by_alias(*reference.split("@", 1))
-        name, _, which = reference.partition("/")
+        which = reference.partition("/")[2]
+        name = model_name(model_uri)
         if which.isdigit():
             return client.get_model_version(name, which)
         with warnings.catch_warnings():
@@ -82,9 +93,8 @@ def resolve_version(model_uri: str):
     except MlflowException as error:
         if error.error_code in NOT_THERE:
             return None
-        first_line = (str(error.message).strip().splitlines() or [""])[0][:300]
-        raise UserError(f"the model registry cannot resolve {model_uri} now ({first_line})"
-                        ) from None
+        raise UserError(f"the model registry cannot resolve {model_uri} now "
+                        f"({first_line(error)})") from None
 
 
 def run_id_of(model_uri: str) -> str | None:

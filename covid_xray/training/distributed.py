@@ -35,7 +35,7 @@ from torch import nn
 
 from covid_xray import lifecycle
 from covid_xray.cli import USER_ERROR_EXIT
-from covid_xray.errors import UserError
+from covid_xray.errors import UserError, first_line
 
 T = TypeVar("T")
 
@@ -199,9 +199,9 @@ def joined(device: torch.device) -> Iterator[World]:
     except RuntimeError as error:
         if not (world.grouped and lost_a_process(error)):
             raise
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise UserError(f"process {world.rank} of {world.size}: another training process "
-                        f"stopped ({_without_source(first)[:160]}); its own output says why, "
+                        f"stopped ({_without_source(first_line(error))[:160]}); its own "
+                        "output says why, "
                         "and every process stops") from None
     finally:
         world.leave()  # (a group with a dead member is left at once, and the exit is clean)

@@ -30,7 +30,7 @@ from mlflow.tracking import MlflowClient
 
 from covid_xray import lifecycle
 from covid_xray.config import DEFAULT_SPACE, TrainConfig, TuneConfig
-from covid_xray.errors import RunStopped, UserError
+from covid_xray.errors import RunStopped, UserError, first_line
 from covid_xray.files import sqlite_turn
 from covid_xray.tracking import mlflow_run
 from covid_xray.training.run import (
@@ -242,8 +242,7 @@ def open_study(config: TuneConfig, direction: str,
             failure: Exception = error
         except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as error:
             failure = error
-        reason = str(failure).strip().splitlines()[0] if str(failure).strip() else \
-            type(failure).__name__
+        reason = first_line(failure) or type(failure).__name__
         raise UserError(f"cannot open Optuna storage {safe_url(url)}: {reason}") from None
 
 
