@@ -330,7 +330,7 @@ def test_no_film_is_lost_to_a_race(tmp_path, caplog):
     import threading
 
     from covid_xray.config import PacsConfig
-    from covid_xray.pacs.listener import take
+    from covid_xray.pacs.intake import take
     from covid_xray.pacs.node import Node
 
     ledger = Ledger(tmp_path / "ledger.sqlite")
@@ -389,7 +389,7 @@ def test_a_film_sent_anew_during_the_send_is_kept_and_the_next_report_names_this
     path), and, the study being open again, did not record the delivered report, so the next
     one named no predecessor and the PACS's resend was answered 'duplicate'."""
     from covid_xray.config import PacsConfig
-    from covid_xray.pacs.listener import take
+    from covid_xray.pacs.intake import take
     from covid_xray.pacs.node import Node
 
     node = Node(PacsConfig(state_dir=str(tmp_path / "state")))

@@ -33,6 +33,16 @@ class SendError(Exception):
 USER_VARIABLE, PASSWORD_VARIABLE = "COVID_XRAY_DICOMWEB_USER", "COVID_XRAY_DICOMWEB_PASSWORD"
 
 
+# DICOM JSON's keys for the UIDs the node reads from a search or a study's metadata
+SOP_CLASS, SERIES, SOP = "00080016", "0020000E", "00080018"
+
+
+def json_value(item: dict, tag: str) -> str:
+    """The first value of `tag` in a DICOM JSON object (QIDO-RS, WADO-RS metadata); "" when
+    it has none."""
+    return str((item.get(tag, {}).get("Value") or [""])[0])
+
+
 class DicomWeb:
     """A DICOMweb server (QIDO-RS, WADO-RS, STOW-RS). A user and password in the URL, or in
     $COVID_XRAY_DICOMWEB_USER and _PASSWORD, are sent as HTTP basic auth and kept out of
@@ -81,7 +91,7 @@ class DicomWeb:
                     fields=["SOPInstanceUID"])
             except (requests.RequestException, OSError) as error:
                 raise SendError(f"QIDO-RS failed: {describe(error)}") from None
-            if uid not in {item.get("00080018", {}).get("Value", [""])[0] for item in found}:
+            if uid not in {json_value(item, SOP) for item in found}:
                 missing.append(uid)
         return missing
 

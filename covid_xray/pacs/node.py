@@ -36,9 +36,20 @@ from covid_xray.config import PACS_ACTIONS, PacsConfig
 from covid_xray.errors import UserError
 from covid_xray.files import atomic_write
 from covid_xray.pacs import housekeeping, operations
-from covid_xray.pacs.destinations import DicomWeb, SendError, describe, destination, shown_target
+from covid_xray.pacs.destinations import (
+    SERIES,
+    SOP,
+    SOP_CLASS,
+    DicomWeb,
+    SendError,
+    describe,
+    destination,
+    json_value,
+    shown_target,
+)
+from covid_xray.pacs.intake import take
 from covid_xray.pacs.ledger import Ledger, Study
-from covid_xray.pacs.listener import CHEST_STORAGE, Counts, Listener, parse_callers, take
+from covid_xray.pacs.listener import CHEST_STORAGE, Counts, Listener, parse_callers
 from covid_xray.pacs.scoring import ModelFailed, score_study
 from covid_xray.pacs.spool import Spool, file_key
 from covid_xray.pseudonyms import pseudonym, pseudonym_key
@@ -155,16 +166,20 @@ class Node:
                          "pull": shown_target(self.config.pull),
                          "study": self.name(self.config.study)}
 
-    def work(self) -> None:
+    def work(self, only: str | None = None) -> None:
+        """Score and send studies as they fall due, until stopped; with `only` (a pull),
+        that study's work until the node owes it nothing (a failed send waits for its next
+        try)."""
         next_minute = time.monotonic()
-        while True:
-            if time.monotonic() >= next_minute:  # (at once, then every minute)
+        while only is None or self.ledger.in_hand(only):
+            if only is None and time.monotonic() >= next_minute:  # (at once, then a minute)
                 self.keep_disk_bounded()
                 next_minute += METRICS_EVERY_S
             for study in self.ledger.mark_complete(self.config.study_quiet_s):
                 logger.info("study %s complete", self.name(study))
             for study in self.ledger.due():
-                self.handle(study)
+                if only in (None, study.study):
+                    self.handle(study)
             time.sleep(POLL_S)
 
     def keep_disk_bounded(self) -> None:
@@ -181,28 +196,24 @@ class Node:
         study = self.config.study
         try:
             instances = [item for item in self.source.study_instances(study)
-                         if item.get("00080016", {}).get("Value", [""])[0] in CHEST_STORAGE]
+                         if json_value(item, SOP_CLASS) in CHEST_STORAGE]
             for item in instances:
-                self.keep(study, item["0020000E"]["Value"][0], item["00080018"]["Value"][0])
-        except (SendError, requests.RequestException, OSError, KeyError) as error:
+                self.fetch_film(study, json_value(item, SERIES), json_value(item, SOP))
+        except (SendError, requests.RequestException, OSError) as error:
             raise UserError(f"could not fetch study {self.name(study)} from "
                             f"{self.source.shown}: {describe(error)}") from None
         if not instances:
             raise UserError(f"study {self.name(study)}: no CR or DX instance at "
                             f"{self.source.shown}")
         self.ledger.mark_complete(0)
-        while self.ledger.in_hand(study):  # (a failed send waits for its next try)
-            for due in self.ledger.due():
-                if due.study == study:
-                    self.handle(due)
-            time.sleep(POLL_S)
+        self.work(only=study)
         current = self.ledger.get(study)
         self.log_metrics(run_id)
         print(self.summary(), flush=True)
         if current.status == "failed":
             raise UserError(f"study {self.name(study)} failed: {current.last_error}")
 
-    def keep(self, study: str, series: str, sop: str) -> None:
+    def fetch_film(self, study: str, series: str, sop: str) -> None:
         """One instance fetched by WADO-RS into the spool and the ledger (the same bytes
         again are nothing new)."""
         data = self.source.fetch(study, series, sop)
