@@ -177,3 +177,16 @@ def test_an_errors_first_line_is_what_a_users_line_quotes():
         "Registered Model 'x' not found"
     assert first_line(RuntimeError()) == "" and first_line("  ") == ""
     assert first_line("y" * 400) == "y" * 300 and first_line("y" * 400, 20) == "y" * 20
+
+
+def test_a_password_in_a_url_is_masked_wherever_it_is_shown():
+    """One rule for the Optuna storage, the node's destinations and their errors."""
+    from covid_xray.credentials import hide_password
+
+    assert hide_password("postgresql://postgres:s3cret@db:5432/optuna") == \
+        "postgresql://postgres:***@db:5432/optuna"
+    assert hide_password("send_to 'dicomweb:https://node:s3cret@pacs/dicom-web' and "
+                         "http://a:b@c") == \
+        "send_to 'dicomweb:https://node:***@pacs/dicom-web' and http://a:***@c"
+    assert hide_password("postgresql://postgres@db/optuna") == "postgresql://postgres@db/optuna"
+    assert hide_password("dimse:PACS@10.0.0.5:104") == "dimse:PACS@10.0.0.5:104"

@@ -14,10 +14,11 @@ from tests.conftest import REAL_DICOM, ROOT, clean_env
 
 PACKAGE = ROOT / "covid_xray"
 # Lowest first; a module may import its own layer and the ones before it. The top-level
-# modules (config, cli, errors, lifecycle, files, project, pseudonyms) are the floor every
-# layer stands on.
+# modules (config, cli, errors, lifecycle, files, project, pseudonyms, credentials) are the
+# floor every layer stands on.
 LAYERS = ("imaging", "data", "evaluation", "model", "tracking", "training", "serving", "pacs")
-BASE = ("config", "cli", "errors", "lifecycle", "files", "project", "pseudonyms")
+BASE = ("config", "cli", "errors", "lifecycle", "files", "project", "pseudonyms",
+        "credentials")
 # The logged model (model/) is what a deployment machine loads: it must not need demo data,
 # splits or training code.
 MODEL_MAY_IMPORT = {"imaging", "evaluation", "model"}

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pydicom
 import requests
 
+from covid_xray.credentials import hide_password
 from covid_xray.errors import UserError, first_line
 
 STORED = (0x0000, 0xB000, 0xB006, 0xB007)  # success, or stored with a warning (PS3.4 B.2.3)
@@ -172,13 +173,8 @@ def destination(send_to: str, ae_title: str) -> DicomWeb | Dimse | None:
         return DicomWeb(rest)
     if scheme == "dimse":
         return Dimse(rest, ae_title)
-    raise UserError(f"send_to {shown_target(send_to)!r}: give dicomweb:URL or "
+    raise UserError(f"send_to {hide_password(send_to)!r}: give dicomweb:URL or "
                     "dimse:AET@HOST:PORT (or nothing, to keep results in state_dir)")
-
-
-def shown_target(text: str) -> str:
-    """`text` with any password in a URL removed: what may be logged."""
-    return re.sub(r"//[^/@]*@", "//", text)
 
 
 def describe(error: BaseException) -> str:
@@ -188,4 +184,4 @@ def describe(error: BaseException) -> str:
         response = getattr(error, "response", None)
         status = f": HTTP {response.status_code}" if response is not None else ""
         return f"{type(error).__name__}{status}"
-    return shown_target(f"{type(error).__name__}: {first_line(error)}")[:300]
+    return hide_password(f"{type(error).__name__}: {first_line(error)}")[:300]

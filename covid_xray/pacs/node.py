@@ -33,6 +33,7 @@ from mlflow.entities import Metric
 
 from covid_xray import lifecycle
 from covid_xray.config import PACS_ACTIONS, PacsConfig
+from covid_xray.credentials import hide_password
 from covid_xray.errors import UserError
 from covid_xray.files import atomic_write
 from covid_xray.pacs import housekeeping, operations
@@ -45,7 +46,6 @@ from covid_xray.pacs.destinations import (
     describe,
     destination,
     json_value,
-    shown_target,
 )
 from covid_xray.pacs.intake import take
 from covid_xray.pacs.ledger import Ledger, Study
@@ -162,8 +162,8 @@ class Node:
     def settings(self) -> dict[str, object]:
         """The options as logged: URLs without credentials, a study by its pseudonym."""
         values = {name: getattr(self.config, name) for name in PacsConfig.__dataclass_fields__}
-        return values | {"send_to": shown_target(self.config.send_to),
-                         "pull": shown_target(self.config.pull),
+        return values | {"send_to": hide_password(self.config.send_to),
+                         "pull": hide_password(self.config.pull),
                          "study": self.name(self.config.study)}
 
     def work(self, only: str | None = None) -> None:

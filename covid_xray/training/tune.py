@@ -30,6 +30,7 @@ from mlflow.tracking import MlflowClient
 
 from covid_xray import lifecycle
 from covid_xray.config import DEFAULT_SPACE, TrainConfig, TuneConfig
+from covid_xray.credentials import hide_password
 from covid_xray.errors import RunStopped, UserError, first_line
 from covid_xray.files import sqlite_turn
 from covid_xray.tracking import mlflow_run
@@ -199,11 +200,6 @@ def parse_url(url: str) -> sqlalchemy.engine.URL:
                         "sqlite:///optuna.db or postgresql://user@host/db)") from None
 
 
-def safe_url(url: str) -> str:
-    """The storage URL with any password masked: fit for logs, params and tags."""
-    return parse_url(url).render_as_string(hide_password=True)
-
-
 def storage_url(config: TuneConfig) -> str:
     """-P storage, else $OPTUNA_STORAGE, else the default sqlite file.
 
@@ -243,7 +239,7 @@ def open_study(config: TuneConfig, direction: str,
         except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as error:
             failure = error
         reason = first_line(failure) or type(failure).__name__
-        raise UserError(f"cannot open Optuna storage {safe_url(url)}: {reason}") from None
+        raise UserError(f"cannot open Optuna storage {hide_password(url)}: {reason}") from None
 
 
 def _create_or_load_study(config: TuneConfig, url: str,
@@ -311,7 +307,7 @@ def run_study(config: TuneConfig, fixed: dict[str, Any]) -> optuna.Study:
                                 parent_run_id=os.environ.get(PARENT_RUN_VARIABLE)) as parent:
         mlflow_run.log_params({f"tune/{key}": value for key, value in
                                dataclasses.asdict(config).items() if key != "storage"}
-                              | {"tune/storage": safe_url(storage_url(config)),
+                              | {"tune/storage": hide_password(storage_url(config)),
                                  "tune/sampler_seed_used": seed,
                                  "tune/space": yaml.safe_dump(space, sort_keys=True)}
                               | {f"fixed/{key}": value for key, value in fixed.items()})
