@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import re
 
-# user:password@ after a scheme's "//"; a user alone is not a secret and stays readable
-PASSWORD_IN_URL = re.compile(r"//([^/@:\s]*):[^/@\s]*@")
+# user:password@ after a scheme's "//" (the password may hold spaces: docs/team-server.md's
+# does); a user alone is not a secret and stays readable
+PASSWORD_IN_URL = re.compile(r"//([^/@:\s]*):[^/@]*@")
 
 
 def hide_password(text: str) -> str:

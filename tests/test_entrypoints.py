@@ -188,5 +188,7 @@ def test_a_password_in_a_url_is_masked_wherever_it_is_shown():
     assert hide_password("send_to 'dicomweb:https://node:s3cret@pacs/dicom-web' and "
                          "http://a:b@c") == \
         "send_to 'dicomweb:https://node:***@pacs/dicom-web' and http://a:***@c"
+    assert hide_password("postgresql://mlflow:database password@db-host/optuna") == \
+        "postgresql://mlflow:***@db-host/optuna"  # as docs/team-server.md writes one
     assert hide_password("postgresql://postgres@db/optuna") == "postgresql://postgres@db/optuna"
     assert hide_password("dimse:PACS@10.0.0.5:104") == "dimse:PACS@10.0.0.5:104"
