@@ -68,8 +68,41 @@ def predict_files(config: PredictConfig, progress: bool = True) -> pd.DataFrame:
     version, model = registry.load_resolved(config.model_uri)  # the version that answered
     model.to_device(config.device)
     results = study_results(model, "folder")
-    heatmap_files: dict[str, list[Path]] = {}  # by study: its Secondary Captures written
-    patients: list[str] = []  # each file's patient digest (dicom.PATIENT_KEY), never written
+    table, patients, heatmap_files = _answer_files(model, paths, config, results, progress)
+    # A study whose films name different patients (perhaps across batches): each film keeps
+    # its own answer, flagged; the study gets no answer and no DICOM report.
+    mixed = mixed_patient_studies(table.study_instance_uid, patients)
+    flag_rows(table, table.study_instance_uid.isin(list(mixed)), "patient_mismatch")
+    for study in mixed:
+        results.withhold(as_uid(study), "its films name different patients")
+    output = Path(config.output)
+    studies = study_answers(table, model)
+    study_output = output.with_name(f"{output.stem}.studies.csv")
+    reports = _write_reports(results, table, config, heatmap_files) if config.dicom_out else 0
+    heatmaps_written = sum(len(files) for files in heatmap_files.values())
+    atomic_write(output, lambda file: file.write(table.to_csv(index=False).encode()))
+    atomic_write(study_output, lambda file: file.write(studies.to_csv(index=False).encode()))
+    run_id = record_scoring("predict", config.experiment_name, config.model_uri, version,
+                            table, model.class_names,
+                            {"heatmaps": bool(config.heatmaps),
+                             "dicom_out": bool(config.dicom_out),
+                             "count/dicom_reports": reports,
+                             "count/dicom_heatmaps": heatmaps_written})
+    print(f"wrote {len(table)} predictions to {output} ({scoring_counts(table)})"
+          + f" and {len(studies)} study answers to {study_output}"
+          + (f"; {reports} DICOM reports and {heatmaps_written} heatmap"
+             f" images in {config.dicom_out}" if config.dicom_out else "")
+          + f": run {run_id}")
+    return table
+
+
+def _answer_files(model: Any, paths: list[Path], config: PredictConfig, results: StudyResults,
+                  progress: bool) -> tuple[pd.DataFrame, list[str], dict[str, list[Path]]]:
+    """Every file's answer row, batch by batch (with its heatmap and DICOM heatmap written
+    as it comes, when asked); each file's patient digest (dicom.PATIENT_KEY, never
+    written); by study, the Secondary Captures written."""
+    heatmap_files: dict[str, list[Path]] = {}
+    patients: list[str] = []
     root = Path(config.input) if Path(config.input).is_dir() else Path(config.input).parent
     frames = []
     batches = model.answer_files([str(path) for path in paths], config.batch_size,
@@ -87,25 +120,20 @@ def predict_files(config: PredictConfig, progress: bool = True) -> pd.DataFrame:
         if config.heatmaps or config.dicom_out:
             _write_film_results(model, results, batch, decoded, frame, root, config,
                                 heatmap_files)
-
-    table = pd.concat(frames, ignore_index=True)
     columns = ["path", "study_id", "image_id", *UID_FIELDS, "label",
                *(f"prob_{name}" for name in model.class_names), "ood_score", "in_distribution",
                "reason", "flags", "error"]
-    table = table[columns]
-    # A study whose films name different patients (perhaps across batches): each film keeps
-    # its own answer, flagged; the study gets no answer and no DICOM report.
-    mixed = mixed_patient_studies(table.study_instance_uid, patients)
-    flag_rows(table, table.study_instance_uid.isin(list(mixed)), "patient_mismatch")
-    for study in mixed:
-        results.withhold(as_uid(study), "its films name different patients")
-    output = Path(config.output)
-    studies = study_answers(table, model)
-    study_output = output.with_name(f"{output.stem}.studies.csv")
-    reports, unreported = results.reports(left_out(table)) if config.dicom_out else ({}, {})
+    return pd.concat(frames, ignore_index=True)[columns], patients, heatmap_files
+
+
+def _write_reports(results: StudyResults, table: pd.DataFrame, config: PredictConfig,
+                   heatmap_files: dict[str, list[Path]]) -> int:
+    """Each study's DICOM report into `dicom_out`; a study that gets none says why, its
+    heatmap objects are taken back (all or none) and its films flagged `no_dicom_result`.
+    The number of reports written."""
+    reports, unreported = results.reports(left_out(table))
     for study, why in unreported.items():
         print(f"study {study}: no DICOM report ({why})")
-        # All or none: a heatmap object whose study has no report is taken back.
         for path in heatmap_files.pop(study, []):
             path.unlink(missing_ok=True)
             with contextlib.suppress(OSError):  # the study's folder, when nothing else is in it
@@ -115,23 +143,8 @@ def predict_files(config: PredictConfig, progress: bool = True) -> pd.DataFrame:
                   & table.study_instance_uid.map(as_uid).isin(list(unreported)),
                   "no_dicom_result")
     for study, report in reports.items():
-        target = Path(config.dicom_out) / study / f"sr-{report.SOPInstanceUID}.dcm"
-        save(report, target)
-    heatmaps_written = sum(len(files) for files in heatmap_files.values())
-    atomic_write(output, lambda file: file.write(table.to_csv(index=False).encode()))
-    atomic_write(study_output, lambda file: file.write(studies.to_csv(index=False).encode()))
-    run_id = record_scoring("predict", config.experiment_name, config.model_uri, version,
-                            table, model.class_names,
-                            {"heatmaps": bool(config.heatmaps),
-                             "dicom_out": bool(config.dicom_out),
-                             "count/dicom_reports": len(reports),
-                             "count/dicom_heatmaps": heatmaps_written})
-    print(f"wrote {len(table)} predictions to {output} ({scoring_counts(table)})"
-          + f" and {len(studies)} study answers to {study_output}"
-          + (f"; {len(reports)} DICOM reports and {heatmaps_written} heatmap"
-             f" images in {config.dicom_out}" if config.dicom_out else "")
-          + f": run {run_id}")
-    return table
+        save(report, Path(config.dicom_out) / study / f"sr-{report.SOPInstanceUID}.dcm")
+    return len(reports)
 
 
 def record_scoring(command: str, experiment_name: str, model_uri: str, version: Any,

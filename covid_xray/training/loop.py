@@ -271,34 +271,18 @@ def fit(
         bar = tqdm(train_loader, desc=f"epoch {epoch}/{epochs}", unit="batch",
                    disable=not progress, leave=False)
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-        train_loss, train_labels, train_probabilities = train_one_epoch(
+        row |= _train_numbers(*train_one_epoch(
             trained, bar, optimizer, stepper, recipe.grad_clip, epoch, scheduler=scheduler,
             average=average, label_smoothing=recipe.label_smoothing,
-            class_weights=recipe.class_weights, world=world)
-        # Every process's films (a DistributedSampler repeats up to nproc - 1 of them to
-        # give all processes as many: the train numbers may count those twice).
-        loss_sum = world.gather(np.array([train_loss * len(train_labels)])).sum()
-        train_labels, train_probabilities = (world.gather(train_labels),
-                                             world.gather(train_probabilities))
-        row["train_loss"] = float(loss_sum / len(train_labels))
-        row |= {f"train_{k}": v for k, v in
-                epoch_metrics(train_labels, train_probabilities).items()}
-        world.share_main_state(evaluated)  # every shard scored by the model rank 0 keeps
-        val_probabilities, val_labels, val_loss = predict(evaluated, val_loader, device,
-                                                          with_loss=True)
-        val_loss = float(world.gather(np.array([val_loss * len(val_labels)])).sum())
-        val_probabilities = world.gather_shards(val_probabilities)
-        val_labels = world.gather_shards(val_labels)
-        val_loss /= max(1, len(val_labels))
-        row["val_loss"] = val_loss
-        row |= {f"val_{k}": v for k, v in epoch_metrics(val_labels, val_probabilities).items()}
+            class_weights=recipe.class_weights, world=world), world)
+        row |= _validated(evaluated, val_loader, device, world)
         result.history.append(row)
 
-        if best.better(epoch, row["val_auc"], val_loss):
+        if best.better(epoch, row["val_auc"], row["val_loss"]):
             best_state = copy.deepcopy(evaluated.state_dict())
         if progress:
             tqdm.write(f"epoch {epoch}: train loss {row['train_loss']:.4f} auc "
-                       f"{row['train_auc']:.3f} | val loss {val_loss:.4f} auc "
+                       f"{row['train_auc']:.3f} | val loss {row['val_loss']:.4f} auc "
                        f"{row['val_auc']:.3f}")
         if on_epoch is not None:
             on_epoch(row)
@@ -310,6 +294,28 @@ def fit(
     model.load_state_dict(best_state)  # the average has the model's own keys
     world.share_main_state(model)  # (equal already: shared before each validation)
     return result
+
+
+def _train_numbers(loss: float, labels: np.ndarray, probabilities: np.ndarray,
+                   world: World) -> dict[str, float]:
+    """The epoch's train loss and metrics over every process's films (a DistributedSampler
+    repeats up to nproc - 1 of them to give all processes as many: these may count those
+    twice)."""
+    loss_sum = world.gather(np.array([loss * len(labels)])).sum()
+    labels, probabilities = world.gather(labels), world.gather(probabilities)
+    return {"train_loss": float(loss_sum / len(labels))} | {
+        f"train_{k}": v for k, v in epoch_metrics(labels, probabilities).items()}
+
+
+def _validated(model: nn.Module, val_loader: DataLoader, device: torch.device,
+               world: World) -> dict[str, float]:
+    """The val split's loss and metrics, each val film once whatever the processes."""
+    world.share_main_state(model)  # every shard scored by the model rank 0 keeps
+    probabilities, labels, loss = predict(model, val_loader, device, with_loss=True)
+    loss_sum = float(world.gather(np.array([loss * len(labels)])).sum())
+    probabilities, labels = world.gather_shards(probabilities), world.gather_shards(labels)
+    return {"val_loss": loss_sum / max(1, len(labels))} | {
+        f"val_{k}": v for k, v in epoch_metrics(labels, probabilities).items()}
 
 
 def train_one_epoch(
