@@ -388,6 +388,23 @@ def build_manifest(
                         "needs negative and opacity studies: add studies of the missing class "
                         "or set balance=weights")
 
+    selected, dropped_unreadable = _decoded(selected, data_dir, cache, num_workers,
+                                            skip_unreadable, progress)
+    selected = selected.assign(group_id=assign_groups(selected))
+    selected, repeated = drop_repeated_films(selected)
+    table = split_studies(selected, split, seed)
+    manifest = Manifest(table[MANIFEST_COLUMNS], list(table.entry), data_dir, num_classes,
+                        found.multi_image, found.missing_files, repeated, dropped_unreadable,
+                        found.unlabelled, read_errors, gated)
+    if progress:
+        print(manifest.summary())
+    return manifest
+
+
+def _decoded(selected: pd.DataFrame, data_dir: Path, cache: ImageCache, num_workers: int,
+             skip_unreadable: bool, progress: bool) -> tuple[pd.DataFrame, list[str]]:
+    """The selected studies decoded into the cache, each with its cache entry and digests;
+    the study ids dropped as unreadable (refused unless `skip_unreadable`)."""
     paths = [data_dir / path for path in selected.path]
     entries, stats = cache.build(paths, num_workers=num_workers, progress=progress)
     if progress:
@@ -400,20 +417,11 @@ def build_manifest(
                         f"are cached; all are listed in {cache.unreadable_list}); first: "
                         f"{first}; fix or remove them, or set skip_unreadable=true to train "
                         "without those studies")
-    dropped_unreadable = sorted(selected.study_id[unreadable])
     entries = [entry for entry, bad in zip(entries, unreadable, strict=True) if not bad]
-    selected = selected[[not bad for bad in unreadable]]
-    selected = selected.assign(entry=entries, file_digest=[entry.stem for entry in entries],
-                               pixel_digest=[pixel_digest(entry) for entry in entries])
-    selected = selected.assign(group_id=assign_groups(selected))
-    selected, repeated = drop_repeated_films(selected)
-    table = split_studies(selected, split, seed)
-    manifest = Manifest(table[MANIFEST_COLUMNS], list(table.entry), data_dir, num_classes,
-                        found.multi_image, found.missing_files, repeated, dropped_unreadable,
-                        found.unlabelled, read_errors, gated)
-    if progress:
-        print(manifest.summary())
-    return manifest
+    kept = selected[[not bad for bad in unreadable]]
+    return (kept.assign(entry=entries, file_digest=[entry.stem for entry in entries],
+                        pixel_digest=[pixel_digest(entry) for entry in entries]),
+            sorted(selected.study_id[unreadable]))
 
 
 def passes_gate(fields: dict[str, str]) -> bool:

@@ -81,6 +81,12 @@ def write_dicom(
     if window is not None:
         ds.WindowCenter, ds.WindowWidth = (f"{v:g}" for v in window)
 
+    _set_pixels(ds, stored, syntax, signed)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def _set_pixels(ds: Dataset, stored: np.ndarray, syntax: UID, signed: bool) -> None:
+    """`stored` into `ds`'s Pixel Data, encoded in `syntax` (the image attributes set)."""
     dtype = {(8, False): np.uint8, (16, False): np.uint16, (16, True): np.int16}
     stored = np.ascontiguousarray(stored, dtype=dtype[(ds.BitsAllocated, signed)])
     if syntax == ExplicitVRLittleEndian:
@@ -90,13 +96,12 @@ def write_dicom(
     else:
         # pydicom cannot write the JPEG family and its JPEG 2000 encoder refuses images under
         # 32 px; imagecodecs (libjpeg-turbo, CharLS, OpenJPEG) writes all of them.
-        ds.PixelData = encapsulate([_encode_jpeg(frame, syntax, bits_stored) for frame in
+        ds.PixelData = encapsulate([_encode_jpeg(frame, syntax, ds.BitsStored) for frame in
                                     stored.reshape(-1, *stored.shape[-2:])])
         ds["PixelData"].VR = "OB"
         ds.file_meta.TransferSyntaxUID = syntax
         if syntax in LOSSY_SYNTAXES:  # readers must be able to tell
             ds.LossyImageCompression = "01"
-    ds.save_as(path, enforce_file_format=True)
 
 
 def _encode_jpeg(frame: np.ndarray, syntax: UID, bits_stored: int) -> bytes:

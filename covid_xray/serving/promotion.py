@@ -97,13 +97,8 @@ def promote(config: PromoteConfig, progress: bool = True) -> Promotion:
                                     paired.ci_high})
             comparison = (f"version {versions[0]} vs version {version}: {paired.line()} of the "
                           f"same data ({fingerprint[:12]})")
-            bound = paired.ci_low if sign > 0 else -paired.ci_high
-            if not bound > config.min_delta:
-                why = ("the interval includes 0, so the difference may be chance"
-                       if paired.ci_low <= 0 <= paired.ci_high else
-                       f"the interval does not clear min_delta {config.min_delta:g}"
-                       if sign * paired.difference > 0 else
-                       f"version {versions[0]} is not better")
+            why = _shortfall(paired, sign, config.min_delta, versions[0])
+            if why:
                 decision = f"not promoted: {comparison}; {why}"
                 mlflow.set_tag("promote_decision", "not promoted")
                 mlflow.log_text(decision + "\n", "decision.txt")
@@ -115,6 +110,19 @@ def promote(config: PromoteConfig, progress: bool = True) -> Promotion:
         mlflow.set_tag("promote_decision", "promoted")
         mlflow.log_text(decision + "\n", "decision.txt")
     return Promotion(True, decision)
+
+
+def _shortfall(paired: PairedDifference, sign: int, min_delta: float, candidate: str) -> str:
+    """Why the paired difference does not carry the candidate ("" when it does): the
+    interval's bound on the candidate's side must clear `min_delta`."""
+    bound = paired.ci_low if sign > 0 else -paired.ci_high
+    if bound > min_delta:
+        return ""
+    if paired.ci_low <= 0 <= paired.ci_high:
+        return "the interval includes 0, so the difference may be chance"
+    if sign * paired.difference > 0:
+        return f"the interval does not clear min_delta {min_delta:g}"
+    return f"version {candidate} is not better"
 
 
 def _recorded(config: PromoteConfig, promotion: Promotion) -> Promotion:
