@@ -1,7 +1,7 @@
 """The PACS node through a hospital's bad month, compressed: N studies pushed by Orthanc to the
 node while Orthanc is stopped twice, the tracking server once, and the node is killed with
 SIGKILL twice (and restarted, as a service manager would). Not in the test suite: with the
-defaults it runs for about 45 minutes.
+defaults it runs for about 40 minutes (37 here).
 
 Checked at the end (each a line; exit 1 when one fails): every study `sent`, none `failed`,
 exactly one report (SR) per study in Orthanc and one heatmap per film, the spool and the
