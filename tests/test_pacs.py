@@ -86,6 +86,15 @@ def test_the_ledger_moves_a_study_through_its_states_and_reopens_it(tmp_path):
     assert ledger.refusals("1.2.5") == {"no_room": 2}
     ledger.receive("1.2.5", "1.2.5.1", "1.2.5.9", "d5", "/spool/d")
     assert ledger.refusals("1.2.5") == {"no_room": 1} and ledger.refusals("1.2.3") == {}
+    # Delivered with no destination: kept, owed nothing. An earlier version called it
+    # `scored` (with its sent_at), as one to send: a ledger it made is read so.
+    ledger.receive("1.2.6", "1.2.6.1", "1.2.6.9", "d6", "/spool/e")
+    ledger.mark_complete(0)
+    assert ledger.scored("1.2.6", "5", ["9.6"], ["9.0", "9.6"])
+    ledger.delivered("1.2.6", ["9.0", "9.6"], ledger.instances("1.2.6"), "kept")
+    assert ledger.get("1.2.6").status == "kept" and not ledger.in_hand("1.2.6")
+    ledger.connection.execute("update studies set status='scored' where study='1.2.6'")
+    assert Ledger(tmp_path / "ledger.sqlite").get("1.2.6").status == "kept"
 
 
 def test_a_pacs_down_for_hours_is_waited_out_and_then_the_study_fails(tmp_path, monkeypatch):
@@ -144,7 +153,7 @@ def test_the_operator_sees_where_studies_stand_and_retries_failed_ones(tmp_path,
     names = {study: pseudonym(study, key) for study in (a, b, c)}
 
     lines = status(str(state))
-    assert lines[0] == "studies: receiving 0, complete 1, scored 0, sent 0, failed 3"
+    assert lines[0] == "studies: receiving 0, complete 1, scored 0, sent 0, kept 0, failed 3"
     assert lines[1].startswith("waiting: 1, the oldest for 0 min")
     assert lines[2:5] == [
         f"failed {names[a]}: the model could not be loaded: MlflowException (0 sends)",
@@ -275,7 +284,7 @@ def test_the_node_keeps_its_disk_bounded(tmp_path, caplog):
         node.ledger.receive(study, f"{study}.1", f"{study}.9", "d", "")
         node.ledger.mark_complete(0)
         node.ledger.scored(study, "1", [f"{study}.7"], [f"{study}.8", f"{study}.7"])
-        node.ledger.delivered(study, [f"{study}.8", f"{study}.7"], [], "scored")
+        node.ledger.delivered(study, [f"{study}.8", f"{study}.7"], [], "kept")
         (node.results / file_key(study)).mkdir(parents=True)
         (node.results / file_key(study) / "report.dcm").write_bytes(bytes(1000))
 
@@ -308,7 +317,8 @@ def test_the_node_keeps_its_disk_bounded(tmp_path, caplog):
     assert "failed over 14 days ago; its 1 spooled films and its results deleted" in caplog.text
     assert "its results deleted, the oldest kept here past max_results_gb" in caplog.text
 
-    node.ledger.delivered("1.2", [], [], "sent")  # (as if confirmed, then the node killed)
+    with sqlite3.connect(state / "ledger.sqlite") as connection:  # as if sent, confirmed,
+        connection.execute("update studies set status='sent' where study='1.2'")  # then killed
     (node.results / ("0" * 32)).mkdir()  # a study the ledger never recorded
     node.held.close()
     node = Node(PacsConfig(state_dir=str(state), min_free_gb=1e9))  # and the disk is full
@@ -1061,13 +1071,13 @@ def test_a_registry_that_goes_away_leaves_the_model_in_hand_scoring(
         node = node_module.Node(PacsConfig(state_dir=str(tmp_path / "a"), device="cpu"))
         arrives(node, "1.2.840.1")
         assert (node.ledger.get("1.2.840.1").status,
-                node.ledger.get("1.2.840.1").model_version) == ("scored", champion)
+                node.ledger.get("1.2.840.1").model_version) == ("kept", champion)
     try:  # the server is stopped
         started = time.monotonic()
         arrives(node, "1.2.840.2")
         assert time.monotonic() - started < 30
         second = node.ledger.get("1.2.840.2")
-        assert (second.status, second.model_version) == ("scored", champion)
+        assert (second.status, second.model_version) == ("kept", champion)
         assert node.counts.snapshot()["registry/unreachable"] == 1
         assert ("scoring with the model in hand, models:/covid-xray-densenet/"
                 f"{champion}") in caplog.text
@@ -1101,7 +1111,7 @@ def test_a_registry_that_goes_away_leaves_the_model_in_hand_scoring(
         time.sleep(1.1)  # its first wait: 1 s
         (due,) = node.ledger.due()
         node.handle(due)
-        assert node.ledger.get("1.2.840.4").status == "scored"
+        assert node.ledger.get("1.2.840.4").status == "kept"
     finally:
         mlflow.set_tracking_uri(None)
 

@@ -2,13 +2,14 @@
 arrived (UID, digest, spool file) and where the study stands.
 
 A study moves receiving -> complete (quiet for study_quiet_s) -> scored (its results written
-to state_dir/results) -> sent (every result found at the destination), or ends failed with
-the reason. Each move is one transaction, so a node killed at any moment restarts from a
-state that is true: a complete study is scored again, a scored one sent again, and since a
-result's UID is a function of what it is about, the second copy is the same object.
+to state_dir/results, to be sent) -> sent (every result found at the destination), or kept
+(no destination: the results stay in state_dir/results), or ends failed with the reason.
+Each move is one transaction, so a node killed at any moment restarts from a state that is
+true: a complete study is scored again, a scored one sent again, and since a result's UID is
+a function of what it is about, the second copy is the same object.
 
 A new instance (one not seen, or different bytes under a known UID) for a study already
-scored, sent or failed re-opens it: receiving again, scored again with all its films; the
+scored, sent, kept or failed re-opens it: receiving again, scored again with all its films; the
 report it last delivered becomes the next report's predecessor.
 """
 
@@ -23,10 +24,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-STATUSES = ("receiving", "complete", "scored", "sent", "failed")
+STATUSES = ("receiving", "complete", "scored", "sent", "kept", "failed")
 # The longest wait between two tries of a send: a PACS back from an outage is used within it.
 MAX_WAIT_S = 600.0
-FINISHED = ("scored", "sent", "failed")  # a new instance re-opens these
+# A new instance re-opens these (one arriving while its study is scored or sent is seen by
+# `scored` and `delivered`, which move only a study still where they left it).
+REOPENED_BY_A_FILM = ("scored", "sent", "kept", "failed")
 
 SCHEMA = """
 create table if not exists studies (
@@ -103,6 +106,9 @@ class Ledger:
         for column in ("failing_since", "failed_at"):  # a ledger an earlier version made
             if column not in columns:
                 self.connection.execute(f"alter table studies add column {column} real")
+        # ... which called a study whose results were kept here `scored`, as one to send
+        self.connection.execute("update studies set status='kept' where status='scored' "
+                                "and sent_at is not null")
         self.lock = threading.Lock()
 
     @contextlib.contextmanager
@@ -139,7 +145,7 @@ class Ledger:
         with self._transaction() as connection:
             row = connection.execute("select status from studies where study=?",
                                      (study,)).fetchone()
-            what = "new" if row is None else "reopened" if row[0] in FINISHED else ""
+            what = "new" if row is None else "reopened" if row[0] in REOPENED_BY_A_FILM else ""
             if row is None:
                 connection.execute(
                     "insert into studies (study, status, last_arrival) values (?, ?, ?)",
@@ -180,13 +186,13 @@ class Ledger:
         """Complete studies to score and scored ones to send whose next try is due, oldest
         first."""
         return [self._study(row) for row in self._rows(
-            f"select {COLUMNS} from studies where (status='complete' or (status='scored' and "
-            "sent_at is null)) and next_try<=? order by complete_at", (time.time(),))]
+            f"select {COLUMNS} from studies where status in ('complete', 'scored') and "
+            "next_try<=? order by complete_at", (time.time(),))]
 
     def in_hand(self, study: str) -> bool:
         """Whether the node still owes `study` work: to score, or results to deliver."""
-        return bool(self._rows("select 1 from studies where study=? and (status='complete' "
-                               "or (status='scored' and sent_at is null))", (study,)))
+        return bool(self._rows("select 1 from studies where study=? and status in "
+                               "('complete', 'scored')", (study,)))
 
     def get(self, study: str) -> Study | None:
         rows = self._rows(f"select {COLUMNS} from studies where study=?", (study,))
@@ -253,7 +259,7 @@ class Ledger:
     def delivered(self, study: str, report: list[str], instances: list[Instance],
                   final_status: str) -> None:
         """Its results are confirmed where they went (`final_status` sent) or kept here
-        (scored, no destination): the report becomes the next one's predecessor, and the
+        (kept, no destination): the report becomes the next one's predecessor, and the
         scored instances' spool files are forgotten (the caller deletes them). A study a film
         re-opened during the send stays open, and its next report names this one; an
         instance received anew meanwhile (another digest) keeps its file."""
@@ -283,7 +289,7 @@ class Ledger:
         """Studies whose results were kept here (no destination), delivered longest ago
         first."""
         return [study for (study,) in self._rows(
-            "select study from studies where status='scored' and sent_at is not null "
+            "select study from studies where status='kept' "
             "order by sent_at")]
 
     def forget(self, study: str, instances: list[Instance]) -> None:

@@ -2,7 +2,8 @@
 
     PACS --C-STORE--> listener -> spool + ledger --(quiet for study_quiet_s)--> complete
          -> scored (model resolved now; results in state_dir/results) -> sent (STOW-RS and
-            found by QIDO-RS, or C-STORE statuses) -> the study's spooled films deleted
+            found by QIDO-RS, or C-STORE statuses; with no destination: kept, the results
+            staying in state_dir/results) -> the study's spooled films deleted
 
 One worker (this thread) takes one study at a time; the listener's threads only receive.
 Every step is recorded in the ledger before the next begins, so after a crash the node starts
@@ -357,7 +358,7 @@ class Node:
         folder = self.results / file_key(study.study)
         files = [folder / f"{uid}.dcm" for uid in study.result_uids]
         # The films this scoring saw (one arriving after it re-opens the study and stays).
-        scored_films = [instance for instance in self.ledger.instances(study.study)
+        covered_films = [instance for instance in self.ledger.instances(study.study)
                         if instance.received <= (study.complete_at or time.time())]
         if self.destination is not None:
             try:
@@ -382,9 +383,9 @@ class Node:
                                f"; failing for {self.config.retry_for_h:g} h: given up"
                                if status == "failed" else "; will retry")
                 return
-        self.ledger.delivered(study.study, study.report, scored_films,
-                              "sent" if self.destination else "scored")
-        self.spool.delete_unchanged({item.path: item.digest for item in scored_films})
+        self.ledger.delivered(study.study, study.report, covered_films,
+                              "sent" if self.destination else "kept")
+        self.spool.delete_unchanged({item.path: item.digest for item in covered_films})
         if self.destination is not None:  # the archive has them now
             shutil.rmtree(folder, ignore_errors=True)
             self.counts.add("studies/sent")

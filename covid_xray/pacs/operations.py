@@ -90,8 +90,7 @@ def _what_again(state: Path, ledger: Ledger, study: Study) -> str:
 
 def _owed(study: Study) -> bool:
     """Whether the node still owes the study work: receiving, to score, or to send."""
-    return study.status in ("receiving", "complete") or (study.status == "scored"
-                                                        and study.sent_at is None)
+    return study.status in ("receiving", "complete", "scored")
 
 
 def _age(seconds: float) -> str:
