@@ -74,7 +74,7 @@ class DicomWeb:
         try:
             answer = self.client.store_instances(datasets, study_instance_uid=study)
         except (requests.RequestException, OSError) as error:
-            raise SendError(f"STOW-RS failed: {describe(error)}") from None
+            raise SendError(f"STOW-RS failed: {error_line(error)}") from None
         failed = getattr(answer, "FailedSOPSequence", None) if answer is not None else None
         if failed:
             raise SendError(f"STOW-RS refused {len(failed)} of {len(files)} objects")
@@ -91,7 +91,7 @@ class DicomWeb:
                     study_instance_uid=study, search_filters={"SOPInstanceUID": uid},
                     fields=["SOPInstanceUID"])
             except (requests.RequestException, OSError) as error:
-                raise SendError(f"QIDO-RS failed: {describe(error)}") from None
+                raise SendError(f"QIDO-RS failed: {error_line(error)}") from None
             if uid not in {json_value(item, SOP) for item in found}:
                 missing.append(uid)
         return missing
@@ -118,7 +118,7 @@ class DicomWeb:
             response = getattr(error, "response", None)
             if response is not None and response.status_code == 404:
                 return None
-            raise SendError(f"WADO-RS failed: {describe(error)}") from None
+            raise SendError(f"WADO-RS failed: {error_line(error)}") from None
         buffer = io.BytesIO()
         dataset.save_as(buffer, enforce_file_format=True)
         return buffer.getvalue()
@@ -177,7 +177,7 @@ def destination(send_to: str, ae_title: str) -> DicomWeb | Dimse | None:
                     "dimse:AET@HOST:PORT (or nothing, to keep results in state_dir)")
 
 
-def describe(error: BaseException) -> str:
+def error_line(error: BaseException) -> str:
     """An error in one line, without a URL's credentials; an HTTP error as its type and
     status only, since its text quotes the URL, whose path names the study by its UID."""
     if isinstance(error, requests.RequestException):

@@ -44,8 +44,8 @@ from covid_xray.pacs.destinations import (
     SOP_CLASS,
     DicomWeb,
     SendError,
-    describe,
     destination,
+    error_line,
     json_value,
 )
 from covid_xray.pacs.intake import take
@@ -202,7 +202,7 @@ class Node:
                 self.fetch_film(study, json_value(item, SERIES), json_value(item, SOP))
         except (SendError, requests.RequestException, OSError) as error:
             raise UserError(f"could not fetch study {self.name(study)} from "
-                            f"{self.source.shown}: {describe(error)}") from None
+                            f"{self.source.shown}: {error_line(error)}") from None
         if not instances:
             raise UserError(f"study {self.name(study)}: no CR or DX instance at "
                             f"{self.source.shown}")
@@ -241,7 +241,7 @@ class Node:
             logger.error("study %s failed (%s); the ledger says why", self.name(study.study),
                          type(error).__name__)
             logger.debug("study %s failed", self.name(study.study), exc_info=True)
-            self.ledger.failed(study.study, describe(error))
+            self.ledger.failed(study.study, error_line(error))
             self.counts.add("studies/failed")
 
     def score(self, study: Study) -> None:
@@ -257,7 +257,7 @@ class Node:
         try:
             version, model = self.model_now()
         except Exception as error:  # none in hand: the study waits, its films kept
-            self.score_later(study, "the model could not be loaded", describe(error))
+            self.score_later(study, "the model could not be loaded", error_line(error))
             return
         lifecycle.pause_point("pacs-scoring")
         try:
